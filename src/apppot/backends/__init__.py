@@ -1,0 +1,1 @@
+"""Backends that boot an appliance: pure builders of their command lines."""

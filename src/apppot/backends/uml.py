@@ -1,0 +1,62 @@
+"""The User-mode Linux command line for one job (pure: no I/O)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+AGENT_PATH = "/usr/sbin/apppot-init"
+MIB = 1024 * 1024
+SLIRP_MAC = "fe:fd:0a:00:02:0f"
+
+
+@dataclass(frozen=True)
+class UmlLaunch:
+    """Everything the UML command line is made of, as seen by the UML process."""
+
+    kernel: str
+    base: str
+    cow: str
+    mem_bytes: int
+    umid: str
+    uml_dir: str
+    log_fd: int
+    stdout_fd: int
+    stderr_fd: int
+    terminal_fds: tuple[int, int] | None = None  # (input, output) of an interactive session
+    slirp: str | None = None  # slirp helper for outbound networking
+    extra: tuple[str, ...] = ()
+
+
+def uml_argv(launch: UmlLaunch, guest_params: list[str]) -> list[str]:
+    """The UML kernel's argv: disks, memory, channels, then the agent's parameters."""
+    argv = [
+        launch.kernel,
+        f"ubd0={launch.cow},{launch.base}",
+        "root=/dev/ubda",
+        "rw",
+        f"mem={launch.mem_bytes // MIB}M",
+        f"init={AGENT_PATH}",
+        "quiet",
+        f"umid={launch.umid}",
+        f"uml_dir={launch.uml_dir}",
+        # Boot chatter goes to the log; the job's stdout and stderr each get
+        # their own serial line, so nothing mixes with the job's output.
+        "con=null",
+        "ssl=null",
+        f"con0=null,fd:{launch.log_fd}",
+        f"ssl0=null,fd:{launch.stdout_fd}",
+        f"ssl1=null,fd:{launch.stderr_fd}",
+    ]
+    if launch.terminal_fds is not None:
+        tin, tout = launch.terminal_fds
+        argv.append(f"con1=fd:{tin},fd:{tout}")
+    if launch.slirp is not None:
+        argv.append(f"eth0=slirp,{SLIRP_MAC},{launch.slirp}")
+    argv += list(launch.extra)
+    argv += guest_params
+    return argv
+
+
+def cmdline_length(argv: list[str]) -> int:
+    """Length of the kernel command line UML makes of argv (it appends console=tty0)."""
+    return len(" ".join(argv[1:])) + len(" console=tty0")

@@ -1,0 +1,136 @@
+"""UML copy-on-write files: create them, and check them against their base image.
+
+A COW file (UML's "ubd COW", version 3) starts with a big-endian header that
+names its base (backing file) and records the base's mtime and size; then comes
+a bitmap of changed sectors, then the changed sectors. UML itself only compares
+mtime and size; AppPot also records the base's filesystem UUID in the recorded
+path, so a COW is refused with a clear message before the guest boots.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from apppot.errors import CowError
+
+COW_MAGIC = 0x4F4F4F4D  # "OOOM"
+COW_VERSION = 3
+_HEADER = struct.Struct(">IIIQIII4096s")
+SECTOR_SIZE = 512
+ALIGNMENT = 4096
+
+# Where the base image appears to UML, also inside the sandbox; the name holds
+# the base's filesystem UUID, so the COW header identifies its base.
+BASE_DIR = "/apppot/base"
+
+
+def base_path_for(fs_uuid: str) -> str:
+    """The path under which a base with this filesystem UUID is shown to UML."""
+    return f"{BASE_DIR}/{fs_uuid}.img"
+
+
+@dataclass(frozen=True)
+class CowHeader:
+    backing_file: str
+    mtime: int
+    size: int
+    sectorsize: int
+    alignment: int
+
+    @property
+    def base_uuid(self) -> str | None:
+        """The base's filesystem UUID if AppPot made this COW, else None."""
+        prefix = BASE_DIR + "/"
+        if self.backing_file.startswith(prefix) and self.backing_file.endswith(".img"):
+            return self.backing_file[len(prefix) : -len(".img")]
+        return None
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def data_offset(size: int) -> int:
+    """Where the sector data starts in a COW for a base of ``size`` bytes."""
+    bitmap_offset = _round_up(_HEADER.size, ALIGNMENT)
+    bitmap_len = _round_up(size // SECTOR_SIZE, 8) // 8
+    return _round_up(bitmap_offset + bitmap_len, ALIGNMENT)
+
+
+def render_header(backing_file: str, mtime: int, size: int) -> bytes:
+    """The header bytes of a new, empty COW file."""
+    path = backing_file.encode()
+    if len(path) >= 4096:
+        raise CowError(f"base image path too long for a COW header: {backing_file}")
+    return _HEADER.pack(COW_MAGIC, COW_VERSION, mtime & 0xFFFFFFFF, size, SECTOR_SIZE, ALIGNMENT, 0, path)
+
+
+def parse_header(data: bytes) -> CowHeader | None:
+    """The header of a COW file, or None if ``data`` does not start with one."""
+    if len(data) < _HEADER.size:
+        return None
+    magic, version, mtime, size, sectorsize, alignment, _fmt, path = _HEADER.unpack_from(data)
+    if magic != COW_MAGIC or version != COW_VERSION:
+        return None
+    return CowHeader(path.split(b"\0", 1)[0].decode(errors="replace"), mtime, size, sectorsize, alignment)
+
+
+def read_header(cow: Path) -> CowHeader:
+    try:
+        with cow.open("rb") as f:
+            data = f.read(_HEADER.size)
+    except OSError as e:
+        raise CowError(f"cannot read COW file {cow}: {e.strerror}; check the path and its permissions") from e
+    header = parse_header(data)
+    if header is None:
+        raise CowError(f"{cow} is not a UML copy-on-write file; give a new file name to --cow, or the right COW file")
+    return header
+
+
+def create(cow: Path, base: Path, fs_uuid: str) -> None:
+    """Create an empty COW file for ``base``; never overwrites an existing file."""
+    st = base.stat()
+    header = render_header(base_path_for(fs_uuid), int(st.st_mtime), st.st_size)
+    try:
+        fd = os.open(cow, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        raise CowError(f"COW file {cow} appeared while AppPot was creating it; try again") from None
+    except OSError as e:
+        raise CowError(f"cannot create COW file {cow}: {e.strerror}; choose a writable place for --cow") from e
+    try:
+        os.write(fd, header)
+        os.ftruncate(fd, data_offset(st.st_size) + st.st_size)
+    finally:
+        os.close(fd)
+
+
+def check_matches(cow: Path, base: Path, fs_uuid: str) -> None:
+    """Refuse a COW that was made against another base, or against this base before it changed."""
+    header = read_header(cow)
+    st = base.stat()
+    if header.base_uuid is not None and header.base_uuid != fs_uuid:
+        raise CowError(
+            f"COW file {cow} belongs to another image (filesystem {header.base_uuid}, not {fs_uuid}); "
+            "use it with its own image, or give a new --cow file"
+        )
+    if header.size != st.st_size or header.mtime != int(st.st_mtime) & 0xFFFFFFFF:
+        raise CowError(
+            f"COW file {cow} was made against a different or modified base (size/mtime differ from {base}); "
+            "use the unchanged base image, or give a new --cow file"
+        )
+
+
+def check_unlocked(cow: Path) -> None:
+    """Refuse a COW that a running job holds (UML locks the files it writes)."""
+    try:
+        with cow.open("r+b") as f:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(f, fcntl.LOCK_UN)
+    except BlockingIOError:
+        raise CowError(f"COW file {cow} is in use by another running job; wait for it, or use another --cow") from None
+    except OSError as e:
+        raise CowError(f"cannot open COW file {cow} for writing: {e.strerror}; check its permissions") from e

@@ -1,0 +1,39 @@
+"""AppPot's errors: each names the problem and the fix in one line."""
+
+from __future__ import annotations
+
+# Exit codes of `apppot start` that are AppPot's own, not the job's.
+EXIT_APPPOT_ERROR = 125  # AppPot could not start or run the job
+EXIT_GUEST_DIED = 122  # the guest ended without reporting the job's status
+
+
+class AppPotError(Exception):
+    """A failure AppPot explains to the user; the CLI prints it as one line."""
+
+    exit_code = EXIT_APPPOT_ERROR
+
+
+class UsageError(AppPotError):
+    """A bad option or argument."""
+
+
+class ImageError(AppPotError):
+    """A missing, unreadable or malformed appliance image."""
+
+
+class CowError(AppPotError):
+    """A copy-on-write file that cannot be used with the chosen base image."""
+
+
+class JobDirError(AppPotError):
+    """A job directory that AppPot cannot use."""
+
+
+class HostError(AppPotError):
+    """Something missing or misconfigured on the host (binaries, sysctls, namespaces)."""
+
+
+class GuestDied(AppPotError):
+    """The guest ended without reporting the job's exit status."""
+
+    exit_code = EXIT_GUEST_DIED

@@ -1,0 +1,1 @@
+"""Appliance images: checking, the cache, and builders."""

@@ -1,0 +1,181 @@
+"""The tiny default appliance: busybox-static and the AppPot agent on ext4.
+
+Built offline in well under a second. Its content is deterministic: the same
+busybox, agent and builder give the same image, byte for byte (fixed UUID,
+hash seed, timestamps and owners).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from apppot.errors import HostError
+from apppot.images.store import images_dir
+from apppot.proc import run
+
+BUILDER_VERSION = "1"
+BUSYBOX = "/bin/busybox"
+IMAGE_SIZE = "64M"
+EPOCH = 1700000000  # every timestamp in the image
+
+_DIRS = {
+    "bin": 0o755,
+    "sbin": 0o755,
+    "usr": 0o755,
+    "usr/bin": 0o755,
+    "usr/sbin": 0o755,
+    "etc": 0o755,
+    "dev": 0o755,
+    "proc": 0o555,
+    "sys": 0o555,
+    "run": 0o755,
+    "run/apppot": 0o755,
+    "tmp": 0o1777,
+    "var": 0o755,
+    "var/tmp": 0o1777,
+    "root": 0o700,
+    "home": 0o755,
+    "home/user": 0o755,
+    "home/user/job": 0o755,
+    "mnt": 0o755,
+}
+
+_FILES = {
+    "etc/passwd": "root:x:0:0:root:/root:/bin/sh\n",
+    "etc/group": "root:x:0:\n",
+    "etc/hostname": "apppot\n",
+    "etc/shells": "/bin/sh\n/bin/ash\n",
+    "etc/profile": 'export PS1="\\u@apppot:\\w\\$ "\n',
+}
+
+
+@dataclass(frozen=True)
+class TinyImage:
+    path: Path
+    inputs_id: str  # hash of the inputs: names the cached image
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def agent_source() -> bytes:
+    return resources.files("apppot.guest").joinpath("apppot-init").read_bytes()
+
+
+def _busybox() -> Path:
+    path = Path(BUSYBOX)
+    if not path.is_file():
+        raise HostError("busybox is not installed: sudo apt-get install busybox-static")
+    return path
+
+
+def inputs_id() -> str:
+    """Hash of everything that goes into the tiny image."""
+    h = hashlib.sha256()
+    h.update(BUILDER_VERSION.encode())
+    h.update(_busybox().read_bytes())
+    h.update(agent_source())
+    return h.hexdigest()
+
+
+def image_path() -> Path:
+    return images_dir() / f"tiny-{inputs_id()[:16]}.img"
+
+
+def _stage(root: Path) -> list[str]:
+    """Lay out the appliance's tree under root; return its paths, for debugfs."""
+    for d, mode in _DIRS.items():
+        (root / d).mkdir(parents=True, exist_ok=True)
+        os.chmod(root / d, mode)
+    shutil.copyfile(_busybox(), root / "bin/busybox")
+    os.chmod(root / "bin/busybox", 0o755)
+    applets = run([BUSYBOX, "--list-full"]).stdout.decode().split()
+    for applet in applets:
+        link = root / applet
+        if link.exists() or link.is_symlink() or applet == "bin/busybox":
+            continue
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath("/bin/busybox", "/" + str(Path(applet).parent)), link)
+    for name, text in _FILES.items():
+        (root / name).write_text(text)
+        os.chmod(root / name, 0o644)
+    agent = root / "usr/sbin/apppot-init"
+    agent.write_bytes(agent_source())
+    os.chmod(agent, 0o755)
+    paths = sorted("/" + str(p.relative_to(root)) for p in root.rglob("*"))
+    return ["/", "/lost+found", *paths]
+
+
+def _normalise_script(paths: list[str]) -> str:
+    """debugfs commands that give every inode the same times and root ownership."""
+    lines = []
+    for p in paths:
+        for fieldname in ("atime", "mtime", "ctime", "crtime"):
+            lines.append(f'sif "{p}" {fieldname} @{EPOCH}')
+        lines.append(f'sif "{p}" uid 0')
+        lines.append(f'sif "{p}" gid 0')
+    return "\n".join(lines) + "\n"
+
+
+def build(force: bool = False) -> TinyImage:
+    """Build the tiny appliance into the cache (or return the cached one)."""
+    ident = inputs_id()
+    target = image_path()
+    if target.exists() and not force:
+        return TinyImage(target, ident)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fs_uuid = str(uuid.UUID(bytes=bytes.fromhex(ident[:32])))
+    with tempfile.TemporaryDirectory(prefix="apppot-tiny-", dir=target.parent) as tmp:
+        root = Path(tmp) / "root"
+        paths = _stage(root)
+        staged = Path(tmp) / "image"
+        run(
+            [
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-L",
+                "apppot-tiny",
+                "-U",
+                fs_uuid,
+                "-E",
+                f"hash_seed={fs_uuid},root_owner=0:0",
+                "-d",
+                str(root),
+                str(staged),
+                IMAGE_SIZE,
+            ],
+            env={"E2FSPROGS_FAKE_TIME": str(EPOCH)},
+            package="e2fsprogs",
+        )
+        script = Path(tmp) / "normalise"
+        script.write_text(_normalise_script(paths))
+        run(["debugfs", "-w", "-f", str(script), str(staged)], package="e2fsprogs")
+        os.chmod(staged, 0o444)
+        # A rebuilt, identical image keeps the same mtime, so COW files made
+        # against the old one stay valid.
+        os.utime(staged, (EPOCH, EPOCH))
+        if force and target.exists():
+            target.unlink()
+        try:
+            os.link(staged, target)  # never replaces an image another job may be using
+        except FileExistsError:
+            pass
+    return TinyImage(target, ident)
+
+
+def image_id(path: Path) -> str:
+    """Content id of an image file: sha256 of its bytes."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,550 @@
+"""The lifecycle of one job: check inputs, start UML, relay streams, report, clean up.
+
+All side effects of `apppot start` live here; what the command lines look like
+is decided by the pure builders in protocol.py, backends/uml.py and sandbox.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import termios
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from apppot import cow
+from apppot.backends.uml import UmlLaunch, cmdline_length, uml_argv
+from apppot.errors import EXIT_APPPOT_ERROR, GuestDied, HostError, JobDirError, UsageError
+from apppot.images import ext4, tiny
+from apppot.images.store import cache_dir
+from apppot.kernel import find_kernel, shared_libraries
+from apppot.protocol import (
+    KERNEL_CMDLINE_LIMIT,
+    STATUS_FILE,
+    STDIN_CHUNK,
+    STDIN_END,
+    GuestJob,
+    StdinMode,
+    StreamMode,
+    parse_status,
+    render_guest_params,
+)
+from apppot.sandbox import Bind, bwrap_argv, find_bwrap, probe, require_or_warn
+from apppot.spec import JobSpec, choose_mem
+
+SLIRP = "/usr/bin/slirp-fullbolt"
+# Paths inside the sandbox.
+SANDBOX_KERNEL = "/apppot/linux"
+SANDBOX_COW = "/apppot/cow"
+SANDBOX_CTL = "/apppot/ctl"
+SANDBOX_JOB = "/apppot/job"
+SANDBOX_UML_DIR = "/apppot/uml"
+
+STOP_GRACE_S = 3.0  # after SIGTERM, before SIGKILL
+POWEROFF_GRACE_S = 10.0  # after the job reported, for the guest to power off
+SPOOL_WINDOW = 4  # stdin chunks the host may have written ahead of the guest
+SPOOL_CHUNK = 1 << 20
+
+_UMID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_HOSTFS_SAFE = re.compile(r"/[^\s,\"]*")
+
+Say = Callable[[str], None]
+
+
+def say_stderr(message: str) -> None:
+    sys.stderr.write(f"apppot: {message}\n")
+    sys.stderr.flush()
+
+
+@dataclass
+class Prepared:
+    """The checked inputs of a job, resolved against this host."""
+
+    kernel: Path
+    image: Path
+    fs_uuid: str
+    jobdir: Path
+    mem_bytes: int
+    slirp: Path | None
+    bwrap: str | None
+    umid: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def _read_max_map_count() -> int:
+    try:
+        return int(Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return 65530
+
+
+def _check_jobdir(path: Path) -> Path:
+    if not path.is_dir():
+        raise JobDirError(f"job directory {path} does not exist or is not a directory; create it or pass --jobdir DIR")
+    if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        raise JobDirError(f"job directory {path} is not writable by you; fix its permissions or pass another --jobdir")
+    return path.resolve()
+
+
+def _default_image(say: Say) -> Path:
+    target = tiny.image_path()
+    if not target.exists():
+        say(f"building the default appliance (first use) into {target} ...")
+        tiny.build()
+    return target
+
+
+def prepare(spec: JobSpec, say: Say) -> Prepared:
+    """Check everything about the job that can be checked before booting."""
+    jobdir = _check_jobdir(spec.jobdir)
+    image = spec.image if spec.image is not None else _default_image(say)
+    fs_uuid = ext4.filesystem_uuid(image)
+    ext4.check_readable(image)
+    kernel = find_kernel(spec.kernel)
+    mem = choose_mem(spec.mem_bytes, _read_max_map_count())
+    slirp: Path | None = None
+    if spec.net is not False:
+        if os.access(SLIRP, os.X_OK):
+            slirp = Path(SLIRP).resolve()
+        elif spec.net:
+            raise HostError("--net needs slirp, which is not installed: sudo apt-get install slirp, or use --no-net")
+    umid = spec.instance_id or f"apppot-{os.getpid()}"
+    if not _UMID.fullmatch(umid):
+        raise UsageError(f"invalid --id {umid!r}: use letters, digits, '.', '_' and '-'")
+    bwrap = find_bwrap()
+    warning = require_or_warn(spec.isolation, probe(bwrap))
+    prepared = Prepared(kernel, image, fs_uuid, jobdir, mem, slirp, None if warning else bwrap, umid)
+    if warning:
+        prepared.warnings.append(warning)
+        for path, what in ((jobdir, "job directory"), (image, "image")):
+            if not _HOSTFS_SAFE.fullmatch(str(path)):
+                raise UsageError(f"the {what} path {path} has blanks or commas, which AppPot can only pass with namespaces")
+    if spec.cow is not None:
+        if spec.cow.resolve() == image.resolve():
+            raise UsageError("--cow names the base image itself; give a separate file for the COW")
+        if spec.cow.exists():
+            cow.check_matches(spec.cow, image, fs_uuid)
+            cow.check_unlocked(spec.cow)
+    return prepared
+
+
+@dataclass(frozen=True)
+class Streams:
+    """How the host's standard streams map into the guest."""
+
+    stdin: StdinMode
+    stdout: StreamMode
+    stderr: StreamMode
+    interactive: bool
+
+
+def _is_null_device(fd: int) -> bool:
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return True  # a closed stream reads as empty
+    try:
+        null = os.stat("/dev/null")
+    except OSError:
+        return False
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == null.st_rdev
+
+
+def detect_streams() -> Streams:
+    interactive = os.isatty(0) and os.isatty(1)
+
+    def mode(fd: int) -> StreamMode:
+        return StreamMode.TTY if os.isatty(fd) else StreamMode.PIPE
+
+    if interactive:
+        stdin = StdinMode.TTY
+    elif _is_null_device(0):
+        stdin = StdinMode.NULL
+    else:
+        stdin = StdinMode.SPOOL
+    return Streams(stdin, mode(1), mode(2), interactive)
+
+
+class StdinSpool(threading.Thread):
+    """Copies the host's stdin into numbered chunk files the guest agent consumes."""
+
+    def __init__(self, ctl: Path) -> None:
+        super().__init__(name="apppot-stdin", daemon=True)
+        self.ctl = ctl
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        written = 0
+        while not self.stop.is_set():
+            # Keep at most SPOOL_WINDOW chunks ahead of the guest.
+            while written >= SPOOL_WINDOW and (self.ctl / STDIN_CHUNK.format(written - SPOOL_WINDOW)).exists():
+                if self.stop.wait(0.005):
+                    return
+            try:
+                data = os.read(0, SPOOL_CHUNK)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            self._write(STDIN_CHUNK.format(written), data)
+            written += 1
+        self._write(STDIN_END, f"{written}\n".encode())
+
+    def _write(self, name: str, data: bytes) -> None:
+        tmp = self.ctl / f".{name}.tmp"
+        with contextlib.suppress(FileNotFoundError):  # the run is over and its directory gone
+            tmp.write_bytes(data)
+            tmp.rename(self.ctl / name)
+
+
+class Relay(threading.Thread):
+    """Copies one of the guest's output channels to the host's stream."""
+
+    def __init__(self, src: int, dst: int, on_broken: Callable[[], None]) -> None:
+        super().__init__(name=f"apppot-relay-{dst}", daemon=True)
+        self.src = src
+        self.dst = dst
+        self.on_broken = on_broken
+
+    def run(self) -> None:
+        broken = False
+        while True:
+            try:
+                data = os.read(self.src, 1 << 16)
+            except OSError:
+                break
+            if not data:
+                break
+            if broken:
+                continue  # keep draining, so the guest never blocks on a full pipe
+            try:
+                view = memoryview(data)
+                while view:
+                    n = os.write(self.dst, view)
+                    view = view[n:]
+            except BrokenPipeError:
+                broken = True
+                self.on_broken()
+            except OSError:
+                broken = True
+        os.close(self.src)
+
+
+@dataclass
+class Job:
+    """The running state of one job; ``run`` drives it to its end."""
+
+    spec: JobSpec
+    prepared: Prepared
+    say: Say
+    rundir: Path = field(init=False)
+    proc: subprocess.Popen[bytes] | None = None
+    signal_received: int | None = None
+    stdout_broken: bool = False
+    exited: threading.Event = field(default_factory=threading.Event)
+    wake: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> int:
+        with self._rundir(), self._signals():
+            return self._run()
+
+    @contextlib.contextmanager
+    def _rundir(self) -> Iterator[None]:
+        base = os.environ.get("TMPDIR") or "/tmp"
+        if not _HOSTFS_SAFE.fullmatch(base):
+            base = "/tmp"
+        self.rundir = Path(tempfile.mkdtemp(prefix="apppot-", dir=base))
+        try:
+            yield
+        finally:
+            self._stop_guest()
+            shutil.rmtree(self.rundir, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        def handler(signum: int, _frame: FrameType | None) -> None:
+            self.signal_received = signum
+            self.wake.set()
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def _paths(self) -> tuple[Path, Path, Path]:
+        ctl = self.rundir / "ctl"
+        uml_dir = self.rundir / "uml"
+        ctl.mkdir()
+        uml_dir.mkdir()
+        return ctl, uml_dir, self.rundir / "job.cow"
+
+    def _cow(self, temp_cow: Path) -> Path:
+        p = self.prepared
+        target = self.spec.cow if self.spec.cow is not None else temp_cow
+        if not target.exists():
+            cow.create(target, p.image, p.fs_uuid)
+        return target.resolve()
+
+    def _log(self) -> tuple[int, Path, bool]:
+        """The console log: the user's --console-log, or a file kept only if needed."""
+        if self.spec.console_log is not None:
+            path = self.spec.console_log
+            keep = True
+        else:
+            logs = cache_dir() / "logs"
+            logs.mkdir(parents=True, exist_ok=True)
+            path = logs / f"{self.prepared.umid}-{self.rundir.name}.log"
+            keep = self.spec.verbose
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as e:
+            raise HostError(f"cannot write the console log {path}: {e.strerror}") from e
+        if self.spec.verbose:
+            self.say(f"console log: {path}")
+        return fd, path, keep
+
+    def _run(self) -> int:
+        p = self.prepared
+        for warning in p.warnings:
+            self.say(warning)
+        ctl, uml_dir, temp_cow = self._paths()
+        cow_path = self._cow(temp_cow)
+        streams = detect_streams()
+        sandboxed = p.bwrap is not None
+        log_fd, log_path, keep_log = self._log()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        terminal: tuple[int, int] | None = None
+        if streams.interactive:
+            terminal = (os.dup(0), os.dup(1))
+        launch = UmlLaunch(
+            kernel=SANDBOX_KERNEL if sandboxed else str(p.kernel),
+            base=cow.base_path_for(p.fs_uuid) if sandboxed else str(p.image.resolve()),
+            cow=SANDBOX_COW if sandboxed else str(cow_path),
+            mem_bytes=p.mem_bytes,
+            umid=p.umid,
+            uml_dir=SANDBOX_UML_DIR if sandboxed else str(uml_dir),
+            log_fd=log_fd,
+            stdout_fd=out_w,
+            stderr_fd=err_w,
+            terminal_fds=terminal,
+            slirp=str(p.slirp) if p.slirp else None,
+            extra=self.spec.extra,
+        )
+        base_argv = uml_argv(launch, [])
+        uid, gid = os.getuid(), os.getgid()
+        guest = GuestJob(
+            ctl_path=SANDBOX_CTL if sandboxed else str(ctl),
+            job_path=SANDBOX_JOB if sandboxed else str(p.jobdir),
+            argv=self.spec.argv,
+            uid=uid,
+            gid=gid,
+            user=self.spec.user or ("root" if uid == 0 else "user"),
+            group=self.spec.group or ("root" if gid == 0 else "user"),
+            stdin=streams.stdin,
+            stdout=streams.stdout,
+            stderr=streams.stderr,
+            interactive=streams.interactive,
+            term=os.environ.get("TERM") if streams.interactive or streams.stdout is StreamMode.TTY else None,
+            rows=_terminal_size()[0],
+            cols=_terminal_size()[1],
+            net=p.slirp is not None,
+        )
+        if guest.user == "root":
+            guest = _as_root(guest)
+        rendered = render_guest_params(guest, KERNEL_CMDLINE_LIMIT - cmdline_length(base_argv))
+        for name, data in rendered.files.items():
+            (ctl / name).write_bytes(data)
+        argv = uml_argv(launch, rendered.params)
+        if cmdline_length(argv) > KERNEL_CMDLINE_LIMIT:
+            raise UsageError("the kernel command line is too long; use fewer or shorter --extra parameters")
+        if sandboxed:
+            assert p.bwrap is not None
+            argv = bwrap_argv(p.bwrap, self._binds(cow_path, ctl, uml_dir), share_net=p.slirp is not None) + argv
+        if self.spec.verbose:
+            self.say(f"running: {shlex.join(argv)}")
+
+        saved_tty = _save_termios(0) if terminal else None
+        pass_fds = [log_fd, out_w, err_w, *(terminal or ())]
+        try:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=log_fd,
+                pass_fds=pass_fds,
+                start_new_session=True,
+                env=_uml_env(),
+            )
+        except OSError as e:
+            raise HostError(f"cannot start {argv[0]}: {e.strerror}") from e
+        finally:
+            for fd in pass_fds:
+                os.close(fd)
+        threading.Thread(target=self._wait_uml, name="apppot-wait", daemon=True).start()
+        relays = [Relay(out_r, 1, self._broken_stdout), Relay(err_r, 2, lambda: None)]
+        for relay in relays:
+            relay.start()
+        spool = StdinSpool(ctl) if streams.stdin is StdinMode.SPOOL else None
+        if spool:
+            spool.start()
+        try:
+            status = self._supervise(ctl)
+        finally:
+            if spool:
+                spool.stop.set()
+            self._stop_guest()
+            for relay in relays:
+                relay.join(timeout=5)
+            if saved_tty is not None:
+                _restore_termios(saved_tty)
+        return self._outcome(status, log_path, keep_log)
+
+    def _binds(self, cow_path: Path, ctl: Path, uml_dir: Path) -> list[Bind]:
+        p = self.prepared
+        binds = [Bind(str(p.kernel), SANDBOX_KERNEL)]
+        binds += [Bind(str(lib), str(lib)) for lib in shared_libraries(p.kernel)]
+        if p.slirp is not None:
+            binds.append(Bind(str(p.slirp), str(p.slirp)))
+            binds += [Bind(str(lib), str(lib)) for lib in shared_libraries(p.slirp)]
+        binds += [
+            Bind(str(p.image.resolve()), cow.base_path_for(p.fs_uuid)),
+            Bind(str(cow_path), SANDBOX_COW, writable=True),
+            Bind(str(ctl), SANDBOX_CTL, writable=True),
+            Bind(str(p.jobdir), SANDBOX_JOB, writable=True),
+            Bind(str(uml_dir), SANDBOX_UML_DIR, writable=True),
+        ]
+        return binds
+
+    def _wait_uml(self) -> None:
+        assert self.proc is not None
+        self.proc.wait()
+        self.exited.set()
+        self.wake.set()
+
+    def _broken_stdout(self) -> None:
+        self.stdout_broken = True
+        self.wake.set()
+
+    def _supervise(self, ctl: Path) -> int | None:
+        """Wait for the guest to end; returns the job's status if it reported one."""
+        status_file = ctl / STATUS_FILE
+        reported_at: float | None = None
+        while not self.exited.is_set():
+            self.wake.wait(0.25)
+            self.wake.clear()
+            if self.signal_received is not None or self.stdout_broken:
+                return None
+            if reported_at is None and status_file.exists():
+                reported_at = time.monotonic()
+            if reported_at is not None and time.monotonic() - reported_at > POWEROFF_GRACE_S:
+                self.say("the guest did not power off after the job ended; stopping it")
+                break
+        with contextlib.suppress(OSError):
+            return parse_status(status_file.read_text())
+        return None
+
+    def _stop_guest(self) -> None:
+        """Stop UML and every helper it started: SIGTERM to the group, then SIGKILL."""
+        proc = self.proc
+        if proc is None:
+            return
+        pgid = proc.pid
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=STOP_GRACE_S)
+        # Helpers may outlive UML itself; the group goes in any case.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+        proc.wait()
+
+    def _outcome(self, status: int | None, log_path: Path, keep_log: bool) -> int:
+        if self.signal_received is not None:
+            self.say(f"stopped by {signal.Signals(self.signal_received).name}; the job was ended")
+            _discard_log(log_path, keep_log)
+            return 128 + self.signal_received
+        if self.stdout_broken:
+            _discard_log(log_path, keep_log)
+            return 128 + signal.SIGPIPE
+        if status is not None:
+            _discard_log(log_path, keep_log)
+            return status
+        assert self.proc is not None
+        rc = self.proc.returncode
+        how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with status {rc}"
+        raise GuestDied(f"the guest ended without reporting the job's status (UML {how}){_panic_hint(log_path)}")
+
+
+def _panic_hint(log_path: Path) -> str:
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    reasons = [line.strip() for line in lines if "Kernel panic" in line or "Out of memory" in line]
+    detail = f": {reasons[-1]}" if reasons else ""
+    return f"{detail}; console log kept at {log_path}"
+
+
+def _discard_log(path: Path, keep: bool) -> None:
+    if not keep:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _as_root(guest: GuestJob) -> GuestJob:
+    return replace(guest, uid=0, gid=0, user="root", group="root")
+
+
+def _terminal_size() -> tuple[int | None, int | None]:
+    for fd in (1, 0, 2):
+        with contextlib.suppress(OSError):
+            size = os.get_terminal_size(fd)
+            return size.lines, size.columns
+    return None, None
+
+
+def _save_termios(fd: int) -> tuple[int, list[Any]] | None:
+    try:
+        return fd, termios.tcgetattr(fd)
+    except termios.error:
+        return None
+
+
+def _restore_termios(saved: tuple[int, list[Any]]) -> None:
+    fd, attrs = saved
+    with contextlib.suppress(termios.error, OSError):
+        termios.tcsetattr(fd, termios.TCSADRAIN, attrs)
+
+
+def _uml_env() -> dict[str, str]:
+    env = {"PATH": "/usr/bin:/bin"}
+    tmp = os.environ.get("TMPDIR")
+    if tmp:
+        env["TMPDIR"] = tmp
+    return env
+
+
+def start(spec: JobSpec, say: Say = say_stderr) -> int:
+    """Run one job; returns the exit code for `apppot start`."""
+    prepared = prepare(spec, say)
+    return Job(spec, prepared, say).run()
+
+
+__all__ = ["EXIT_APPPOT_ERROR", "JobSpec", "start"]

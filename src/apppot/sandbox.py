@@ -1,0 +1,77 @@
+"""The restricted view of the host that the UML process runs in (bubblewrap).
+
+UML's hostfs lets guest root mount any host path the UML process can reach, so
+the process runs in new user and mount namespaces where only the kernel, its
+libraries, the base image, the COW file and the job and control directories exist.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from enum import StrEnum
+
+from apppot.errors import HostError
+
+BWRAP_ENV = "APPPOT_BWRAP"
+
+
+class Isolation(StrEnum):
+    """How strictly the host is hidden from the guest."""
+
+    AUTO = "auto"  # a sandbox where the host allows it, else a warning
+    STRICT = "strict"  # a sandbox, or refuse to run
+
+
+@dataclass(frozen=True)
+class Bind:
+    source: str
+    target: str
+    writable: bool = False
+
+
+def bwrap_argv(bwrap: str, binds: list[Bind], *, share_net: bool) -> list[str]:
+    """The bubblewrap command line that shows the process only ``binds``."""
+    argv = [bwrap, "--unshare-all", "--die-with-parent", "--cap-drop", "ALL"]
+    if share_net:
+        argv.append("--share-net")
+    argv += ["--dev", "/dev", "--tmpfs", "/tmp", "--clearenv", "--setenv", "TMPDIR", "/tmp"]
+    argv += ["--setenv", "PATH", "/usr/bin:/bin"]
+    for bind in binds:
+        argv += ["--bind" if bind.writable else "--ro-bind", bind.source, bind.target]
+    argv.append("--")
+    return argv
+
+
+def find_bwrap() -> str | None:
+    return os.environ.get(BWRAP_ENV) or shutil.which("bwrap")
+
+
+def probe(bwrap: str | None) -> str | None:
+    """None if a sandbox can be made here, else the reason it cannot."""
+    if bwrap is None or not os.path.exists(bwrap):
+        return "bubblewrap (bwrap) is not installed: sudo apt-get install bubblewrap"
+    try:
+        result = subprocess.run(
+            [bwrap, "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "--", "true"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            check=False,
+        )
+    except OSError as e:
+        return f"bubblewrap cannot run: {e.strerror}"
+    if result.returncode != 0:
+        message = result.stderr.decode(errors="replace").strip() or f"status {result.returncode}"
+        return f"this host does not allow unprivileged namespaces ({message})"
+    return None
+
+
+def require_or_warn(isolation: Isolation, reason: str | None) -> str | None:
+    """Apply the isolation policy: a warning to show, an error, or nothing."""
+    if reason is None:
+        return None
+    if isolation is Isolation.STRICT:
+        raise HostError(f"cannot isolate the guest from the host: {reason}; --isolation strict refuses to run without it")
+    return f"warning: reduced isolation, guest root can reach host files through hostfs: {reason}"

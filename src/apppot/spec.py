@@ -1,0 +1,71 @@
+"""What the user asked for: typed, frozen, no I/O."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from apppot.errors import HostError, UsageError
+from apppot.sandbox import Isolation
+
+MIB = 1024 * 1024
+PAGE = 4096
+# The guest kernel keeps some memory for itself; the rest may end up in one
+# guest process, which UML maps page by page in the worst case.
+GUEST_KERNEL_RESERVE = 16 * MIB
+DEFAULT_MEM = 512 * MIB
+FALLBACK_MEM = 256 * MIB
+
+_SIZE = re.compile(r"(\d+)([KMGkmg]?)[iI]?[bB]?")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One `apppot start` request."""
+
+    argv: tuple[str, ...] | None
+    jobdir: Path
+    image: Path | None = None  # None: the tiny default appliance
+    cow: Path | None = None  # None: a private temporary COW
+    mem_bytes: int | None = None  # None: DEFAULT_MEM where the host allows it
+    net: bool | None = None  # None: on when slirp is installed
+    kernel: str | None = None
+    instance_id: str | None = None
+    extra: tuple[str, ...] = ()
+    user: str | None = None
+    group: str | None = None
+    isolation: Isolation = Isolation.AUTO
+    verbose: bool = False
+    console_log: Path | None = None
+
+
+def parse_mem(text: str) -> int:
+    """'512M', '2G', '65536K' -> bytes; a plain number means MiB."""
+    m = _SIZE.fullmatch(text.strip())
+    if not m:
+        raise UsageError(f"invalid memory size {text!r}: write it like 512M or 2G")
+    value = int(m.group(1))
+    unit = m.group(2).upper() or "M"
+    size = value * {"K": 1024, "M": MIB, "G": 1024 * MIB}[unit]
+    if size < 32 * MIB:
+        raise UsageError(f"memory size {text} is too small: a guest needs at least 32M")
+    return size
+
+
+def map_count_needed(mem_bytes: int) -> int:
+    """vm.max_map_count a guest of this size may need: one host mapping per page of a process."""
+    return max(mem_bytes - GUEST_KERNEL_RESERVE, 0) // PAGE
+
+
+def choose_mem(requested: int | None, max_map_count: int) -> int:
+    """The guest memory: as requested if the host's vm.max_map_count allows it."""
+    if requested is None:
+        return DEFAULT_MEM if map_count_needed(DEFAULT_MEM) <= max_map_count else FALLBACK_MEM
+    needed = map_count_needed(requested)
+    if needed > max_map_count:
+        raise HostError(
+            f"vm.max_map_count is {max_map_count}, too low for --mem {requested // MIB}M (needs {needed}): "
+            f"raise it with 'sudo sysctl -w vm.max_map_count={needed}', or ask for less memory"
+        )
+    return requested
