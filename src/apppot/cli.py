@@ -174,6 +174,10 @@ def _run(func_argv: Sequence[str], prog: str) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except OSError as e:  # anything not foreseen still gets one line, not a traceback
+        where = f" {e.filename}" if e.filename else ""
+        sys.stderr.write(f"apppot: error:{where}: {e.strerror or e}\n")
+        return EXIT_APPPOT_ERROR
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -92,6 +92,12 @@ def _read_max_map_count() -> int:
 
 
 def _check_jobdir(path: Path) -> Path:
+    try:
+        path.stat()
+    except FileNotFoundError:
+        pass  # said below
+    except PermissionError:
+        raise JobDirError(f"job directory {path} is not reachable by you; fix the permissions of its parents") from None
     if not path.is_dir():
         raise JobDirError(f"job directory {path} does not exist or is not a directory; create it or pass --jobdir DIR")
     if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
@@ -389,7 +395,7 @@ class Job:
                 stderr=log_fd,
                 pass_fds=pass_fds,
                 start_new_session=True,
-                env=_uml_env(),
+                env=_uml_env(self.rundir),
             )
         except OSError as e:
             raise HostError(f"cannot start {argv[0]}: {e.strerror}") from e
@@ -533,8 +539,8 @@ def _restore_termios(saved: tuple[int, list[Any]]) -> None:
         termios.tcsetattr(fd, termios.TCSADRAIN, attrs)
 
 
-def _uml_env() -> dict[str, str]:
-    env = {"PATH": "/usr/bin:/bin"}
+def _uml_env(home: Path) -> dict[str, str]:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home)}  # slirp refuses to start without HOME
     tmp = os.environ.get("TMPDIR")
     if tmp:
         env["TMPDIR"] = tmp

@@ -38,7 +38,8 @@ def bwrap_argv(bwrap: str, binds: list[Bind], *, share_net: bool) -> list[str]:
     if share_net:
         argv.append("--share-net")
     argv += ["--dev", "/dev", "--tmpfs", "/tmp", "--clearenv", "--setenv", "TMPDIR", "/tmp"]
-    argv += ["--setenv", "PATH", "/usr/bin:/bin"]
+    # slirp refuses to start without HOME.
+    argv += ["--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp"]
     for bind in binds:
         argv += ["--bind" if bind.writable else "--ro-bind", bind.source, bind.target]
     argv.append("--")

@@ -12,6 +12,30 @@ _SUPERBLOCK_OFFSET = 1024
 _MAGIC_OFFSET = 0x38
 _UUID_OFFSET = 0x68
 _EXT_MAGIC = 0xEF53
+_WTIME_OFFSET = 0x30
+_WTIME_HI_OFFSET = 0x274
+_CHECKSUM_OFFSET = 0x3FC
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def _superblock_checksum(sb: bytes | bytearray) -> int:
+    """ext4's superblock checksum: crc32c seeded with ~0, without the final inversion."""
+    crc = 0xFFFFFFFF
+    for byte in sb[:_CHECKSUM_OFFSET]:
+        crc = _CRC32C[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc
 
 
 def filesystem_uuid(image: Path) -> str:
@@ -36,3 +60,18 @@ def filesystem_uuid(image: Path) -> str:
 def check_readable(image: Path) -> None:
     if not os.access(image, os.R_OK):
         raise ImageError(f"image {image} is not readable by you; fix its permissions (chmod a+r)")
+
+
+def pin_write_time(image: Path, epoch: int) -> None:
+    """Set the superblock's last-write time (e2fsprogs tools stamp the current time)."""
+    with image.open("r+b") as f:
+        f.seek(_SUPERBLOCK_OFFSET)
+        sb = bytearray(f.read(1024))
+        old = int.from_bytes(sb[_CHECKSUM_OFFSET:], "little")
+        if old != _superblock_checksum(sb):
+            raise ImageError(f"{image}: superblock checksum does not verify; the image is damaged")
+        sb[_WTIME_OFFSET : _WTIME_OFFSET + 4] = (epoch & 0xFFFFFFFF).to_bytes(4, "little")
+        sb[_WTIME_HI_OFFSET] = (epoch >> 32) & 0xFF
+        sb[_CHECKSUM_OFFSET:] = _superblock_checksum(sb).to_bytes(4, "little")
+        f.seek(_SUPERBLOCK_OFFSET)
+        f.write(sb)

@@ -7,6 +7,7 @@ hash seed, timestamps and owners).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -17,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from apppot.errors import HostError
+from apppot.images import ext4
 from apppot.images.store import images_dir
 from apppot.proc import run
 
@@ -159,16 +161,15 @@ def build(force: bool = False) -> TinyImage:
         script = Path(tmp) / "normalise"
         script.write_text(_normalise_script(paths))
         run(["debugfs", "-w", "-f", str(script), str(staged)], package="e2fsprogs")
+        ext4.pin_write_time(staged, EPOCH)  # debugfs stamped the time it closed the image
         os.chmod(staged, 0o444)
         # A rebuilt, identical image keeps the same mtime, so COW files made
         # against the old one stay valid.
         os.utime(staged, (EPOCH, EPOCH))
         if force and target.exists():
             target.unlink()
-        try:
+        with contextlib.suppress(FileExistsError):
             os.link(staged, target)  # never replaces an image another job may be using
-        except FileExistsError:
-            pass
     return TinyImage(target, ident)
 
 

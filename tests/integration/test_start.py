@@ -1,0 +1,334 @@
+"""`apppot start` with real User-mode Linux boots of the tiny appliance."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import os
+import shutil
+import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import APPPOT, chown_to
+
+pytestmark = pytest.mark.uml
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_the_readme_job(apppot, jobdir: Path) -> None:
+    (jobdir / "input.dat").write_bytes(b"0123456789")
+    r = apppot(["start", "--", "sh", "-c", "wc -c < input.dat > result.txt; echo done"], cwd=jobdir)
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"done\n", b"")
+    assert (jobdir / "result.txt").read_text().strip() == "10"
+
+
+@pytest.mark.parametrize("code", [0, 1, 7, 255])
+def test_exit_status_is_the_jobs(apppot, jobdir: Path, code: int) -> None:
+    assert apppot(["start", "--", "sh", "-c", f"exit {code}"], cwd=jobdir).returncode == code
+
+
+def test_job_killed_by_a_signal(apppot, jobdir: Path) -> None:
+    assert apppot(["start", "--", "sh", "-c", "kill -9 $$"], cwd=jobdir).returncode == 128 + 9
+
+
+def test_missing_command_inside_the_guest(apppot, jobdir: Path) -> None:
+    r = apppot(["start", "--", "no-such-program"], cwd=jobdir)
+    assert r.returncode == 127
+    assert b"no-such-program" in r.stderr
+
+
+def test_arguments_arrive_byte_exact(apppot, jobdir: Path) -> None:
+    tricky = ["two words", "'q' \"d\"", "$HOME `id`", "new\nline", "ütf-8 ✓", "", "*", "a'b"]
+    many = [f"argument-{i:04d}-" + "y" * 50 for i in range(1000)]  # 64 KiB and more
+    argv = tricky + many
+    r = apppot(["start", "--", "sh", "-c", 'printf "%s\\0" "$@"', "sh", *argv], cwd=jobdir)
+    assert r.returncode == 0, r.err
+    assert r.stdout.split(b"\0")[:-1] == [a.encode() for a in argv]
+
+
+def test_stdin_from_a_pipe_is_byte_exact(apppot, jobdir: Path) -> None:
+    data = os.urandom(10 * 1000 * 1000)
+    r = apppot(["start", "--", "sha256sum"], cwd=jobdir, stdin=data, timeout=300)
+    assert r.returncode == 0, r.err
+    assert r.stdout.split()[0].decode() == sha(data)
+
+
+def test_stdin_from_a_file_and_from_dev_null(apppot, jobdir: Path, tmp_path: Path) -> None:
+    data = os.urandom(300_000)
+    source = tmp_path / "in.bin"
+    source.write_bytes(data)
+    with source.open("rb") as f:
+        r = apppot(["start", "--", "sh", "-c", "cat > copy.bin; echo eof-seen"], cwd=jobdir, stdin=f.fileno())
+    assert (r.returncode, r.stdout) == (0, b"eof-seen\n")
+    assert (jobdir / "copy.bin").read_bytes() == data
+    r = apppot(["start", "--", "sh", "-c", "wc -c"], cwd=jobdir)  # stdin is /dev/null
+    assert r.stdout.strip() == b"0"
+
+
+def test_stdout_and_stderr_are_separate_and_byte_exact(apppot, jobdir: Path) -> None:
+    out, err = os.urandom(10 * 1000 * 1000), os.urandom(10 * 1000 * 1000)
+    (jobdir / "out.bin").write_bytes(out)
+    (jobdir / "err.bin").write_bytes(err)
+    r = apppot(["start", "--", "sh", "-c", "cat out.bin; cat err.bin >&2"], cwd=jobdir, timeout=300)
+    assert r.returncode == 0
+    assert sha(r.stdout) == sha(out)
+    assert sha(r.stderr) == sha(err)
+
+
+def test_boot_messages_go_to_the_console_log(apppot, jobdir: Path, tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    r = apppot(["start", "--console-log", str(log), "--", "echo", "hi"], cwd=jobdir)
+    assert (r.stdout, r.stderr) == (b"hi\n", b"")
+    text = log.read_text(errors="replace")
+    assert "apppot-agent: job finished with status 0" in text
+
+
+def test_verbose_shows_the_log_path(apppot, jobdir: Path) -> None:
+    r = apppot(["start", "-v", "--", "true"], cwd=jobdir)
+    assert r.returncode == 0
+    assert "console log:" in r.err and "ubd0=" in r.err
+
+
+def test_jobdir_option(apppot, jobdir: Path, tmp_path: Path) -> None:
+    r = apppot(["start", "--jobdir", str(jobdir), "--", "sh", "-c", "pwd; touch made-here"], cwd=tmp_path)
+    assert r.stdout == b"/home/user/job\n"
+    assert (jobdir / "made-here").exists()
+
+
+def test_apppot_run_in_the_job_directory(apppot, jobdir: Path) -> None:
+    script = jobdir / "apppot-run"
+    script.write_text("#!/bin/sh\necho from-apppot-run\nexit 4\n")
+    script.chmod(0o755)
+    r = apppot(["start"], cwd=jobdir)
+    assert (r.returncode, r.stdout) == (4, b"from-apppot-run\n")
+    # The command line still wins.
+    assert apppot(["start", "--", "echo", "cli"], cwd=jobdir).stdout == b"cli\n"
+
+
+def test_no_command_without_a_terminal_is_an_error(apppot, jobdir: Path) -> None:
+    r = apppot(["start"], cwd=jobdir)
+    assert r.returncode == 125
+    assert "no command to run" in r.err
+
+
+def test_named_cow_keeps_changes_and_runs_the_images_autorun(apppot, jobdir: Path, tmp_path: Path, tiny_image: Path) -> None:
+    before = sha(tiny_image.read_bytes())
+    mine = tmp_path / "mine.cow"
+    install = "printf '#!/bin/sh\\necho autorun-ran\\n' > /home/user/apppot-autorun; chmod 755 /home/user/apppot-autorun"
+    assert apppot(["start", "--cow", str(mine), "--user", "root", "--", "sh", "-c", install], cwd=jobdir).returncode == 0
+    r = apppot(["start", "--cow", str(mine)], cwd=jobdir)
+    assert (r.returncode, r.stdout) == (0, b"autorun-ran\n")
+    # Seed syntax for the same thing.
+    r = apppot(["start", "--apppot", f"{mine},{tiny_image}"], cwd=jobdir)
+    assert r.stdout == b"autorun-ran\n"
+    # Without the COW the image is pristine: nothing to run.
+    assert apppot(["start"], cwd=jobdir).returncode == 125
+    assert sha(tiny_image.read_bytes()) == before
+
+
+def test_cow_against_another_or_modified_base_is_refused(apppot, jobdir: Path, tmp_path: Path, tiny_image: Path) -> None:
+    mine = tmp_path / "mine.cow"
+    assert apppot(["start", "--cow", str(mine), "--", "true"], cwd=jobdir).returncode == 0
+    copy = tmp_path / "copy.img"
+    shutil.copyfile(tiny_image, copy)
+    os.chmod(copy, 0o644)
+    subprocess.run(["tune2fs", "-U", "random", str(copy)], check=True, capture_output=True)
+    r = apppot(["start", "--image", str(copy), "--cow", str(mine), "--", "true"], cwd=jobdir)
+    assert r.returncode == 125 and "belongs to another image" in r.err
+    modified = tmp_path / "modified.img"
+    shutil.copy2(tiny_image, modified)  # same filesystem, then touched
+    os.utime(modified)
+    r = apppot(["start", "--image", str(modified), "--cow", str(mine), "--", "true"], cwd=jobdir)
+    assert r.returncode == 125 and "different or modified base" in r.err
+    not_cow = tmp_path / "notes.txt"
+    not_cow.write_text("precious")
+    r = apppot(["start", "--cow", str(not_cow), "--", "true"], cwd=jobdir)
+    assert r.returncode == 125 and "not a UML copy-on-write file" in r.err
+    assert not_cow.read_text() == "precious"
+
+
+def test_many_jobs_share_one_base(apppot, tmp_path: Path) -> None:
+    dirs = []
+    for i in range(3):
+        d = tmp_path / f"job{i}"
+        d.mkdir()
+        dirs.append(d)
+
+    def one(i: int) -> tuple[int, bytes]:
+        r = apppot(["start", "--", "sh", "-c", f"echo {i} > /tmp/mine; sleep 1; cat /tmp/mine"], cwd=dirs[i])
+        return r.returncode, r.stdout
+
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(one, range(3)))
+    assert results == [(0, f"{i}\n".encode()) for i in range(3)]
+
+
+def test_temporary_files_are_removed(apppot, jobdir: Path) -> None:
+    assert apppot(["start", "--", "true"], cwd=jobdir).returncode == 0
+    assert list(apppot.tmp.iterdir()) == []
+
+
+def test_job_runs_as_the_host_user(apppot, tmp_path: Path, test_user: str) -> None:
+    import pwd
+
+    pw = pwd.getpwnam(test_user)
+    jobdir = tmp_path / "userjob"
+    jobdir.mkdir()
+    chown_to(jobdir, test_user)
+    r = apppot(["start", "--", "sh", "-c", "id -u; id -g; id -un; touch made"], cwd=jobdir, as_user=test_user)
+    assert r.returncode == 0, r.err
+    assert r.stdout.decode().split() == [str(pw.pw_uid), str(pw.pw_gid), "user"]
+    assert (jobdir / "made").stat().st_uid == pw.pw_uid
+    r = apppot(["start", "--user", "alice", "--group", "lab", "--", "sh", "-c", "id -un; id -gn"], cwd=jobdir, as_user=test_user)
+    assert r.stdout == b"alice\nlab\n"
+
+
+def test_unwritable_job_directory(apppot, tmp_path: Path, test_user: str) -> None:
+    jobdir = tmp_path / "rojob"
+    jobdir.mkdir(mode=0o755)  # owned by root
+    r = apppot(["start", "--", "true"], cwd=jobdir, as_user=test_user)
+    assert r.returncode == 125
+    assert "not writable" in r.err and len(r.err.strip().splitlines()) == 1
+
+
+def test_unreadable_image(apppot, jobdir: Path, tmp_path: Path, tiny_image: Path, test_user: str) -> None:
+    secret = tmp_path / "secret.img"
+    shutil.copyfile(tiny_image, secret)
+    secret.chmod(0o600)
+    chown_to(jobdir, test_user)
+    r = apppot(["start", "--image", str(secret), "--", "true"], cwd=jobdir, as_user=test_user)
+    assert r.returncode == 125 and "cannot read image" in r.err
+
+
+ESCAPES = """
+mkdir -p /mnt/etc /mnt/up /mnt/next /mnt/root
+mount -t hostfs hostfs /mnt/etc -o /etc && ls /mnt/etc
+mount -t hostfs hostfs /mnt/up -o /apppot/job/../../../.. && ls -R /mnt/up 2>/dev/null | head -200
+mount -t hostfs hostfs /mnt/next -o "$NEXT" && cat /mnt/next
+mount -t hostfs hostfs /mnt/root -o / && ls -a /mnt/root
+true
+"""
+
+
+def test_guest_root_cannot_reach_host_files(apppot, tmp_path: Path) -> None:
+    jobdir = tmp_path / "job"
+    jobdir.mkdir()
+    secret = tmp_path / "next-to-job.txt"
+    secret.write_text("HOST-SECRET-NEXT-TO-JOB")
+    script = ESCAPES.replace("$NEXT", str(secret))
+    r = apppot(["start", "--user", "root", "--", "sh", "-c", script], cwd=jobdir)
+    out = r.stdout.decode(errors="replace")
+    assert r.returncode == 0, r.err
+    assert "HOST-SECRET" not in out
+    assert "passwd" not in out and "hostname" not in out  # nothing of the host's /etc
+    assert "next-to-job" not in out
+    assert "home" not in out.split() and "etc" not in out.split()
+
+
+def test_reduced_isolation_warns_and_strict_refuses(apppot, jobdir: Path) -> None:
+    env = {"APPPOT_BWRAP": "/nonexistent/bwrap"}
+    r = apppot(["start", "--", "echo", "ran"], cwd=jobdir, env=env)
+    assert r.returncode == 0 and r.stdout == b"ran\n"
+    assert "reduced isolation" in r.err
+    r = apppot(["start", "--isolation", "strict", "--", "echo", "ran"], cwd=jobdir, env=env)
+    assert r.returncode == 125 and r.stdout == b""
+    assert "--isolation strict" in r.err
+
+
+def test_memory_option(apppot, jobdir: Path) -> None:
+    r = apppot(["start", "--mem", "128M", "--", "sh", "-c", "grep MemTotal /proc/meminfo"], cwd=jobdir)
+    total_kib = int(r.stdout.split()[1])
+    assert 100 * 1024 < total_kib <= 128 * 1024
+
+
+def test_too_small_max_map_count_is_refused(apppot, jobdir: Path) -> None:
+    if os.getuid() != 0:
+        pytest.skip("changing vm.max_map_count needs root")
+    path = Path("/proc/sys/vm/max_map_count")
+    old = path.read_text()
+    try:
+        path.write_text("20000\n")
+        r = apppot(["start", "--mem", "512M", "--", "true"], cwd=jobdir)
+    finally:
+        path.write_text(old)
+    assert r.returncode == 125
+    assert "vm.max_map_count" in r.err and "sysctl" in r.err
+
+
+class _Hello(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"hello-from-the-host\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_outbound_network_through_slirp(apppot, jobdir: Path) -> None:
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Hello)
+    port = server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        # 10.0.2.2 is the host's loopback as slirp shows it to the guest.
+        r = apppot(["start", "--net", "--", "wget", "-q", "-O", "-", f"http://10.0.2.2:{port}/"], cwd=jobdir)
+        assert (r.returncode, r.stdout) == (0, b"hello-from-the-host\n"), r.err
+        r = apppot(["start", "--no-net", "--", "wget", "-q", "-T", "3", "-O", "-", f"http://10.0.2.2:{port}/"], cwd=jobdir)
+        assert r.returncode != 0
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--image", "/nonexistent.img"], "does not exist"),
+        (["--image", "/etc/passwd"], "not an ext2/3/4 filesystem image"),
+        (["--kernel", "/nonexistent/linux"], "not an executable file"),
+        (["--frobnicate"], "unrecognized arguments"),
+        (["--mem", "lots"], "invalid memory size"),
+        (["--jobdir", "/nonexistent/dir"], "does not exist"),
+    ],
+)
+def test_bad_input_gets_one_clear_line(apppot, jobdir: Path, args: list[str], message: str) -> None:
+    r = apppot(["start", *args, "--", "true"], cwd=jobdir)
+    assert r.returncode == 125
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and lines[0].startswith("apppot: error:")
+
+
+def test_missing_linux_names_the_package(apppot, jobdir: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    r = apppot(["start", "--", "true"], cwd=jobdir, env={"PATH": str(empty), "APPPOT_KERNEL": ""})
+    assert r.returncode == 125 and "user-mode-linux" in r.err
+
+
+def test_default_appliance_is_built_on_first_use(tmp_path: Path) -> None:
+    cache = tmp_path / "fresh-cache"
+    job = tmp_path / "job"
+    job.mkdir()
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+    r = subprocess.run([APPPOT, "start", "--", "echo", "ok"], cwd=job, env=env, capture_output=True, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0 and r.stdout == b"ok\n"
+    assert b"building the default appliance" in r.stderr
+
+
+def test_tiny_appliance_is_deterministic(tmp_path: Path, tiny_image: Path) -> None:
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "other-cache")}
+    r = subprocess.run([APPPOT, "image", "build-tiny", "--json"], env=env, capture_output=True, check=True)
+    import json
+
+    record = json.loads(r.stdout)
+    assert record["id"] == sha(tiny_image.read_bytes())
+    r = subprocess.run([APPPOT, "image", "build-tiny", "--force", "--json"], env=env, capture_output=True, check=True)
+    assert json.loads(r.stdout)["id"] == record["id"]

@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""Install the Debian packages AppPot needs on this host (stdlib only; runs before AppPot is installed).
+
+    python3 tools/host_setup.py            # what `apppot start` needs
+    python3 tools/host_setup.py --test     # and what the test suite needs, plus its unprivileged test user
+
+As root it uses apt-get directly, otherwise sudo; it never changes apt's sources.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+
+RUNTIME = ["user-mode-linux", "slirp", "e2fsprogs", "busybox-static", "bubblewrap"]
+TESTING = ["tmux", "shellcheck", "dash", "util-linux"]
+TEST_USER = "apppot-test"
+
+
+def installed(package: str) -> bool:
+    result = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True, check=False)
+    return result.stdout.strip() == "install ok installed"
+
+
+def as_root(argv: list[str]) -> list[str]:
+    if os.geteuid() == 0:
+        return argv
+    if shutil.which("sudo"):
+        return ["sudo", *argv]
+    sys.exit(f"host_setup: need root to run {' '.join(argv)}; ask your administrator to install it")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--test", action="store_true", help="also install what the tests need")
+    args = parser.parse_args()
+    wanted = RUNTIME + (TESTING if args.test else [])
+    missing = [p for p in wanted if not installed(p)]
+    if missing:
+        print(f"host_setup: installing {' '.join(missing)}", flush=True)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(as_root(["apt-get", "update", "-qq"]), check=True, env=env)
+        subprocess.run(as_root(["apt-get", "install", "-y", "-qq", *missing]), check=True, env=env)
+    if args.test and os.geteuid() == 0:
+        try:
+            pwd.getpwnam(TEST_USER)
+        except KeyError:
+            print(f"host_setup: adding the unprivileged test user {TEST_USER}", flush=True)
+            subprocess.run(["useradd", "--create-home", "--user-group", TEST_USER], check=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
