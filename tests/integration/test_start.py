@@ -332,3 +332,18 @@ def test_tiny_appliance_is_deterministic(tmp_path: Path, tiny_image: Path) -> No
     assert record["id"] == sha(tiny_image.read_bytes())
     r = subprocess.run([APPPOT, "image", "build-tiny", "--force", "--json"], env=env, capture_output=True, check=True)
     assert json.loads(r.stdout)["id"] == record["id"]
+
+
+def test_apppot_start_is_the_seed_name_for_apppot_start(apppot, jobdir: Path, cache_home: Path) -> None:
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache_home)}
+    start = str(Path(APPPOT).with_name("apppot-start"))
+    r = subprocess.run(
+        [start, "--", "sh", "-c", "echo seed; exit 3"], cwd=jobdir, env=env, capture_output=True, stdin=subprocess.DEVNULL
+    )
+    assert (r.returncode, r.stdout) == (3, b"seed\n")
+
+
+def test_extra_kernel_parameters_reach_the_guest(apppot, jobdir: Path) -> None:
+    r = apppot(["start", "--extra", "apppot_probe=xyz", "--extra", "loglevel=3", "--", "cat", "/proc/cmdline"], cwd=jobdir)
+    assert r.returncode == 0
+    assert b"apppot_probe=xyz" in r.stdout.split() and b"loglevel=3" in r.stdout.split()
