@@ -354,6 +354,7 @@ class Job:
         )
         base_argv = uml_argv(launch, [])
         uid, gid = os.getuid(), os.getgid()
+        rows, cols = _terminal_size()
         guest = GuestJob(
             ctl_path=SANDBOX_CTL if sandboxed else str(ctl),
             job_path=SANDBOX_JOB if sandboxed else str(p.jobdir),
@@ -367,8 +368,8 @@ class Job:
             stderr=streams.stderr,
             interactive=streams.interactive,
             term=os.environ.get("TERM") if streams.interactive or streams.stdout is StreamMode.TTY else None,
-            rows=_terminal_size()[0],
-            cols=_terminal_size()[1],
+            rows=rows,
+            cols=cols,
             net=p.slirp is not None,
         )
         if guest.user == "root":
