@@ -20,14 +20,14 @@ import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from apppot import cow
 from apppot.backends.uml import UmlLaunch, cmdline_length, uml_argv
-from apppot.errors import EXIT_APPPOT_ERROR, GuestDied, HostError, JobDirError, UsageError
+from apppot.errors import GuestDied, HostError, JobDirError, UsageError
 from apppot.images import ext4, tiny
 from apppot.images.store import cache_dir
 from apppot.kernel import find_kernel, shared_libraries
@@ -93,12 +93,12 @@ def _read_max_map_count() -> int:
 
 def _check_jobdir(path: Path) -> Path:
     try:
-        path.stat()
+        is_dir = stat.S_ISDIR(path.stat().st_mode)
     except FileNotFoundError:
-        pass  # said below
+        is_dir = False
     except PermissionError:
         raise JobDirError(f"job directory {path} is not reachable by you; fix the permissions of its parents") from None
-    if not path.is_dir():
+    if not is_dir:
         raise JobDirError(f"job directory {path} does not exist or is not a directory; create it or pass --jobdir DIR")
     if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
         raise JobDirError(f"job directory {path} is not writable by you; fix its permissions or pass another --jobdir")
@@ -117,8 +117,7 @@ def prepare(spec: JobSpec, say: Say) -> Prepared:
     """Check everything about the job that can be checked before booting."""
     jobdir = _check_jobdir(spec.jobdir)
     image = spec.image if spec.image is not None else _default_image(say)
-    fs_uuid = ext4.filesystem_uuid(image)
-    ext4.check_readable(image)
+    fs_uuid = ext4.filesystem_uuid(image)  # also says when the image is missing or unreadable
     kernel = find_kernel(spec.kernel)
     mem = choose_mem(spec.mem_bytes, _read_max_map_count())
     slirp: Path | None = None
@@ -353,7 +352,7 @@ class Job:
             extra=self.spec.extra,
         )
         base_argv = uml_argv(launch, [])
-        uid, gid = os.getuid(), os.getgid()
+        uid, gid, user, group = _guest_identity(self.spec.user, self.spec.group)
         rows, cols = _terminal_size()
         guest = GuestJob(
             ctl_path=SANDBOX_CTL if sandboxed else str(ctl),
@@ -361,8 +360,8 @@ class Job:
             argv=self.spec.argv,
             uid=uid,
             gid=gid,
-            user=self.spec.user or ("root" if uid == 0 else "user"),
-            group=self.spec.group or ("root" if gid == 0 else "user"),
+            user=user,
+            group=group,
             stdin=streams.stdin,
             stdout=streams.stdout,
             stderr=streams.stderr,
@@ -372,8 +371,6 @@ class Job:
             cols=cols,
             net=p.slirp is not None,
         )
-        if guest.user == "root":
-            guest = _as_root(guest)
         rendered = render_guest_params(guest, KERNEL_CMDLINE_LIMIT - cmdline_length(base_argv))
         for name, data in rendered.files.items():
             (ctl / name).write_bytes(data)
@@ -515,8 +512,12 @@ def _discard_log(path: Path, keep: bool) -> None:
             path.unlink()
 
 
-def _as_root(guest: GuestJob) -> GuestJob:
-    return replace(guest, uid=0, gid=0, user="root", group="root")
+def _guest_identity(user: str | None, group: str | None) -> tuple[int, int, str, str]:
+    """uid, gid, user and group of the job inside: the host user's ids, or root for host root and --user root."""
+    uid, gid = os.getuid(), os.getgid()
+    if user == "root" or (user is None and uid == 0):
+        return 0, 0, "root", "root"
+    return uid, gid, user or "user", group or ("root" if gid == 0 else "user")
 
 
 def _terminal_size() -> tuple[int | None, int | None]:
@@ -554,4 +555,4 @@ def start(spec: JobSpec, say: Say = say_stderr) -> int:
     return Job(spec, prepared, say).run()
 
 
-__all__ = ["EXIT_APPPOT_ERROR", "JobSpec", "start"]
+__all__ = ["JobSpec", "start"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 
@@ -55,11 +54,6 @@ def filesystem_uuid(image: Path) -> str:
             f"{image} is not an ext2/3/4 filesystem image; give an AppPot appliance image (apppot image build-tiny makes one)"
         )
     return str(uuid.UUID(bytes=sb[_UUID_OFFSET : _UUID_OFFSET + 16]))
-
-
-def check_readable(image: Path) -> None:
-    if not os.access(image, os.R_OK):
-        raise ImageError(f"image {image} is not readable by you; fix its permissions (chmod a+r)")
 
 
 def pin_write_time(image: Path, epoch: int) -> None:
