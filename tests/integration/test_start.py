@@ -248,9 +248,10 @@ def test_memory_option(apppot, jobdir: Path) -> None:
         return int(r.stdout.split()[1])
 
     small, large = mem_total_kib("128M"), mem_total_kib("256M")
-    # The guest kernel keeps a varying part for itself; the difference is what --mem adds.
-    assert small <= 128 * 1024 and large <= 256 * 1024
-    assert 120 * 1024 <= large - small <= 136 * 1024
+    # The guest kernel keeps a part for itself that varies from boot to boot (a few MiB);
+    # the totals stay under what was asked and the difference is close to what --mem adds.
+    assert 96 * 1024 <= small <= 128 * 1024 and 224 * 1024 <= large <= 256 * 1024
+    assert 112 * 1024 <= large - small <= 144 * 1024
 
 
 def test_too_small_max_map_count_is_refused(apppot, jobdir: Path) -> None:
