@@ -16,7 +16,9 @@ import shutil
 import subprocess
 import sys
 
-RUNTIME = ["user-mode-linux", "slirp", "e2fsprogs", "busybox-static", "bubblewrap"]
+RUNTIME = ["user-mode-linux", "slirp", "vdeplug", "libvdeplug-slirp", "e2fsprogs", "busybox-static", "bubblewrap"]
+# What `apppot kernel build` needs to build AppPot's own kernel from Debian's source.
+KERNEL_BUILD = ["build-essential", "bc", "bison", "flex", "libelf-dev", "libssl-dev", "xz-utils"]
 TESTING = ["tmux", "shellcheck", "dash", "util-linux"]
 TEST_USER = "apppot-test"
 
@@ -38,7 +40,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--test", action="store_true", help="also install what the tests need")
     args = parser.parse_args()
-    wanted = RUNTIME + (TESTING if args.test else [])
+    wanted = RUNTIME + KERNEL_BUILD + (TESTING if args.test else [])
     missing = [p for p in wanted if not installed(p)]
     if missing:
         print(f"host_setup: installing {' '.join(missing)}", flush=True)

@@ -6,16 +6,13 @@ Only this module turns AppPotError into a message and an exit code.
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from apppot import __version__
 from apppot.errors import EXIT_APPPOT_ERROR, EXIT_GUEST_DIED, AppPotError, UsageError
-from apppot.images import ext4, tiny
 from apppot.sandbox import Isolation
 from apppot.spec import JobSpec, parse_mem
 
@@ -127,7 +124,9 @@ def cmd_start(argv: Sequence[str], prog: str = "apppot start") -> int:
 
     spec = parse_start(argv, prog)
     if spec.verbose:
-        logging.basicConfig(level=logging.DEBUG, format="apppot: %(message)s")
+        from apppot import proc
+
+        proc.verbose = _say
     return start(spec)
 
 
@@ -141,17 +140,65 @@ def cmd_image(argv: Sequence[str]) -> int:
     info.add_argument("image", type=Path)
     info.add_argument("--json", action="store_true", help="machine-readable output")
     ns = p.parse_args(argv)
+    from apppot.images import ext4, tiny
+
     if ns.action == "build-tiny":
         built = tiny.build(force=ns.force)
         record = {"name": built.name, "path": str(built.path), "id": tiny.image_id(built.path)}
     else:
         record = {"path": str(ns.image), "uuid": ext4.filesystem_uuid(ns.image), "id": tiny.image_id(ns.image)}
-    if ns.json:
+    _print_record(record, ns.json)
+    return 0
+
+
+def cmd_kernel(argv: Sequence[str]) -> int:
+    p = _Parser(prog="apppot kernel", description="AppPot's own User-mode Linux kernel.")
+    sub = p.add_subparsers(dest="action", required=True)
+    build = sub.add_parser("build", help="build AppPot's kernel from Debian's kernel source into the cache (~4 min)")
+    build.add_argument("--force", action="store_true", help="rebuild even if this version and config are built")
+    build.add_argument("--jobs", type=int, metavar="N", help="parallel compile jobs (default: number of CPUs)")
+    build.add_argument("--json", action="store_true", help="machine-readable output")
+    info = sub.add_parser("info", help="the kernel `apppot start` would use, and what it can do on this host")
+    info.add_argument("--kernel", metavar="PATH", help="this kernel instead")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    ns = p.parse_args(argv)
+    if ns.action == "build":
+        from apppot import kernel_build
+
+        built = kernel_build.build(force=ns.force, jobs=ns.jobs, say=_say)
+        record: dict[str, object] = {"path": str(built.directory / "linux"), "reused": built.reused, **built.record._asdict()}
+    else:
+        from apppot.kernel import KernelRecord, find_kernel, kernel_traits
+
+        found = find_kernel(ns.kernel)
+        own = KernelRecord.read(found.path)
+        traits = kernel_traits(found.path, _say)
+        record = {
+            "path": str(found.path),
+            "chosen_by": found.source.value,
+            **(own._asdict() if own else {"release": None, "source_package": "user-mode-linux (Debian)"}),
+            "seccomp_supported": traits.seccomp_option,
+            "seccomp_on_this_host": traits.seccomp_works,
+            "lpj": traits.lpj,
+            "network": "vde slirp plugin" if traits.vector_driver and not traits.eth_drivers else "slirp",
+        }
+    _print_record(record, ns.json)
+    return 0
+
+
+def _say(message: str) -> None:
+    sys.stderr.write(f"apppot: {message}\n")
+    sys.stderr.flush()
+
+
+def _print_record(record: Mapping[str, object], as_json: bool) -> None:
+    if as_json:
+        import json
+
         print(json.dumps(record))
     else:
         for key, value in record.items():
             print(f"{key}: {value}")
-    return 0
 
 
 def _run(func_argv: Sequence[str], prog: str) -> int:
@@ -160,7 +207,7 @@ def _run(func_argv: Sequence[str], prog: str) -> int:
             return cmd_start(func_argv, prog)
         p = _Parser(prog="apppot", description="Run whole Linux appliances as ordinary batch jobs.")
         p.add_argument("--version", action="version", version=f"apppot {__version__}")
-        p.add_argument("subcommand", choices=["start", "image"])
+        p.add_argument("subcommand", choices=["start", "image", "kernel"])
         if not func_argv or func_argv[0] in ("-h", "--help", "--version"):
             p.parse_args(func_argv)
             return 0
@@ -168,6 +215,8 @@ def _run(func_argv: Sequence[str], prog: str) -> int:
         rest = func_argv[1:]
         if ns.subcommand == "start":
             return cmd_start(rest)
+        if ns.subcommand == "kernel":
+            return cmd_kernel(rest)
         return cmd_image(rest)
     except AppPotError as e:
         sys.stderr.write(f"apppot: error: {e}\n")

@@ -12,8 +12,8 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from apppot.errors import CowError
 
@@ -33,8 +33,7 @@ def base_path_for(fs_uuid: str) -> str:
     return f"{BASE_DIR}/{fs_uuid}.img"
 
 
-@dataclass(frozen=True)
-class CowHeader:
+class CowHeader(NamedTuple):
     backing_file: str
     mtime: int
     size: int

@@ -1,45 +1,227 @@
-"""Finding the User-mode Linux kernel and what it needs from the host."""
+"""Finding the User-mode Linux kernel, what it can do, and what it needs from the host.
+
+Precedence: --kernel > $APPPOT_KERNEL > AppPot's own kernel (`apppot kernel build`) > Debian's `linux`.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
 import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
+from typing import NamedTuple
 
 from apppot.errors import HostError
+from apppot.hostcache import cached
+from apppot.images.store import cache_dir
 from apppot.proc import run
 
 KERNEL_ENV = "APPPOT_KERNEL"
+RECORD_NAME = "kernel.json"
 MISSING_KERNEL = (
-    "no User-mode Linux kernel found: install Debian's user-mode-linux package "
-    "(sudo apt-get install user-mode-linux), or pass --kernel PATH"
+    "no User-mode Linux kernel found: build AppPot's own (apppot kernel build), install Debian's "
+    "user-mode-linux package (sudo apt-get install user-mode-linux), or pass --kernel PATH"
 )
+CALIBRATION_TIMEOUT_S = 30.0
+_LPJ = re.compile(rb"\(lpj=(\d+)\)")
+_SECCOMP_FAILED = b"SECCOMP userspace requested but not functional"
 
 
-def find_kernel(explicit: str | None) -> Path:
-    """The UML kernel to run: --kernel, then $APPPOT_KERNEL, then `linux` on PATH."""
-    for source, value in (("--kernel", explicit), (KERNEL_ENV, os.environ.get(KERNEL_ENV))):
+class KernelSource(StrEnum):
+    OPTION = "--kernel"
+    ENV = KERNEL_ENV
+    APPPOT = "apppot"  # built by `apppot kernel build`
+    DEBIAN = "debian"  # `linux` on PATH
+
+
+class FoundKernel(NamedTuple):
+    path: Path
+    source: KernelSource
+
+
+class KernelRecord(NamedTuple):
+    """What `apppot kernel build` recorded next to the binary."""
+
+    release: str  # upstream version, e.g. 7.3.4
+    source_package: str
+    source_version: str
+    suite: str
+    config_hash: str
+    build_date: str
+    seccomp: bool
+    build_seconds: float
+
+    @classmethod
+    def read(cls, kernel: Path) -> KernelRecord | None:
+        try:
+            data = json.loads((kernel.parent / RECORD_NAME).read_text())
+            return cls(**{k: data[k] for k in cls._fields})
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def write(self, directory: Path) -> None:
+        (directory / RECORD_NAME).write_text(json.dumps(self._asdict(), indent=2) + "\n")
+
+
+def kernels_dir() -> Path:
+    return cache_dir() / "kernels"
+
+
+def own_kernel() -> Path | None:
+    """AppPot's own kernel: the one the newest `apppot kernel build` installed as default."""
+    candidate = kernels_dir() / "default" / "linux"
+    return candidate.resolve() if os.access(candidate, os.X_OK) else None
+
+
+def find_kernel(explicit: str | None) -> FoundKernel:
+    """The UML kernel to run, by the precedence in this module's docstring."""
+    for source, value in ((KernelSource.OPTION, explicit), (KernelSource.ENV, os.environ.get(KERNEL_ENV))):
         if value:
             path = Path(value).expanduser()
             if not path.is_file() or not os.access(path, os.X_OK):
                 raise HostError(f"the UML kernel {value} given by {source} is not an executable file; fix the path")
-            return path.resolve()
+            return FoundKernel(path.resolve(), source)
+    own = own_kernel()
+    if own is not None:
+        return FoundKernel(own, KernelSource.APPPOT)
     found = shutil.which("linux")
     if found is None:
         raise HostError(MISSING_KERNEL)
-    return Path(found).resolve()
+    return FoundKernel(Path(found).resolve(), KernelSource.DEBIAN)
 
 
 def shared_libraries(binary: Path) -> list[Path]:
-    """The shared libraries (and loader) a dynamically linked binary needs, from ldd."""
-    result = run(["ldd", str(binary)], check=False)
-    libs: list[Path] = []
-    for line in result.stdout.decode(errors="replace").splitlines():
-        parts = line.split()
-        if "=>" in parts:
-            target = parts[parts.index("=>") + 1]
-            if target.startswith("/"):
-                libs.append(Path(target))
-        elif parts and parts[0].startswith("/"):
-            libs.append(Path(parts[0]))
-    return libs
+    """The shared libraries (and loader) a dynamically linked binary needs, from ldd; cached per binary."""
+
+    def compute() -> dict[str, list[str]]:
+        result = run(["ldd", str(binary)], check=False)
+        libs: list[str] = []
+        for line in result.stdout.decode(errors="replace").splitlines():
+            parts = line.split()
+            if "=>" in parts:
+                target = parts[parts.index("=>") + 1]
+                if target.startswith("/"):
+                    libs.append(target)
+            elif parts and parts[0].startswith("/"):
+                libs.append(parts[0])
+        return {"libraries": libs}
+
+    data = cached("ldd", [_file_identity(binary)], compute)
+    return [Path(p) for p in data["libraries"]]
+
+
+class KernelTraits(NamedTuple):
+    """What a kernel binary can do on this host, measured once and cached."""
+
+    seccomp_option: bool  # the kernel knows seccomp= (UML 6.16 and newer)
+    seccomp_works: bool  # and seccomp mode starts on this host
+    eth_drivers: bool  # the old eth= drivers (slirp transport) are built in
+    vector_driver: bool  # the vector driver (vecN:) is built in
+    ip_autoconfig: bool  # ip= configures the network at boot (CONFIG_IP_PNP, known from AppPot's build record)
+    lpj: int | None  # loops per jiffy, so boots skip the delay calibration
+
+    def boot_params(self) -> list[str]:
+        params = []
+        if self.seccomp_works:
+            params.append("seccomp=on")
+        if self.lpj:
+            params.append(f"lpj={self.lpj}")
+        return params
+
+
+def kernel_traits(kernel: Path, note: Callable[[str], None] | None = None) -> KernelTraits:
+    """The kernel's traits on this host: its --help, and one calibration boot the first time."""
+
+    def compute() -> dict[str, object]:
+        if note:
+            note(f"measuring {kernel} on this host once (seccomp mode, delay loop); cached")
+        help_text = run([str(kernel), "--help"], check=False).stdout
+        seccomp_option = b"seccomp=" in help_text
+        lpj, seccomp_works = None, False
+        if seccomp_option:
+            lpj, seccomp_works = _calibrate(kernel, ["seccomp=on"])
+        if lpj is None:
+            lpj, _ = _calibrate(kernel, [])
+        return {
+            "seccomp_option": seccomp_option,
+            "seccomp_works": seccomp_works,
+            "eth_drivers": b"eth[0-9]+=" in help_text,
+            "vector_driver": b"vec[0-9]+:" in help_text,
+            "ip_autoconfig": "CONFIG_IP_PNP=y" in _build_config(kernel),
+            "lpj": lpj,
+        }
+
+    # The field list is part of the key, so an older record is measured anew rather than misread.
+    fields = ",".join(KernelTraits._fields)
+    data = cached("kernel-traits", [fields, _file_identity(kernel), *_host_identity()], compute)
+    return KernelTraits(**data)  # type: ignore[arg-type]
+
+
+def _build_config(kernel: Path) -> str:
+    """The .config AppPot's build kept next to the kernel, or '' for other kernels."""
+    if KernelRecord.read(kernel) is None:
+        return ""
+    try:
+        return (kernel.parent / "config").read_text()
+    except OSError:
+        return ""
+
+
+def _calibrate(kernel: Path, params: list[str]) -> tuple[int | None, bool]:
+    """Boot the kernel without a root disk until it prints its delay-loop calibration.
+
+    Returns (lpj, started): lpj is None if it never got that far (e.g. seccomp refused)."""
+    import tempfile
+
+    uml_dir = tempfile.mkdtemp(prefix="apppot-calibrate-")
+    argv = [str(kernel), "mem=32M", "loglevel=7", "con=null", "con0=null,fd:1", "ssl=null", f"uml_dir={uml_dir}", *params]
+    with (
+        contextlib.ExitStack() as cleanup,
+        subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": os.environ.get("TMPDIR", "/tmp")},
+        ) as proc,
+    ):
+        cleanup.callback(shutil.rmtree, uml_dir, ignore_errors=True)
+        assert proc.stdout is not None
+        output = b""
+        deadline = time.monotonic() + CALIBRATION_TIMEOUT_S
+        try:
+            while time.monotonic() < deadline:
+                chunk = os.read(proc.stdout.fileno(), 4096)
+                if not chunk:
+                    break
+                output += chunk
+                if _LPJ.search(output) or _SECCOMP_FAILED in output:
+                    break
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    m = _LPJ.search(output)
+    return (int(m[1]) if m else None), m is not None
+
+
+def _file_identity(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _host_identity() -> list[str]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return [os.uname().nodename, model, os.uname().release]

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import shlex
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from apppot.errors import HostError
 
-log = logging.getLogger("apppot")
+# Set by the CLI under --verbose: where to say which commands run.
+verbose: Callable[[str], None] | None = None
 
 
 def run(
@@ -27,7 +27,8 @@ def run(
     install when the program is missing. On failure (with ``check``) raises
     HostError naming the exact command and its status.
     """
-    log.debug("running: %s", shlex.join(argv))
+    if verbose:
+        verbose(f"running: {shlex.join(argv)}")
     try:
         result = subprocess.run(
             list(argv),

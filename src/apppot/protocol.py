@@ -1,36 +1,39 @@
 """The host-guest contract: what the host tells the guest agent, and how.
 
-Everything travels as ``apppot.KEY=VALUE`` words on the kernel command line,
-rendered here and decoded by the agent (``guest/apppot-init``). Values never
-contain blanks. The command is a list of POSIX-sh quoted words, base64 encoded,
-so no quoting reaches the kernel command line; when the whole command line
-would pass the kernel's limit, the encoded command goes to a file in the
-control directory instead (``apppot.argvfile``).
+The kernel command line carries one word for the agent, ``apppot_ctl=PATH``:
+the host path of the control directory. Having no dot, the kernel hands it to
+init as an environment variable, so the agent needs no command to find it. The
+agent mounts that directory over hostfs and sources the file ``job`` in it: a
+POSIX sh fragment rendered here, with every value single-quoted and the
+command as ``set -- 'word' ...``, so any bytes but NUL arrive exactly and no
+length limit of the kernel command line applies. The agent reports the job's
+exit status in the file ``status`` and reads stdin from ``stdin.N`` chunks.
 """
 
 from __future__ import annotations
 
-import base64
 import os
 import re
-from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import NamedTuple
 
 from apppot.errors import UsageError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # UML refuses a command line of 4096 bytes or more and appends " console=tty0"
 # itself; keep a margin for that.
 KERNEL_CMDLINE_LIMIT = 4000
 
-ARGV_FILE = "argv"
+CTL_PARAM = "apppot_ctl"
+JOB_FILE = "job"
 STATUS_FILE = "status"
 STDIN_CHUNK = "stdin.{}"
 STDIN_END = "stdin.end"
 
 _NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _TERM = re.compile(r"[A-Za-z0-9._+-]{1,64}")
+_IFNAME = re.compile(r"[a-z][a-z0-9]{0,14}")
 _PATH = re.compile(r"/[^\s\"]*")
 
 
@@ -49,12 +52,10 @@ class StreamMode(StrEnum):
     TTY = "tty"  # the host's stream is a terminal: the job gets a terminal
 
 
-@dataclass(frozen=True)
-class GuestJob:
+class GuestJob(NamedTuple):
     """What the guest agent needs to know to run one job."""
 
-    ctl_path: str
-    job_path: str
+    job_path: str  # host path of the job directory, as the UML process sees it
     argv: tuple[str, ...] | None
     uid: int = 0
     gid: int = 0
@@ -67,15 +68,8 @@ class GuestJob:
     term: str | None = None
     rows: int | None = None
     cols: int | None = None
-    net: bool = False
-
-
-@dataclass(frozen=True)
-class RenderedJob:
-    """Kernel parameters for the guest, and files to put in the control directory."""
-
-    params: list[str]
-    files: dict[str, bytes] = field(default_factory=dict)
+    net: str | None = None  # the guest's network interface, e.g. eth0 or vec0
+    net_configured: bool = False  # the kernel configured it already (ip= parameter)
 
 
 def quote_word(word: bytes) -> bytes:
@@ -83,15 +77,19 @@ def quote_word(word: bytes) -> bytes:
     return b"'" + word.replace(b"'", b"'\\''") + b"'"
 
 
-def encode_argv(argv: tuple[str, ...]) -> str:
-    """Encode a command for the agent: base64 of its sh-quoted words."""
+def _quote(value: str | int) -> str:
+    return quote_word(str(value).encode()).decode()
+
+
+def render_command(argv: tuple[str, ...]) -> bytes:
+    """The command as a `set -- 'word' ...` line for the agent to source."""
     words = []
     for position, arg in enumerate(argv):
         raw = os.fsencode(arg)
         if b"\0" in raw:
             raise UsageError(f"argument {position} of the command contains a NUL byte, which no program can receive")
         words.append(quote_word(raw))
-    return base64.b64encode(b" ".join(words)).decode("ascii")
+    return b"set -- " + b" ".join(words) + b"\n"
 
 
 def _check(value: str, pattern: re.Pattern[str], what: str) -> str:
@@ -100,44 +98,38 @@ def _check(value: str, pattern: re.Pattern[str], what: str) -> str:
     return value
 
 
-def render_guest_params(job: GuestJob, budget: int = KERNEL_CMDLINE_LIMIT) -> RenderedJob:
-    """Render the job as apppot.* kernel parameters.
+def render_ctl_param(ctl_path: str) -> str:
+    """The one kernel parameter the agent reads: where the control directory is."""
+    return f"{CTL_PARAM}={_check(ctl_path, _PATH, 'control path')}"
 
-    ``budget`` is how many bytes of the kernel command line these parameters may
-    take; past it the command spills into a file of the control directory.
-    """
+
+def render_job_file(job: GuestJob) -> bytes:
+    """The control directory's ``job`` file: settings as sh assignments, then the command."""
     if not job.argv and job.argv is not None:
         raise UsageError("the command after -- is empty: give a program to run")
-    params = [
-        f"apppot.v={PROTOCOL_VERSION}",
-        f"apppot.ctl={_check(job.ctl_path, _PATH, 'control path')}",
-        f"apppot.job={_check(job.job_path, _PATH, 'job path')}",
-        f"apppot.uid={job.uid:d}",
-        f"apppot.gid={job.gid:d}",
-        f"apppot.user={_check(job.user, _NAME, 'user name')}",
-        f"apppot.group={_check(job.group, _NAME, 'group name')}",
-        f"apppot.stdin={job.stdin}",
-        f"apppot.stdout={job.stdout}",
-        f"apppot.stderr={job.stderr}",
-    ]
-    if job.interactive:
-        params.append("apppot.tty=1")
+    settings: dict[str, str | int] = {
+        "A_V": PROTOCOL_VERSION,
+        "A_JOB": _check(job.job_path, _PATH, "job path"),
+        "A_UID": job.uid,
+        "A_GID": job.gid,
+        "A_USER": _check(job.user, _NAME, "user name"),
+        "A_GROUP": _check(job.group, _NAME, "group name"),
+        "A_STDIN": job.stdin.value,
+        "A_STDOUT": job.stdout.value,
+        "A_STDERR": job.stderr.value,
+        "A_TTY": int(job.interactive),
+    }
     if job.term:
-        params.append(f"apppot.term={_check(job.term, _TERM, 'TERM value')}")
+        settings["A_TERM"] = _check(job.term, _TERM, "TERM value")
     if job.rows and job.cols:
-        params += [f"apppot.rows={job.rows:d}", f"apppot.cols={job.cols:d}"]
+        settings["A_ROWS"], settings["A_COLS"] = job.rows, job.cols
     if job.net:
-        params.append("apppot.net=1")
-    files: dict[str, bytes] = {}
+        settings["A_NET"] = _check(job.net, _IFNAME, "network interface")
+        settings["A_NET_UP"] = int(job.net_configured)
+    text = "".join(f"{key}={_quote(value)}\n" for key, value in settings.items()).encode()
     if job.argv is not None:
-        encoded = encode_argv(job.argv)
-        inline = f"apppot.argv={encoded}"
-        if len(" ".join([*params, inline])) <= budget:
-            params.append(inline)
-        else:
-            files[ARGV_FILE] = encoded.encode("ascii")
-            params.append(f"apppot.argvfile={ARGV_FILE}")
-    return RenderedJob(params=params, files=files)
+        text += b"A_ARGV=1\n" + render_command(job.argv)
+    return text
 
 
 def parse_status(text: str) -> int | None:

@@ -15,23 +15,23 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NamedTuple
 
 from apppot import cow
-from apppot.backends.uml import UmlLaunch, cmdline_length, uml_argv
+from apppot.backends.uml import UmlLaunch, cmdline_length, personality_prefix, uml_argv
 from apppot.errors import GuestDied, HostError, JobDirError, UsageError
 from apppot.images import ext4, tiny
 from apppot.images.store import cache_dir
-from apppot.kernel import find_kernel, shared_libraries
+from apppot.kernel import FoundKernel, KernelTraits, find_kernel, kernel_traits, shared_libraries
+from apppot.network import Network, choose_network
 from apppot.protocol import (
+    JOB_FILE,
     KERNEL_CMDLINE_LIMIT,
     STATUS_FILE,
     STDIN_CHUNK,
@@ -40,12 +40,12 @@ from apppot.protocol import (
     StdinMode,
     StreamMode,
     parse_status,
-    render_guest_params,
+    render_ctl_param,
+    render_job_file,
 )
-from apppot.sandbox import Bind, bwrap_argv, find_bwrap, probe, require_or_warn
+from apppot.sandbox import Bind, bwrap_argv, find_bwrap, is_setuid, probe, require_or_warn
 from apppot.spec import JobSpec, choose_mem
 
-SLIRP = "/usr/bin/slirp-fullbolt"
 # Paths inside the sandbox.
 SANDBOX_KERNEL = "/apppot/linux"
 SANDBOX_COW = "/apppot/cow"
@@ -69,19 +69,19 @@ def say_stderr(message: str) -> None:
     sys.stderr.flush()
 
 
-@dataclass
-class Prepared:
+class Prepared(NamedTuple):
     """The checked inputs of a job, resolved against this host."""
 
-    kernel: Path
+    kernel: FoundKernel
+    traits: KernelTraits
     image: Path
     fs_uuid: str
     jobdir: Path
     mem_bytes: int
-    slirp: Path | None
+    net: Network | None
     bwrap: str | None
     umid: str
-    warnings: list[str] = field(default_factory=list)
+    warnings: tuple[str, ...] = ()
 
 
 def _read_max_map_count() -> int:
@@ -119,21 +119,21 @@ def prepare(spec: JobSpec, say: Say) -> Prepared:
     image = spec.image if spec.image is not None else _default_image(say)
     fs_uuid = ext4.filesystem_uuid(image)  # also says when the image is missing or unreadable
     kernel = find_kernel(spec.kernel)
+    traits = kernel_traits(kernel.path, say if spec.verbose else None)
+    if spec.verbose:
+        mode = "seccomp" if traits.seccomp_works else "ptrace"
+        why = "" if traits.seccomp_works else (" (seccomp mode refused by this host)" if traits.seccomp_option else "")
+        say(f"kernel: {kernel.path} (chosen by {kernel.source.value}), {mode} mode{why}")
     mem = choose_mem(spec.mem_bytes, _read_max_map_count())
-    slirp: Path | None = None
-    if spec.net is not False:
-        if os.access(SLIRP, os.X_OK):
-            slirp = Path(SLIRP).resolve()
-        elif spec.net:
-            raise HostError("--net needs slirp, which is not installed: sudo apt-get install slirp, or use --no-net")
+    net = choose_network(traits, spec.net)
     umid = spec.instance_id or f"apppot-{os.getpid()}"
     if not _UMID.fullmatch(umid):
         raise UsageError(f"invalid --id {umid!r}: use letters, digits, '.', '_' and '-'")
     bwrap = find_bwrap()
     warning = require_or_warn(spec.isolation, probe(bwrap))
-    prepared = Prepared(kernel, image, fs_uuid, jobdir, mem, slirp, None if warning else bwrap, umid)
+    warnings = (warning,) if warning else ()
+    prepared = Prepared(kernel, traits, image, fs_uuid, jobdir, mem, net, None if warning else bwrap, umid, warnings)
     if warning:
-        prepared.warnings.append(warning)
         for path, what in ((jobdir, "job directory"), (image, "image")):
             if not _HOSTFS_SAFE.fullmatch(str(path)):
                 raise UsageError(f"the {what} path {path} has blanks or commas, which AppPot can only pass with namespaces")
@@ -146,8 +146,7 @@ def prepare(spec: JobSpec, say: Say) -> Prepared:
     return prepared
 
 
-@dataclass(frozen=True)
-class Streams:
+class Streams(NamedTuple):
     """How the host's standard streams map into the guest."""
 
     stdin: StdinMode
@@ -248,19 +247,20 @@ class Relay(threading.Thread):
         os.close(self.src)
 
 
-@dataclass
 class Job:
     """The running state of one job; ``run`` drives it to its end."""
 
-    spec: JobSpec
-    prepared: Prepared
-    say: Say
-    rundir: Path = field(init=False)
-    proc: subprocess.Popen[bytes] | None = None
-    signal_received: int | None = None
-    stdout_broken: bool = False
-    exited: threading.Event = field(default_factory=threading.Event)
-    wake: threading.Event = field(default_factory=threading.Event)
+    rundir: Path
+
+    def __init__(self, spec: JobSpec, prepared: Prepared, say: Say) -> None:
+        self.spec = spec
+        self.prepared = prepared
+        self.say = say
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.signal_received: int | None = None
+        self.stdout_broken = False
+        self.exited = threading.Event()
+        self.wake = threading.Event()
 
     def run(self) -> int:
         with self._rundir(), self._signals():
@@ -271,7 +271,7 @@ class Job:
         base = os.environ.get("TMPDIR") or "/tmp"
         if not _HOSTFS_SAFE.fullmatch(base):
             base = "/tmp"
-        self.rundir = Path(tempfile.mkdtemp(prefix="apppot-", dir=base))
+        self.rundir = _make_rundir(Path(base))
         try:
             yield
         finally:
@@ -337,8 +337,11 @@ class Job:
         terminal: tuple[int, int] | None = None
         if streams.interactive:
             terminal = (os.dup(0), os.dup(1))
+        net_params: tuple[str, ...] = ()
+        if p.net is not None:
+            net_params = (p.net.uml_param(), *([p.net.kernel_ip_param()] if p.traits.ip_autoconfig else []))
         launch = UmlLaunch(
-            kernel=SANDBOX_KERNEL if sandboxed else str(p.kernel),
+            kernel=SANDBOX_KERNEL if sandboxed else str(p.kernel.path),
             base=cow.base_path_for(p.fs_uuid) if sandboxed else str(p.image.resolve()),
             cow=SANDBOX_COW if sandboxed else str(cow_path),
             mem_bytes=p.mem_bytes,
@@ -348,14 +351,13 @@ class Job:
             stdout_fd=out_w,
             stderr_fd=err_w,
             terminal_fds=terminal,
-            slirp=str(p.slirp) if p.slirp else None,
+            net_params=net_params,
+            kernel_params=tuple(p.traits.boot_params()),
             extra=self.spec.extra,
         )
-        base_argv = uml_argv(launch, [])
         uid, gid, user, group = _guest_identity(self.spec.user, self.spec.group)
         rows, cols = _terminal_size()
         guest = GuestJob(
-            ctl_path=SANDBOX_CTL if sandboxed else str(ctl),
             job_path=SANDBOX_JOB if sandboxed else str(p.jobdir),
             argv=self.spec.argv,
             uid=uid,
@@ -369,17 +371,19 @@ class Job:
             term=os.environ.get("TERM") if streams.interactive or streams.stdout is StreamMode.TTY else None,
             rows=rows,
             cols=cols,
-            net=p.slirp is not None,
+            net=p.net.interface if p.net else None,
+            net_configured=p.net is not None and p.traits.ip_autoconfig,
         )
-        rendered = render_guest_params(guest, KERNEL_CMDLINE_LIMIT - cmdline_length(base_argv))
-        for name, data in rendered.files.items():
-            (ctl / name).write_bytes(data)
-        argv = uml_argv(launch, rendered.params)
+        (ctl / JOB_FILE).write_bytes(render_job_file(guest))
+        argv = uml_argv(launch, [render_ctl_param(SANDBOX_CTL if sandboxed else str(ctl))])
         if cmdline_length(argv) > KERNEL_CMDLINE_LIMIT:
             raise UsageError("the kernel command line is too long; use fewer or shorter --extra parameters")
         if sandboxed:
             assert p.bwrap is not None
-            argv = bwrap_argv(p.bwrap, self._binds(cow_path, ctl, uml_dir), share_net=p.slirp is not None) + argv
+            setarch = shutil.which("setarch")
+            binds = self._binds(cow_path, ctl, uml_dir)
+            argv = bwrap_argv(p.bwrap, binds, share_net=p.net is not None, proc=setarch is None or is_setuid(p.bwrap)) + argv
+            argv = personality_prefix(setarch) + argv
         if self.spec.verbose:
             self.say(f"running: {shlex.join(argv)}")
 
@@ -421,11 +425,10 @@ class Job:
 
     def _binds(self, cow_path: Path, ctl: Path, uml_dir: Path) -> list[Bind]:
         p = self.prepared
-        binds = [Bind(str(p.kernel), SANDBOX_KERNEL)]
-        binds += [Bind(str(lib), str(lib)) for lib in shared_libraries(p.kernel)]
-        if p.slirp is not None:
-            binds.append(Bind(str(p.slirp), str(p.slirp)))
-            binds += [Bind(str(lib), str(lib)) for lib in shared_libraries(p.slirp)]
+        binds = [Bind(str(p.kernel.path), SANDBOX_KERNEL)]
+        binds += [Bind(str(lib), str(lib)) for lib in shared_libraries(p.kernel.path)]
+        if p.net is not None:
+            binds += [Bind(str(src), str(dst)) for src, dst in p.net.sandbox_files(shared_libraries)]
         binds += [
             Bind(str(p.image.resolve()), cow.base_path_for(p.fs_uuid)),
             Bind(str(cow_path), SANDBOX_COW, writable=True),
@@ -494,6 +497,18 @@ class Job:
         rc = self.proc.returncode
         how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with status {rc}"
         raise GuestDied(f"the guest ended without reporting the job's status (UML {how}){_panic_hint(log_path)}")
+
+
+def _make_rundir(base: Path) -> Path:
+    """A new private directory for one job (tempfile's randomness is not needed: the name is checked)."""
+    for attempt in range(100):
+        path = base / f"apppot-{os.getpid()}-{time.monotonic_ns() % 1_000_000_000:09d}-{attempt}"
+        try:
+            path.mkdir(mode=0o700)
+            return path
+        except FileExistsError:
+            continue
+    raise HostError(f"cannot make a job directory under {base}; clean it up or set TMPDIR")
 
 
 def _panic_hint(log_path: Path) -> str:

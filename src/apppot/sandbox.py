@@ -10,10 +10,17 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 from apppot.errors import HostError
+from apppot.hostcache import cached
+
+_USERNS_SYSCTLS = (
+    "/proc/sys/kernel/unprivileged_userns_clone",
+    "/proc/sys/user/max_user_namespaces",
+    "/proc/sys/kernel/apparmor_restrict_unprivileged_userns",
+)
 
 BWRAP_ENV = "APPPOT_BWRAP"
 
@@ -25,25 +32,36 @@ class Isolation(StrEnum):
     STRICT = "strict"  # a sandbox, or refuse to run
 
 
-@dataclass(frozen=True)
-class Bind:
+class Bind(NamedTuple):
     source: str
     target: str
     writable: bool = False
 
 
-def bwrap_argv(bwrap: str, binds: list[Bind], *, share_net: bool) -> list[str]:
-    """The bubblewrap command line that shows the process only ``binds``."""
+def bwrap_argv(bwrap: str, binds: list[Bind], *, share_net: bool, proc: bool = False) -> list[str]:
+    """The bubblewrap command line that shows the process only ``binds`` (and /proc if asked)."""
     argv = [bwrap, "--unshare-all", "--die-with-parent", "--cap-drop", "ALL"]
     if share_net:
         argv.append("--share-net")
-    argv += ["--dev", "/dev", "--tmpfs", "/tmp", "--clearenv", "--setenv", "TMPDIR", "/tmp"]
+    argv += ["--dev", "/dev", *(["--proc", "/proc"] if proc else []), "--tmpfs", "/tmp"]
+    argv += ["--clearenv", "--setenv", "TMPDIR", "/tmp"]
     # slirp refuses to start without HOME.
     argv += ["--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp"]
+    seen = set()
     for bind in binds:
-        argv += ["--bind" if bind.writable else "--ro-bind", bind.source, bind.target]
+        if bind.target not in seen:  # libraries shared by several programs are bound once
+            seen.add(bind.target)
+            argv += ["--bind" if bind.writable else "--ro-bind", bind.source, bind.target]
     argv.append("--")
     return argv
+
+
+def is_setuid(program: str) -> bool:
+    """A setuid bwrap clears the personality AppPot sets, so UML then needs /proc to re-execute itself."""
+    try:
+        return bool(os.stat(program).st_mode & 0o4000)
+    except OSError:
+        return False
 
 
 def find_bwrap() -> str | None:
@@ -51,9 +69,23 @@ def find_bwrap() -> str | None:
 
 
 def probe(bwrap: str | None) -> str | None:
-    """None if a sandbox can be made here, else the reason it cannot."""
+    """None if a sandbox can be made here, else the reason it cannot; cached per bwrap, host kernel and sysctls."""
     if bwrap is None or not os.path.exists(bwrap):
         return "bubblewrap (bwrap) is not installed: sudo apt-get install bubblewrap"
+    st = os.stat(bwrap)
+    key = [f"{bwrap}:{st.st_size}:{st.st_mtime_ns}", os.uname().release, *map(_read_sysctl, _USERNS_SYSCTLS)]
+    return cached("bwrap-probe", key, lambda: {"reason": _probe(bwrap)})["reason"]
+
+
+def _read_sysctl(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _probe(bwrap: str) -> str | None:
     try:
         result = subprocess.run(
             [bwrap, "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "--", "true"],

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from apppot.errors import HostError, UsageError
 from apppot.sandbox import Isolation
@@ -20,8 +20,7 @@ FALLBACK_MEM = 256 * MIB
 _SIZE = re.compile(r"(\d+)([KMGkmg]?)[iI]?[bB]?")
 
 
-@dataclass(frozen=True)
-class JobSpec:
+class JobSpec(NamedTuple):
     """One `apppot start` request."""
 
     argv: tuple[str, ...] | None

@@ -213,6 +213,7 @@ mount -t hostfs hostfs /mnt/etc -o /etc && ls /mnt/etc
 mount -t hostfs hostfs /mnt/up -o /apppot/job/../../../.. && ls -R /mnt/up 2>/dev/null | head -200
 mount -t hostfs hostfs /mnt/next -o "$NEXT" && cat /mnt/next
 mount -t hostfs hostfs /mnt/root -o / && ls -a /mnt/root
+echo ETC-BEGIN; ls -a /mnt/root/etc; echo ETC-END
 true
 """
 
@@ -229,7 +230,10 @@ def test_guest_root_cannot_reach_host_files(apppot, tmp_path: Path) -> None:
     assert "HOST-SECRET" not in out
     assert "passwd" not in out and "hostname" not in out  # nothing of the host's /etc
     assert "next-to-job" not in out
-    assert "home" not in out.split() and "etc" not in out.split()
+    assert "home" not in out.split() and "root" not in out.split() and "proc" not in out.split()
+    # The sandbox's /etc holds only the resolver configuration the user-space NAT forwards DNS to.
+    etc = out.split("ETC-BEGIN")[1].split("ETC-END")[0].split()
+    assert set(etc) <= {".", "..", "resolv.conf"}
 
 
 def test_reduced_isolation_warns_and_strict_refuses(apppot, jobdir: Path) -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from apppot.backends.uml import UmlLaunch, cmdline_length, uml_argv
+from pathlib import Path
+
+from apppot.backends.uml import UmlLaunch, cmdline_length, personality_prefix, uml_argv
+from apppot.kernel import KernelTraits
+from apppot.network import NetKind, Network
 from apppot.sandbox import Bind, bwrap_argv
 
 LAUNCH = UmlLaunch(
@@ -38,17 +42,41 @@ def test_uml_argv_for_a_batch_job() -> None:
     ]
 
 
-def test_uml_argv_with_terminal_network_and_extras() -> None:
-    from dataclasses import replace
-
-    launch = replace(LAUNCH, terminal_fds=(8, 9), slirp="/usr/bin/slirp-fullbolt", extra=("loglevel=7",))
+def test_uml_argv_with_terminal_network_tuning_and_extras() -> None:
+    net = Network(NetKind.SLIRP, Path("/usr/bin/slirp-fullbolt"))
+    launch = LAUNCH._replace(
+        terminal_fds=(8, 9),
+        net_params=(net.uml_param(),),
+        kernel_params=("seccomp=on", "lpj=34000000"),
+        extra=("loglevel=7",),
+    )
     argv = uml_argv(launch, ["apppot.v=1"])
-    assert argv[-4:] == [
+    assert argv[-6:] == [
         "con1=fd:8,fd:9",
         "eth0=slirp,fe:fd:0a:00:02:0f,/usr/bin/slirp-fullbolt",
+        "seccomp=on",
+        "lpj=34000000",
         "loglevel=7",
         "apppot.v=1",
     ]
+
+
+def test_network_parameters_per_driver() -> None:
+    vde = Network(NetKind.VDE_SLIRP, Path("/usr/bin/vde_plug"), (Path("/usr/lib/x/vdeplug/libvdeplug_slirp.so"),))
+    assert (vde.uml_param(), vde.interface) == ("vec0:transport=vde,vnl=slirp://,mac=fe:fd:0a:00:02:0f", "vec0")
+    assert vde.kernel_ip_param() == "ip=10.0.2.15::10.0.2.2:255.255.255.0::vec0:off"
+    assert Network(NetKind.SLIRP, Path("/usr/bin/slirp-fullbolt")).interface == "eth0"
+
+
+def test_kernel_boot_params_follow_the_traits() -> None:
+    fast = KernelTraits(
+        seccomp_option=True, seccomp_works=True, eth_drivers=False, vector_driver=True, ip_autoconfig=True, lpj=123
+    )
+    assert fast.boot_params() == ["seccomp=on", "lpj=123"]
+    refused = KernelTraits(
+        seccomp_option=True, seccomp_works=False, eth_drivers=False, vector_driver=True, ip_autoconfig=False, lpj=None
+    )
+    assert refused.boot_params() == []
 
 
 def test_cmdline_length_counts_what_uml_appends() -> None:
@@ -85,6 +113,21 @@ def test_bwrap_argv_shows_only_the_binds() -> None:
         "/apppot/job",
         "--",
     ]
+
+
+def test_bwrap_argv_shows_proc_only_when_asked() -> None:
+    assert "--proc" not in bwrap_argv("bwrap", [], share_net=False)
+    assert bwrap_argv("bwrap", [], share_net=False, proc=True)[7:9] == ["--proc", "/proc"]
+
+
+def test_uml_starts_without_address_randomisation() -> None:
+    assert personality_prefix("/usr/bin/setarch") == ["/usr/bin/setarch", "--addr-no-randomize"]
+    assert personality_prefix(None) == []
+
+
+def test_bwrap_argv_binds_a_shared_library_once() -> None:
+    binds = [Bind("/lib/libc.so.6", "/lib/libc.so.6"), Bind("/lib/libc.so.6", "/lib/libc.so.6")]
+    assert bwrap_argv("bwrap", binds, share_net=False).count("/lib/libc.so.6") == 2
 
 
 def test_bwrap_argv_shares_the_network_only_when_asked() -> None:

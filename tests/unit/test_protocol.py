@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 from importlib import resources
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -13,26 +14,34 @@ from hypothesis import strategies as st
 
 from apppot.errors import UsageError
 from apppot.protocol import (
-    ARGV_FILE,
+    CTL_PARAM,
+    JOB_FILE,
+    PROTOCOL_VERSION,
     GuestJob,
     StdinMode,
     StreamMode,
     parse_status,
-    render_guest_params,
+    render_ctl_param,
+    render_job_file,
 )
 
 AGENT = resources.files("apppot.guest").joinpath("apppot-init")
 SHELLS = [s for s in ("/bin/busybox", "/bin/dash") if shutil.which(s)]
 
-# Reads the words the way the agent does, decodes the command, and prints each
-# argument followed by a NUL byte.
-DECODE = """
+# Loads the job file the way apppot_main does (inside a function, after set -f),
+# then prints the settings and each argument, each followed by a NUL byte.
+LOAD = """
 . "$AGENT"
-set -f
-apppot_parse $WORDS
-eval "set -- $(apppot_command_words)"
-printf '%s\\0' "$@"
+CTL=$TEST_CTL
+load() {
+    set -f
+    . "$CTL/job"
+    printf '%s\\0' "$A_V" "$A_JOB" "$A_UID" "$A_GID" "$A_USER" "$A_GROUP" "$A_STDIN" "$A_STDOUT" \\
+        "$A_STDERR" "$A_TTY" "$A_TERM" "$A_ROWS" "$A_COLS" "$A_NET" "$A_NET_UP" "$A_ARGV" "$@"
+}
+load
 """
+SETTINGS = 16  # values LOAD prints before the arguments
 
 TRICKY = (
     "plain",
@@ -52,63 +61,49 @@ TRICKY = (
 )
 
 
-def guest_decode(shell: str, job: GuestJob, ctl_dir: str) -> list[bytes]:
-    rendered = render_guest_params(job)
-    for name, data in rendered.files.items():
-        with open(os.path.join(ctl_dir, name), "wb") as f:
-            f.write(data)
+def guest_load(shell: str, job: GuestJob, ctl_dir: Path) -> tuple[list[bytes], list[bytes]]:
+    """(settings, arguments) as the agent sees them after sourcing the job file."""
+    (ctl_dir / JOB_FILE).write_bytes(render_job_file(job))
     argv = [shell, "sh"] if shell.endswith("busybox") else [shell]
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "AGENT": str(AGENT),
-        "APPPOT_AGENT_LIBRARY": "1",
-        "WORDS": " ".join(rendered.params),
-    }
-    script = DECODE.replace('. "$AGENT"', f'. "$AGENT"\nCTL="{ctl_dir}"')
-    out = subprocess.run([*argv, "-c", script], env=env, capture_output=True, check=True).stdout
-    assert out.endswith(b"\0") or not job.argv
-    return out.split(b"\0")[:-1]
+    env = {"PATH": "/usr/bin:/bin", "AGENT": str(AGENT), "APPPOT_AGENT_LIBRARY": "1", "TEST_CTL": str(ctl_dir)}
+    out = subprocess.run([*argv, "-c", LOAD], env=env, capture_output=True, check=True).stdout
+    assert out.endswith(b"\0")
+    values = out.split(b"\0")[:-1]
+    return values[:SETTINGS], values[SETTINGS:]
 
 
-def job(argv: tuple[str, ...]) -> GuestJob:
-    return GuestJob(ctl_path="/apppot/ctl", job_path="/apppot/job", argv=argv)
+def job(argv: tuple[str, ...] | None) -> GuestJob:
+    return GuestJob(job_path="/apppot/job", argv=argv)
 
 
 @pytest.mark.parametrize("shell", SHELLS)
-def test_tricky_arguments_round_trip(shell: str, tmp_path) -> None:
-    decoded = guest_decode(shell, job(TRICKY), str(tmp_path))
-    assert decoded == [os.fsencode(a) for a in TRICKY]
+def test_tricky_arguments_round_trip(shell: str, tmp_path: Path) -> None:
+    _, args = guest_load(shell, job(TRICKY), tmp_path)
+    assert args == [os.fsencode(a) for a in TRICKY]
 
 
 @pytest.mark.parametrize("shell", SHELLS)
-def test_long_command_spills_to_a_file_and_round_trips(shell: str, tmp_path) -> None:
-    argv = tuple(f"arg-{i}-" + "x" * 60 for i in range(1000))  # over 64 KiB
+def test_a_thousand_arguments_over_64_kib_round_trip(shell: str, tmp_path: Path) -> None:
+    argv = tuple(f"arg-{i}-" + "x" * 60 for i in range(1000))
     assert sum(len(a) for a in argv) > 64 * 1024
-    rendered = render_guest_params(job(argv))
-    assert f"apppot.argvfile={ARGV_FILE}" in rendered.params
-    assert guest_decode(shell, job(argv), str(tmp_path)) == [a.encode() for a in argv]
+    _, args = guest_load(shell, job(argv), tmp_path)
+    assert args == [a.encode() for a in argv]
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.text(alphabet=st.characters(exclude_characters="\0", exclude_categories=["Cs"])), min_size=1, max_size=8))
-def test_generated_arguments_round_trip(tmp_path_factory, argv: list[str]) -> None:
+def test_generated_arguments_round_trip(tmp_path_factory: pytest.TempPathFactory, argv: list[str]) -> None:
     ctl = tmp_path_factory.mktemp("ctl")
-    assert guest_decode(SHELLS[0], job(tuple(argv)), str(ctl)) == [a.encode() for a in argv]
+    assert guest_load(SHELLS[0], job(tuple(argv)), ctl)[1] == [a.encode() for a in argv]
 
 
-def test_short_command_stays_on_the_command_line() -> None:
-    rendered = render_guest_params(job(("echo", "hi")))
-    assert rendered.files == {}
-    assert any(p.startswith("apppot.argv=") for p in rendered.params)
-
-
-def test_rendered_parameters_are_single_words() -> None:
+@pytest.mark.parametrize("shell", SHELLS)
+def test_settings_round_trip(shell: str, tmp_path: Path) -> None:
     full = GuestJob(
-        ctl_path="/apppot/ctl",
         job_path="/apppot/job",
-        argv=TRICKY,
+        argv=("id",),
         uid=1234,
-        gid=1234,
+        gid=4321,
         user="alice",
         group="lab",
         stdin=StdinMode.SPOOL,
@@ -118,29 +113,44 @@ def test_rendered_parameters_are_single_words() -> None:
         term="xterm-256color",
         rows=30,
         cols=100,
-        net=True,
+        net="vec0",
+        net_configured=True,
     )
-    params = render_guest_params(full).params
-    assert params[0] == "apppot.v=1"
-    assert all(" " not in p and "\n" not in p and '"' not in p for p in params)
-    assert "apppot.tty=1" in params and "apppot.net=1" in params and "apppot.rows=30" in params
+    values, args = guest_load(shell, full, tmp_path)
+    expected = [str(PROTOCOL_VERSION), "/apppot/job", "1234", "4321", "alice", "lab", "spool", "tty", "pipe", "1"]
+    assert values == [v.encode() for v in [*expected, "xterm-256color", "30", "100", "vec0", "1", "1"]]
+    assert args == [b"id"]
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_without_a_command_the_arguments_stay_empty(shell: str, tmp_path: Path) -> None:
+    values, args = guest_load(shell, job(None), tmp_path)
+    assert values[15] == b"0" and args == []
+
+
+def test_the_kernel_gets_one_word_without_a_dot() -> None:
+    # No dot: the kernel passes it to init's environment instead of treating it as a module parameter.
+    assert render_ctl_param("/apppot/ctl") == f"{CTL_PARAM}=/apppot/ctl"
+    assert "." not in CTL_PARAM
+    with pytest.raises(UsageError):
+        render_ctl_param("/with space")
 
 
 @pytest.mark.parametrize(
     "field,value",
-    [("user", "two words"), ("group", "x;y"), ("term", "a b"), ("job_path", "/with space")],
+    [("user", "two words"), ("group", "x;y"), ("term", "a b"), ("job_path", "/with space"), ("net", "eth0;x")],
 )
-def test_values_that_would_break_the_command_line_are_refused(field: str, value: str) -> None:
-    kwargs = {"ctl_path": "/apppot/ctl", "job_path": "/apppot/job", "argv": ("true",), field: value}
+def test_values_the_agent_cannot_use_are_refused(field: str, value: str) -> None:
+    kwargs = {"job_path": "/apppot/job", "argv": ("true",), field: value}
     with pytest.raises(UsageError):
-        render_guest_params(GuestJob(**kwargs))  # type: ignore[arg-type]
+        render_job_file(GuestJob(**kwargs))  # type: ignore[arg-type]
 
 
 def test_nul_bytes_and_empty_commands_are_refused() -> None:
     with pytest.raises(UsageError, match="NUL"):
-        render_guest_params(job(("a\0b",)))
+        render_job_file(job(("a\0b",)))
     with pytest.raises(UsageError, match="empty"):
-        render_guest_params(job(()))
+        render_job_file(job(()))
 
 
 @pytest.mark.parametrize("text,expected", [("0\n", 0), ("255", 255), ("7\n", 7), ("256", None), ("", None), ("x", None)])

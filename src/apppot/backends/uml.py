@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 AGENT_PATH = "/usr/sbin/apppot-init"
 MIB = 1024 * 1024
-SLIRP_MAC = "fe:fd:0a:00:02:0f"
 
 
-@dataclass(frozen=True)
-class UmlLaunch:
+class UmlLaunch(NamedTuple):
     """Everything the UML command line is made of, as seen by the UML process."""
 
     kernel: str
@@ -23,7 +21,8 @@ class UmlLaunch:
     stdout_fd: int
     stderr_fd: int
     terminal_fds: tuple[int, int] | None = None  # (input, output) of an interactive session
-    slirp: str | None = None  # slirp helper for outbound networking
+    net_params: tuple[str, ...] = ()  # the network device (e.g. eth0=slirp,...) and its configuration
+    kernel_params: tuple[str, ...] = ()  # what this kernel wants on this host: seccomp=, lpj=
     extra: tuple[str, ...] = ()
 
 
@@ -50,11 +49,18 @@ def uml_argv(launch: UmlLaunch, guest_params: list[str]) -> list[str]:
     if launch.terminal_fds is not None:
         tin, tout = launch.terminal_fds
         argv.append(f"con1=fd:{tin},fd:{tout}")
-    if launch.slirp is not None:
-        argv.append(f"eth0=slirp,{SLIRP_MAC},{launch.slirp}")
+    argv += list(launch.net_params)
+    argv += list(launch.kernel_params)
     argv += list(launch.extra)
     argv += guest_params
     return argv
+
+
+def personality_prefix(setarch: str | None) -> list[str]:
+    """UML re-executes itself unless address randomisation is already off: start it that way.
+
+    This saves an exec and lets the sandbox leave out /proc (UML finds itself through /proc/self/exe)."""
+    return [setarch, "--addr-no-randomize"] if setarch else []
 
 
 def cmdline_length(argv: list[str]) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 from apppot.errors import ImageError
@@ -37,6 +36,12 @@ def _superblock_checksum(sb: bytes | bytearray) -> int:
     return crc
 
 
+def format_uuid(raw: bytes) -> str:
+    """16 bytes as 8-4-4-4-12 hex (what uuid.UUID prints, without importing it on the start path)."""
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
+
+
 def filesystem_uuid(image: Path) -> str:
     """The UUID of an ext2/3/4 image; a clear error if the file is not one."""
     try:
@@ -53,7 +58,7 @@ def filesystem_uuid(image: Path) -> str:
         raise ImageError(
             f"{image} is not an ext2/3/4 filesystem image; give an AppPot appliance image (apppot image build-tiny makes one)"
         )
-    return str(uuid.UUID(bytes=sb[_UUID_OFFSET : _UUID_OFFSET + 16]))
+    return format_uuid(sb[_UUID_OFFSET : _UUID_OFFSET + 16])
 
 
 def pin_write_time(image: Path, epoch: int) -> None:

@@ -8,21 +8,19 @@ hash seed, timestamps and owners).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import tempfile
-import uuid
-from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
 from apppot.errors import HostError
+from apppot.hostcache import cached
 from apppot.images import ext4
 from apppot.images.store import images_dir
 from apppot.proc import run
 
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 BUSYBOX = "/bin/busybox"
 IMAGE_SIZE = "64M"
 EPOCH = 1700000000  # every timestamp in the image
@@ -39,6 +37,7 @@ _DIRS = {
     "sys": 0o555,
     "run": 0o755,
     "run/apppot": 0o755,
+    "run/apppot-streams": 0o755,
     "tmp": 0o1777,
     "var": 0o755,
     "var/tmp": 0o1777,
@@ -58,8 +57,7 @@ _FILES = {
 }
 
 
-@dataclass(frozen=True)
-class TinyImage:
+class TinyImage(NamedTuple):
     path: Path
     inputs_id: str  # hash of the inputs: names the cached image
 
@@ -68,8 +66,11 @@ class TinyImage:
         return self.path.name
 
 
+AGENT = Path(__file__).resolve().parent.parent / "guest" / "apppot-init"
+
+
 def agent_source() -> bytes:
-    return resources.files("apppot.guest").joinpath("apppot-init").read_bytes()
+    return AGENT.read_bytes()
 
 
 def _busybox() -> Path:
@@ -81,11 +82,19 @@ def _busybox() -> Path:
 
 def inputs_id() -> str:
     """Hash of everything that goes into the tiny image."""
-    h = hashlib.sha256()
-    h.update(BUILDER_VERSION.encode())
-    h.update(_busybox().read_bytes())
-    h.update(agent_source())
-    return h.hexdigest()
+    busybox = _busybox()
+    st = busybox.stat()
+    # Hashing busybox costs milliseconds on every job: its digest is cached per file version.
+    digest = cached(
+        "sha256", [f"{busybox.resolve()}:{st.st_size}:{st.st_mtime_ns}"], lambda: {"sha256": _sha256(busybox.read_bytes())}
+    )["sha256"]
+    return _sha256(b"\0".join([BUILDER_VERSION.encode(), bytes.fromhex(digest), agent_source()]))
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
 
 
 def image_path() -> Path:
@@ -109,6 +118,8 @@ def _stage(root: Path) -> list[str]:
     for name, text in _FILES.items():
         (root / name).write_text(text)
         os.chmod(root / name, 0o644)
+    for name in ("stdin", "stdout", "stderr"):  # the agent's named pipes, so it need not make them
+        os.mkfifo(root / "run/apppot-streams" / name, 0o600)
     agent = root / "usr/sbin/apppot-init"
     agent.write_bytes(agent_source())
     os.chmod(agent, 0o755)
@@ -134,7 +145,7 @@ def build(force: bool = False) -> TinyImage:
     if target.exists() and not force:
         return TinyImage(target, ident)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fs_uuid = str(uuid.UUID(bytes=bytes.fromhex(ident[:32])))
+    fs_uuid = ext4.format_uuid(bytes.fromhex(ident[:32]))
     with tempfile.TemporaryDirectory(prefix="apppot-tiny-", dir=target.parent) as tmp:
         root = Path(tmp) / "root"
         paths = _stage(root)
@@ -175,6 +186,8 @@ def build(force: bool = False) -> TinyImage:
 
 def image_id(path: Path) -> str:
     """Content id of an image file: sha256 of its bytes."""
+    import hashlib
+
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
