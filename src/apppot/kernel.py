@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -21,7 +20,7 @@ from typing import NamedTuple
 from apppot.errors import HostError
 from apppot.hostcache import cached
 from apppot.images.store import cache_dir
-from apppot.proc import run
+from apppot.proc import remove_tree, run, which
 
 KERNEL_ENV = "APPPOT_KERNEL"
 RECORD_NAME = "kernel.json"
@@ -91,7 +90,7 @@ def find_kernel(explicit: str | None) -> FoundKernel:
     own = own_kernel()
     if own is not None:
         return FoundKernel(own, KernelSource.APPPOT)
-    found = shutil.which("linux")
+    found = which("linux")
     if found is None:
         raise HostError(MISSING_KERNEL)
     return FoundKernel(Path(found).resolve(), KernelSource.DEBIAN)
@@ -193,7 +192,7 @@ def _calibrate(kernel: Path, params: list[str]) -> tuple[int | None, bool]:
             env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": os.environ.get("TMPDIR", "/tmp")},
         ) as proc,
     ):
-        cleanup.callback(shutil.rmtree, uml_dir, ignore_errors=True)
+        cleanup.callback(remove_tree, uml_dir)
         assert proc.stdout is not None
         output = b""
         deadline = time.monotonic() + CALIBRATION_TIMEOUT_S

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import subprocess
@@ -11,6 +12,33 @@ from apppot.errors import HostError
 
 # Set by the CLI under --verbose: where to say which commands run.
 verbose: Callable[[str], None] | None = None
+
+
+def which(program: str) -> str | None:
+    """Like shutil.which, without importing shutil (and bz2, lzma) on every job start."""
+    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        candidate = os.path.join(directory or ".", program)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def remove_tree(path: str) -> None:
+    """Remove a directory tree AppPot made, ignoring what is already gone (shutil.rmtree without shutil)."""
+    try:
+        entries = list(os.scandir(path))
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        entries = []
+    for entry in entries:
+        with contextlib.suppress(FileNotFoundError):
+            if entry.is_dir(follow_symlinks=False):
+                remove_tree(entry.path)
+            else:
+                os.unlink(entry.path)
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        os.rmdir(path)
 
 
 def run(

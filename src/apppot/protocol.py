@@ -1,9 +1,10 @@
 """The host-guest contract: what the host tells the guest agent, and how.
 
-The kernel command line carries one word for the agent, ``apppot_ctl=PATH``:
-the host path of the control directory. Having no dot, the kernel hands it to
-init as an environment variable, so the agent needs no command to find it. The
-agent mounts that directory over hostfs and sources the file ``job`` in it: a
+The kernel command line carries two words for the agent, ``apppot_ctl=PATH``
+and ``apppot_job=PATH``: the host paths of the control and job directories.
+Having no dot, the kernel hands them to init as environment variables, so the
+agent needs no command to find them. The agent mounts both over hostfs and
+sources the file ``job`` in the control directory: a
 POSIX sh fragment rendered here, with every value single-quoted and the
 command as ``set -- 'word' ...``, so any bytes but NUL arrive exactly and no
 length limit of the kernel command line applies. The agent reports the job's
@@ -26,6 +27,7 @@ PROTOCOL_VERSION = 2
 KERNEL_CMDLINE_LIMIT = 4000
 
 CTL_PARAM = "apppot_ctl"
+JOB_PARAM = "apppot_job"
 JOB_FILE = "job"
 STATUS_FILE = "status"
 STDIN_CHUNK = "stdin.{}"
@@ -55,7 +57,6 @@ class StreamMode(StrEnum):
 class GuestJob(NamedTuple):
     """What the guest agent needs to know to run one job."""
 
-    job_path: str  # host path of the job directory, as the UML process sees it
     argv: tuple[str, ...] | None
     uid: int = 0
     gid: int = 0
@@ -98,9 +99,9 @@ def _check(value: str, pattern: re.Pattern[str], what: str) -> str:
     return value
 
 
-def render_ctl_param(ctl_path: str) -> str:
-    """The one kernel parameter the agent reads: where the control directory is."""
-    return f"{CTL_PARAM}={_check(ctl_path, _PATH, 'control path')}"
+def render_kernel_params(ctl_path: str, job_path: str) -> list[str]:
+    """The kernel parameters the agent reads: where the control and job directories are (as UML sees them)."""
+    return [f"{CTL_PARAM}={_check(ctl_path, _PATH, 'control path')}", f"{JOB_PARAM}={_check(job_path, _PATH, 'job path')}"]
 
 
 def render_job_file(job: GuestJob) -> bytes:
@@ -109,7 +110,6 @@ def render_job_file(job: GuestJob) -> bytes:
         raise UsageError("the command after -- is empty: give a program to run")
     settings: dict[str, str | int] = {
         "A_V": PROTOCOL_VERSION,
-        "A_JOB": _check(job.job_path, _PATH, "job path"),
         "A_UID": job.uid,
         "A_GID": job.gid,
         "A_USER": _check(job.user, _NAME, "user name"),

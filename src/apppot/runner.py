@@ -10,7 +10,6 @@ import contextlib
 import os
 import re
 import shlex
-import shutil
 import signal
 import stat
 import subprocess
@@ -30,6 +29,7 @@ from apppot.images import ext4, tiny
 from apppot.images.store import cache_dir
 from apppot.kernel import FoundKernel, KernelTraits, find_kernel, kernel_traits, shared_libraries
 from apppot.network import Network, choose_network
+from apppot.proc import remove_tree, which
 from apppot.protocol import (
     JOB_FILE,
     KERNEL_CMDLINE_LIMIT,
@@ -40,8 +40,8 @@ from apppot.protocol import (
     StdinMode,
     StreamMode,
     parse_status,
-    render_ctl_param,
     render_job_file,
+    render_kernel_params,
 )
 from apppot.sandbox import Bind, bwrap_argv, find_bwrap, is_setuid, probe, require_or_warn
 from apppot.spec import JobSpec, choose_mem
@@ -276,7 +276,8 @@ class Job:
             yield
         finally:
             self._stop_guest()
-            shutil.rmtree(self.rundir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                remove_tree(str(self.rundir))
 
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:
@@ -358,7 +359,6 @@ class Job:
         uid, gid, user, group = _guest_identity(self.spec.user, self.spec.group)
         rows, cols = _terminal_size()
         guest = GuestJob(
-            job_path=SANDBOX_JOB if sandboxed else str(p.jobdir),
             argv=self.spec.argv,
             uid=uid,
             gid=gid,
@@ -375,12 +375,13 @@ class Job:
             net_configured=p.net is not None and p.traits.ip_autoconfig,
         )
         (ctl / JOB_FILE).write_bytes(render_job_file(guest))
-        argv = uml_argv(launch, [render_ctl_param(SANDBOX_CTL if sandboxed else str(ctl))])
+        agent_params = render_kernel_params(SANDBOX_CTL if sandboxed else str(ctl), SANDBOX_JOB if sandboxed else str(p.jobdir))
+        argv = uml_argv(launch, agent_params)
         if cmdline_length(argv) > KERNEL_CMDLINE_LIMIT:
             raise UsageError("the kernel command line is too long; use fewer or shorter --extra parameters")
         if sandboxed:
             assert p.bwrap is not None
-            setarch = shutil.which("setarch")
+            setarch = which("setarch")
             binds = self._binds(cow_path, ctl, uml_dir)
             argv = bwrap_argv(p.bwrap, binds, share_net=p.net is not None, proc=setarch is None or is_setuid(p.bwrap)) + argv
             argv = personality_prefix(setarch) + argv

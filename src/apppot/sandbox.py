@@ -8,13 +8,13 @@ libraries, the base image, the COW file and the job and control directories exis
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from enum import StrEnum
 from typing import NamedTuple
 
 from apppot.errors import HostError
 from apppot.hostcache import cached
+from apppot.proc import which
 
 _USERNS_SYSCTLS = (
     "/proc/sys/kernel/unprivileged_userns_clone",
@@ -65,7 +65,7 @@ def is_setuid(program: str) -> bool:
 
 
 def find_bwrap() -> str | None:
-    return os.environ.get(BWRAP_ENV) or shutil.which("bwrap")
+    return os.environ.get(BWRAP_ENV) or which("bwrap")
 
 
 def probe(bwrap: str | None) -> str | None:

@@ -298,6 +298,18 @@ def test_outbound_network_through_slirp(apppot, jobdir: Path) -> None:
         server.shutdown()
 
 
+def test_names_resolve_through_the_nat_and_loopback_is_up(apppot, jobdir: Path) -> None:
+    # DNS goes to 10.0.2.3, which the user-space NAT forwards to the host's resolver.
+    script = (
+        "cat /etc/resolv.conf; nslookup deb.debian.org >/dev/null && echo resolved; "
+        "ping -c 1 -W 2 127.0.0.1 >/dev/null && echo lo"
+    )
+    r = apppot(["start", "--net", "--", "sh", "-c", script], cwd=jobdir)
+    assert r.returncode == 0, r.err
+    assert r.stdout.decode().split("\n")[-3:] == ["resolved", "lo", ""], r.stdout
+    assert b"nameserver 10.0.2.3" in r.stdout
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

@@ -16,13 +16,14 @@ from apppot.errors import UsageError
 from apppot.protocol import (
     CTL_PARAM,
     JOB_FILE,
+    JOB_PARAM,
     PROTOCOL_VERSION,
     GuestJob,
     StdinMode,
     StreamMode,
     parse_status,
-    render_ctl_param,
     render_job_file,
+    render_kernel_params,
 )
 
 AGENT = resources.files("apppot.guest").joinpath("apppot-init")
@@ -36,12 +37,12 @@ CTL=$TEST_CTL
 load() {
     set -f
     . "$CTL/job"
-    printf '%s\\0' "$A_V" "$A_JOB" "$A_UID" "$A_GID" "$A_USER" "$A_GROUP" "$A_STDIN" "$A_STDOUT" \\
+    printf '%s\\0' "$A_V" "$A_UID" "$A_GID" "$A_USER" "$A_GROUP" "$A_STDIN" "$A_STDOUT" \\
         "$A_STDERR" "$A_TTY" "$A_TERM" "$A_ROWS" "$A_COLS" "$A_NET" "$A_NET_UP" "$A_ARGV" "$@"
 }
 load
 """
-SETTINGS = 16  # values LOAD prints before the arguments
+SETTINGS = 15  # values LOAD prints before the arguments
 
 TRICKY = (
     "plain",
@@ -73,7 +74,7 @@ def guest_load(shell: str, job: GuestJob, ctl_dir: Path) -> tuple[list[bytes], l
 
 
 def job(argv: tuple[str, ...] | None) -> GuestJob:
-    return GuestJob(job_path="/apppot/job", argv=argv)
+    return GuestJob(argv=argv)
 
 
 @pytest.mark.parametrize("shell", SHELLS)
@@ -100,7 +101,6 @@ def test_generated_arguments_round_trip(tmp_path_factory: pytest.TempPathFactory
 @pytest.mark.parametrize("shell", SHELLS)
 def test_settings_round_trip(shell: str, tmp_path: Path) -> None:
     full = GuestJob(
-        job_path="/apppot/job",
         argv=("id",),
         uid=1234,
         gid=4321,
@@ -117,7 +117,7 @@ def test_settings_round_trip(shell: str, tmp_path: Path) -> None:
         net_configured=True,
     )
     values, args = guest_load(shell, full, tmp_path)
-    expected = [str(PROTOCOL_VERSION), "/apppot/job", "1234", "4321", "alice", "lab", "spool", "tty", "pipe", "1"]
+    expected = [str(PROTOCOL_VERSION), "1234", "4321", "alice", "lab", "spool", "tty", "pipe", "1"]
     assert values == [v.encode() for v in [*expected, "xterm-256color", "30", "100", "vec0", "1", "1"]]
     assert args == [b"id"]
 
@@ -125,23 +125,24 @@ def test_settings_round_trip(shell: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("shell", SHELLS)
 def test_without_a_command_the_arguments_stay_empty(shell: str, tmp_path: Path) -> None:
     values, args = guest_load(shell, job(None), tmp_path)
-    assert values[15] == b"0" and args == []
+    assert values[14] == b"0" and args == []
 
 
-def test_the_kernel_gets_one_word_without_a_dot() -> None:
-    # No dot: the kernel passes it to init's environment instead of treating it as a module parameter.
-    assert render_ctl_param("/apppot/ctl") == f"{CTL_PARAM}=/apppot/ctl"
-    assert "." not in CTL_PARAM
-    with pytest.raises(UsageError):
-        render_ctl_param("/with space")
+def test_the_kernel_gets_two_words_without_a_dot() -> None:
+    # No dot: the kernel passes them to init's environment instead of treating them as module parameters.
+    assert render_kernel_params("/apppot/ctl", "/apppot/job") == [f"{CTL_PARAM}=/apppot/ctl", f"{JOB_PARAM}=/apppot/job"]
+    assert "." not in CTL_PARAM + JOB_PARAM
+    for ctl, job_path in (("/with space", "/apppot/job"), ("/apppot/ctl", '/a"b')):
+        with pytest.raises(UsageError):
+            render_kernel_params(ctl, job_path)
 
 
 @pytest.mark.parametrize(
     "field,value",
-    [("user", "two words"), ("group", "x;y"), ("term", "a b"), ("job_path", "/with space"), ("net", "eth0;x")],
+    [("user", "two words"), ("group", "x;y"), ("term", "a b"), ("net", "eth0;x")],
 )
 def test_values_the_agent_cannot_use_are_refused(field: str, value: str) -> None:
-    kwargs = {"job_path": "/apppot/job", "argv": ("true",), field: value}
+    kwargs = {"argv": ("true",), field: value}
     with pytest.raises(UsageError):
         render_job_file(GuestJob(**kwargs))  # type: ignore[arg-type]
 

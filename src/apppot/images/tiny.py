@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -103,6 +101,8 @@ def image_path() -> Path:
 
 def _stage(root: Path) -> list[str]:
     """Lay out the appliance's tree under root; return its paths, for debugfs."""
+    import shutil  # only when building: shutil and tempfile cost milliseconds on every job start
+
     for d, mode in _DIRS.items():
         (root / d).mkdir(parents=True, exist_ok=True)
         os.chmod(root / d, mode)
@@ -144,6 +144,8 @@ def build(force: bool = False) -> TinyImage:
     target = image_path()
     if target.exists() and not force:
         return TinyImage(target, ident)
+    import tempfile
+
     target.parent.mkdir(parents=True, exist_ok=True)
     fs_uuid = ext4.format_uuid(bytes.fromhex(ident[:32]))
     with tempfile.TemporaryDirectory(prefix="apppot-tiny-", dir=target.parent) as tmp:
