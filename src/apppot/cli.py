@@ -5,16 +5,20 @@ Only this module turns AppPotError into a message and an exit code.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, NamedTuple, NoReturn
 
 from apppot import __version__
 from apppot.errors import EXIT_APPPOT_ERROR, EXIT_GUEST_DIED, AppPotError, UsageError
 from apppot.sandbox import Isolation
 from apppot.spec import JobSpec, parse_mem
+
+if TYPE_CHECKING:
+    import argparse
 
 START_EPILOG = f"""\
 which command runs (first match wins):
@@ -34,38 +38,122 @@ environment: APPPOT_IMAGE (--image), APPPOT_MEM (--mem), APPPOT_KERNEL (--kernel
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of exiting, so errors take the usual one-line path."""
+class _Option(NamedTuple):
+    flags: tuple[str, ...]
+    dest: str
+    kind: str  # value, path (a value made a Path), append, true, false (the --net pair), flag
+    metavar: str | None
+    help: str
+    choices: tuple[str, ...] = ()
 
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{message} (see {self.prog} --help)")
+
+# The options of `apppot start`, once. They build the argparse parser (help, errors) and drive
+# _fast_parse, which reads well-formed command lines without argparse: importing and building it
+# would cost every job start milliseconds.
+START_OPTIONS = (
+    _Option(("--image",), "image", "value", "IMG", "appliance image (default: $APPPOT_IMAGE, else the tiny appliance)"),
+    _Option(("--apppot", "--appot"), "apppot", "value", "[COW,]IMG", "seed syntax: image, or COW file and image"),
+    _Option(("--cow",), "cow", "path", "FILE", "keep the job's changes in FILE across jobs"),
+    _Option(("--jobdir",), "jobdir", "path", "DIR", "shown at /home/user/job (default: .)"),
+    _Option(("--mem",), "mem", "value", "SIZE", "guest memory, e.g. 512M or 2G (default: $APPPOT_MEM, else 512M)"),
+    _Option(("--net",), "net", "true", None, "outbound network through a user-space NAT"),
+    _Option(("--no-net",), "net", "false", None, "no network"),
+    _Option(("--kernel", "--uml", "--linux"), "kernel", "value", "PATH", "UML kernel ($APPPOT_KERNEL)"),
+    _Option(("--id",), "instance_id", "value", "NAME", "instance name (UML umid)"),
+    _Option(("--extra",), "extra", "append", "ARG", "extra kernel parameter (repeatable)"),
+    _Option(("--user",), "user", "value", "NAME", "name of the job's user in the guest (root: run as root)"),
+    _Option(("--group",), "group", "value", "NAME", "name of the job's group in the guest"),
+    _Option(("--isolation",), "isolation", "value", None, "auto: warn without namespaces; strict: refuse", ("auto", "strict")),
+    _Option(("--console-log",), "console_log", "path", "FILE", "write the guest's console here"),
+    _Option(("-v", "--verbose"), "verbose", "flag", None, "say what AppPot does"),
+)
+_START_DEFAULTS: dict[str, object] = {
+    "image": None, "apppot": None, "cow": None, "jobdir": None, "mem": None, "net": None, "kernel": None,
+    "instance_id": None, "extra": [], "user": None, "group": None, "isolation": "auto", "console_log": None,
+    "verbose": False,
+}  # fmt: skip
+
+
+def _parser_class() -> type[argparse.ArgumentParser]:
+    """argparse's parser, raising instead of exiting, so errors take the usual one-line path."""
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            raise UsageError(f"{message} (see {self.prog} --help)")
+
+    return Parser
 
 
 def _start_parser(prog: str) -> argparse.ArgumentParser:
-    p = _Parser(
+    import argparse
+
+    p = _parser_class()(
         prog=prog,
         description="Boot an appliance and run one job in it, as if the command ran on the host.",
         epilog=START_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--image", metavar="IMG", help="appliance image (default: $APPPOT_IMAGE, else the tiny appliance)")
-    p.add_argument("--apppot", "--appot", metavar="[COW,]IMG", help="seed syntax: image, or COW file and image")
-    p.add_argument("--cow", metavar="FILE", type=Path, help="keep the job's changes in FILE across jobs")
-    p.add_argument("--jobdir", metavar="DIR", type=Path, default=None, help="shown at /home/user/job (default: .)")
-    p.add_argument("--mem", metavar="SIZE", help="guest memory, e.g. 512M or 2G (default: $APPPOT_MEM, else 512M)")
     net = p.add_mutually_exclusive_group()
-    net.add_argument("--net", dest="net", action="store_true", default=None, help="outbound network via slirp")
-    net.add_argument("--no-net", dest="net", action="store_false", help="no network")
-    p.add_argument("--kernel", "--uml", "--linux", dest="kernel", metavar="PATH", help="UML kernel ($APPPOT_KERNEL)")
-    p.add_argument("--id", dest="instance_id", metavar="NAME", help="instance name (UML umid)")
-    p.add_argument("--extra", action="append", default=[], metavar="ARG", help="extra kernel parameter (repeatable)")
-    p.add_argument("--user", metavar="NAME", help="name of the job's user in the guest (root: run as root)")
-    p.add_argument("--group", metavar="NAME", help="name of the job's group in the guest")
-    p.add_argument("--isolation", choices=[i.value for i in Isolation], default=Isolation.AUTO.value)
-    p.add_argument("--console-log", metavar="FILE", type=Path, help="write the guest's console here")
-    p.add_argument("-v", "--verbose", action="store_true", help="say what AppPot does")
+    for o in START_OPTIONS:
+        target = net if o.kind in ("true", "false") else p
+        if o.kind in ("true", "false"):
+            action = "store_true" if o.kind == "true" else "store_false"
+            target.add_argument(*o.flags, dest=o.dest, action=action, default=None, help=o.help)
+        elif o.kind == "flag":
+            p.add_argument(*o.flags, dest=o.dest, action="store_true", help=o.help)
+        elif o.kind == "append":
+            p.add_argument(*o.flags, dest=o.dest, action="append", default=[], metavar=o.metavar, help=o.help)
+        else:
+            p.add_argument(
+                *o.flags,
+                dest=o.dest,
+                metavar=o.metavar,
+                type=Path if o.kind == "path" else str,
+                choices=o.choices or None,
+                default=_START_DEFAULTS[o.dest],
+                help=o.help,
+            )
     p.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return p
+
+
+def _fast_parse(before: list[str]) -> SimpleNamespace | None:
+    """The options before '--' as argparse would read them, or None for anything unusual
+    (help, unknown or abbreviated options, missing values, conflicts): argparse then answers."""
+    by_flag = {flag: o for o in START_OPTIONS for flag in o.flags}
+    values = {k: (list(v) if isinstance(v, list) else v) for k, v in _START_DEFAULTS.items()}
+    seen: set[str] = set()
+    i = 0
+    while i < len(before):
+        arg = before[i]
+        if not arg.startswith("-") or arg == "-":
+            values["command"] = before[i:]
+            break
+        flag, eq, inline = arg.partition("=") if arg.startswith("--") else (arg, "", "")
+        o = by_flag.get(flag)
+        if o is None or (o.kind in ("true", "false") and o.dest in seen):
+            return None
+        seen.add(o.dest)
+        if o.kind in ("true", "false", "flag"):
+            if eq:
+                return None
+            values[o.dest] = o.kind != "false"
+        else:
+            if not eq:
+                i += 1
+                if i == len(before) or before[i].startswith("-"):
+                    return None
+                inline = before[i]
+            if o.choices and inline not in o.choices:
+                return None
+            if o.kind == "append":
+                values[o.dest].append(inline)  # type: ignore[attr-defined]
+            else:
+                values[o.dest] = Path(inline) if o.kind == "path" else inline
+        i += 1
+    values.setdefault("command", [])
+    return SimpleNamespace(**values)
 
 
 def _split_command(argv: Sequence[str]) -> tuple[list[str], list[str] | None]:
@@ -77,7 +165,7 @@ def _split_command(argv: Sequence[str]) -> tuple[list[str], list[str] | None]:
     return args, None
 
 
-def _image_and_cow(ns: argparse.Namespace) -> tuple[Path | None, Path | None]:
+def _image_and_cow(ns: argparse.Namespace | SimpleNamespace) -> tuple[Path | None, Path | None]:
     image = ns.image or None
     cow_file = ns.cow
     if ns.apppot:
@@ -95,7 +183,7 @@ def _image_and_cow(ns: argparse.Namespace) -> tuple[Path | None, Path | None]:
 
 def parse_start(argv: Sequence[str], prog: str = "apppot start") -> JobSpec:
     before, after = _split_command(argv)
-    ns = _start_parser(prog).parse_args(before)
+    ns = _fast_parse(before) or _start_parser(prog).parse_args(before)
     command = after if after is not None else (ns.command or None)
     if after is not None and ns.command:
         raise UsageError(f"unexpected arguments before --: {' '.join(ns.command)}")
@@ -131,7 +219,7 @@ def cmd_start(argv: Sequence[str], prog: str = "apppot start") -> int:
 
 
 def cmd_image(argv: Sequence[str]) -> int:
-    p = _Parser(prog="apppot image", description="Appliance images.")
+    p = _parser_class()(prog="apppot image", description="Appliance images.")
     sub = p.add_subparsers(dest="action", required=True)
     build = sub.add_parser("build-tiny", help="build the tiny default appliance into the cache")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
@@ -152,7 +240,7 @@ def cmd_image(argv: Sequence[str]) -> int:
 
 
 def cmd_kernel(argv: Sequence[str]) -> int:
-    p = _Parser(prog="apppot kernel", description="AppPot's own User-mode Linux kernel.")
+    p = _parser_class()(prog="apppot kernel", description="AppPot's own User-mode Linux kernel.")
     sub = p.add_subparsers(dest="action", required=True)
     build = sub.add_parser("build", help="build AppPot's kernel from Debian's kernel source into the cache (~4 min)")
     build.add_argument("--force", action="store_true", help="rebuild even if this version and config are built")
@@ -205,7 +293,9 @@ def _run(func_argv: Sequence[str], prog: str) -> int:
     try:
         if prog == "apppot-start":
             return cmd_start(func_argv, prog)
-        p = _Parser(prog="apppot", description="Run whole Linux appliances as ordinary batch jobs.")
+        if func_argv[:1] == ["start"]:  # the common case, without building a parser
+            return cmd_start(func_argv[1:])
+        p = _parser_class()(prog="apppot", description="Run whole Linux appliances as ordinary batch jobs.")
         p.add_argument("--version", action="version", version=f"apppot {__version__}")
         p.add_argument("subcommand", choices=["start", "image", "kernel"])
         if not func_argv or func_argv[0] in ("-h", "--help", "--version"):

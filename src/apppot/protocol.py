@@ -71,6 +71,7 @@ class GuestJob(NamedTuple):
     cols: int | None = None
     net: str | None = None  # the guest's network interface, e.g. eth0 or vec0
     net_configured: bool = False  # the kernel configured it already (ip= parameter)
+    keep_cow: bool = False  # the COW outlives the job (--cow): the guest must flush it
 
 
 def quote_word(word: bytes) -> bytes:
@@ -118,6 +119,7 @@ def render_job_file(job: GuestJob) -> bytes:
         "A_STDOUT": job.stdout.value,
         "A_STDERR": job.stderr.value,
         "A_TTY": int(job.interactive),
+        "A_KEEP_COW": int(job.keep_cow),
     }
     if job.term:
         settings["A_TERM"] = _check(job.term, _TERM, "TERM value")

@@ -14,7 +14,6 @@ import signal
 import stat
 import subprocess
 import sys
-import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -373,6 +372,7 @@ class Job:
             cols=cols,
             net=p.net.interface if p.net else None,
             net_configured=p.net is not None and p.traits.ip_autoconfig,
+            keep_cow=self.spec.cow is not None,
         )
         (ctl / JOB_FILE).write_bytes(render_job_file(guest))
         agent_params = render_kernel_params(SANDBOX_CTL if sandboxed else str(ctl), SANDBOX_JOB if sandboxed else str(p.jobdir))
@@ -545,6 +545,8 @@ def _terminal_size() -> tuple[int | None, int | None]:
 
 
 def _save_termios(fd: int) -> tuple[int, list[Any]] | None:
+    import termios  # only interactive jobs need it; loading it costs a millisecond
+
     try:
         return fd, termios.tcgetattr(fd)
     except termios.error:
@@ -552,6 +554,8 @@ def _save_termios(fd: int) -> tuple[int, list[Any]] | None:
 
 
 def _restore_termios(saved: tuple[int, list[Any]]) -> None:
+    import termios
+
     fd, attrs = saved
     with contextlib.suppress(termios.error, OSError):
         termios.tcsetattr(fd, termios.TCSADRAIN, attrs)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from apppot.cli import parse_start
+from apppot.cli import _fast_parse, _start_parser, parse_start
 from apppot.errors import HostError, UsageError
 from apppot.spec import DEFAULT_MEM, FALLBACK_MEM, MIB, choose_mem, map_count_needed, parse_mem
 
@@ -43,6 +43,31 @@ def test_repeatable_extra_and_names() -> None:
     spec = parse_start(["--extra", "a=1", "--extra", "b", "--user", "alice", "--group", "lab", "--no-net", "--", "id"])
     assert spec.extra == ("a=1", "b")
     assert (spec.user, spec.group, spec.net) == ("alice", "lab", False)
+
+
+@pytest.mark.parametrize(
+    "before",
+    [
+        [],
+        ["--image", "a.img", "--mem", "1G", "--net", "-v"],
+        ["--image=a.img", "--cow=c.cow", "--jobdir", "/tmp", "--console-log", "log"],
+        ["--apppot", "c,i", "--uml", "/k", "--id", "x", "--extra", "a=1", "--extra=b", "--isolation", "strict"],
+        ["--no-net", "--user", "root", "--group", "g", "--verbose", "/bin/bash", "-l", "--image", "x"],
+        ["--linux", "/k", "prog"],
+    ],
+)
+def test_fast_parser_reads_what_argparse_reads(before: list[str]) -> None:
+    fast = _fast_parse(before)
+    assert fast is not None
+    assert vars(fast) == vars(_start_parser("apppot start").parse_args(before))
+
+
+@pytest.mark.parametrize(
+    "before",
+    [["-h"], ["--ima", "x"], ["--mem"], ["--mem", "--net"], ["--net", "--no-net"], ["--isolation", "loose"], ["--net=1"]],
+)
+def test_fast_parser_leaves_the_unusual_to_argparse(before: list[str]) -> None:
+    assert _fast_parse(before) is None
 
 
 def test_unknown_option_is_a_usage_error() -> None:

@@ -38,11 +38,11 @@ load() {
     set -f
     . "$CTL/job"
     printf '%s\\0' "$A_V" "$A_UID" "$A_GID" "$A_USER" "$A_GROUP" "$A_STDIN" "$A_STDOUT" \\
-        "$A_STDERR" "$A_TTY" "$A_TERM" "$A_ROWS" "$A_COLS" "$A_NET" "$A_NET_UP" "$A_ARGV" "$@"
+        "$A_STDERR" "$A_TTY" "$A_KEEP_COW" "$A_TERM" "$A_ROWS" "$A_COLS" "$A_NET" "$A_NET_UP" "$A_ARGV" "$@"
 }
 load
 """
-SETTINGS = 15  # values LOAD prints before the arguments
+SETTINGS = 16  # values LOAD prints before the arguments
 
 TRICKY = (
     "plain",
@@ -115,9 +115,10 @@ def test_settings_round_trip(shell: str, tmp_path: Path) -> None:
         cols=100,
         net="vec0",
         net_configured=True,
+        keep_cow=True,
     )
     values, args = guest_load(shell, full, tmp_path)
-    expected = [str(PROTOCOL_VERSION), "1234", "4321", "alice", "lab", "spool", "tty", "pipe", "1"]
+    expected = [str(PROTOCOL_VERSION), "1234", "4321", "alice", "lab", "spool", "tty", "pipe", "1", "1"]
     assert values == [v.encode() for v in [*expected, "xterm-256color", "30", "100", "vec0", "1", "1"]]
     assert args == [b"id"]
 
@@ -125,7 +126,7 @@ def test_settings_round_trip(shell: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("shell", SHELLS)
 def test_without_a_command_the_arguments_stay_empty(shell: str, tmp_path: Path) -> None:
     values, args = guest_load(shell, job(None), tmp_path)
-    assert values[14] == b"0" and args == []
+    assert values[15] == b"0" and args == []
 
 
 def test_the_kernel_gets_two_words_without_a_dot() -> None:

@@ -79,14 +79,21 @@ def _busybox() -> Path:
 
 
 def inputs_id() -> str:
-    """Hash of everything that goes into the tiny image."""
+    """Hash of everything that goes into the tiny image: builder version, busybox and the agent.
+
+    Hashing costs milliseconds on every job start, so the result is cached per version of both files."""
     busybox = _busybox()
-    st = busybox.stat()
-    # Hashing busybox costs milliseconds on every job: its digest is cached per file version.
-    digest = cached(
-        "sha256", [f"{busybox.resolve()}:{st.st_size}:{st.st_mtime_ns}"], lambda: {"sha256": _sha256(busybox.read_bytes())}
-    )["sha256"]
-    return _sha256(b"\0".join([BUILDER_VERSION.encode(), bytes.fromhex(digest), agent_source()]))
+    key = [BUILDER_VERSION, *(_identity(path) for path in (busybox, AGENT))]
+
+    def compute() -> dict[str, str]:
+        return {"sha256": _sha256(b"\0".join([BUILDER_VERSION.encode(), busybox.read_bytes(), agent_source()]))}
+
+    return cached("tiny-inputs", key, compute)["sha256"]
+
+
+def _identity(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def _sha256(data: bytes) -> str:
