@@ -123,6 +123,21 @@ def check_matches(cow: Path, base: Path, fs_uuid: str) -> None:
         )
 
 
+def check_writable_without_privilege(cow: Path) -> None:
+    """Refuse a COW only privilege could write: in the sandbox even root has no capability to override modes."""
+    st = cow.stat()
+    writable = (
+        (st.st_uid == os.geteuid() and st.st_mode & 0o200)
+        or (st.st_gid in (os.getegid(), *os.getgroups()) and st.st_mode & 0o020)
+        or st.st_mode & 0o002
+    )
+    if not writable:
+        raise CowError(
+            f"COW file {cow} belongs to uid {st.st_uid} with mode {st.st_mode & 0o777:o}, so the job could not write it; "
+            "change its owner or mode, or use another --cow"
+        )
+
+
 def check_unlocked(cow: Path) -> None:
     """Refuse a COW that a running job holds (UML locks the files it writes)."""
     try:

@@ -141,6 +141,7 @@ def prepare(spec: JobSpec, say: Say) -> Prepared:
             raise UsageError("--cow names the base image itself; give a separate file for the COW")
         if spec.cow.exists():
             cow.check_matches(spec.cow, image, fs_uuid)
+            cow.check_writable_without_privilege(spec.cow)
             cow.check_unlocked(spec.cow)
     return prepared
 

@@ -190,6 +190,27 @@ def test_job_runs_as_the_host_user(apppot, tmp_path: Path, test_user: str) -> No
     assert r.stdout == b"alice\nlab\n"
 
 
+def test_an_image_with_sudo_gives_the_job_user_passwordless_sudo(apppot, tmp_path: Path, test_user: str) -> None:
+    """The agent's part of the seed's sudo behaviour: a sudoers entry for the job's user (real sudo: Debian images)."""
+    jobdir = tmp_path / "sudojob"
+    jobdir.mkdir()
+    chown_to(jobdir, test_user)
+    cow = tmp_path / "sudo.cow"
+    install = "mkdir -p /etc/sudoers.d && printf '#!/bin/sh\\n' >/usr/bin/sudo && chmod 755 /usr/bin/sudo"
+    setup = apppot(["start", "--cow", str(cow), "--user", "root", "--", "sh", "-c", install], cwd=jobdir)
+    assert setup.returncode == 0, setup.err
+    chown_to(cow, test_user)
+    r = apppot(["start", "--cow", str(cow), "--", "stat", "-c", "%a %U", "/etc/sudoers.d/apppot"], cwd=jobdir, as_user=test_user)
+    assert (r.returncode, r.stdout) == (0, b"440 root\n"), r.err
+    # Only root may read it; the COW keeps what the user's job left. Host root must own the COW too:
+    # in the sandbox root has no capability to write another user's file, and AppPot says so first.
+    r = apppot(["start", "--cow", str(cow), "--user", "root", "--", "true"], cwd=jobdir)
+    assert r.returncode == 125 and "change its owner or mode" in r.err
+    shutil.chown(cow, 0, 0)
+    r = apppot(["start", "--cow", str(cow), "--user", "root", "--", "cat", "/etc/sudoers.d/apppot"], cwd=jobdir)
+    assert r.stdout == b"user ALL=(ALL) NOPASSWD: ALL\n", r.err
+
+
 def test_unwritable_job_directory(apppot, tmp_path: Path, test_user: str) -> None:
     jobdir = tmp_path / "rojob"
     jobdir.mkdir(mode=0o755)  # owned by root
