@@ -1,21 +1,45 @@
-"""How much does AppPot cost? Start-up and CPU-bound job, in the guest and natively, side by side.
+"""How much does AppPot cost? Several workloads on several configurations, side by side.
 
 Run it from the project directory:
 
-    .venv/bin/python benchmarks/bench_start.py [--runs N] [--json]
+    .venv/bin/python benchmarks/bench_start.py [--runs N] [--json] [--configs native,debian,...]
 
-It measures (median of N timed runs, after one warm-up run of each):
+Configurations (the table's columns; `--configs` picks a comma-separated subset):
 
-- `apppot start -- true` against `true` run natively;
-- a bare boot-and-halt of the same UML kernel, image and memory size, without AppPot
-  (init is busybox `poweroff -f`), so that "AppPot overhead" = apppot true - bare boot;
-- checksumming 200 MB in the guest against the same busybox pipeline natively, also with
-  the `apppot start -- true` time subtracted (the compute-only ratio); busybox moves the data
-  in 4 KiB reads and writes, so this also measures UML's cost per system call;
-- a pure computation (a busybox awk loop) in the guest against the same natively.
+- `native`: the workload run directly on the host, by the host's busybox-static (the same binary
+  the tiny appliance carries), in a temporary directory on the same filesystem as the job directory;
+- `debian`: `apppot start` on Debian's UML kernel (APPPOT_KERNEL=/usr/bin/linux, ptrace mode);
+- `apppot-ptrace`: `apppot start --extra seccomp=off` on AppPot's own kernel (`apppot kernel build`):
+  the later seccomp= parameter wins, so the kernel runs in ptrace mode;
+- `apppot-seccomp`: `apppot start` on AppPot's own kernel as AppPot runs it by default (seccomp mode
+  where the host allows it).
 
-Everything AppPot caches (the tiny image, console logs) goes to a private XDG_CACHE_HOME
-in a temporary directory, so the user's cache is not touched.
+The two AppPot-kernel columns are left out, with a note, when AppPot's own kernel is not built.
+
+Workloads (the rows), all busybox applets so that both sides run the same code:
+
+- `true`: start-up cost;
+- fork/exec x300: a busybox sh loop running /bin/true 300 times (system calls, process creation);
+- two CPU-bound jobs: a busybox awk loop (pure computation) and sha256sum of 200 MB from /dev/zero
+  (busybox moves the data in 4 KiB reads and writes, so this also costs UML system calls);
+- job-directory I/O: writing 100 MB into the job directory (hostfs in the guest) and reading it back.
+
+Each cell is the median of N timed runs after one warm-up run, with its ratio to native. The runs
+are interleaved (round after round over all cells), so that a slow phase of the host spreads over
+all configurations instead of hitting one.
+
+For each UML configuration it also computes the start-up and CPU targets:
+
+- "AppPot overhead" = apppot true - a bare boot-and-halt of the same kernel, image and memory size
+  without AppPot (init is busybox `poweroff -f`), given the same seccomp= and lpj= parameters as AppPot
+  gives that kernel (from `apppot kernel info --json`); target < 0.2 s;
+- compute-only ratios of the CPU-bound jobs, (guest - apppot true) / native; target <= 1.10;
+- on AppPot's kernel in seccomp mode, the whole `apppot start -- true`; target <= 0.15 s.
+
+Everything AppPot caches (the tiny image, kernel traits, console logs) goes to a private
+XDG_CACHE_HOME in a temporary directory, so the user's cache is not touched. AppPot's own kernel
+lives in the user's cache, so its path is found first with the real environment and then passed
+as APPPOT_KERNEL; an APPPOT_KERNEL or APPPOT_IMAGE of the caller is ignored.
 """
 
 from __future__ import annotations
@@ -31,33 +55,99 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 APPPOT = Path(sys.executable).parent / "apppot"
-SHA_GUEST = "head -c 200000000 /dev/zero | sha256sum"
-SHA_NATIVE = "busybox head -c 200000000 /dev/zero | busybox sha256sum"
+BUSYBOX = "/bin/busybox"  # what the tiny appliance copies into the image
+DEBIAN_KERNEL = "/usr/bin/linux"
+SHM = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"  # where a bare boot keeps the guest's memory
+BIN = "@BIN@"  # in a native argv: the directory of busybox applet links
+SHA = "head -c 200000000 /dev/zero | sha256sum"
 # Pure computation, no system calls in the loop: the same busybox awk on both sides.
 AWK_LOOP = "BEGIN { s = 0; for (i = 0; i < 4000000; i++) s += i % 7; print s }"
-TIMEOUT = 600.0
-START_TARGET = 0.2  # seconds of AppPot overhead on top of a bare boot
-CPU_TARGET = 1.10  # guest / native wall time of a CPU-bound job
+FORK_LOOP = "i=0; while [ $i -lt 300 ]; do @TRUE@; i=$((i+1)); done"
+IO = "dd if=/dev/zero of=io.dat bs=1M count=100 && sha256sum io.dat && rm io.dat"
+TIMEOUT = 180.0  # seconds for one run; the slowest cell (sha256 on Debian's kernel) takes ~10 s
+OVERHEAD_TARGET = 0.2  # seconds of AppPot overhead on top of a bare boot
+CPU_TARGET = 1.10  # compute-only guest / native wall time of a CPU-bound job
+START_TARGET = 0.15  # seconds of the whole `apppot start -- true` on AppPot's kernel in seccomp mode
+
+NATIVE = "native"
+DEBIAN = "debian"
+PTRACE = "apppot-ptrace"
+SECCOMP = "apppot-seccomp"
+CONFIGS = (NATIVE, DEBIAN, PTRACE, SECCOMP)
+BARE = "bare"
 
 
 class BenchError(Exception):
     pass
 
 
-@dataclass
-class Row:
+@dataclass(frozen=True)
+class Workload:
     name: str
+    label: str
+    guest: tuple[str, ...]  # after `apppot start --`
+    native: tuple[str, ...]  # BIN stands for the directory of busybox applet links
+    cpu: bool = False
+
+
+WORKLOADS = (
+    Workload("true", "true (start-up)", ("true",), (f"{BIN}/true",)),
+    Workload(
+        "fork",
+        "fork/exec x300",
+        ("sh", "-c", FORK_LOOP.replace("@TRUE@", "/bin/true")),
+        (f"{BIN}/sh", "-c", FORK_LOOP.replace("@TRUE@", f"{BIN}/true")),
+    ),
+    Workload("awk", "awk loop (CPU)", ("awk", AWK_LOOP), (f"{BIN}/awk", AWK_LOOP), cpu=True),
+    Workload("sha256", "sha256sum 200 MB (CPU)", ("sh", "-c", SHA), (f"{BIN}/sh", "-c", SHA), cpu=True),
+    Workload("io", "job-dir I/O 100 MB", ("sh", "-c", IO), (f"{BIN}/sh", "-c", IO)),
+)
+LABELS = {w.name: w.label for w in WORKLOADS} | {BARE: "bare boot + halt (no AppPot)"}
+
+
+@dataclass
+class Uml:
+    """One UML configuration: how `apppot start` is run, and the matching bare boot."""
+
+    name: str
+    env: dict[str, str]
+    extra: list[str]  # options of `apppot start`
+    seccomp: bool  # the guest runs in seccomp mode
+    kernel: str = ""
+    mem: str = ""
+    bare_params: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Cell:
+    config: str
+    workload: str
+    argv: list[str]
+    cwd: Path
+    env: dict[str, str]
+    setup: Callable[[], None] | None = None
+    times: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Result:
+    config: str
+    workload: str
     median: float
+    min: float
+    max: float
+    ratio: float | None  # median / native median
     times: list[float]
 
 
 @dataclass
 class Metric:
+    config: str
     name: str
     value: float
     unit: str
@@ -65,39 +155,63 @@ class Metric:
     ok: bool | None
 
 
-def measure(argv: list[str], runs: int, *, setup: Callable[[], None] | None = None, **kw: Any) -> list[float]:
-    """Wall times of `runs` runs of argv, after one untimed warm-up run; fails on a non-zero exit."""
-    times = []
-    for i in range(runs + 1):
-        if setup is not None:
-            setup()
-        start = time.perf_counter()
-        try:
-            proc = subprocess.run(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=TIMEOUT, **kw
-            )
-        except subprocess.TimeoutExpired as e:
-            raise BenchError(f"{shlex.join(argv)}: no exit after {TIMEOUT:.0f} s") from e
-        elapsed = time.perf_counter() - start
-        if proc.returncode != 0:
-            tail = proc.stderr.decode(errors="replace").strip()[-2000:]
-            raise BenchError(f"{shlex.join(argv)}: exit status {proc.returncode}" + (f"\n{tail}" if tail else ""))
-        if i:
-            times.append(elapsed)
-    return times
+@dataclass
+class Report:
+    runs: int
+    configs: list[str]
+    umls: list[Uml]
+    results: list[Result]
+    metrics: list[Metric]
+    notes: list[str]
+
+    def result(self, config: str, workload: str) -> Result | None:
+        return next((r for r in self.results if r.config == config and r.workload == workload), None)
+
+    def as_json(self) -> dict[str, Any]:
+        umls = [{k: v for k, v in asdict(u).items() if k != "env"} for u in self.umls]
+        return {
+            "runs": self.runs,
+            "configs": self.configs,
+            "workloads": {w.name: w.label for w in WORKLOADS},
+            "uml": umls,
+            "results": [asdict(r) for r in self.results],
+            "metrics": [asdict(m) for m in self.metrics],
+            "targets_met": all(m.ok for m in self.metrics if m.ok is not None),
+            "notes": self.notes,
+        }
 
 
-def row(name: str, times: list[float]) -> Row:
-    return Row(name, statistics.median(times), times)
+def timed(cell: Cell) -> float:
+    """Wall time of one run of the cell's command; fails on a non-zero exit."""
+    if cell.setup is not None:
+        cell.setup()
+    argv = cell.argv
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=TIMEOUT,
+            cwd=cell.cwd,
+            env=cell.env,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise BenchError(f"{cell.config}: {shlex.join(argv)}: no exit after {TIMEOUT:.0f} s") from e
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        tail = proc.stderr.decode(errors="replace").strip()[-2000:]
+        raise BenchError(f"{cell.config}: {shlex.join(argv)}: exit status {proc.returncode}" + (f"\n{tail}" if tail else ""))
+    return elapsed
 
 
-def check(argv: list[str], **kw: Any) -> str:
-    """Run argv once; its stdout, stderr included in the error if it fails."""
+def check(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    """Run argv once, capturing its output; fails with its stderr if it fails."""
     proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=TIMEOUT, **kw)
     if proc.returncode != 0:
         raise BenchError(f"{shlex.join(argv)}: exit status {proc.returncode}\n{proc.stderr.strip()}")
-    output: str = proc.stdout + proc.stderr
-    return output
+    return proc
 
 
 def uml_launch(verbose_output: str) -> tuple[str, str]:
@@ -111,74 +225,242 @@ def uml_launch(verbose_output: str) -> tuple[str, str]:
     raise BenchError("`apppot start -v -- true` did not show the UML command line")
 
 
-def bench(runs: int, tmp: Path) -> tuple[list[Row], list[Metric], str]:
-    env = os.environ | {"XDG_CACHE_HOME": str(tmp / "cache")}
+def own_kernel(env: dict[str, str], notes: list[str]) -> str | None:
+    """The path of AppPot's own kernel as the user's real environment finds it, or None (with a note)."""
+    proc = subprocess.run(
+        [str(APPPOT), "kernel", "info", "--json"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=env,
+    )
+    if proc.returncode != 0:
+        notes.append(f"AppPot's kernel columns skipped: `apppot kernel info` failed: {proc.stderr.strip()}")
+        return None
+    info = json.loads(proc.stdout)
+    if info.get("chosen_by") != "apppot":
+        notes.append(
+            f"AppPot's kernel columns skipped: `apppot kernel info` chose {info.get('path')} by {info.get('chosen_by')}, "
+            "not AppPot's own kernel (build it with `apppot kernel build`)"
+        )
+        return None
+    path: str = info["path"]
+    return path
+
+
+def prepare_uml(name: str, kernel: str, private_env: dict[str, str], job: Path, notes: list[str]) -> Uml:
+    """Measure the kernel's traits into the private cache (one calibration boot) and find its UML command line."""
+    env = private_env | {"APPPOT_KERNEL": kernel}
+    info = json.loads(check([str(APPPOT), "kernel", "info", "--json"], env=env).stdout)
+    forced_ptrace = name == PTRACE
+    seccomp = bool(info.get("seccomp_on_this_host")) and not forced_ptrace
+    if name == SECCOMP and not seccomp:
+        notes.append(f"{SECCOMP}: seccomp mode is not available on this host; the column runs in ptrace mode")
+    uml = Uml(name, env, ["--extra", "seccomp=off"] if forced_ptrace else [], seccomp)
+    uml.kernel, uml.mem = uml_launch(check([str(APPPOT), "start", "-v", *uml.extra, "--", "true"], cwd=job, env=env).stderr)
+    lpj = info.get("lpj")
+    uml.bare_params = (["seccomp=on"] if seccomp else []) + ([f"lpj={lpj}"] if lpj else [])
+    return uml
+
+
+def bench(runs: int, configs: list[str], tmp: Path, progress: Callable[[str], None]) -> Report:
+    notes: list[str] = []
+    real_env = {k: v for k, v in os.environ.items() if k not in ("APPPOT_KERNEL", "APPPOT_IMAGE")}
+    private_env = real_env | {"XDG_CACHE_HOME": str(tmp / "cache")}
     job = tmp / "job"
-    job.mkdir()
-    image = json.loads(check([str(APPPOT), "image", "build-tiny", "--json"], env=env))["path"]
-    kernel, mem = uml_launch(check([str(APPPOT), "start", "-v", "--", "true"], cwd=job, env=env))
+    native_dir = tmp / "native"  # the same filesystem as the job directory
+    bindir = tmp / "bin"
+    for d in (job, native_dir, bindir):
+        d.mkdir()
 
-    cow = tmp / "bare.cow"
-    bare = [kernel, f"ubd0={cow},{image}", "root=/dev/ubda", "rw", mem, "init=/sbin/poweroff", "quiet"]
-    bare += [f"uml_dir={tmp}", "con=null", "ssl=null", "con0=null,fd:1", "--", "-f"]  # `-f`: argument of init
-    apppot = [str(APPPOT), "start", "--"]
+    kernels: dict[str, str] = {}
+    if DEBIAN in configs:
+        if os.access(DEBIAN_KERNEL, os.X_OK):
+            kernels[DEBIAN] = DEBIAN_KERNEL
+        else:
+            notes.append(f"{DEBIAN} column skipped: {DEBIAN_KERNEL} is missing (sudo apt-get install user-mode-linux)")
+    if PTRACE in configs or SECCOMP in configs:
+        own = own_kernel(real_env, notes)
+        if own is not None:
+            kernels |= {c: own for c in (PTRACE, SECCOMP) if c in configs}
+    configs = [c for c in configs if c == NATIVE or c in kernels]
 
-    native_true = row("native: true", measure(["true"], runs))
-    apppot_true = row("apppot start -- true", measure([*apppot, "true"], runs, cwd=job, env=env))
-    # A fresh COW file each run (UML creates it), and UML's environment as AppPot sets it: without
-    # TMPDIR, UML keeps the guest's memory on /dev/shm (tmpfs, as /tmp in AppPot's sandbox is).
-    fresh_cow = functools.partial(cow.unlink, missing_ok=True)
-    bare_boot = row("bare UML boot + halt", measure(bare, runs, setup=fresh_cow, env={"PATH": "/usr/bin:/bin"}))
-    native_sha = row("native: busybox sha256sum 200 MB", measure(["busybox", "sh", "-c", SHA_NATIVE], runs))
-    guest_sha = row("apppot: sha256sum 200 MB", measure([*apppot, "sh", "-c", SHA_GUEST], runs, cwd=job, env=env))
-    native_awk = row("native: busybox awk loop", measure(["busybox", "awk", AWK_LOOP], runs))
-    guest_awk = row("apppot: awk loop", measure([*apppot, "awk", AWK_LOOP], runs, cwd=job, env=env))
+    cells: list[Cell] = []
+    if NATIVE in configs:
+        if not os.access(BUSYBOX, os.X_OK):
+            raise BenchError(f"{BUSYBOX} is missing: sudo apt-get install busybox-static")
+        for applet in check([BUSYBOX, "--list"]).stdout.split():
+            (bindir / applet).symlink_to(BUSYBOX)
+        native_env = real_env | {"PATH": str(bindir)}
+        for w in WORKLOADS:
+            argv = [a.replace(BIN, str(bindir)) for a in w.native]
+            cells.append(Cell(NATIVE, w.name, argv, native_dir, native_env))
 
-    overhead = apppot_true.median - bare_boot.median
-    cpu = guest_sha.median / native_sha.median
-    compute = (guest_sha.median - apppot_true.median) / native_sha.median
-    awk = (guest_awk.median - apppot_true.median) / native_awk.median
-    within = f"<= {CPU_TARGET:.2f}"
-    metrics = [
-        Metric("start ratio (apppot true / native true)", apppot_true.median / native_true.median, "x", "", None),
-        Metric("AppPot overhead (apppot true - bare boot)", overhead, "s", f"< {START_TARGET} s", overhead < START_TARGET),
-        Metric("CPU job ratio (guest / native)", cpu, "x", within, cpu <= CPU_TARGET),
-        Metric("CPU job, compute only ((guest - apppot true) / native)", compute, "x", within, compute <= CPU_TARGET),
-        Metric("awk loop, compute only ((guest - apppot true) / native)", awk, "x", within, awk <= CPU_TARGET),
-    ]
-    rows = [native_true, apppot_true, bare_boot, native_sha, guest_sha, native_awk, guest_awk]
-    return rows, metrics, f"{kernel} {mem}"
+    umls: list[Uml] = []
+    image = ""
+    if kernels:
+        progress("building the tiny image and measuring the kernels (untimed) ...")
+        image = json.loads(check([str(APPPOT), "image", "build-tiny", "--json"], env=private_env).stdout)["path"]
+    for name in configs:
+        if name == NATIVE:
+            continue
+        uml = prepare_uml(name, kernels[name], private_env, job, notes)
+        umls.append(uml)
+        for w in WORKLOADS:
+            cells.append(Cell(name, w.name, [str(APPPOT), "start", *uml.extra, "--", *w.guest], job, uml.env))
+        cow = tmp / f"bare-{name}.cow"
+        bare = [uml.kernel, f"ubd0={cow},{image}", "root=/dev/ubda", "rw", uml.mem, "init=/sbin/poweroff", "quiet"]
+        bare += [*uml.bare_params, f"uml_dir={tmp}", "con=null", "ssl=null", "con0=null,fd:1", "--", "-f"]  # `-f`: for init
+        # A fresh COW file each run (UML creates it), and UML's environment as AppPot's sandbox sets it:
+        # the guest's memory in a file on a tmpfs (/tmp in the sandbox, /dev/shm here). TMPDIR must be
+        # set: without it, AppPot's 7.x kernel fails to start init ("start_userspace: expected SIGSTOP").
+        fresh_cow = functools.partial(cow.unlink, missing_ok=True)
+        cells.append(Cell(name, BARE, bare, tmp, {"PATH": "/usr/bin:/bin", "TMPDIR": SHM}, fresh_cow))
+
+    # Round 0 is the warm-up; rounds interleave all cells so that the host's slow phases hit them alike.
+    for round_ in range(runs + 1):
+        progress("warm-up round ..." if round_ == 0 else f"round {round_}/{runs} ...")
+        for cell in cells:
+            elapsed = timed(cell)
+            if round_:
+                cell.times.append(elapsed)
+
+    medians = {(c.config, c.workload): statistics.median(c.times) for c in cells}
+    results = []
+    for c in cells:
+        native = medians.get((NATIVE, c.workload))
+        median = medians[(c.config, c.workload)]
+        ratio = median / native if native and c.config != NATIVE else None
+        results.append(Result(c.config, c.workload, median, min(c.times), max(c.times), ratio, c.times))
+    report = Report(runs, configs, umls, results, metrics(umls, medians), notes)
+    return report
 
 
-def table(rows: list[Row], metrics: list[Metric], runs: int, launch: str) -> str:
-    lines = [f"{runs} runs each, medians; UML: {launch}", ""]
-    lines.append(f"{'measurement':<60} {'median':>9} {'min':>9} {'max':>9}")
-    lines += [f"{r.name:<60} {r.median:>8.3f}s {min(r.times):>8.3f}s {max(r.times):>8.3f}s" for r in rows]
-    lines += ["", f"{'metric':<60} {'value':>9} {'target':>9}  ok"]
-    for m in metrics:
-        ok = "" if m.ok is None else ("yes" if m.ok else "NO")
-        lines.append(f"{m.name:<60} {m.value:>8.3f}{m.unit} {m.target:>9}  {ok}".rstrip())
+def metrics(umls: list[Uml], medians: dict[tuple[str, str], float]) -> list[Metric]:
+    """The start-up and CPU metrics with their targets, per UML configuration."""
+    out = []
+    for uml in umls:
+        true = medians[(uml.name, "true")]
+        overhead = true - medians[(uml.name, BARE)]
+        out.append(
+            Metric(
+                uml.name,
+                "AppPot overhead (apppot true - bare boot)",
+                overhead,
+                "s",
+                f"< {OVERHEAD_TARGET} s",
+                overhead < OVERHEAD_TARGET,
+            )
+        )
+        for w in WORKLOADS:
+            native = medians.get((NATIVE, w.name))
+            if w.cpu and native:
+                compute = (medians[(uml.name, w.name)] - true) / native
+                name = f"{w.label}, compute only"
+                out.append(Metric(uml.name, name, compute, "x", f"<= {CPU_TARGET:.2f}", compute <= CPU_TARGET))
+        if uml.name == SECCOMP:
+            out.append(
+                Metric(
+                    uml.name,
+                    "apppot start -- true (AppPot's kernel, seccomp)",
+                    true,
+                    "s",
+                    f"<= {START_TARGET} s",
+                    true <= START_TARGET,
+                )
+            )
+    return out
+
+
+def seconds(value: float) -> str:
+    return f"{value:.3f}s"
+
+
+def times_x(value: float) -> str:
+    return f"{value:.2f}x" if value < 100 else f"{value:.0f}x"
+
+
+def table(report: Report) -> str:
+    lines = [f"{report.runs} timed run(s) per cell after one warm-up; medians, (ratio to native)"]
+    for uml in report.umls:
+        mode = "seccomp" if uml.seccomp else "ptrace"
+        start = shlex.join(["apppot", "start", *uml.extra])
+        bare = " ".join(uml.bare_params) or "-"
+        lines.append(f"  {uml.name}: {uml.kernel} ({mode} mode, {uml.mem}); `{start}`; bare boot adds {bare}")
+    lines += [f"note: {n}" for n in report.notes]
+    width, col = 30, 20
+    lines += ["", f"{'workload':<{width}}" + "".join(f"{c:>{col}}" for c in report.configs)]
+    for workload in [*(w.name for w in WORKLOADS), BARE]:
+        cells = []
+        for config in report.configs:
+            r = report.result(config, workload)
+            text = "-" if r is None else seconds(r.median) + (f" ({times_x(r.ratio)})" if r.ratio is not None else "")
+            cells.append(f"{text:>{col}}")
+        lines.append(f"{LABELS[workload]:<{width}}" + "".join(cells))
+
+    if report.metrics:
+        umls = [u.name for u in report.umls]
+        names = list(dict.fromkeys(m.name for m in report.metrics))
+        width = max(len(n) for n in names) + 2
+        lines += ["", f"{'metric':<{width}}" + "".join(f"{c:>{col}}" for c in umls) + "  target"]
+        for name in names:
+            by_config = {m.config: m for m in report.metrics if m.name == name}
+            cells, target = [], ""
+            for config in umls:
+                m = by_config.get(config)
+                text = ""
+                if m is not None:
+                    ok = "" if m.ok is None else (" ok" if m.ok else " NO")
+                    text = (seconds(m.value) if m.unit == "s" else times_x(m.value)) + ok
+                    target = m.target
+                cells.append(f"{text:>{col}}")
+            lines.append(f"{name:<{width}}" + "".join(cells) + f"  {target}")
+        lines += ["", "targets:"]
+        for name in names:
+            judged = [m for m in report.metrics if m.name == name and m.ok is not None]
+            met = ", ".join(m.config for m in judged if m.ok)
+            missed = ", ".join(m.config for m in judged if not m.ok)
+            verdicts = [*([f"met on {met}"] if met else []), *([f"NOT met on {missed}"] if missed else [])]
+            lines.append(f"  {name} {judged[0].target}: {'; '.join(verdicts)}")
+        verdict = "all met" if all(m.ok for m in report.metrics if m.ok is not None) else "NOT all met"
+        lines.append(f"  => {verdict}")
     return "\n".join(lines)
+
+
+def parse_configs(value: str) -> list[str]:
+    chosen = [c.strip() for c in value.split(",") if c.strip()]
+    unknown = [c for c in chosen if c not in CONFIGS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"choose from {','.join(CONFIGS)} (got {value!r})")
+    return [c for c in CONFIGS if c in chosen]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=7, help="timed runs of each measurement (default: 7)")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs of each cell (default: 5)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument(
+        "--configs",
+        type=parse_configs,
+        default=list(CONFIGS),
+        help=f"comma-separated subset of {','.join(CONFIGS)} (default: all)",
+    )
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+
+    def progress(message: str) -> None:
+        if sys.stderr.isatty():
+            print(f"bench_start: {message}", file=sys.stderr, flush=True)
+
     try:
         with tempfile.TemporaryDirectory(prefix="apppot-bench-") as tmp:
-            rows, metrics, launch = bench(args.runs, Path(tmp))
+            report = bench(args.runs, args.configs, Path(tmp), progress)
     except (BenchError, OSError, subprocess.SubprocessError, ValueError) as e:
         print(f"bench_start: failed: {e}", file=sys.stderr)
         return 1
-    if args.json:
-        report = {"runs": args.runs, "uml": launch, "rows": [asdict(r) for r in rows], "metrics": [asdict(m) for m in metrics]}
-        print(json.dumps(report))
-    else:
-        print(table(rows, metrics, args.runs, launch))
+    print(json.dumps(report.as_json()) if args.json else table(report))
     return 0
 
 

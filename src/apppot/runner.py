@@ -563,11 +563,9 @@ def _restore_termios(saved: tuple[int, list[Any]]) -> None:
 
 
 def _uml_env(home: Path) -> dict[str, str]:
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(home)}  # slirp refuses to start without HOME
-    tmp = os.environ.get("TMPDIR")
-    if tmp:
-        env["TMPDIR"] = tmp
-    return env
+    # slirp refuses to start without HOME. UML keeps the guest's memory in a file under TMPDIR; without
+    # it UML picks /dev/shm, where AppPot's 7.x kernel was seen to fail to start its processes.
+    return {"PATH": "/usr/bin:/bin", "HOME": str(home), "TMPDIR": os.environ.get("TMPDIR") or "/tmp"}
 
 
 def start(spec: JobSpec, say: Say = say_stderr) -> int:
