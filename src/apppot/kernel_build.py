@@ -33,6 +33,7 @@ BUILD_PACKAGES = "build-essential bc bison flex libelf-dev libssl-dev xz-utils"
 BUILD_COMMANDS = ("gcc", "make", "bc", "bison", "flex", "xz", "tar", "dpkg-deb", "apt-get", "apt-cache")
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 MIRROR = "http://deb.debian.org/debian"
+MIRROR_ENV = "APPPOT_DEBIAN_MIRROR"  # a site's own Debian mirror
 # Compiled files in a full build of our config (7.x); only used to show a percentage.
 EXPECTED_FILES = 860
 _KCONFIG_SYMBOL = re.compile(rb"^\s*(?:menu)?config\s+(\w+)", re.MULTILINE)
@@ -69,7 +70,18 @@ def build(*, force: bool = False, jobs: int | None = None, say: Say) -> Built:
             )
         apt = PrivateApt(root / "apt", own_suite=_own_suite())
         say(f"looking up Debian's kernel sources ({', '.join(apt.suites)}) with a private apt configuration")
-        choice = apt.choose()
+        fragment = kernel_config.fragment_text()
+        config_hash = kernel_config.config_hash(fragment)
+        try:
+            choice = apt.choose()
+        except KernelBuildError as e:
+            # Offline, say: a kernel already built from this configuration is still good.
+            kept = _newest_built(root, config_hash)
+            if kept is None or force:
+                raise
+            say(f"{e}; keeping the kernel already built with this configuration: {kept[0]}")
+            _make_default(root, kept[0])
+            return Built(kept[0], kept[1], reused=True)
         package = choice.package
         if choice.fallback:
             say(
@@ -77,8 +89,6 @@ def build(*, force: bool = False, jobs: int | None = None, say: Say) -> Built:
                 f"{', '.join(kernel_source.NEW_SUITES)}; building {package.name} from {package.suite} "
                 "(no seccomp mode: jobs run slower)"
             )
-        fragment = kernel_config.fragment_text()
-        config_hash = kernel_config.config_hash(fragment)
         target = root / kernel_id(package, config_hash)
         record = KernelRecord.read(target / "linux")
         if record is not None and not force:
@@ -113,6 +123,19 @@ def build(*, force: bool = False, jobs: int | None = None, say: Say) -> Built:
         mode = "seccomp" if traits.seccomp_works else "ptrace"
         say(f"installed {target / 'linux'} ({mode} mode on this host, lpj={traits.lpj})")
         return Built(target, record, reused=False)
+
+
+def _newest_built(root: Path, config_hash: str) -> tuple[Path, KernelRecord] | None:
+    """The most recently built kernel with this configuration, if any."""
+    built = []
+    for directory in root.glob(f"*-{config_hash[:12]}"):
+        record = KernelRecord.read(directory / "linux")
+        if record is not None and record.config_hash == config_hash:
+            built.append((record.build_date, directory, record))
+    if not built:
+        return None
+    _, directory, record = max(built)
+    return directory, record
 
 
 @contextlib.contextmanager
@@ -158,8 +181,9 @@ class PrivateApt:
         d = self.directory
         for sub in ("sources", "lists/partial", "cache/archives/partial"):
             (d / sub).mkdir(parents=True, exist_ok=True)
+        mirror = os.environ.get(MIRROR_ENV) or MIRROR
         (d / "sources" / "apppot-kernel.sources").write_text(
-            f"Types: deb\nURIs: {MIRROR}\nSuites: {' '.join(self.suites)}\nComponents: main\nSigned-By: {KEYRING}\n"
+            f"Types: deb\nURIs: {mirror}\nSuites: {' '.join(self.suites)}\nComponents: main\nSigned-By: {KEYRING}\n"
         )
         try:
             run(["apt-get", *self._options(), "update"])

@@ -99,3 +99,10 @@ def test_build_finds_the_built_kernel_by_its_identity(cache_with_own_kernel: Pat
     assert built["reused"] is True
     assert str(built["path"]).startswith(str(cache_with_own_kernel / "apppot" / "kernels"))
     assert (cache_with_own_kernel / "apppot" / "kernels" / "apt" / "lists").is_dir()
+
+
+def test_without_the_mirror_the_kernel_already_built_is_kept(cache_with_own_kernel: Path) -> None:
+    unreachable = "http://127.0.0.1:9/debian"  # nothing listens on the discard port
+    built = apppot_json(["kernel", "build"], cache_with_own_kernel, APPPOT_DEBIAN_MIRROR=unreachable)
+    assert built["reused"] is True
+    assert str(built["path"]).startswith(str(cache_with_own_kernel / "apppot" / "kernels"))
