@@ -18,7 +18,7 @@ from apppot.images import ext4
 from apppot.images.store import images_dir
 from apppot.proc import run
 
-BUILDER_VERSION = "2"
+BUILDER_VERSION = "3"
 BUSYBOX = "/bin/busybox"
 IMAGE_SIZE = "64M"
 EPOCH = 1700000000  # every timestamp in the image
@@ -163,6 +163,10 @@ def build(force: bool = False) -> TinyImage:
             [
                 "mkfs.ext4",
                 "-q",
+                # 4 KiB blocks, not mke2fs's 1 KiB default for small filesystems: the guest reads
+                # busybox in fewer, larger requests, which made `apppot start -- true` ~20 ms faster.
+                "-b",
+                "4096",
                 "-F",
                 "-L",
                 "apppot-tiny",
