@@ -46,6 +46,11 @@ class _Option(NamedTuple):
     metavar: str | None
     help: str
     choices: tuple[str, ...] = ()
+    default: str | None = None  # of a value option
+
+    def initial(self) -> object:
+        """The value before the command line is read (a new list for append options)."""
+        return [] if self.kind == "append" else False if self.kind == "flag" else self.default
 
 
 # The options of `apppot start`, once. They build the argparse parser (help, errors) and drive
@@ -64,15 +69,12 @@ START_OPTIONS = (
     _Option(("--extra",), "extra", "append", "ARG", "extra kernel parameter (repeatable)"),
     _Option(("--user",), "user", "value", "NAME", "name of the job's user in the guest (root: run as root)"),
     _Option(("--group",), "group", "value", "NAME", "name of the job's group in the guest"),
-    _Option(("--isolation",), "isolation", "value", None, "auto: warn without namespaces; strict: refuse", ("auto", "strict")),
+    _Option(
+        ("--isolation",), "isolation", "value", None, "auto: warn without namespaces; strict: refuse", ("auto", "strict"), "auto"
+    ),
     _Option(("--console-log",), "console_log", "path", "FILE", "write the guest's console here"),
     _Option(("-v", "--verbose"), "verbose", "flag", None, "say what AppPot does"),
 )
-_START_DEFAULTS: dict[str, object] = {
-    "image": None, "apppot": None, "cow": None, "jobdir": None, "mem": None, "net": None, "kernel": None,
-    "instance_id": None, "extra": [], "user": None, "group": None, "isolation": "auto", "console_log": None,
-    "verbose": False,
-}  # fmt: skip
 
 
 def _parser_class() -> type[argparse.ArgumentParser]:
@@ -97,14 +99,13 @@ def _start_parser(prog: str) -> argparse.ArgumentParser:
     )
     net = p.add_mutually_exclusive_group()
     for o in START_OPTIONS:
-        target = net if o.kind in ("true", "false") else p
         if o.kind in ("true", "false"):
             action = "store_true" if o.kind == "true" else "store_false"
-            target.add_argument(*o.flags, dest=o.dest, action=action, default=None, help=o.help)
+            net.add_argument(*o.flags, dest=o.dest, action=action, default=None, help=o.help)
         elif o.kind == "flag":
             p.add_argument(*o.flags, dest=o.dest, action="store_true", help=o.help)
         elif o.kind == "append":
-            p.add_argument(*o.flags, dest=o.dest, action="append", default=[], metavar=o.metavar, help=o.help)
+            p.add_argument(*o.flags, dest=o.dest, action="append", default=o.initial(), metavar=o.metavar, help=o.help)
         else:
             p.add_argument(
                 *o.flags,
@@ -112,7 +113,7 @@ def _start_parser(prog: str) -> argparse.ArgumentParser:
                 metavar=o.metavar,
                 type=Path if o.kind == "path" else str,
                 choices=o.choices or None,
-                default=_START_DEFAULTS[o.dest],
+                default=o.initial(),
                 help=o.help,
             )
     p.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -123,7 +124,7 @@ def _fast_parse(before: list[str]) -> SimpleNamespace | None:
     """The options before '--' as argparse would read them, or None for anything unusual
     (help, unknown or abbreviated options, missing values, conflicts): argparse then answers."""
     by_flag = {flag: o for o in START_OPTIONS for flag in o.flags}
-    values = {k: (list(v) if isinstance(v, list) else v) for k, v in _START_DEFAULTS.items()}
+    values = {o.dest: o.initial() for o in START_OPTIONS}
     seen: set[str] = set()
     i = 0
     while i < len(before):
@@ -258,10 +259,12 @@ def cmd_kernel(argv: Sequence[str]) -> int:
         record: dict[str, object] = {"path": str(built.directory / "linux"), "reused": built.reused, **built.record._asdict()}
     else:
         from apppot.kernel import KernelRecord, find_kernel, kernel_traits
+        from apppot.network import NetKind, choose_network
 
         found = find_kernel(ns.kernel)
         own = KernelRecord.read(found.path)
         traits = kernel_traits(found.path, _say)
+        net = choose_network(traits, None)
         record = {
             "path": str(found.path),
             "chosen_by": found.source.value,
@@ -269,7 +272,8 @@ def cmd_kernel(argv: Sequence[str]) -> int:
             "seccomp_supported": traits.seccomp_option,
             "seccomp_on_this_host": traits.seccomp_works,
             "lpj": traits.lpj,
-            "network": "vde slirp plugin" if traits.vector_driver and not traits.eth_drivers else "slirp",
+            # What `apppot start` would pick here, not only what the kernel could drive.
+            "network": {None: "none", NetKind.SLIRP: "slirp", NetKind.VDE_SLIRP: "vde slirp plugin"}[net.kind if net else None],
         }
     _print_record(record, ns.json)
     return 0

@@ -12,11 +12,18 @@ import json
 import os
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from apppot.images.store import cache_dir
 
 T = TypeVar("T", bound=dict[str, Any])
+
+
+def file_identity(path: Path) -> str:
+    """A cache key part for a file: its real path, size and mtime, so a changed file is a new key."""
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def cached(kind: str, key: list[str], compute: Callable[[], T]) -> T:

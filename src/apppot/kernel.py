@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from apppot.errors import HostError
-from apppot.hostcache import cached
+from apppot.hostcache import cached, file_identity
 from apppot.images.store import cache_dir
 from apppot.proc import remove_tree, run, which
 
@@ -112,7 +112,7 @@ def shared_libraries(binary: Path) -> list[Path]:
                 libs.append(parts[0])
         return {"libraries": libs}
 
-    data = cached("ldd", [_file_identity(binary)], compute)
+    data = cached("ldd", [file_identity(binary)], compute)
     return [Path(p) for p in data["libraries"]]
 
 
@@ -143,11 +143,11 @@ def kernel_traits(kernel: Path, note: Callable[[str], None] | None = None) -> Ke
             note(f"measuring {kernel} on this host once (seccomp mode, delay loop); cached")
         help_text = run([str(kernel), "--help"], check=False).stdout
         seccomp_option = b"seccomp=" in help_text
-        lpj, seccomp_works = None, False
-        if seccomp_option:
-            lpj, seccomp_works = _calibrate(kernel, ["seccomp=on"])
+        # seccomp=on (not auto) stops the boot where seccomp does not work: then there is no lpj line.
+        lpj = _calibrate(kernel, ["seccomp=on"]) if seccomp_option else None
+        seccomp_works = lpj is not None
         if lpj is None:
-            lpj, _ = _calibrate(kernel, [])
+            lpj = _calibrate(kernel, [])
         return {
             "seccomp_option": seccomp_option,
             "seccomp_works": seccomp_works,
@@ -159,7 +159,7 @@ def kernel_traits(kernel: Path, note: Callable[[str], None] | None = None) -> Ke
 
     # The field list is part of the key, so an older record is measured anew rather than misread.
     fields = ",".join(KernelTraits._fields)
-    data = cached("kernel-traits", [fields, _file_identity(kernel), *_host_identity()], compute)
+    data = cached("kernel-traits", [fields, file_identity(kernel), *_host_identity()], compute)
     return KernelTraits(**data)  # type: ignore[arg-type]
 
 
@@ -173,10 +173,10 @@ def _build_config(kernel: Path) -> str:
         return ""
 
 
-def _calibrate(kernel: Path, params: list[str]) -> tuple[int | None, bool]:
+def _calibrate(kernel: Path, params: list[str]) -> int | None:
     """Boot the kernel without a root disk until it prints its delay-loop calibration.
 
-    Returns (lpj, started): lpj is None if it never got that far (e.g. seccomp refused)."""
+    Returns the lpj it printed, or None if it never got that far (e.g. seccomp refused)."""
     import tempfile
 
     uml_dir = tempfile.mkdtemp(prefix="apppot-calibrate-")
@@ -208,12 +208,7 @@ def _calibrate(kernel: Path, params: list[str]) -> tuple[int | None, bool]:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
     m = _LPJ.search(output)
-    return (int(m[1]) if m else None), m is not None
-
-
-def _file_identity(path: Path) -> str:
-    st = path.stat()
-    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    return int(m[1]) if m else None
 
 
 def _host_identity() -> list[str]:

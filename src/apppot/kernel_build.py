@@ -201,15 +201,9 @@ class PrivateApt:
         dl = work / "download"
         dl.mkdir()
         try:
-            subprocess.run(
-                ["apt-get", *self._options(), "download", f"{package.name}={package.version}"],
-                cwd=dl,
-                check=True,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-            )
-        except subprocess.CalledProcessError as e:
-            raise KernelBuildError(f"downloading {package.name} failed: {_last_line(e.stderr)}") from None
+            run(["apt-get", *self._options(), "download", f"{package.name}={package.version}"], cwd=dl)
+        except HostError as e:
+            raise KernelBuildError(f"downloading {package.name} failed: {e}") from None
         debs = list(dl.glob("*.deb"))
         if len(debs) != 1:
             raise KernelBuildError(f"downloading {package.name} gave {len(debs)} packages, expected one")
@@ -234,9 +228,9 @@ def _unpack(tarball: Path, work: Path, say: Say) -> Path:
 
 def _make(tree: Path, *targets: str) -> None:
     try:
-        subprocess.run(["make", "-C", str(tree), "ARCH=um", *targets], check=True, stdin=subprocess.DEVNULL, capture_output=True)
-    except subprocess.CalledProcessError as e:
-        raise KernelBuildError(f"make ARCH=um {' '.join(targets)} failed: {_last_line(e.stderr or e.stdout)}") from None
+        run(["make", "-C", str(tree), "ARCH=um", *targets])
+    except HostError as e:
+        raise KernelBuildError(str(e)) from None
 
 
 def apply_fragment(tree: Path, fragment: bytes) -> None:
@@ -341,8 +335,3 @@ def _make_default(root: Path, target: Path) -> None:
         link.unlink()
     link.symlink_to(target.name)
     link.replace(root / "default")
-
-
-def _last_line(output: bytes | None) -> str:
-    lines = (output or b"").decode(errors="replace").strip().splitlines()
-    return lines[-1] if lines else "no message"

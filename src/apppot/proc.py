@@ -48,10 +48,11 @@ def run(
     check: bool = True,
     env: Mapping[str, str] | None = None,
     package: str | None = None,
+    cwd: str | os.PathLike[str] | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run a helper program with stdin closed (unless ``input``), capturing its output.
 
-    ``env`` adds to the environment; ``package`` names the Debian package to
+    ``env`` adds to the environment; ``cwd`` is where it runs; ``package`` names the Debian package to
     install when the program is missing. On failure (with ``check``) raises
     HostError naming the exact command and its status.
     """
@@ -65,6 +66,7 @@ def run(
             capture_output=True,
             check=False,
             env={**os.environ, **env} if env else None,
+            cwd=cwd,
         )
     except FileNotFoundError:
         hint = f"sudo apt-get install {package}" if package else "install it"

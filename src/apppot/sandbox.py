@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 import subprocess
 from enum import StrEnum
+from pathlib import Path
 from typing import NamedTuple
 
 from apppot.errors import HostError
-from apppot.hostcache import cached
+from apppot.hostcache import cached, file_identity
 from apppot.proc import which
 
 _USERNS_SYSCTLS = (
@@ -72,8 +73,7 @@ def probe(bwrap: str | None) -> str | None:
     """None if a sandbox can be made here, else the reason it cannot; cached per bwrap, host kernel and sysctls."""
     if bwrap is None or not os.path.exists(bwrap):
         return "bubblewrap (bwrap) is not installed: sudo apt-get install bubblewrap"
-    st = os.stat(bwrap)
-    key = [f"{bwrap}:{st.st_size}:{st.st_mtime_ns}", os.uname().release, *map(_read_sysctl, _USERNS_SYSCTLS)]
+    key = [file_identity(Path(bwrap)), os.uname().release, *map(_read_sysctl, _USERNS_SYSCTLS)]
     return cached("bwrap-probe", key, lambda: {"reason": _probe(bwrap)})["reason"]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from apppot.errors import HostError
-from apppot.hostcache import cached
+from apppot.hostcache import cached, file_identity
 from apppot.images import ext4
 from apppot.images.store import images_dir
 from apppot.proc import run
@@ -83,17 +83,12 @@ def inputs_id() -> str:
 
     Hashing costs milliseconds on every job start, so the result is cached per version of both files."""
     busybox = _busybox()
-    key = [BUILDER_VERSION, *(_identity(path) for path in (busybox, AGENT))]
+    key = [BUILDER_VERSION, *(file_identity(path) for path in (busybox, AGENT))]
 
     def compute() -> dict[str, str]:
         return {"sha256": _sha256(b"\0".join([BUILDER_VERSION.encode(), busybox.read_bytes(), agent_source()]))}
 
     return cached("tiny-inputs", key, compute)["sha256"]
-
-
-def _identity(path: Path) -> str:
-    st = path.stat()
-    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def _sha256(data: bytes) -> str:
