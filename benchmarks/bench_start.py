@@ -16,12 +16,17 @@ Configurations (the table's columns; `--configs` picks a comma-separated subset)
 
 The two AppPot-kernel columns are left out, with a note, when AppPot's own kernel is not built.
 
-Workloads (the rows), all busybox applets so that both sides run the same code:
+Workloads (the rows); both sides run the same binaries (busybox applets, and one static program):
 
 - `true`: start-up cost;
 - fork/exec x300: a busybox sh loop running /bin/true 300 times (system calls, process creation);
-- two CPU-bound jobs: a busybox awk loop (pure computation) and sha256sum of 200 MB from /dev/zero
-  (busybox moves the data in 4 KiB reads and writes, so this also costs UML system calls);
+- two CPU-bound jobs: a busybox awk loop, and `sha256_mem 200 stream` (sha256_mem.c, compiled
+  statically by this script with the host's `cc`), which generates 200 MiB in memory, 1 MiB at a
+  time, and checksums them;
+- the same checksum with all 200 MiB held in memory at once (`sha256_mem 200 whole`): the guest
+  kernel maps each page on first touch, at a cost per page fault far above the host's;
+- a system-call-bound pipeline, `head -c 200000000 /dev/zero | sha256sum`: busybox moves the data in
+  4 KiB reads and writes, each a UML system call, and the guest has one CPU for both programs;
 - job-directory I/O: writing 100 MB into the job directory (hostfs in the guest) and reading it back.
 
 Each cell is the median of N timed runs after one warm-up run, with its ratio to native. The runs
@@ -32,7 +37,8 @@ For each UML configuration it also computes the start-up and CPU targets:
 
 - "AppPot overhead" = apppot true - a bare boot-and-halt of the same kernel, image and memory size
   without AppPot (init is busybox `poweroff -f`), given the same seccomp= and lpj= parameters as AppPot
-  gives that kernel (from `apppot kernel info --json`); target < 0.2 s;
+  gives that kernel (from `apppot kernel info --json`), pinned to one host CPU as AppPot pins its
+  guests; target < 0.2 s;
 - compute-only ratios of the CPU-bound jobs, (guest - apppot true) / native; target <= 1.10;
 - on AppPot's kernel in seccomp mode, the whole `apppot start -- true`; target <= 0.15 s.
 
@@ -49,6 +55,7 @@ import functools
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -65,6 +72,7 @@ DEBIAN_KERNEL = "/usr/bin/linux"
 SHM = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"  # where a bare boot keeps the guest's memory
 BIN = "@BIN@"  # in a native argv: the directory of busybox applet links
 SHA = "head -c 200000000 /dev/zero | sha256sum"
+SHA_MEM = "sha256_mem"  # built from sha256_mem.c into the job and native directories
 # Pure computation, no system calls in the loop: the same busybox awk on both sides.
 AWK_LOOP = "BEGIN { s = 0; for (i = 0; i < 4000000; i++) s += i % 7; print s }"
 FORK_LOOP = "i=0; while [ $i -lt 300 ]; do @TRUE@; i=$((i+1)); done"
@@ -104,7 +112,9 @@ WORKLOADS = (
         (f"{BIN}/sh", "-c", FORK_LOOP.replace("@TRUE@", f"{BIN}/true")),
     ),
     Workload("awk", "awk loop (CPU)", ("awk", AWK_LOOP), (f"{BIN}/awk", AWK_LOOP), cpu=True),
-    Workload("sha256", "sha256sum 200 MB (CPU)", ("sh", "-c", SHA), (f"{BIN}/sh", "-c", SHA), cpu=True),
+    Workload("sha256", "sha256 200 MiB (CPU)", (f"./{SHA_MEM}", "200", "stream"), (f"./{SHA_MEM}", "200", "stream"), cpu=True),
+    Workload("sha256-whole", "sha256, 200 MiB held at once", (f"./{SHA_MEM}", "200", "whole"), (f"./{SHA_MEM}", "200", "whole")),
+    Workload("pipe", "head | sha256sum (syscalls)", ("sh", "-c", SHA), (f"{BIN}/sh", "-c", SHA)),
     Workload("io", "job-dir I/O 100 MB", ("sh", "-c", IO), (f"{BIN}/sh", "-c", IO)),
 )
 LABELS = {w.name: w.label for w in WORKLOADS} | {BARE: "bare boot + halt (no AppPot)"}
@@ -131,6 +141,7 @@ class Cell:
     cwd: Path
     env: dict[str, str]
     setup: Callable[[], None] | None = None
+    pin: bool = False  # run on the one host CPU the process starts on, as AppPot runs its guests
     times: list[float] = field(default_factory=list)
 
 
@@ -196,6 +207,7 @@ def timed(cell: Cell) -> float:
             timeout=TIMEOUT,
             cwd=cell.cwd,
             env=cell.env,
+            preexec_fn=pin_here if cell.pin else None,
         )
     except subprocess.TimeoutExpired as e:
         raise BenchError(f"{cell.config}: {shlex.join(argv)}: no exit after {TIMEOUT:.0f} s") from e
@@ -204,6 +216,26 @@ def timed(cell: Cell) -> float:
         tail = proc.stderr.decode(errors="replace").strip()[-2000:]
         raise BenchError(f"{cell.config}: {shlex.join(argv)}: exit status {proc.returncode}" + (f"\n{tail}" if tail else ""))
     return elapsed
+
+
+def pin_here() -> None:
+    """Keep this process and its children on the CPU it runs on now."""
+    stat = Path("/proc/self/stat").read_text()
+    os.sched_setaffinity(0, {int(stat[stat.rfind(")") + 2 :].split()[36])})
+
+
+def build_sha_mem(dirs: list[Path], notes: list[str]) -> bool:
+    """Compile sha256_mem.c statically into each directory; False (with a note) without a compiler."""
+    source = Path(__file__).with_name("sha256_mem.c")
+    out = dirs[0] / SHA_MEM
+    try:
+        check(["cc", "-O2", "-static", "-o", str(out), str(source)])
+    except (BenchError, OSError) as e:
+        notes.append(f"sha256_mem rows skipped: cannot compile {source.name} with cc -static: {e}")
+        return False
+    for d in dirs[1:]:
+        shutil.copy2(out, d / SHA_MEM)
+    return True
 
 
 def check(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -285,6 +317,9 @@ def bench(runs: int, configs: list[str], tmp: Path, progress: Callable[[str], No
         if own is not None:
             kernels |= {c: own for c in (PTRACE, SECCOMP) if c in configs}
     configs = [c for c in configs if c == NATIVE or c in kernels]
+    workloads: tuple[Workload, ...] = WORKLOADS
+    if not build_sha_mem([job, native_dir], notes):
+        workloads = tuple(w for w in WORKLOADS if w.guest[0] != f"./{SHA_MEM}")
 
     cells: list[Cell] = []
     if NATIVE in configs:
@@ -293,7 +328,7 @@ def bench(runs: int, configs: list[str], tmp: Path, progress: Callable[[str], No
         for applet in check([BUSYBOX, "--list"]).stdout.split():
             (bindir / applet).symlink_to(BUSYBOX)
         native_env = real_env | {"PATH": str(bindir)}
-        for w in WORKLOADS:
+        for w in workloads:
             argv = [a.replace(BIN, str(bindir)) for a in w.native]
             cells.append(Cell(NATIVE, w.name, argv, native_dir, native_env))
 
@@ -307,7 +342,7 @@ def bench(runs: int, configs: list[str], tmp: Path, progress: Callable[[str], No
             continue
         uml = prepare_uml(name, kernels[name], private_env, job, notes)
         umls.append(uml)
-        for w in WORKLOADS:
+        for w in workloads:
             cells.append(Cell(name, w.name, [str(APPPOT), "start", *uml.extra, "--", *w.guest], job, uml.env))
         cow = tmp / f"bare-{name}.cow"
         bare = [uml.kernel, f"ubd0={cow},{image}", "root=/dev/ubda", "rw", uml.mem, "init=/sbin/poweroff", "quiet"]
@@ -316,7 +351,7 @@ def bench(runs: int, configs: list[str], tmp: Path, progress: Callable[[str], No
         # the guest's memory in a file on a tmpfs (/tmp in the sandbox, /dev/shm here). TMPDIR must be
         # set: without it, AppPot's 7.x kernel fails to start init ("start_userspace: expected SIGSTOP").
         fresh_cow = functools.partial(cow.unlink, missing_ok=True)
-        cells.append(Cell(name, BARE, bare, tmp, {"PATH": "/usr/bin:/bin", "TMPDIR": SHM}, fresh_cow))
+        cells.append(Cell(name, BARE, bare, tmp, {"PATH": "/usr/bin:/bin", "TMPDIR": SHM}, fresh_cow, pin=True))
 
     # Round 0 is the warm-up; rounds interleave all cells so that the host's slow phases hit them alike.
     for round_ in range(runs + 1):
@@ -355,7 +390,7 @@ def metrics(umls: list[Uml], medians: dict[tuple[str, str], float]) -> list[Metr
         )
         for w in WORKLOADS:
             native = medians.get((NATIVE, w.name))
-            if w.cpu and native:
+            if w.cpu and native and (uml.name, w.name) in medians:
                 compute = (medians[(uml.name, w.name)] - true) / native
                 name = f"{w.label}, compute only"
                 out.append(Metric(uml.name, name, compute, "x", f"<= {CPU_TARGET:.2f}", compute <= CPU_TARGET))

@@ -35,7 +35,7 @@ exit status:
   {EXIT_GUEST_DIED} if the guest ended without reporting a status (kernel panic, killed UML);
   128+N if apppot start itself was stopped by signal N (SIGINT, SIGTERM).
 
-environment: APPPOT_IMAGE (--image), APPPOT_MEM (--mem), APPPOT_KERNEL (--kernel).
+environment: APPPOT_IMAGE (--image), APPPOT_MEM (--mem), APPPOT_KERNEL (--kernel), APPPOT_CPU (--cpu).
 """
 
 
@@ -72,6 +72,7 @@ START_OPTIONS = (
     _Option(
         ("--isolation",), "isolation", "value", None, "auto: warn without namespaces; strict: refuse", ("auto", "strict"), "auto"
     ),
+    _Option(("--cpu",), "cpu", "value", "N", "host CPU for the guest: a number, auto (default, $APPPOT_CPU) or all"),
     _Option(("--console-log",), "console_log", "path", "FILE", "write the guest's console here"),
     _Option(("-v", "--verbose"), "verbose", "flag", None, "say what AppPot does"),
 )
@@ -206,6 +207,7 @@ def parse_start(argv: Sequence[str], prog: str = "apppot start") -> JobSpec:
         isolation=Isolation(ns.isolation),
         verbose=ns.verbose,
         console_log=ns.console_log,
+        cpu=ns.cpu or os.environ.get("APPPOT_CPU") or None,
     )
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NamedTuple
 
-from apppot import cow
+from apppot import cow, cpu
 from apppot.backends.uml import UmlLaunch, cmdline_length, personality_prefix, uml_argv
 from apppot.errors import GuestDied, HostError, JobDirError, UsageError
 from apppot.images import ext4, tiny
@@ -80,6 +80,7 @@ class Prepared(NamedTuple):
     net: Network | None
     bwrap: str | None
     umid: str
+    cpu: int | None = None  # the host CPU the guest is pinned to
     warnings: tuple[str, ...] = ()
 
 
@@ -131,7 +132,10 @@ def prepare(spec: JobSpec, say: Say) -> Prepared:
     bwrap = find_bwrap()
     warning = require_or_warn(spec.isolation, probe(bwrap))
     warnings = (warning,) if warning else ()
-    prepared = Prepared(kernel, traits, image, fs_uuid, jobdir, mem, net, None if warning else bwrap, umid, warnings)
+    pin = cpu.choose_cpu(spec.cpu, os.sched_getaffinity(0), cpu.current_cpu())
+    if spec.verbose:
+        say(f"guest pinned to host CPU {pin}" if pin is not None else "guest not pinned to a host CPU")
+    prepared = Prepared(kernel, traits, image, fs_uuid, jobdir, mem, net, None if warning else bwrap, umid, pin, warnings)
     if warning:
         for path, what in ((jobdir, "job directory"), (image, "image")):
             if not _HOSTFS_SAFE.fullmatch(str(path)):
@@ -391,7 +395,10 @@ class Job:
 
         saved_tty = _save_termios(0) if terminal else None
         pass_fds = [log_fd, out_w, err_w, *(terminal or ())]
+        affinity = os.sched_getaffinity(0)
         try:
+            if p.cpu is not None:  # inherited by UML and all its processes; this thread's is restored below
+                os.sched_setaffinity(0, {p.cpu})
             self.proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -404,6 +411,8 @@ class Job:
         except OSError as e:
             raise HostError(f"cannot start {argv[0]}: {e.strerror}") from e
         finally:
+            if p.cpu is not None:
+                os.sched_setaffinity(0, affinity)
             for fd in pass_fds:
                 os.close(fd)
         threading.Thread(target=self._wait_uml, name="apppot-wait", daemon=True).start()

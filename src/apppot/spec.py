@@ -37,6 +37,7 @@ class JobSpec(NamedTuple):
     isolation: Isolation = Isolation.AUTO
     verbose: bool = False
     console_log: Path | None = None
+    cpu: str | None = None  # None: auto (see apppot.cpu)
 
 
 def parse_mem(text: str) -> int:

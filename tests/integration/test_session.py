@@ -22,6 +22,7 @@ from typing import IO, TypeVar
 
 import pytest
 
+from apppot import cpu
 from tests.conftest import APPPOT
 
 pytestmark = pytest.mark.uml
@@ -354,6 +355,37 @@ def test_signal_stops_the_guest_and_cleans_up(
     assert f"stopped by {signum.name}" in job.stderr()
     assert list(run_tmp.iterdir()) == []
     assert_all_gone(tree, [umid, str(jobdir), str(run_tmp)])
+
+
+def allowed_cpus(pid: int) -> set[str]:
+    """The CPU lists of all threads of a process, as /proc shows them."""
+    lists = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            status = (task / "status").read_text()
+            lists.add(next(line.split()[1] for line in status.splitlines() if line.startswith("Cpus_allowed_list:")))
+    return lists
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs a choice of CPUs")
+def test_the_guest_is_pinned_to_one_host_cpu_and_apppot_is_not(
+    cache_home: Path, tiny_image: Path, jobdir: Path, tmp_path: Path
+) -> None:
+    everywhere = {cpu.format_cpus(os.sched_getaffinity(0))}
+    last = str(max(os.sched_getaffinity(0)))
+    for option, expected in ((last, {last}), ("all", everywhere)):
+        umid = unique_id()
+        env = apppot_env(cache_home, fresh_dir(tmp_path / f"run-tmp-{option}"))
+        with background(["start", "--cpu", option, "--id", umid, "--", *SLEEPING_JOB], cwd=jobdir, env=env) as job:
+            job.wait_started()
+            main = uml_main(descendants(job.proc.pid), umid)
+            uml = {main, *descendants(main.pid)}
+            assert len(uml) >= 2, f"expected UML's kernel and the job's processes: {uml}"
+            for proc in uml:
+                assert allowed_cpus(proc.pid) == expected, f"--cpu {option}: {proc}"
+            # apppot's relays and supervisor keep all CPUs
+            assert allowed_cpus(job.proc.pid) == everywhere
+        (jobdir / "started").unlink()
 
 
 # --- 3. the guest dies without reporting a status --------------------------------------------

@@ -37,6 +37,10 @@ def test_environment_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     spec = parse_start(["--", "true"])
     assert spec.image == Path("/images/x.img")
     assert spec.mem_bytes == 1024 * MIB
+    assert spec.cpu is None
+    monkeypatch.setenv("APPPOT_CPU", "all")
+    assert parse_start(["--", "true"]).cpu == "all"
+    assert parse_start(["--cpu", "3", "--", "true"]).cpu == "3"
 
 
 def test_repeatable_extra_and_names() -> None:
@@ -54,6 +58,7 @@ def test_repeatable_extra_and_names() -> None:
         ["--apppot", "c,i", "--uml", "/k", "--id", "x", "--extra", "a=1", "--extra=b", "--isolation", "strict"],
         ["--no-net", "--user", "root", "--group", "g", "--verbose", "/bin/bash", "-l", "--image", "x"],
         ["--linux", "/k", "prog"],
+        ["--cpu", "1", "--cpu=all"],
     ],
 )
 def test_fast_parser_reads_what_argparse_reads(before: list[str]) -> None:
