@@ -19,7 +19,10 @@ import sys
 RUNTIME = ["user-mode-linux", "slirp", "vdeplug", "libvdeplug-slirp", "e2fsprogs", "busybox-static", "bubblewrap"]
 # What `apppot kernel build` needs to build AppPot's own kernel from Debian's source.
 KERNEL_BUILD = ["build-essential", "bc", "bison", "flex", "libelf-dev", "libssl-dev", "xz-utils"]
-TESTING = ["tmux", "shellcheck", "dash", "util-linux"]
+# What `apppot image build` needs to build Debian appliances from recipes.
+IMAGE_BUILD = ["mmdebstrap", "debian-archive-keyring"]
+# glpk-utils: the application appliance's program, natively, to compare against.
+TESTING = ["tmux", "shellcheck", "dash", "util-linux", "glpk-utils"]
 TEST_USER = "apppot-test"
 
 
@@ -40,7 +43,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--test", action="store_true", help="also install what the tests need")
     args = parser.parse_args()
-    wanted = RUNTIME + KERNEL_BUILD + (TESTING if args.test else [])
+    wanted = RUNTIME + KERNEL_BUILD + IMAGE_BUILD + (TESTING if args.test else [])
     missing = [p for p in wanted if not installed(p)]
     if missing:
         print(f"host_setup: installing {' '.join(missing)}", flush=True)

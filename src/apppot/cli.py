@@ -21,6 +21,8 @@ from apppot.spec import JobSpec, parse_mem
 if TYPE_CHECKING:
     import argparse
 
+    from apppot.images.store import StoredImage
+
 START_EPILOG = f"""\
 which command runs (first match wins):
   1. the command after --  (or after the options)
@@ -57,7 +59,13 @@ class _Option(NamedTuple):
 # _fast_parse, which reads well-formed command lines without argparse: importing and building it
 # would cost every job start milliseconds.
 START_OPTIONS = (
-    _Option(("--image",), "image", "value", "IMG", "appliance image (default: $APPPOT_IMAGE, else the tiny appliance)"),
+    _Option(
+        ("--image",),
+        "image",
+        "value",
+        "IMG",
+        "appliance image file, or the name of one in the cache (default: $APPPOT_IMAGE, else the tiny appliance)",
+    ),
     _Option(("--apppot", "--appot"), "apppot", "value", "[COW,]IMG", "seed syntax: image, or COW file and image"),
     _Option(("--cow",), "cow", "path", "FILE", "keep the job's changes in FILE across jobs"),
     _Option(("--jobdir",), "jobdir", "path", "DIR", "shown at /home/user/job (default: .)"),
@@ -225,22 +233,84 @@ def cmd_start(argv: Sequence[str], prog: str = "apppot start") -> int:
 def cmd_image(argv: Sequence[str]) -> int:
     p = _parser_class()(prog="apppot image", description="Appliance images.")
     sub = p.add_subparsers(dest="action", required=True)
-    build = sub.add_parser("build-tiny", help="build the tiny default appliance into the cache")
-    build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    build = sub.add_parser("build", help="build an appliance from a recipe (TOML) into the cache")
+    build.add_argument("recipe", type=Path, help="the recipe file, e.g. examples/debian-dev.toml")
+    build.add_argument("--force", action="store_true", help="rebuild even if built from the same inputs")
+    build.add_argument("--quiet", action="store_true", help="no progress lines")
     build.add_argument("--json", action="store_true", help="machine-readable output")
-    info = sub.add_parser("info", help="show an image's filesystem UUID and content id")
-    info.add_argument("image", type=Path)
+    tiny_build = sub.add_parser("build-tiny", help="build the tiny default appliance into the cache")
+    tiny_build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    tiny_build.add_argument("--json", action="store_true", help="machine-readable output")
+    listing = sub.add_parser("list", help="the images in the cache: names, sizes, ids")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    info = sub.add_parser("info", help="an image's recipe, ids, agent and size")
+    info.add_argument("image", help="an image name from the cache, or an image file")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     ns = p.parse_args(argv)
-    from apppot.images import ext4, tiny
+    from apppot.images import ext4, store, tiny
 
-    if ns.action == "build-tiny":
-        built = tiny.build(force=ns.force)
-        record = {"name": built.name, "path": str(built.path), "id": tiny.image_id(built.path)}
+    if ns.action == "build":
+        from apppot.images import debian, recipe
+
+        built = debian.build(recipe.parse_recipe(ns.recipe), force=ns.force, quiet=ns.quiet or ns.json, say=_say)
+        record: dict[str, object] = {"path": str(built.path), "reused": built.reused, **built.record._asdict()}
+    elif ns.action == "build-tiny":
+        made = tiny.build(force=ns.force)
+        record = {"name": made.name, "path": str(made.path), "id": tiny.image_id(made.path)}
+    elif ns.action == "list":
+        rows = [_image_row(image) for image in store.stored_images()]
+        if ns.json:
+            import json
+
+            print(json.dumps(rows))
+        else:
+            _print_table(rows, ["name", "id", "size", "used", "built", "path"])
+        return 0
     else:
-        record = {"path": str(ns.image), "uuid": ext4.filesystem_uuid(ns.image), "id": tiny.image_id(ns.image)}
+        path = store.resolve_image(ns.image)
+        stored = next((i for i in store.stored_images() if i.path == path.resolve()), None)
+        record = _image_row(stored) if stored else {"path": str(path)}
+        record |= {"uuid": ext4.filesystem_uuid(path)}
+        if not stored or stored.record is None:
+            record["id"] = tiny.image_id(path)
     _print_record(record, ns.json)
     return 0
+
+
+def _image_row(image: StoredImage) -> dict[str, object]:
+    st = image.path.stat()
+    row: dict[str, object] = {
+        "name": image.record.name if image.record else "tiny",
+        "id": (image.record.content_id if image.record else "")[:16] or None,
+        "size": _human(image.record.size_bytes if image.record else st.st_size),
+        "used": _human(st.st_blocks * 512),
+        "built": image.record.built if image.record else None,
+        "path": str(image.path),
+    }
+    if image.record:
+        row |= {"content_id": image.record.content_id, **image.record._asdict()}
+    return row
+
+
+def _human(size: int) -> str:
+    """2147483648 -> '2.0G'."""
+    value = float(size)
+    for unit in ("B", "K", "M"):
+        if value < 1024:
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{value:.1f}G"
+
+
+def _print_table(rows: list[dict[str, object]], columns: list[str]) -> None:
+    if not rows:
+        print("no images in the cache (apppot image build RECIPE.toml, apppot image build-tiny)")
+        return
+    cells = [[str(row.get(c) or "-") for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
 
 
 def cmd_kernel(argv: Sequence[str]) -> int:

@@ -25,7 +25,7 @@ from apppot import cow, cpu
 from apppot.backends.uml import UmlLaunch, cmdline_length, personality_prefix, uml_argv
 from apppot.errors import GuestDied, HostError, JobDirError, UsageError
 from apppot.images import ext4, tiny
-from apppot.images.store import cache_dir
+from apppot.images.store import cache_dir, resolve_image
 from apppot.kernel import FoundKernel, KernelTraits, find_kernel, kernel_traits, shared_libraries
 from apppot.network import Network, choose_network
 from apppot.proc import remove_tree, which
@@ -116,7 +116,7 @@ def _default_image(say: Say) -> Path:
 def prepare(spec: JobSpec, say: Say) -> Prepared:
     """Check everything about the job that can be checked before booting."""
     jobdir = _check_jobdir(spec.jobdir)
-    image = spec.image if spec.image is not None else _default_image(say)
+    image = resolve_image(str(spec.image)) if spec.image is not None else _default_image(say)
     fs_uuid = ext4.filesystem_uuid(image)  # also says when the image is missing or unreadable
     kernel = find_kernel(spec.kernel)
     traits = kernel_traits(kernel.path, say if spec.verbose else None)

@@ -1,9 +1,18 @@
-"""Where AppPot keeps its images: the user's cache (XDG)."""
+"""Where AppPot keeps its images: the user's cache (XDG), addressed by name and by content id.
+
+A built appliance is two files in images_dir(): NAME-RECIPEID.img and NAME-RECIPEID.json, the record
+of what went into it. The tiny default appliance is tiny-INPUTSID.img, without a record.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
+
+from apppot.errors import ImageError
+
+RECORD_SUFFIX = ".json"
 
 
 def cache_dir() -> Path:
@@ -14,3 +23,102 @@ def cache_dir() -> Path:
 
 def images_dir() -> Path:
     return cache_dir() / "images"
+
+
+class ImageRecord(NamedTuple):
+    """What a built appliance is: written next to its image when the build succeeds."""
+
+    name: str
+    recipe: str  # path of the recipe it was built from
+    recipe_id: str  # hash of the recipe, the files it names, the agent and the builder
+    content_id: str  # sha256 of the image file
+    agent: str  # sha256 of the agent installed in it
+    protocol: int  # the host-guest protocol version of that agent
+    distribution: str
+    suite: str
+    packages: list[str]
+    size_bytes: int  # the filesystem's size (the file is sparse)
+    built: str  # UTC, ISO 8601
+    build_seconds: float
+
+    @staticmethod
+    def read(path: Path) -> ImageRecord:
+        import json
+
+        try:
+            data = json.loads(path.read_text())
+            return ImageRecord(**{k: data[k] for k in ImageRecord._fields})
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ImageError(f"image record {path} is damaged ({e}); rebuild the image with apppot image build --force") from e
+
+    def write(self, path: Path) -> None:
+        import json
+
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self._asdict(), indent=2) + "\n")
+        tmp.replace(path)
+
+
+class StoredImage(NamedTuple):
+    path: Path
+    record: ImageRecord | None  # None: the tiny default appliance
+
+
+def image_stem(name: str, recipe_id: str) -> str:
+    return f"{name}-{recipe_id[:16]}"
+
+
+def stored_images() -> list[StoredImage]:
+    """Every complete image in the cache, newest first."""
+    directory = images_dir()
+    found: list[tuple[float, StoredImage]] = []
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        if not entry.name.endswith(".img"):
+            continue
+        path = Path(entry.path)
+        record_path = path.with_suffix(RECORD_SUFFIX)
+        if record_path.exists():
+            record: ImageRecord | None = ImageRecord.read(record_path)
+        elif entry.name.startswith("tiny-"):
+            record = None
+        else:
+            continue  # no record: not one of ours, or a build that did not finish
+        found.append((entry.stat().st_mtime if record is None else _built_key(record), StoredImage(path, record)))
+    return [image for _, image in sorted(found, key=lambda pair: pair[0], reverse=True)]
+
+
+def _built_key(record: ImageRecord) -> float:
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(record.built).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def find_by_name(name: str) -> StoredImage | None:
+    """The newest image built under this name ("tiny": the tiny default appliance)."""
+    for image in stored_images():
+        if (image.record.name if image.record else "tiny") == name:
+            return image
+    return None
+
+
+def resolve_image(text: str) -> Path:
+    """An --image value: a path to an image file, or the name of an image in the cache."""
+    from apppot.images.recipe import NAME
+
+    path = Path(text)
+    if path.exists() or "/" in text or not NAME.fullmatch(text):
+        return path
+    found = find_by_name(text)
+    if found is None:
+        raise ImageError(
+            f"no image file {text} here and no image named {text} in the cache; "
+            f"build it with 'apppot image build RECIPE.toml' (see 'apppot image list')"
+        )
+    return found.path
