@@ -94,7 +94,8 @@ def test_defaults(tmp_path: Path) -> None:
         ('name = "x"\n[[files]]\nsource = "r.toml"\ntarget = "/a/../b"\n', r"line 4: target '/a/../b' must be"),
         ('name = "x"\n[[files]]\nsource = "nope"\ntarget = "/a"\n', r"line 3: source .*nope does not exist"),
         (
-            'name = "x"\n[[files]]\nsource = "r.toml"\ntarget = "/a"\n[[files]]\nsource = "r.toml"\ntarget = "/b"\nmode = "rwx"\n',
+            'name = "x"\n[[files]]\nsource = "r.toml"\ntarget = "/a"\n'
+            '[[files]]\nsource = "r.toml"\ntarget = "/b"\nmode = "rwx"\n',
             r"line 8: mode 'rwx' is not an octal mode",
         ),
         ('name = "x"\n[[files]]\nsource = "r.toml"\ntarget = "/a"\nowner = "me"\n', r"line 5: unknown key 'owner' in \[files\]"),
