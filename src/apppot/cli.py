@@ -81,6 +81,7 @@ START_OPTIONS = (
         ("--isolation",), "isolation", "value", None, "auto: warn without namespaces; strict: refuse", ("auto", "strict"), "auto"
     ),
     _Option(("--cpu",), "cpu", "value", "N", "host CPU for the guest: a number, auto (default, $APPPOT_CPU) or all"),
+    _Option(("--full-boot",), "full_boot", "flag", None, "boot the image's own init (systemd) with its services, then the job"),
     _Option(("--console-log",), "console_log", "path", "FILE", "write the guest's console here"),
     _Option(("-v", "--verbose"), "verbose", "flag", None, "say what AppPot does"),
 )
@@ -215,6 +216,7 @@ def parse_start(argv: Sequence[str], prog: str = "apppot start") -> JobSpec:
         isolation=Isolation(ns.isolation),
         verbose=ns.verbose,
         console_log=ns.console_log,
+        full_boot=ns.full_boot,
         cpu=ns.cpu or os.environ.get("APPPOT_CPU") or None,
     )
 

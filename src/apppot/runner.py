@@ -22,7 +22,7 @@ from types import FrameType
 from typing import Any, NamedTuple
 
 from apppot import cow, cpu
-from apppot.backends.uml import UmlLaunch, cmdline_length, personality_prefix, uml_argv
+from apppot.backends.uml import AGENT_SERVICE, SYSTEMD_PATH, UmlLaunch, cmdline_length, personality_prefix, uml_argv
 from apppot.errors import GuestDied, HostError, JobDirError, UsageError
 from apppot.images import ext4, tiny
 from apppot.images.store import cache_dir, resolve_image
@@ -140,6 +140,8 @@ def prepare(spec: JobSpec, say: Say) -> Prepared:
         for path, what in ((jobdir, "job directory"), (image, "image")):
             if not _HOSTFS_SAFE.fullmatch(str(path)):
                 raise UsageError(f"the {what} path {path} has blanks or commas, which AppPot can only pass with namespaces")
+    if spec.full_boot:
+        _check_full_boot(image)
     if spec.cow is not None:
         if spec.cow.resolve() == image.resolve():
             raise UsageError("--cow names the base image itself; give a separate file for the COW")
@@ -148,6 +150,15 @@ def prepare(spec: JobSpec, say: Say) -> Prepared:
             cow.check_writable_without_privilege(spec.cow)
             cow.check_unlocked(spec.cow)
     return prepared
+
+
+def _check_full_boot(image: Path) -> None:
+    missing = ext4.missing_paths(image, [SYSTEMD_PATH, AGENT_SERVICE])
+    if missing:
+        raise UsageError(
+            f"--full-boot needs systemd and AppPot's agent service in the image, and {image} lacks {', '.join(missing)}: "
+            "build it from a recipe whose packages include systemd, or start it without --full-boot"
+        )
 
 
 class Streams(NamedTuple):
@@ -359,6 +370,7 @@ class Job:
             net_params=net_params,
             kernel_params=tuple(p.traits.boot_params()),
             extra=self.spec.extra,
+            full_boot=self.spec.full_boot,
         )
         uid, gid, user, group = _guest_identity(self.spec.user, self.spec.group)
         rows, cols = _terminal_size()

@@ -37,6 +37,7 @@ class JobSpec(NamedTuple):
     isolation: Isolation = Isolation.AUTO
     verbose: bool = False
     console_log: Path | None = None
+    full_boot: bool = False  # boot the image's systemd; the agent runs as its last service
     cpu: str | None = None  # None: auto (see apppot.cpu)
 
 

@@ -271,3 +271,26 @@ def test_the_glpk_autorun_solves_the_models_in_the_job_directory(apppot, jobdir:
     (jobdir / "assign.sol").unlink()
     r = apppot(["start", "--image", "glpk"], cwd=jobdir)
     assert r.returncode == 2 and b"no *.mod model in the job directory" in r.stderr
+
+
+# --- a full boot ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def debian_services(cache_home: Path) -> dict[str, object]:
+    return build(cache_home, EXAMPLES / "debian-services.toml")
+
+
+def test_a_full_boot_runs_the_job_after_the_systems_services(apppot, jobdir: Path, debian_services: dict[str, object]) -> None:
+    script = "cat /proc/1/comm; systemctl is-active cron systemd-journald; echo out; echo err >&2; exit 7"
+    r = apppot(["start", "--image", "debian-services", "--full-boot", "--", "sh", "-c", script], cwd=jobdir)
+    assert (r.returncode, r.stdout, r.stderr) == (7, b"systemd\nactive\nactive\nout\n", b"err\n")
+    # The same image without --full-boot: the agent is init, no daemons.
+    r = apppot(["start", "--image", "debian-services", "--", "sh", "-c", "cat /proc/1/comm"], cwd=jobdir)
+    assert (r.returncode, r.stdout) == (0, b"apppot-init\n"), r.err
+
+
+def test_a_full_boot_of_an_image_without_systemd_is_refused(apppot, jobdir: Path) -> None:
+    r = apppot(["start", "--full-boot", "--", "true"], cwd=jobdir)
+    assert r.returncode == 125
+    assert "--full-boot needs systemd" in r.err and "lacks /usr/lib/systemd/systemd" in r.err

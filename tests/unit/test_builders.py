@@ -133,3 +133,9 @@ def test_bwrap_argv_binds_a_shared_library_once() -> None:
 def test_bwrap_argv_shares_the_network_only_when_asked() -> None:
     assert "--share-net" in bwrap_argv("bwrap", [], share_net=True)
     assert "--share-net" not in bwrap_argv("bwrap", [], share_net=False)
+
+
+def test_uml_argv_for_a_full_boot_starts_systemd() -> None:
+    argv = uml_argv(LAUNCH._replace(full_boot=True), [])
+    assert "init=/usr/lib/systemd/systemd" in argv
+    assert not any(a.startswith("init=/usr/sbin/apppot-init") for a in argv)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 AGENT_PATH = "/usr/sbin/apppot-init"
+SYSTEMD_PATH = "/usr/lib/systemd/systemd"  # --full-boot: the distribution's init, which starts the agent
+AGENT_SERVICE = "/etc/systemd/system/apppot-agent.service"
 MIB = 1024 * 1024
 
 
@@ -24,6 +26,7 @@ class UmlLaunch(NamedTuple):
     net_params: tuple[str, ...] = ()  # the network device (e.g. eth0=slirp,...) and its configuration
     kernel_params: tuple[str, ...] = ()  # what this kernel wants on this host: seccomp=, lpj=
     extra: tuple[str, ...] = ()
+    full_boot: bool = False  # boot systemd, which runs the agent as its last service
 
 
 def uml_argv(launch: UmlLaunch, guest_params: list[str]) -> list[str]:
@@ -34,7 +37,7 @@ def uml_argv(launch: UmlLaunch, guest_params: list[str]) -> list[str]:
         "root=/dev/ubda",
         "rw",
         f"mem={launch.mem_bytes // MIB}M",
-        f"init={AGENT_PATH}",
+        f"init={SYSTEMD_PATH if launch.full_boot else AGENT_PATH}",
         "quiet",
         f"umid={launch.umid}",
         f"uml_dir={launch.uml_dir}",

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+from apppot.backends.uml import AGENT_SERVICE, SYSTEMD_PATH
 from apppot.errors import HostError
 from apppot.images import tiny
 from apppot.images.recipe import DEFAULT_MIRROR, Recipe
@@ -51,12 +52,17 @@ def recipe_id(recipe: Recipe) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"builder": BUILDER_VERSION, **recipe.identity()}, sort_keys=True).encode())
     h.update(tiny.agent_source())
+    h.update(_agent_service().read_bytes())
     for copy in recipe.files:
         for path in sorted([copy.source, *copy.source.rglob("*")]) if copy.source.is_dir() else [copy.source]:
             h.update(str(path.relative_to(copy.source.parent)).encode() + b"\0")
             if path.is_file():
                 h.update(hashlib.sha256(path.read_bytes()).digest())
     return h.hexdigest()
+
+
+def _agent_service() -> Path:
+    return tiny.AGENT.with_name("apppot-agent.service")
 
 
 def _mirror(recipe: Recipe) -> str:
@@ -85,6 +91,23 @@ def _agent_dirs(root: Path) -> None:
             os.mkfifo(root / "run/apppot-streams" / name, 0o600)
 
 
+def _enable_full_boot(root: Path) -> None:
+    """Where the image has systemd: the agent's service enabled, and no getty on the consoles the job uses."""
+    if not (root / SYSTEMD_PATH.lstrip("/")).exists():
+        return
+    system = root / "etc/systemd/system"
+    wants = system / "multi-user.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    for link, target in (
+        (wants / "apppot-agent.service", AGENT_SERVICE),
+        (system / "getty@.service", "/dev/null"),
+        (system / "serial-getty@.service", "/dev/null"),
+    ):
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()
+        link.symlink_to(target)
+
+
 def _stage(recipe: Recipe, stage: Path) -> None:
     """The tree the customize hook copies over the new system: the recipe's files, the agent, the autorun."""
     _agent_dirs(stage)
@@ -92,7 +115,10 @@ def _stage(recipe: Recipe, stage: Path) -> None:
     agent.parent.mkdir(parents=True)
     agent.write_bytes(tiny.agent_source())
     os.chmod(agent, 0o755)
-    (stage / "etc").mkdir()
+    service = stage / AGENT_SERVICE.lstrip("/")
+    service.parent.mkdir(parents=True)
+    shutil.copyfile(_agent_service(), service)
+    os.chmod(service, 0o644)
     (stage / "etc/hostname").write_text("apppot\n")
     (stage / "etc/hosts").write_text("127.0.0.1\tlocalhost\n127.0.1.1\tapppot\n::1\tlocalhost ip6-localhost ip6-loopback\n")
     if recipe.autorun is not None:
@@ -194,6 +220,7 @@ def build(recipe: Recipe, *, force: bool = False, quiet: bool = False, say: Say)
         printer.step(f"bootstrapping Debian {recipe.base.suite} with {len(packages)} packages from {_mirror(recipe)}")
         _run_streaming(mmdebstrap_argv(recipe, stage, root), printer, "mmdebstrap")
         _agent_dirs(root)
+        _enable_full_boot(root)
         printer.step(f"making the {recipe.size_bytes >> 20} MiB ext4 image")
         run(
             ["mkfs.ext4", "-q", "-F", "-L", recipe.name[:16], "-d", str(root), str(image), str(recipe.size_bytes >> 10) + "k"],

@@ -74,3 +74,15 @@ def pin_write_time(image: Path, epoch: int) -> None:
         sb[_CHECKSUM_OFFSET:] = _superblock_checksum(sb).to_bytes(4, "little")
         f.seek(_SUPERBLOCK_OFFSET)
         f.write(sb)
+
+
+def missing_paths(image: Path, paths: list[str]) -> list[str]:
+    """Which of these absolute paths the image's filesystem lacks (read with debugfs, never mounted)."""
+    from apppot.proc import run
+
+    missing = []
+    for path in paths:
+        out = run(["debugfs", "-R", f'stat "{path}"', str(image)], package="e2fsprogs")
+        if b"File not found" in out.stderr:
+            missing.append(path)
+    return missing
