@@ -68,6 +68,10 @@ START_OPTIONS = (
     ),
     _Option(("--apppot", "--appot"), "apppot", "value", "[COW,]IMG", "seed syntax: image, or COW file and image"),
     _Option(("--cow",), "cow", "path", "FILE", "keep the job's changes in FILE across jobs"),
+    _Option(
+        ("--writable-image",), "writable_image", "flag", None, "no COW: the job changes the image itself (e.g. apppot-snap base)"
+    ),
+    _Option(("--changes",), "changes", "path", "TAR", "merge this apppot-snap changes archive before the job"),
     _Option(("--jobdir",), "jobdir", "path", "DIR", "shown at /home/user/job (default: .)"),
     _Option(("--mem",), "mem", "value", "SIZE", "guest memory, e.g. 512M or 2G (default: $APPPOT_MEM, else 512M)"),
     _Option(("--net",), "net", "true", None, "outbound network through a user-space NAT"),
@@ -217,6 +221,8 @@ def parse_start(argv: Sequence[str], prog: str = "apppot start") -> JobSpec:
         verbose=ns.verbose,
         console_log=ns.console_log,
         full_boot=ns.full_boot,
+        changes=ns.changes,
+        writable_image=ns.writable_image,
         cpu=ns.cpu or os.environ.get("APPPOT_CPU") or None,
     )
 
@@ -315,6 +321,34 @@ def _print_table(rows: list[dict[str, object]], columns: list[str]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
 
 
+def cmd_changes(argv: Sequence[str]) -> int:
+    p = _parser_class()(prog="apppot changes", description="Changes archives made by apppot-snap changes.")
+    sub = p.add_subparsers(dest="action", required=True)
+    show = sub.add_parser("show", help="what an archive adds, modifies and deletes, and the base it needs")
+    show.add_argument("archive", type=Path)
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    ns = p.parse_args(argv)
+    from apppot import snap
+
+    try:
+        info, members = snap.check_archive(str(ns.archive))
+    except snap.SnapError as e:
+        raise UsageError(str(e)) from None
+    if ns.json:
+        import json
+
+        print(json.dumps({**info._asdict(), "members": len(members), "bytes": ns.archive.stat().st_size}))
+        return 0
+    print(f"archive: {ns.archive} ({ns.archive.stat().st_size} bytes)")
+    print(f"base: {info.base}")
+    print(f"made: {info.created} by {info.tool}")
+    for label, paths in (("adds", info.added), ("modifies", info.modified), ("deletes", info.deleted)):
+        print(f"{label} ({len(paths)}):")
+        for path in paths:
+            print(f"  {path}")
+    return 0
+
+
 def cmd_kernel(argv: Sequence[str]) -> int:
     p = _parser_class()(prog="apppot kernel", description="AppPot's own User-mode Linux kernel.")
     sub = p.add_subparsers(dest="action", required=True)
@@ -376,7 +410,7 @@ def _run(func_argv: Sequence[str], prog: str) -> int:
             return cmd_start(func_argv[1:])
         p = _parser_class()(prog="apppot", description="Run whole Linux appliances as ordinary batch jobs.")
         p.add_argument("--version", action="version", version=f"apppot {__version__}")
-        p.add_argument("subcommand", choices=["start", "image", "kernel"])
+        p.add_argument("subcommand", choices=["start", "image", "kernel", "changes"])
         if not func_argv or func_argv[0] in ("-h", "--help", "--version"):
             p.parse_args(func_argv)
             return 0
@@ -386,6 +420,8 @@ def _run(func_argv: Sequence[str], prog: str) -> int:
             return cmd_start(rest)
         if ns.subcommand == "kernel":
             return cmd_kernel(rest)
+        if ns.subcommand == "changes":
+            return cmd_changes(rest)
         return cmd_image(rest)
     except AppPotError as e:
         sys.stderr.write(f"apppot: error: {e}\n")

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 from apppot.errors import UsageError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: changes archives merged at boot (A_CHANGES)
 
 # UML refuses a command line of 4096 bytes or more and appends " console=tty0"
 # itself; keep a margin for that.
@@ -32,6 +32,11 @@ JOB_FILE = "job"
 STATUS_FILE = "status"
 STDIN_CHUNK = "stdin.{}"
 STDIN_END = "stdin.end"
+# A changes archive to merge at boot, checked by the host: the archive, its deletions (one path
+# per line, relative to /) and the base id it needs.
+CHANGES_ARCHIVE = "changes.tar.gz"
+CHANGES_DELETE = "changes.delete"
+CHANGES_BASE = "changes.base"
 
 _NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _TERM = re.compile(r"[A-Za-z0-9._+-]{1,64}")
@@ -72,6 +77,7 @@ class GuestJob(NamedTuple):
     net: str | None = None  # the guest's network interface, e.g. eth0 or vec0
     net_configured: bool = False  # the kernel configured it already (ip= parameter)
     keep_cow: bool = False  # the COW outlives the job (--cow): the guest must flush it
+    changes: bool = False  # merge the changes archive in the control directory before the job
 
 
 def quote_word(word: bytes) -> bytes:
@@ -120,6 +126,7 @@ def render_job_file(job: GuestJob) -> bytes:
         "A_STDERR": job.stderr.value,
         "A_TTY": int(job.interactive),
         "A_KEEP_COW": int(job.keep_cow),
+        "A_CHANGES": int(job.changes),
     }
     if job.term:
         settings["A_TERM"] = _check(job.term, _TERM, "TERM value")

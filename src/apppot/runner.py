@@ -30,6 +30,9 @@ from apppot.kernel import FoundKernel, KernelTraits, find_kernel, kernel_traits,
 from apppot.network import Network, choose_network
 from apppot.proc import remove_tree, which
 from apppot.protocol import (
+    CHANGES_ARCHIVE,
+    CHANGES_BASE,
+    CHANGES_DELETE,
     JOB_FILE,
     KERNEL_CMDLINE_LIMIT,
     STATUS_FILE,
@@ -57,6 +60,7 @@ POWEROFF_GRACE_S = 10.0  # after the job reported, for the guest to power off
 SPOOL_WINDOW = 4  # stdin chunks the host may have written ahead of the guest
 SPOOL_CHUNK = 1 << 20
 
+AUTO_CHANGES = "apppot-changes.tar.gz"  # merged at boot when found in the job directory
 _UMID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _HOSTFS_SAFE = re.compile(r"/[^\s,\"]*")
 
@@ -81,6 +85,9 @@ class Prepared(NamedTuple):
     bwrap: str | None
     umid: str
     cpu: int | None = None  # the host CPU the guest is pinned to
+    changes: Path | None = None  # a checked changes archive to merge at boot
+    changes_base: str = ""
+    changes_deleted: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
 
 
@@ -135,13 +142,24 @@ def prepare(spec: JobSpec, say: Say) -> Prepared:
     pin = cpu.choose_cpu(spec.cpu, os.sched_getaffinity(0), cpu.current_cpu())
     if spec.verbose:
         say(f"guest pinned to host CPU {pin}" if pin is not None else "guest not pinned to a host CPU")
-    prepared = Prepared(kernel, traits, image, fs_uuid, jobdir, mem, net, None if warning else bwrap, umid, pin, warnings)
+    changes, base, deleted = _check_changes(spec.changes, jobdir, say if spec.verbose else None)
+    prepared = Prepared(
+        kernel, traits, image, fs_uuid, jobdir, mem, net, None if warning else bwrap, umid, pin, changes, base, deleted, warnings
+    )
     if warning:
         for path, what in ((jobdir, "job directory"), (image, "image")):
             if not _HOSTFS_SAFE.fullmatch(str(path)):
                 raise UsageError(f"the {what} path {path} has blanks or commas, which AppPot can only pass with namespaces")
     if spec.full_boot:
         _check_full_boot(image)
+    if spec.writable_image:
+        if spec.cow is not None:
+            raise UsageError("--writable-image and --cow exclude each other: the job writes either the image or the COW")
+        # Also as root: UML opens an image without write permission read-only, and the job would fail later.
+        if not os.access(image, os.W_OK) or not image.stat().st_mode & 0o222:
+            raise UsageError(
+                f"--writable-image: {image} is not writable by you; make it writable (chmod u+w) to change it on purpose"
+            )
     if spec.cow is not None:
         if spec.cow.resolve() == image.resolve():
             raise UsageError("--cow names the base image itself; give a separate file for the COW")
@@ -150,6 +168,23 @@ def prepare(spec: JobSpec, say: Say) -> Prepared:
             cow.check_writable_without_privilege(spec.cow)
             cow.check_unlocked(spec.cow)
     return prepared
+
+
+def _check_changes(given: Path | None, jobdir: Path, say: Say | None) -> tuple[Path | None, str, tuple[str, ...]]:
+    """The changes archive to merge (--changes, else apppot-changes.tar.gz in the job directory), checked
+    on the host before the guest sees it."""
+    path = given if given is not None else jobdir / AUTO_CHANGES
+    if given is None and not path.is_file():
+        return None, "", ()
+    from apppot import snap
+
+    try:
+        info, _ = snap.check_archive(str(path))
+    except snap.SnapError as e:
+        raise UsageError(f"{e}") from None
+    if say:
+        say(f"merging {path} (base {info.base[:16]}) before the job")
+    return path, info.base, tuple(info.deleted)
 
 
 def _check_full_boot(image: Path) -> None:
@@ -316,6 +351,8 @@ class Job:
 
     def _cow(self, temp_cow: Path) -> Path:
         p = self.prepared
+        if self.spec.writable_image:
+            return p.image.resolve()
         target = self.spec.cow if self.spec.cow is not None else temp_cow
         if not target.exists():
             cow.create(target, p.image, p.fs_uuid)
@@ -358,7 +395,7 @@ class Job:
             net_params = (p.net.uml_param(), *([p.net.kernel_ip_param()] if p.traits.ip_autoconfig else []))
         launch = UmlLaunch(
             kernel=SANDBOX_KERNEL if sandboxed else str(p.kernel.path),
-            base=cow.base_path_for(p.fs_uuid) if sandboxed else str(p.image.resolve()),
+            base="" if self.spec.writable_image else cow.base_path_for(p.fs_uuid) if sandboxed else str(p.image.resolve()),
             cow=SANDBOX_COW if sandboxed else str(cow_path),
             mem_bytes=p.mem_bytes,
             umid=p.umid,
@@ -389,8 +426,11 @@ class Job:
             cols=cols,
             net=p.net.interface if p.net else None,
             net_configured=p.net is not None and p.traits.ip_autoconfig,
-            keep_cow=self.spec.cow is not None,
+            keep_cow=self.spec.cow is not None or self.spec.writable_image,
+            changes=p.changes is not None,
         )
+        if p.changes is not None:
+            _put_changes(ctl, p)
         (ctl / JOB_FILE).write_bytes(render_job_file(guest))
         agent_params = render_kernel_params(SANDBOX_CTL if sandboxed else str(ctl), SANDBOX_JOB if sandboxed else str(p.jobdir))
         argv = uml_argv(launch, agent_params)
@@ -452,8 +492,9 @@ class Job:
         binds += [Bind(str(lib), str(lib)) for lib in shared_libraries(p.kernel.path)]
         if p.net is not None:
             binds += [Bind(str(src), str(dst)) for src, dst in p.net.sandbox_files(shared_libraries)]
+        if not self.spec.writable_image:
+            binds.append(Bind(str(p.image.resolve()), cow.base_path_for(p.fs_uuid)))
         binds += [
-            Bind(str(p.image.resolve()), cow.base_path_for(p.fs_uuid)),
             Bind(str(cow_path), SANDBOX_COW, writable=True),
             Bind(str(ctl), SANDBOX_CTL, writable=True),
             Bind(str(p.jobdir), SANDBOX_JOB, writable=True),
@@ -520,6 +561,20 @@ class Job:
         rc = self.proc.returncode
         how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with status {rc}"
         raise GuestDied(f"the guest ended without reporting the job's status (UML {how}){_panic_hint(log_path)}")
+
+
+def _put_changes(ctl: Path, p: Prepared) -> None:
+    """The checked archive and what the agent needs besides tar, in the control directory."""
+    assert p.changes is not None
+    target = ctl / CHANGES_ARCHIVE
+    try:
+        os.link(p.changes, target)
+    except OSError:
+        with p.changes.open("rb") as src, target.open("wb") as dst:
+            while block := src.read(1 << 20):
+                dst.write(block)
+    (ctl / CHANGES_DELETE).write_text("".join(path.lstrip("/") + "\n" for path in p.changes_deleted))
+    (ctl / CHANGES_BASE).write_text(p.changes_base + "\n")
 
 
 def _make_rundir(base: Path) -> Path:

@@ -37,6 +37,8 @@ class JobSpec(NamedTuple):
     isolation: Isolation = Isolation.AUTO
     verbose: bool = False
     console_log: Path | None = None
+    changes: Path | None = None  # a changes archive to merge at boot (else apppot-changes.tar.gz in the job dir)
+    writable_image: bool = False  # no COW: the job writes the image itself (on purpose)
     full_boot: bool = False  # boot the image's systemd; the agent runs as its last service
     cpu: str | None = None  # None: auto (see apppot.cpu)
 

@@ -15,13 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import APPPOT, ROOT, Result, chown_to
+from tests.conftest import APPPOT, chown_to
+from tests.integration.conftest import EXAMPLES, apppot_cli
 
 pytestmark = pytest.mark.uml
-
-EXAMPLES = ROOT / "examples"
-KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
-MIRROR = os.environ.get("APPPOT_DEBIAN_MIRROR") or "http://deb.debian.org/debian"
 
 
 @pytest.fixture(autouse=True)
@@ -29,60 +26,6 @@ def uml_kernel(own_kernel: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
     """Appliance tests run on AppPot's kernel only: the kernel matrix is the `apppot start` suite's."""
     monkeypatch.setenv("APPPOT_KERNEL", str(own_kernel))
     yield own_kernel
-
-
-def apppot_cli(cache_home: Path, *args: str, cwd: Path | None = None, timeout: float = 900) -> Result:
-    env = {**os.environ, "XDG_CACHE_HOME": str(cache_home)}
-    proc = subprocess.run([APPPOT, *args], cwd=cwd, env=env, capture_output=True, timeout=timeout, check=False)
-    return Result(proc.returncode, proc.stdout, proc.stderr)
-
-
-def build(cache_home: Path, recipe: Path) -> dict[str, object]:
-    if os.geteuid() != 0:
-        pytest.skip("building Debian appliances needs root (make test runs as root in CI)")
-    r = apppot_cli(cache_home, "image", "build", "--json", str(recipe))
-    assert r.returncode == 0, r.err
-    record: dict[str, object] = json.loads(r.stdout)
-    images = cache_home / "apppot" / "images"
-    for p in (cache_home / "apppot", images):
-        os.chmod(p, 0o755)  # the unprivileged test user reads the session's images
-    return record
-
-
-@pytest.fixture(scope="session")
-def debian_dev(cache_home: Path) -> dict[str, object]:
-    return build(cache_home, EXAMPLES / "debian-dev.toml")
-
-
-@pytest.fixture(scope="session")
-def glpk_image(cache_home: Path) -> dict[str, object]:
-    return build(cache_home, EXAMPLES / "glpk" / "glpk.toml")
-
-
-@pytest.fixture(scope="session")
-def hello_tarball(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """GNU hello's release tarball, as Debian's source package carries it (apt-get source, private apt)."""
-    d = tmp_path_factory.mktemp("hello-source")
-    for sub in ("sources", "lists/partial", "cache/archives/partial", "download"):
-        (d / sub).mkdir(parents=True)
-    (d / "sources" / "src.sources").write_text(
-        f"Types: deb-src\nURIs: {MIRROR}\nSuites: bookworm\nComponents: main\nSigned-By: {KEYRING}\n"
-    )
-    options = [
-        "-o", "Dir::Etc::SourceList=/dev/null",
-        "-o", f"Dir::Etc::SourceParts={d / 'sources'}",
-        "-o", f"Dir::State::Lists={d / 'lists'}",
-        "-o", f"Dir::Cache={d / 'cache'}",
-    ]  # fmt: skip
-    if os.geteuid() == 0:
-        options += ["-o", "APT::Sandbox::User=root"]
-    subprocess.run(["apt-get", *options, "update", "-qq"], check=True, capture_output=True)
-    subprocess.run(
-        ["apt-get", *options, "source", "--download-only", "hello"], cwd=d / "download", check=True, capture_output=True
-    )
-    (orig,) = (d / "download").glob("hello_*.orig.tar.gz")
-    version = orig.name.removeprefix("hello_").removesuffix(".orig.tar.gz")
-    return orig.rename(d / f"hello-{version}.tar.gz")
 
 
 # --- building and the cache ----------------------------------------------------------------------
@@ -123,6 +66,30 @@ def test_a_failed_build_leaves_no_image(cache_home: Path, tmp_path: Path) -> Non
     images = cache_home / "apppot" / "images"
     assert not list(images.glob("broken-*")), "no image under the final name"
     assert not [p for p in images.iterdir() if p.name.startswith(".build-")], "no build directory left"
+
+
+def test_building_without_root_says_what_is_needed(cache_home: Path, tmp_path: Path, test_user: str) -> None:
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('name = "x"\n')
+    cache = tmp_path / "user-cache"
+    cache.mkdir()
+    chown_to(cache, test_user)
+    os.chmod(tmp_path, 0o755)
+    argv = [
+        "setpriv",
+        f"--reuid={test_user}",
+        f"--regid={test_user}",
+        "--init-groups",
+        "--",
+        APPPOT,
+        "image",
+        "build",
+        str(recipe),
+    ]
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache), "HOME": str(cache)}
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 125
+    assert "building a Debian appliance needs root" in proc.stderr and proc.stderr.count("\n") == 1
 
 
 def test_a_bad_recipe_is_one_line(cache_home: Path, tmp_path: Path) -> None:
@@ -274,11 +241,6 @@ def test_the_glpk_autorun_solves_the_models_in_the_job_directory(apppot, jobdir:
 
 
 # --- a full boot ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def debian_services(cache_home: Path) -> dict[str, object]:
-    return build(cache_home, EXAMPLES / "debian-services.toml")
 
 
 def test_a_full_boot_runs_the_job_after_the_systems_services(apppot, jobdir: Path, debian_services: dict[str, object]) -> None:

@@ -134,7 +134,7 @@ def test_mmdebstrap_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         "--variant=minbase",
         "--format=directory",
         "--verbose",
-        "--include=gcc,mawk,mount,sudo",
+        "--include=gcc,mawk,mount,python3,sudo",
         "--components=main",
         "--customize-hook=sync-in /s /",
         '--customize-hook=chroot "$1" /bin/sh /root/.apppot-recipe-commands',
@@ -158,7 +158,7 @@ def test_image_names_resolve_in_the_cache(tmp_path: Path, monkeypatch: pytest.Mo
     def fake(name: str, rid: str, built: str) -> Path:
         path = images / f"{store.image_stem(name, rid)}.img"
         path.write_bytes(b"")
-        record = store.ImageRecord(name, "r.toml", rid, "c" * 64, "a" * 64, 2, "debian", "bookworm", [], 1, built, 1.0)
+        record = store.ImageRecord(name, "r.toml", rid, "c" * 64, "a" * 64, 3, "debian", "bookworm", [], 1, built, 1.0, "b" * 64)
         record.write(path.with_suffix(".json"))
         return path
 

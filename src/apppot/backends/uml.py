@@ -14,7 +14,7 @@ class UmlLaunch(NamedTuple):
     """Everything the UML command line is made of, as seen by the UML process."""
 
     kernel: str
-    base: str
+    base: str  # "": no COW, the image itself is `cow` and opened read-write
     cow: str
     mem_bytes: int
     umid: str
@@ -33,7 +33,7 @@ def uml_argv(launch: UmlLaunch, guest_params: list[str]) -> list[str]:
     """The UML kernel's argv: disks, memory, channels, then the agent's parameters."""
     argv = [
         launch.kernel,
-        f"ubd0={launch.cow},{launch.base}",
+        f"ubd0={launch.cow},{launch.base}" if launch.base else f"ubd0={launch.cow}",
         "root=/dev/ubda",
         "rw",
         f"mem={launch.mem_bytes // MIB}M",

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+from apppot import snap
 from apppot.backends.uml import AGENT_SERVICE, SYSTEMD_PATH
 from apppot.errors import HostError
 from apppot.images import tiny
@@ -33,9 +34,9 @@ from apppot.protocol import PROTOCOL_VERSION
 
 BUILDER_VERSION = "1"
 # What every Debian appliance needs besides the recipe's packages: sudo for the job's user (the
-# seed's promise), and the tools the agent uses beyond the Essential set.
-ALWAYS = ("sudo", "mount", "mawk")
-STEPS = 4
+# seed's promise), the tools the agent uses beyond the Essential set, and Python for apppot-snap.
+ALWAYS = ("sudo", "mount", "mawk", "python3")  # python3: apppot-snap
+STEPS = 5
 COMMANDS_SCRIPT = "/root/.apppot-recipe-commands"
 
 Say = Callable[[str], None]
@@ -53,6 +54,7 @@ def recipe_id(recipe: Recipe) -> str:
     h.update(json.dumps({"builder": BUILDER_VERSION, **recipe.identity()}, sort_keys=True).encode())
     h.update(tiny.agent_source())
     h.update(_agent_service().read_bytes())
+    h.update(Path(snap.__file__).read_bytes())
     for copy in recipe.files:
         for path in sorted([copy.source, *copy.source.rglob("*")]) if copy.source.is_dir() else [copy.source]:
             h.update(str(path.relative_to(copy.source.parent)).encode() + b"\0")
@@ -115,6 +117,12 @@ def _stage(recipe: Recipe, stage: Path) -> None:
     agent.parent.mkdir(parents=True)
     agent.write_bytes(tiny.agent_source())
     os.chmod(agent, 0o755)
+    snap_tool = stage / "usr/sbin/apppot-snap"
+    shutil.copyfile(Path(snap.__file__), snap_tool)
+    os.chmod(snap_tool, 0o755)
+    excludes = stage / snap.EXCLUDE_FILE.lstrip("/")
+    excludes.parent.mkdir(parents=True)
+    excludes.write_text(snap.DEFAULT_EXCLUDES)
     service = stage / AGENT_SERVICE.lstrip("/")
     service.parent.mkdir(parents=True)
     shutil.copyfile(_agent_service(), service)
@@ -221,6 +229,9 @@ def build(recipe: Recipe, *, force: bool = False, quiet: bool = False, say: Say)
         _run_streaming(mmdebstrap_argv(recipe, stage, root), printer, "mmdebstrap")
         _agent_dirs(root)
         _enable_full_boot(root)
+        printer.step("recording the base state for apppot-snap")
+        base = snap.write_manifest(snap.scan(str(root)), str(root / snap.BASE_MANIFEST.lstrip("/")))
+        (root / snap.BASE_ID.lstrip("/")).write_text(base.id + "\n")
         printer.step(f"making the {recipe.size_bytes >> 20} MiB ext4 image")
         run(
             ["mkfs.ext4", "-q", "-F", "-L", recipe.name[:16], "-d", str(root), str(image), str(recipe.size_bytes >> 10) + "k"],
@@ -234,6 +245,7 @@ def build(recipe: Recipe, *, force: bool = False, quiet: bool = False, say: Say)
             recipe_id=ident,
             content_id=content,
             agent=hashlib.sha256(tiny.agent_source()).hexdigest(),
+            base_id=base.id,
             protocol=PROTOCOL_VERSION,
             distribution=recipe.base.distribution,
             suite=recipe.base.suite,

@@ -149,8 +149,10 @@ def parse_recipe(path: Path) -> Recipe:
         text = path.read_text()
     except FileNotFoundError:
         raise RecipeError(f"recipe {path} does not exist; give the path of a .toml recipe") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise RecipeError(f"cannot read recipe {path}: {e}") from e
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe {path}: {e.strerror}; check its permissions") from e
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe {path} is not UTF-8 text; a recipe is a TOML file") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -40,6 +40,7 @@ class ImageRecord(NamedTuple):
     size_bytes: int  # the filesystem's size (the file is sparse)
     built: str  # UTC, ISO 8601
     build_seconds: float
+    base_id: str = ""  # the base state apppot-snap recorded in it (none before AppPot recorded one)
 
     @staticmethod
     def read(path: Path) -> ImageRecord:
@@ -47,7 +48,7 @@ class ImageRecord(NamedTuple):
 
         try:
             data = json.loads(path.read_text())
-            return ImageRecord(**{k: data[k] for k in ImageRecord._fields})
+            return ImageRecord(**{k: data[k] for k in ImageRecord._fields if k in data})
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ImageError(f"image record {path} is damaged ({e}); rebuild the image with apppot image build --force") from e
 

@@ -1,0 +1,494 @@
+#!/usr/bin/python3
+"""apppot-snap: a system's base state, the changes made since, and merging them elsewhere.
+
+    apppot-snap base                  record the whole system's state as its base
+    apppot-snap changes [FILE]        pack what differs from the base (default: into the job directory)
+    apppot-snap merge FILE            apply such an archive to this system
+    apppot-snap manifest FILE         write the system's current state (to compare two systems)
+
+One stdlib-only module: the host imports it (checking and showing archives), and images carry it
+as /usr/sbin/apppot-snap. The agent merges archives at boot with sh and tar alone.
+
+A manifest lists every path of the system (not crossing mount points, without /proc, /sys, /dev,
+/run, /tmp, the job directory and the paths in /etc/apppot/snap.exclude) with its type, mode,
+owner, size, mtime and content digest (or link target). A changes archive is a tar.gz whose first
+member, .apppot-changes.json, names the base it was made against and the deletions; the other
+members are the new and changed files, directories and links, relative to /, with numeric owners.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import os
+import posixpath
+import stat
+import sys
+import tarfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+VERSION = "1"
+STATE_DIR = "/var/lib/apppot"
+BASE_MANIFEST = f"{STATE_DIR}/base.manifest.gz"
+BASE_ID = f"{STATE_DIR}/base.id"
+EXCLUDE_FILE = "/etc/apppot/snap.exclude"
+MANIFEST_MEMBER = ".apppot-changes.json"
+JOB_DIR = "/home/user/job"
+DEFAULT_CHANGES_NAME = "apppot.{date}.changes.tar.gz"
+# Never part of a system's state: kernel views, scratch space, the job directory, our own state.
+ALWAYS_EXCLUDED = ("/proc", "/sys", "/dev", "/run", "/tmp", JOB_DIR, STATE_DIR, "/" + MANIFEST_MEMBER, "/lost+found")
+# Shipped in images as /etc/apppot/snap.exclude, which the image's owner may edit.
+DEFAULT_EXCLUDES = """\
+# Paths apppot-snap leaves out of base states and changes, one per line (subtrees included).
+/var/cache/apt
+/var/lib/apt/lists
+/var/log
+/var/tmp
+/var/cache/debconf/templates.dat-old
+/etc/resolv.conf
+/etc/sudoers.d/apppot
+/root/.cache
+/home/user/.cache
+"""
+FILE, DIR, LINK, OTHER = "f", "d", "l", "o"
+
+
+class SnapError(Exception):
+    """A problem apppot-snap explains in one line."""
+
+
+class Entry(NamedTuple):
+    path: str  # absolute, in the system
+    kind: str  # FILE, DIR, LINK, OTHER
+    mode: int  # permission bits, with setuid/setgid/sticky
+    uid: int
+    gid: int
+    size: int
+    mtime: int  # seconds
+    content: str  # sha256 of a file, target of a link, "" otherwise
+
+    def same_content(self, other: Entry) -> bool:
+        return self.kind == other.kind and self.content == other.content
+
+    def same_meta(self, other: Entry) -> bool:
+        return (self.mode, self.uid, self.gid) == (other.mode, other.uid, other.gid)
+
+
+class Manifest(NamedTuple):
+    id: str
+    created: str
+    entries: dict[str, Entry]
+    epoch: int = 0  # when it was recorded
+
+
+class Changes(NamedTuple):
+    added: list[Entry]
+    modified: list[Entry]  # content or type changed
+    meta: list[Entry]  # only mode or owner changed
+    deleted: list[str]  # top-most deleted paths; also paths whose type changed (removed, then packed)
+
+    def packed(self) -> list[Entry]:
+        return sorted([*self.added, *self.modified, *self.meta], key=lambda e: e.path)
+
+
+# --- manifests ----------------------------------------------------------------------------------
+
+
+def read_excludes(root: str = "/") -> list[str]:
+    paths = list(ALWAYS_EXCLUDED)
+    try:
+        text = Path(root, EXCLUDE_FILE.lstrip("/")).read_text()
+    except FileNotFoundError:
+        text = DEFAULT_EXCLUDES
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            paths.append("/" + line.strip("/"))
+    return paths
+
+
+def is_excluded(path: str, excludes: Iterable[str]) -> bool:
+    return any(path == x or path.startswith(x.rstrip("/") + "/") for x in excludes)
+
+
+def _digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _entry(path: str, real: str, st: os.stat_result, known: dict[str, Entry] | None, racy: int) -> Entry:
+    mode = stat.S_IMODE(st.st_mode)
+    mtime = int(st.st_mtime)
+    if stat.S_ISREG(st.st_mode):
+        old = known.get(path) if known else None
+        # Unchanged size and mtime: the content is taken as unchanged (as rsync does); --checksum hashes
+        # all. Times are whole seconds (mkfs.ext4 -d keeps no more), so a file whose time is not before
+        # the base was recorded may have changed within that second: it is hashed.
+        if old is not None and old.kind == FILE and (old.size, old.mtime) == (st.st_size, mtime) and mtime < racy:
+            content = old.content
+        else:
+            content = _digest(real)
+        return Entry(path, FILE, mode, st.st_uid, st.st_gid, st.st_size, mtime, content)
+    if stat.S_ISDIR(st.st_mode):
+        return Entry(path, DIR, mode, st.st_uid, st.st_gid, 0, 0, "")
+    if stat.S_ISLNK(st.st_mode):
+        return Entry(path, LINK, 0, st.st_uid, st.st_gid, 0, 0, os.readlink(real))
+    return Entry(path, OTHER, mode, st.st_uid, st.st_gid, 0, 0, f"{stat.S_IFMT(st.st_mode):o}")
+
+
+def scan(
+    root: str = "/", excludes: list[str] | None = None, known: dict[str, Entry] | None = None, known_since: int = 0
+) -> dict[str, Entry]:
+    """Every path of the system under root, not crossing mount points, without the excluded ones.
+
+    known: a base's entries, whose digests are reused for files with the same size and mtime
+    (earlier than known_since, the epoch second the base was recorded)."""
+    excludes = read_excludes(root) if excludes is None else excludes
+    root_dev = os.lstat(root).st_dev
+    entries: dict[str, Entry] = {}
+    todo = ["/"]
+    while todo:
+        directory = todo.pop()
+        real_dir = os.path.join(root, directory.lstrip("/"))
+        try:
+            children = sorted(os.scandir(real_dir), key=lambda d: d.name)
+        except OSError as e:
+            raise SnapError(f"cannot read {directory}: {e.strerror}") from e
+        for child in children:
+            path = posixpath.join(directory, child.name)
+            if is_excluded(path, excludes):
+                continue
+            st = child.stat(follow_symlinks=False)
+            if st.st_dev != root_dev:
+                continue  # another filesystem mounted here
+            entries[path] = _entry(path, child.path, st, known, known_since)
+            if stat.S_ISDIR(st.st_mode):
+                todo.append(path)
+    return entries
+
+
+def _lines(entries: dict[str, Entry]) -> Iterator[str]:
+    for path in sorted(entries):
+        yield json.dumps(list(entries[path]), ensure_ascii=True)
+
+
+def write_manifest(entries: dict[str, Entry], target: str) -> Manifest:
+    """Write a manifest (gzip, a JSON header line, then one JSON array per path); returns it with its id."""
+    lines = list(_lines(entries))
+    ident = hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    epoch = int(time.time())
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+    header = json.dumps({"apppot_snap": VERSION, "id": ident, "created": created, "epoch": epoch, "entries": len(lines)})
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = target + ".tmp"
+    with gzip.open(tmp, "wt", compresslevel=6) as f:
+        f.write(header + "\n")
+        for line in lines:
+            f.write(line + "\n")
+    os.replace(tmp, target)
+    return Manifest(ident, created, entries, epoch)
+
+
+def read_manifest(source: str) -> Manifest:
+    try:
+        with gzip.open(source, "rt") as f:
+            header = json.loads(f.readline())
+            entries = {}
+            for line in f:
+                fields = json.loads(line)
+                entry = Entry(*fields)
+                entries[entry.path] = entry
+    except FileNotFoundError:
+        raise SnapError(f"no base state at {source}: record one with 'apppot-snap base'") from None
+    except (OSError, ValueError, TypeError, EOFError) as e:
+        raise SnapError(f"the base state {source} is damaged ({e}); record it again with 'apppot-snap base'") from e
+    return Manifest(str(header.get("id")), str(header.get("created")), entries, int(header.get("epoch", 0)))
+
+
+# --- differences --------------------------------------------------------------------------------
+
+
+def diff(base: dict[str, Entry], now: dict[str, Entry]) -> Changes:
+    """What turns the base into now."""
+    added, modified, meta, gone = [], [], [], []
+    for path, entry in now.items():
+        old = base.get(path)
+        if old is None:
+            added.append(entry)
+        elif old.kind != entry.kind:
+            modified.append(entry)
+            gone.append(path)  # removed first: a file does not turn into a directory by extraction
+        elif not old.same_content(entry):
+            modified.append(entry)
+            if entry.kind == LINK:
+                gone.append(path)  # tar replaces files but not every link
+        elif not old.same_meta(entry):
+            meta.append(entry)
+    gone += [path for path in base if path not in now]
+    return Changes(added, modified, meta, topmost(gone))
+
+
+def topmost(paths: Iterable[str]) -> list[str]:
+    """The paths without those inside another of them, deepest first."""
+    chosen: list[str] = []
+    for path in sorted(set(paths)):
+        if not chosen or not (path + "/").startswith(chosen[-1].rstrip("/") + "/"):
+            chosen.append(path)
+    return sorted(chosen, key=lambda p: (-p.count("/"), p))
+
+
+# --- archives -----------------------------------------------------------------------------------
+
+
+class ArchiveInfo(NamedTuple):
+    base: str
+    created: str
+    tool: str
+    deleted: list[str]
+    added: list[str]
+    modified: list[str]
+
+
+def write_changes(changes: Changes, base_id: str, target: str, root: str = "/", verbose: bool = False) -> ArchiveInfo:
+    """Pack the changes into a tar.gz with the manifest first; written atomically."""
+    info = ArchiveInfo(
+        base=base_id,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        tool=f"apppot-snap {VERSION}",
+        deleted=changes.deleted,
+        added=sorted(e.path for e in changes.added),
+        modified=sorted(e.path for e in [*changes.modified, *changes.meta]),
+    )
+    tmp = target + ".tmp"
+    with tarfile.open(tmp, "w:gz", format=tarfile.PAX_FORMAT) as tar:
+        data = json.dumps({"format": "apppot-changes", **info._asdict()}, indent=1).encode()
+        member = tarfile.TarInfo(MANIFEST_MEMBER)
+        member.size, member.mtime, member.mode = len(data), int(time.time()), 0o644
+        tar.addfile(member, io.BytesIO(data))
+        for entry in changes.packed():
+            real = os.path.join(root, entry.path.lstrip("/"))
+            member = tar.gettarinfo(real, arcname=entry.path.lstrip("/"))
+            member.uname = member.gname = ""  # numeric owners: names may differ until /etc/passwd is merged
+            if member.type == tarfile.LNKTYPE:  # a hard link to a file packed before: store it whole
+                member.type, member.linkname, member.size = tarfile.REGTYPE, "", os.lstat(real).st_size
+            if verbose:
+                print(entry.path)
+            if member.isreg():
+                with open(real, "rb") as f:
+                    tar.addfile(member, f)
+            else:
+                tar.addfile(member)
+    os.replace(tmp, target)
+    return info
+
+
+def _clean_relative(name: str) -> bool:
+    parts = name.split("/")
+    return bool(name) and not name.startswith("/") and ".." not in parts and "\n" not in name and name not in (".", "./")
+
+
+def check_archive(source: str) -> tuple[ArchiveInfo, list[tarfile.TarInfo]]:
+    """Read and check a changes archive without extracting anything; every problem is a SnapError
+    naming the offending member."""
+    if not os.path.isfile(source):
+        raise SnapError(f"changes archive {source} does not exist or is not a file")
+    try:
+        with tarfile.open(source, "r:*") as tar:
+            members = tar.getmembers()
+            first = members[0] if members else None
+            if first is None or first.name != MANIFEST_MEMBER or not first.isreg():
+                raise SnapError(f"{source} has no {MANIFEST_MEMBER} first: it was not made by apppot-snap changes")
+            extracted = tar.extractfile(first)
+            assert extracted is not None
+            info = _parse_manifest(source, extracted.read())
+    except (tarfile.TarError, OSError, EOFError) as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0].rstrip(":")
+        raise SnapError(f"{source} is not a readable tar.gz archive ({why}); give an archive made by apppot-snap changes") from e
+    names = set()
+    for m in members[1:]:
+        name = m.name.rstrip("/") if m.isdir() else m.name
+        what = f"{source}: member {m.name!r}"
+        if not _clean_relative(name):
+            raise SnapError(f"{what} has an absolute path, '..' or a newline: refused")
+        if name == MANIFEST_MEMBER:
+            raise SnapError(f"{what} appears twice: refused")
+        if m.ischr() or m.isblk():
+            raise SnapError(f"{what} is a device file: refused")
+        if m.islnk():
+            raise SnapError(f"{what} is a hard link: refused (apppot-snap stores files whole)")
+        if m.issym() and not m.linkname.startswith("/"):
+            resolved = posixpath.normpath(posixpath.join(posixpath.dirname(name), m.linkname))
+            if resolved == ".." or resolved.startswith("../"):
+                raise SnapError(f"{what} is a link pointing outside the system ({m.linkname}): refused")
+        if not (m.isreg() or m.isdir() or m.issym() or m.isfifo()):
+            raise SnapError(f"{what} is of an unsupported type: refused")
+        names.add(name)
+    for path in info.deleted:
+        if not _clean_relative(path.lstrip("/")) or not path.startswith("/") or path == "/":
+            raise SnapError(f"{source}: deletion {path!r} is not a clean absolute path: refused")
+    return info, members[1:]
+
+
+def _parse_manifest(source: str, data: bytes) -> ArchiveInfo:
+    try:
+        doc = json.loads(data)
+        if doc.get("format") != "apppot-changes":
+            raise ValueError("format is not apppot-changes")
+        info = ArchiveInfo(**{k: doc[k] for k in ArchiveInfo._fields})
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SnapError(f"{source}: {MANIFEST_MEMBER} is malformed ({e}); make the archive again") from None
+    if not isinstance(info.base, str) or not all(isinstance(v, list) for v in (info.deleted, info.added, info.modified)):
+        raise SnapError(f"{source}: {MANIFEST_MEMBER} is malformed (wrong types); make the archive again")
+    if not all(isinstance(p, str) for p in [*info.deleted, *info.added, *info.modified]):
+        raise SnapError(f"{source}: {MANIFEST_MEMBER} is malformed (paths must be strings); make the archive again")
+    return info
+
+
+def merge(source: str, root: str = "/", force: bool = False, base_id: str | None = None) -> ArchiveInfo:
+    """Apply a checked archive: deletions first, then the members with their modes and owners."""
+    info, members = check_archive(source)
+    if base_id is None:
+        base_id = _read_base_id(root)
+    if info.base != base_id and not force:
+        raise SnapError(
+            f"{source} was made against base {info.base[:16]}, this system is base {base_id[:16]}: "
+            "merge it onto the system it was made for, or pass --force"
+        )
+    for path in info.deleted:
+        _remove(os.path.join(root, path.lstrip("/")))
+    with tarfile.open(source, "r:*") as tar:
+        for m in members:
+            target = os.path.join(root, m.name)
+            if (os.path.lexists(target) and not os.path.isdir(target)) or (os.path.isdir(target) and not m.isdir()):
+                _remove(target)
+            tar.extract(m, root, numeric_owner=True, set_attrs=True, **_TRUSTED)
+        # Directories last: extracting into them changed their times.
+        for m in members:
+            if m.isdir():
+                os.utime(os.path.join(root, m.name), (m.mtime, m.mtime))
+    return info
+
+
+# The archive is checked already; Python's own extraction filters (3.12+) would drop setuid bits.
+_TRUSTED: dict[str, Any] = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
+
+
+def _remove(path: str) -> None:
+    if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
+        os.unlink(path)
+    elif os.path.isdir(path):
+        for entry in os.scandir(path):
+            _remove(entry.path)
+        os.rmdir(path)
+
+
+def _read_base_id(root: str) -> str:
+    try:
+        return Path(root, BASE_ID.lstrip("/")).read_text().strip()
+    except FileNotFoundError:
+        raise SnapError("this system has no recorded base state: record one with 'apppot-snap base'") from None
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+def cmd_base(ns: argparse.Namespace) -> int:
+    started = time.monotonic()
+    # Our own files first, so that the state recorded includes them.
+    exclude = Path(ns.root, EXCLUDE_FILE.lstrip("/"))
+    if not exclude.exists():
+        exclude.parent.mkdir(parents=True, exist_ok=True)
+        exclude.write_text(DEFAULT_EXCLUDES)
+    Path(ns.root, STATE_DIR.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    entries = scan(ns.root)
+    manifest = write_manifest(entries, os.path.join(ns.root, BASE_MANIFEST.lstrip("/")))
+    Path(ns.root, BASE_ID.lstrip("/")).write_text(manifest.id + "\n")
+    took = time.monotonic() - started
+    print(f"apppot-snap: base {manifest.id[:16]} recorded: {len(entries)} paths in {took:.1f} s")
+    return 0
+
+
+def _default_target() -> str:
+    directory = JOB_DIR if os.path.isdir(JOB_DIR) else os.getcwd()
+    return os.path.join(directory, DEFAULT_CHANGES_NAME.format(date=time.strftime("%Y-%m-%d")))
+
+
+def cmd_changes(ns: argparse.Namespace) -> int:
+    started = time.monotonic()
+    base = read_manifest(os.path.join(ns.root, BASE_MANIFEST.lstrip("/")))
+    now = scan(ns.root, known=None if ns.checksum else base.entries, known_since=base.epoch)
+    changes = diff(base.entries, now)
+    if ns.dry_run:
+        for label, entries in (("add", changes.added), ("modify", changes.modified), ("attributes", changes.meta)):
+            for e in entries:
+                print(f"{label} {e.path}")
+        for path in changes.deleted:
+            print(f"delete {path}")
+        return 0
+    target = ns.file or _default_target()
+    if os.path.exists(target) and not ns.overwrite:
+        raise SnapError(f"{target} exists; give another FILE or pass --overwrite")
+    info = write_changes(changes, base.id, target, ns.root, ns.verbose)
+    took = time.monotonic() - started
+    size = os.path.getsize(target)
+    print(
+        f"apppot-snap: {target}: {len(info.added)} added, {len(info.modified)} changed, {len(info.deleted)} deleted "
+        f"against base {base.id[:16]}; {size} bytes in {took:.1f} s"
+    )
+    return 0
+
+
+def cmd_manifest(ns: argparse.Namespace) -> int:
+    manifest = write_manifest(scan(ns.root), ns.file)
+    print(f"apppot-snap: {ns.file}: {len(manifest.entries)} paths, id {manifest.id[:16]}")
+    return 0
+
+
+def cmd_merge(ns: argparse.Namespace) -> int:
+    info = merge(ns.file, ns.root, ns.force)
+    print(f"apppot-snap: merged {ns.file}: {len(info.added)} added, {len(info.modified)} changed, {len(info.deleted)} deleted")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="apppot-snap", description="A system's base state, its changes, and merging them.")
+    p.add_argument("--root", default="/", help=argparse.SUPPRESS)  # for building images and for tests
+    sub = p.add_subparsers(dest="action", required=True)
+    sub.add_parser("base", help="record the whole system's state as its base")
+    changes = sub.add_parser("changes", help="pack everything that differs from the base")
+    changes.add_argument("file", nargs="?", help=f"the archive (default: {JOB_DIR}/{DEFAULT_CHANGES_NAME})")
+    changes.add_argument("-n", "--dry-run", action="store_true", help="list what would be packed")
+    changes.add_argument("-v", "--verbose", action="store_true", help="list paths as they are packed")
+    changes.add_argument("--checksum", action="store_true", help="hash every file, not only those whose size or time changed")
+    changes.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
+    manifest_p = sub.add_parser("manifest", help="write the system's current state to FILE (to compare systems)")
+    manifest_p.add_argument("file")
+    merge_p = sub.add_parser("merge", help="apply a changes archive to this system")
+    merge_p.add_argument("file")
+    merge_p.add_argument("--force", action="store_true", help="merge even onto another base")
+    ns = p.parse_args(argv)
+    try:
+        commands = {"base": cmd_base, "changes": cmd_changes, "merge": cmd_merge, "manifest": cmd_manifest}
+        return commands[ns.action](ns)
+    except SnapError as e:
+        print(f"apppot-snap: error: {e}", file=sys.stderr)
+        return 1
+    except PermissionError as e:
+        print(f"apppot-snap: error: {e.filename}: {e.strerror} (run it as root: sudo apppot-snap ...)", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"apppot-snap: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
