@@ -22,7 +22,7 @@ KERNEL_BUILD = ["build-essential", "bc", "bison", "flex", "libelf-dev", "libssl-
 # What `apppot image build` needs to build Debian appliances from recipes.
 IMAGE_BUILD = ["mmdebstrap", "debian-archive-keyring"]
 # glpk-utils: the application appliance's program, natively, to compare against.
-TESTING = ["tmux", "shellcheck", "dash", "util-linux", "glpk-utils"]
+TESTING = ["tmux", "shellcheck", "dash", "util-linux", "glpk-utils", "slurm-wlm", "munge"]
 TEST_USER = "apppot-test"
 
 

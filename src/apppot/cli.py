@@ -349,6 +349,139 @@ def cmd_changes(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_submit(argv: Sequence[str]) -> int:
+    before, after = _split_command(argv)
+    p = _parser_class()(prog="apppot submit", description="Hand an AppPot job to a batch system.")
+    p.add_argument("--to", dest="target", choices=["slurm"], required=True, help="the batch system")
+    p.add_argument("--image", help="image file or cache name (default: the tiny appliance); the worker must see it")
+    p.add_argument("--changes", type=Path, metavar="TAR", help="an apppot-snap changes archive to merge before the job")
+    p.add_argument("--mem", default="256M", help="the guest's memory (default 256M); the batch job asks for 64 MiB more")
+    p.add_argument("--time", default="1:00:00", help="wall-time limit, e.g. 30 (minutes) or 2:00:00 (default 1:00:00)")
+    p.add_argument("--cores", type=int, default=1, help="cores to reserve (default 1)")
+    p.add_argument(
+        "--input",
+        dest="inputs",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="FILE",
+        help="copy into the job directory (repeatable)",
+    )
+    p.add_argument(
+        "--output", dest="outputs", action="append", default=[], metavar="NAME", help="fetch from the job directory (repeatable)"
+    )
+    p.add_argument("--name", default="apppot", help="the batch job's name")
+    p.add_argument("--dry-run", action="store_true", help="print the batch script instead of submitting it")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    ns = p.parse_args(before)
+    if not after:
+        raise UsageError("give the command to run after --, e.g. apppot submit --to slurm -- ./run.sh")
+    from apppot.images.store import resolve_image
+    from apppot.runner import _default_image
+    from apppot.submit import jobs
+    from apppot.submit.job import BatchJob, check_output_name, parse_wall_time
+
+    image = resolve_image(ns.image) if ns.image else _default_image(_say)
+    if not image.is_file():
+        raise UsageError(f"image {image} does not exist; give an image file or a name from 'apppot image list'")
+    if ns.cores < 1:
+        raise UsageError("--cores must be at least 1")
+    job = BatchJob(
+        argv=tuple(after),
+        image=image.resolve(),
+        mem_bytes=parse_mem(ns.mem),
+        wall_seconds=parse_wall_time(ns.time),
+        cores=ns.cores,
+        changes=ns.changes.resolve() if ns.changes else None,
+        inputs=tuple(i.resolve() for i in ns.inputs),
+        outputs=tuple(check_output_name(o) for o in ns.outputs),
+        name=ns.name,
+    )
+    if job.changes is not None:
+        from apppot import snap
+
+        try:
+            snap.check_archive(str(job.changes))
+        except snap.SnapError as e:
+            raise UsageError(str(e)) from None
+    record, script = jobs.submit(job, ns.target, ns.dry_run)
+    if record is None:
+        print(script, end="")
+    elif ns.json:
+        import json
+
+        print(json.dumps(record._asdict()))
+    else:
+        print(record.job_id)
+    return 0
+
+
+def cmd_status(argv: Sequence[str]) -> int:
+    p = _parser_class()(prog="apppot status", description="The state of a submitted job.")
+    p.add_argument("job_id", metavar="JOBID")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    ns = p.parse_args(argv)
+    from apppot.submit import jobs
+
+    s = jobs.status(ns.job_id)
+    if ns.json:
+        import json
+
+        print(json.dumps(s._asdict()))
+    else:
+        code = f", exit code {s.exit_code}" if s.final and s.exit_code is not None else ""
+        print(f"{s.job_id}: {s.state}{code}" + (f" ({s.explanation})" if s.explanation else ""))
+    return 0
+
+
+def cmd_fetch(argv: Sequence[str]) -> int:
+    p = _parser_class()(prog="apppot fetch", description="Copy a job's stdout, stderr and outputs into ./JOBID/.")
+    p.add_argument("job_id", metavar="JOBID")
+    p.add_argument("--force", action="store_true", help="write into ./JOBID/ even if it exists")
+    ns = p.parse_args(argv)
+    from apppot.submit import jobs
+
+    target, copied, missing = jobs.fetch(ns.job_id, Path.cwd(), ns.force)
+    print(f"{target}: {', '.join(copied) or 'nothing'}")
+    if missing:
+        _say(f"not there (yet): {', '.join(missing)}")
+    return 0
+
+
+def cmd_cancel(argv: Sequence[str]) -> int:
+    p = _parser_class()(prog="apppot cancel", description="Cancel a submitted job.")
+    p.add_argument("job_id", metavar="JOBID")
+    ns = p.parse_args(argv)
+    from apppot.submit import jobs
+
+    jobs.cancel(ns.job_id)
+    return 0
+
+
+def cmd_testbed(argv: Sequence[str]) -> int:
+    p = _parser_class()(prog="apppot testbed", description="A throw-away Slurm cluster on this machine (root).")
+    sub = p.add_subparsers(dest="action", required=True)
+    start = sub.add_parser("up", help="start munged, slurmctld and the nodes' slurmd")
+    start.add_argument("--nodes", type=int, default=1, help="simulated nodes on this machine (default 1)")
+    sub.add_parser("down", help="stop what 'up' started")
+    sub.add_parser("env", help="the SLURM_CONF setting for the cluster's clients")
+    ns = p.parse_args(argv)
+    from apppot import testbed
+
+    if ns.action == "up":
+        if ns.nodes < 1:
+            raise UsageError("--nodes must be at least 1")
+        bed, took = testbed.up(ns.nodes)
+        _say(f"test cluster up in {took:.1f} s: {bed.nodes} node(s), logs in {bed.directory / 'log'}")
+        print(f"export SLURM_CONF={bed.conf}")
+    elif ns.action == "down":
+        stopped = testbed.down()
+        _say(f"stopped {', '.join(stopped) if stopped else 'nothing (no test cluster was running)'}")
+    else:
+        print(f"export SLURM_CONF={testbed.testbed_dir() / 'etc' / 'slurm.conf'}")
+    return 0
+
+
 def cmd_kernel(argv: Sequence[str]) -> int:
     p = _parser_class()(prog="apppot kernel", description="AppPot's own User-mode Linux kernel.")
     sub = p.add_subparsers(dest="action", required=True)
@@ -410,7 +543,9 @@ def _run(func_argv: Sequence[str], prog: str) -> int:
             return cmd_start(func_argv[1:])
         p = _parser_class()(prog="apppot", description="Run whole Linux appliances as ordinary batch jobs.")
         p.add_argument("--version", action="version", version=f"apppot {__version__}")
-        p.add_argument("subcommand", choices=["start", "image", "kernel", "changes"])
+        p.add_argument(
+            "subcommand", choices=["start", "image", "kernel", "changes", "submit", "status", "fetch", "cancel", "testbed"]
+        )
         if not func_argv or func_argv[0] in ("-h", "--help", "--version"):
             p.parse_args(func_argv)
             return 0
@@ -422,6 +557,9 @@ def _run(func_argv: Sequence[str], prog: str) -> int:
             return cmd_kernel(rest)
         if ns.subcommand == "changes":
             return cmd_changes(rest)
+        others = {"submit": cmd_submit, "status": cmd_status, "fetch": cmd_fetch, "cancel": cmd_cancel, "testbed": cmd_testbed}
+        if ns.subcommand in others:
+            return others[ns.subcommand](rest)
         return cmd_image(rest)
     except AppPotError as e:
         sys.stderr.write(f"apppot: error: {e}\n")

@@ -1,0 +1,120 @@
+"""Slurm: the batch script for a job (pure), and sbatch, scontrol/sacct and scancel around it."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import NamedTuple
+
+from apppot.errors import HostError
+from apppot.proc import run, which
+from apppot.submit.job import BatchJob, format_wall_time
+
+STDOUT = "stdout.txt"
+STDERR = "stderr.txt"
+# Slurm's states that will not change any more.
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
+
+
+class SlurmStatus(NamedTuple):
+    state: str  # Slurm's JobState, e.g. PENDING, RUNNING, COMPLETED, FAILED, TIMEOUT
+    exit_code: int | None  # the batch script's exit status: the job's own, through apppot start
+    signal: int | None  # the signal that ended it, if any
+    source: str  # scontrol, sacct or "sacct -c" (the jobcomp file, where accounting is disabled)
+
+
+def render_sbatch(job: BatchJob, stage: Path, apppot: str) -> str:
+    """The batch script: Slurm runs `apppot start` in the staged job directory; its exit status is the job's.
+
+    stage holds job/ (the job directory: inputs, the changes archive) and receives stdout.txt and
+    stderr.txt, outside the job directory so that the job cannot clobber them."""
+    jobdir = stage / "job"
+    start = [apppot, "start", "--image", str(job.image), "--mem", f"{job.mem_bytes >> 20}M"]
+    if job.changes is not None:
+        start += ["--changes", str(jobdir / job.changes.name)]
+    start += ["--", *job.argv]
+    lines = [
+        "#!/bin/sh",
+        f"#SBATCH --job-name={job.name}",
+        f"#SBATCH --mem={job.batch_mem_mib()}M",
+        f"#SBATCH --time={format_wall_time(job.wall_seconds)}",
+        f"#SBATCH --cpus-per-task={job.cores}",
+        "#SBATCH --nodes=1",
+        f"#SBATCH --chdir={jobdir}",
+        f"#SBATCH --output={stage / STDOUT}",
+        f"#SBATCH --error={stage / STDERR}",
+        "# The guest needs memory of its own besides the job's: see apppot.submit.job.UML_OVERHEAD.",
+        f"exec {shlex.join(start)}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _require(program: str) -> str:
+    found = which(program)
+    if found is None:
+        raise HostError(
+            f"{program} is not installed: install Slurm's client tools (sudo apt-get install slurm-client), "
+            "or start a local test cluster with 'apppot testbed up'"
+        )
+    return found
+
+
+def submit(script: Path) -> str:
+    """sbatch the script; returns Slurm's job id."""
+    out = run([_require("sbatch"), "--parsable", str(script)], check=False)
+    if out.returncode != 0:
+        raise HostError(f"sbatch refused the job: {_last_line(out.stderr)}")
+    return out.stdout.decode().strip().split(";")[0]
+
+
+def cancel(job_id: str) -> None:
+    out = run([_require("scancel"), job_id], check=False)
+    if out.returncode != 0:
+        raise HostError(f"scancel {job_id} failed: {_last_line(out.stderr)}")
+
+
+def parse_scontrol(text: str) -> tuple[str, int | None, int | None] | None:
+    """(JobState, exit code, signal) from `scontrol show job -o` output."""
+    state = re.search(r"\bJobState=(\S+)", text)
+    code = re.search(r"\bExitCode=(\d+):(\d+)", text)
+    if not state:
+        return None
+    exit_code, signal = (int(code.group(1)), int(code.group(2))) if code else (None, None)
+    return state.group(1), exit_code, signal
+
+
+def parse_sacct(text: str, job_id: str) -> tuple[str, int | None, int | None] | None:
+    """(State, exit code, signal) from `sacct -P -n -o jobid,state,exitcode` lines for the job."""
+    for line in text.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) >= 3 and fields[0] == job_id:
+            state = fields[1].split()[0] if fields[1] else "UNKNOWN"  # "CANCELLED by 0"
+            code = re.fullmatch(r"(\d+):(\d+)", fields[2])
+            return state, (int(code.group(1)) if code else None), (int(code.group(2)) if code else None)
+    return None
+
+
+def status(job_id: str) -> SlurmStatus:
+    """The job's state: scontrol while Slurm remembers it, else sacct (or the jobcomp file without slurmdbd)."""
+    out = run([_require("scontrol"), "show", "job", "-o", job_id], check=False)
+    if out.returncode == 0:
+        parsed = parse_scontrol(out.stdout.decode())
+        if parsed:
+            return SlurmStatus(*parsed, "scontrol")
+    fields = ["-X", "-P", "-n", "-o", "jobid,state,exitcode", "-j", job_id]
+    for extra, source in (([], "sacct"), (["-c"], "sacct -c")):
+        sacct = which("sacct")
+        if sacct is None:
+            break
+        out = run([sacct, *extra, *fields], check=False)
+        if out.returncode == 0:
+            parsed = parse_sacct(out.stdout.decode(), job_id)
+            if parsed:
+                return SlurmStatus(*parsed, source)
+    raise HostError(f"Slurm does not know job {job_id} any more (neither scontrol nor sacct has it)")
+
+
+def _last_line(data: bytes) -> str:
+    lines = data.decode(errors="replace").strip().splitlines()
+    return lines[-1] if lines else "no message"

@@ -1,0 +1,183 @@
+"""A throw-away Slurm cluster on this machine, for tests and for users who want to try `apppot submit`.
+
+    apppot testbed up [--nodes N]     munged, slurmctld and N slurmd (nodes n1..nN on 127.0.0.1)
+    apppot testbed down               stops what `up` started, by PID
+    apppot testbed env                the SLURM_CONF line to export
+
+Everything lives in one directory ($APPPOT_TESTBED_DIR, default /tmp/apppot-testbed); the daemons
+listen on loopback only. It needs root: slurmd starts jobs as the users who submit them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+from apppot.errors import HostError
+from apppot.proc import run, which
+
+DAEMONS = ("slurmctld", "slurmd", "munged", "sinfo", "sbatch", "munge")
+CONTROLLER_PORT = 16817  # not Slurm's default 6817: a site's own Slurm may run here too
+FIRST_NODE_PORT = 17001
+
+
+class Testbed(NamedTuple):
+    directory: Path
+    nodes: int
+
+    @property
+    def conf(self) -> Path:
+        return self.directory / "etc" / "slurm.conf"
+
+    def node_names(self) -> list[str]:
+        return [f"n{i}" for i in range(1, self.nodes + 1)]
+
+
+def testbed_dir() -> Path:
+    return Path(os.environ.get("APPPOT_TESTBED_DIR") or "/tmp/apppot-testbed")
+
+
+def render_slurm_conf(bed: Testbed, cpus: int, mem_mib: int) -> str:
+    """slurm.conf for N nodes on loopback; no cgroups, no slurmdbd (sacct -c reads the jobcomp file)."""
+    d = bed.directory
+    last = FIRST_NODE_PORT + bed.nodes - 1
+    ports = f"{FIRST_NODE_PORT}" if bed.nodes == 1 else f"[{FIRST_NODE_PORT}-{last}]"
+    names = "n1" if bed.nodes == 1 else f"n[1-{bed.nodes}]"
+    return f"""\
+# AppPot's test cluster ({bed.nodes} node(s) on this machine); written by apppot testbed up
+ClusterName=apppot
+SlurmctldHost=localhost(127.0.0.1)
+SlurmctldPort={CONTROLLER_PORT}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+StateSaveLocation={d}/state
+SlurmdSpoolDir={d}/spool/%n
+SlurmctldPidFile={d}/run/slurmctld.pid
+SlurmdPidFile={d}/run/slurmd-%n.pid
+SlurmctldLogFile={d}/log/slurmctld.log
+SlurmdLogFile={d}/log/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/linux
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+SchedulerType=sched/backfill
+SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
+MpiDefault=none
+ReturnToService=2
+MinJobAge=600
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/filetxt
+JobCompLoc={d}/log/jobcomp.txt
+NodeName={names} NodeHostname=localhost NodeAddr=127.0.0.1 Port={ports} CPUs={cpus} RealMemory={mem_mib} State=UNKNOWN
+PartitionName=apppot Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def _check_host() -> None:
+    if os.geteuid() != 0:
+        raise HostError("the test cluster needs root (slurmd starts jobs as their users): run 'sudo apppot testbed up'")
+    missing = [d for d in DAEMONS if which(d) is None and not Path("/usr/sbin", d).exists()]
+    if missing:
+        raise HostError(f"{', '.join(missing)} not installed: sudo apt-get install slurm-wlm munge")
+
+
+def _munge_running() -> bool:
+    munge = which("munge") or "/usr/bin/munge"
+    return subprocess.run([munge, "-n"], capture_output=True, check=False).returncode == 0
+
+
+def _start_munge(bed: Testbed) -> None:
+    if _munge_running():
+        return
+    key = Path("/etc/munge/munge.key")
+    if not key.exists():
+        run(["mungekey", "-c", "-k", str(key)], package="munge")
+        subprocess.run(["chown", "munge:munge", str(key)], check=True)
+        key.chmod(0o400)
+    Path("/run/munge").mkdir(exist_ok=True)
+    subprocess.run(["chown", "munge:munge", "/run/munge"], check=True)
+    run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], package="munge")
+    (bed.directory / "run" / "munged.ours").write_text("started by apppot testbed up\n")
+    for _ in range(50):
+        if _munge_running():
+            return
+        time.sleep(0.1)
+    raise HostError("munged did not start; see /var/log/munge/munged.log")
+
+
+def _idle_nodes(bed: Testbed) -> int:
+    out = subprocess.run(
+        ["sinfo", "-h", "-o", "%D %t"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SLURM_CONF": str(bed.conf)},
+        check=False,
+    )
+    return sum(int(n) for n, state in (line.split() for line in out.stdout.splitlines() if line.strip()) if state == "idle")
+
+
+def up(nodes: int = 1, timeout: float = 60) -> tuple[Testbed, float]:
+    """Start the cluster; returns it and how long it took to have every node idle."""
+    _check_host()
+    started = time.monotonic()
+    bed = Testbed(testbed_dir(), nodes)
+    if (bed.directory / "run" / "slurmctld.pid").exists():
+        raise HostError(f"a test cluster seems to run already ({bed.directory}); stop it with 'apppot testbed down'")
+    for sub in ("etc", "state", "run", "log", *(f"spool/{n}" for n in bed.node_names())):
+        (bed.directory / sub).mkdir(parents=True, exist_ok=True)
+    bed.directory.chmod(0o755)
+    cpus = os.cpu_count() or 1
+    mem_mib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // (1 << 20) * 8 // 10 // nodes
+    bed.conf.write_text(render_slurm_conf(bed, cpus, mem_mib))
+    jobcomp = bed.directory / "log" / "jobcomp.txt"
+    jobcomp.touch()
+    jobcomp.chmod(0o666)  # sacct -c opens it for appending, also to read
+    (bed.directory / "nodes").write_text(f"{nodes}\n")
+    _start_munge(bed)
+    run(["slurmctld", "-f", str(bed.conf)], package="slurm-wlm")
+    for name in bed.node_names():
+        run(["slurmd", "-f", str(bed.conf), "-N", name], package="slurm-wlm")
+    while _idle_nodes(bed) < nodes:
+        if time.monotonic() - started > timeout:
+            raise HostError(f"the test cluster's nodes did not become idle in {timeout:.0f} s; see {bed.directory / 'log'}")
+        time.sleep(0.2)
+    return bed, time.monotonic() - started
+
+
+def down() -> list[str]:
+    """Stop the daemons `up` started (slurmd, slurmctld, and munged if it started it); returns what it stopped."""
+    directory = testbed_dir()
+    run_dir = directory / "run"
+    stopped = []
+    pid_files = [*sorted(run_dir.glob("slurmd-*.pid")), run_dir / "slurmctld.pid"]
+    if (run_dir / "munged.ours").exists():
+        pid_files.append(Path("/run/munge/munged.pid"))
+    for pid_file in pid_files:
+        try:
+            pid = int(pid_file.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pid_file.unlink(missing_ok=True)
+            continue
+        for _ in range(100):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, signal.SIGKILL)
+        stopped.append(pid_file.stem)
+        pid_file.unlink(missing_ok=True)
+    (run_dir / "munged.ours").unlink(missing_ok=True)
+    return stopped
