@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 from apppot.errors import UsageError
 
-PROTOCOL_VERSION = 3  # 3: changes archives merged at boot (A_CHANGES)
+PROTOCOL_VERSION = 3  # 3: changes archives merged at boot (apppot_changes=1)
 
 # UML refuses a command line of 4096 bytes or more and appends " console=tty0"
 # itself; keep a margin for that.
@@ -28,13 +28,14 @@ KERNEL_CMDLINE_LIMIT = 4000
 
 CTL_PARAM = "apppot_ctl"
 JOB_PARAM = "apppot_job"
+CHANGES_PARAM = "apppot_changes"  # =1: merge the changes in the control directory before mounting the job directory
 JOB_FILE = "job"
 STATUS_FILE = "status"
 STDIN_CHUNK = "stdin.{}"
 STDIN_END = "stdin.end"
 # A changes archive to merge at boot, checked by the host: the archive, its deletions (one path
 # per line, relative to /) and the base id it needs.
-CHANGES_ARCHIVE = "changes.tar.gz"
+CHANGES_ARCHIVE = "changes.tar"  # uncompressed, only the checked members (apppot.snap.repack)
 CHANGES_DELETE = "changes.delete"
 CHANGES_BASE = "changes.base"
 
@@ -77,7 +78,6 @@ class GuestJob(NamedTuple):
     net: str | None = None  # the guest's network interface, e.g. eth0 or vec0
     net_configured: bool = False  # the kernel configured it already (ip= parameter)
     keep_cow: bool = False  # the COW outlives the job (--cow): the guest must flush it
-    changes: bool = False  # merge the changes archive in the control directory before the job
 
 
 def quote_word(word: bytes) -> bytes:
@@ -106,9 +106,11 @@ def _check(value: str, pattern: re.Pattern[str], what: str) -> str:
     return value
 
 
-def render_kernel_params(ctl_path: str, job_path: str) -> list[str]:
-    """The kernel parameters the agent reads: where the control and job directories are (as UML sees them)."""
-    return [f"{CTL_PARAM}={_check(ctl_path, _PATH, 'control path')}", f"{JOB_PARAM}={_check(job_path, _PATH, 'job path')}"]
+def render_kernel_params(ctl_path: str, job_path: str, changes: bool = False) -> list[str]:
+    """The kernel parameters the agent reads: where the control and job directories are (as UML sees
+    them), and whether a changes archive waits in the control directory."""
+    params = [f"{CTL_PARAM}={_check(ctl_path, _PATH, 'control path')}", f"{JOB_PARAM}={_check(job_path, _PATH, 'job path')}"]
+    return [*params, f"{CHANGES_PARAM}=1"] if changes else params
 
 
 def render_job_file(job: GuestJob) -> bytes:
@@ -126,7 +128,6 @@ def render_job_file(job: GuestJob) -> bytes:
         "A_STDERR": job.stderr.value,
         "A_TTY": int(job.interactive),
         "A_KEEP_COW": int(job.keep_cow),
-        "A_CHANGES": int(job.changes),
     }
     if job.term:
         settings["A_TERM"] = _check(job.term, _TERM, "TERM value")

@@ -85,9 +85,7 @@ class Prepared(NamedTuple):
     bwrap: str | None
     umid: str
     cpu: int | None = None  # the host CPU the guest is pinned to
-    changes: Path | None = None  # a checked changes archive to merge at boot
-    changes_base: str = ""
-    changes_deleted: tuple[str, ...] = ()
+    changes: Path | None = None  # a changes archive to merge at boot (checked; checked again as it is copied)
     warnings: tuple[str, ...] = ()
 
 
@@ -142,9 +140,9 @@ def prepare(spec: JobSpec, say: Say) -> Prepared:
     pin = cpu.choose_cpu(spec.cpu, os.sched_getaffinity(0), cpu.current_cpu())
     if spec.verbose:
         say(f"guest pinned to host CPU {pin}" if pin is not None else "guest not pinned to a host CPU")
-    changes, base, deleted = _check_changes(spec.changes, jobdir, say if spec.verbose else None)
+    changes = _check_changes(spec.changes, jobdir, say if spec.verbose else None)
     prepared = Prepared(
-        kernel, traits, image, fs_uuid, jobdir, mem, net, None if warning else bwrap, umid, pin, changes, base, deleted, warnings
+        kernel, traits, image, fs_uuid, jobdir, mem, net, None if warning else bwrap, umid, pin, changes, warnings
     )
     if warning:
         for path, what in ((jobdir, "job directory"), (image, "image")):
@@ -170,12 +168,12 @@ def prepare(spec: JobSpec, say: Say) -> Prepared:
     return prepared
 
 
-def _check_changes(given: Path | None, jobdir: Path, say: Say | None) -> tuple[Path | None, str, tuple[str, ...]]:
+def _check_changes(given: Path | None, jobdir: Path, say: Say | None) -> Path | None:
     """The changes archive to merge (--changes, else apppot-changes.tar.gz in the job directory), checked
     on the host before the guest sees it."""
     path = given if given is not None else jobdir / AUTO_CHANGES
     if given is None and not path.is_file():
-        return None, "", ()
+        return None
     from apppot import snap
 
     try:
@@ -184,7 +182,7 @@ def _check_changes(given: Path | None, jobdir: Path, say: Say | None) -> tuple[P
         raise UsageError(f"{e}") from None
     if say:
         say(f"merging {path} (base {info.base[:16]}) before the job")
-    return path, info.base, tuple(info.deleted)
+    return path
 
 
 def _check_full_boot(image: Path) -> None:
@@ -427,12 +425,13 @@ class Job:
             net=p.net.interface if p.net else None,
             net_configured=p.net is not None and p.traits.ip_autoconfig,
             keep_cow=self.spec.cow is not None or self.spec.writable_image,
-            changes=p.changes is not None,
         )
         if p.changes is not None:
             _put_changes(ctl, p)
         (ctl / JOB_FILE).write_bytes(render_job_file(guest))
-        agent_params = render_kernel_params(SANDBOX_CTL if sandboxed else str(ctl), SANDBOX_JOB if sandboxed else str(p.jobdir))
+        agent_params = render_kernel_params(
+            SANDBOX_CTL if sandboxed else str(ctl), SANDBOX_JOB if sandboxed else str(p.jobdir), changes=p.changes is not None
+        )
         argv = uml_argv(launch, agent_params)
         if cmdline_length(argv) > KERNEL_CMDLINE_LIMIT:
             raise UsageError("the kernel command line is too long; use fewer or shorter --extra parameters")
@@ -564,17 +563,19 @@ class Job:
 
 
 def _put_changes(ctl: Path, p: Prepared) -> None:
-    """The checked archive and what the agent needs besides tar, in the control directory."""
+    """The archive's checked members, and what the agent needs besides tar, in the control directory.
+
+    The archive is read and checked again as it is copied: the guest gets exactly what was checked,
+    and never the user's own file."""
+    from apppot import snap
+
     assert p.changes is not None
-    target = ctl / CHANGES_ARCHIVE
     try:
-        os.link(p.changes, target)
-    except OSError:
-        with p.changes.open("rb") as src, target.open("wb") as dst:
-            while block := src.read(1 << 20):
-                dst.write(block)
-    (ctl / CHANGES_DELETE).write_text("".join(path.lstrip("/") + "\n" for path in p.changes_deleted))
-    (ctl / CHANGES_BASE).write_text(p.changes_base + "\n")
+        info = snap.repack(str(p.changes), str(ctl / CHANGES_ARCHIVE))
+    except snap.SnapError as e:
+        raise UsageError(str(e)) from None
+    (ctl / CHANGES_DELETE).write_text("".join(path.lstrip("/") + "\n" for path in info.deleted))
+    (ctl / CHANGES_BASE).write_text(info.base + "\n")
 
 
 def _make_rundir(base: Path) -> Path:

@@ -19,6 +19,7 @@ members are the new and changed files, directories and links, relative to /, wit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import hashlib
 import io
@@ -168,8 +169,8 @@ def scan(
             if is_excluded(path, excludes):
                 continue
             st = child.stat(follow_symlinks=False)
-            if st.st_dev != root_dev:
-                continue  # another filesystem mounted here
+            if st.st_dev != root_dev or stat.S_ISSOCK(st.st_mode):
+                continue  # another filesystem mounted here; sockets belong to running programs
             entries[path] = _entry(path, child.path, st, known, known_since)
             if stat.S_ISDIR(st.st_mode):
                 todo.append(path)
@@ -231,7 +232,7 @@ def diff(base: dict[str, Entry], now: dict[str, Entry]) -> Changes:
             modified.append(entry)
             if entry.kind == LINK:
                 gone.append(path)  # tar replaces files but not every link
-        elif not old.same_meta(entry):
+        elif not old.same_meta(entry) or old.mtime != entry.mtime:
             meta.append(entry)
     gone += [path for path in base if path not in now]
     return Changes(added, modified, meta, topmost(gone))
@@ -239,11 +240,13 @@ def diff(base: dict[str, Entry], now: dict[str, Entry]) -> Changes:
 
 def topmost(paths: Iterable[str]) -> list[str]:
     """The paths without those inside another of them, deepest first."""
-    chosen: list[str] = []
-    for path in sorted(set(paths)):
-        if not chosen or not (path + "/").startswith(chosen[-1].rstrip("/") + "/"):
-            chosen.append(path)
-    return sorted(chosen, key=lambda p: (-p.count("/"), p))
+    unique = set(paths)
+
+    def inside_another(path: str) -> bool:
+        parts = path.split("/")
+        return any("/".join(parts[:i]) in unique for i in range(2, len(parts)))
+
+    return sorted((p for p in unique if not inside_another(p)), key=lambda p: (-p.count("/"), p))
 
 
 # --- archives -----------------------------------------------------------------------------------
@@ -268,8 +271,22 @@ def write_changes(changes: Changes, base_id: str, target: str, root: str = "/", 
         added=sorted(e.path for e in changes.added),
         modified=sorted(e.path for e in [*changes.modified, *changes.meta]),
     )
-    tmp = target + ".tmp"
-    with tarfile.open(tmp, "w:gz", format=tarfile.PAX_FORMAT) as tar:
+    for entry in changes.packed():
+        if entry.kind == OTHER and not stat.S_ISFIFO(int(entry.content, 8)):
+            raise SnapError(f"{entry.path} is a device file, which a changes archive cannot carry; remove it or exclude it")
+    tmp = f"{target}.{os.getpid()}.tmp"
+    try:
+        _write_archive(changes, info, tmp, root, verbose)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return info
+
+
+def _write_archive(changes: Changes, info: ArchiveInfo, tmp: str, root: str, verbose: bool) -> None:
+    with tarfile.open(tmp, "x:gz", format=tarfile.PAX_FORMAT) as tar:
         data = json.dumps({"format": "apppot-changes", **info._asdict()}, indent=1).encode()
         member = tarfile.TarInfo(MANIFEST_MEMBER)
         member.size, member.mtime, member.mode = len(data), int(time.time()), 0o644
@@ -287,8 +304,6 @@ def write_changes(changes: Changes, base_id: str, target: str, root: str = "/", 
                     tar.addfile(member, f)
             else:
                 tar.addfile(member)
-    os.replace(tmp, target)
-    return info
 
 
 def _clean_relative(name: str) -> bool:
@@ -313,14 +328,22 @@ def check_archive(source: str) -> tuple[ArchiveInfo, list[tarfile.TarInfo]]:
     except (tarfile.TarError, OSError, EOFError) as e:
         why = (str(e).splitlines() or [type(e).__name__])[0].rstrip(":")
         raise SnapError(f"{source} is not a readable tar.gz archive ({why}); give an archive made by apppot-snap changes") from e
-    names = set()
+    names: set[str] = set()
+    links: set[str] = set()
     for m in members[1:]:
         name = m.name.rstrip("/") if m.isdir() else m.name
         what = f"{source}: member {m.name!r}"
-        if not _clean_relative(name):
-            raise SnapError(f"{what} has an absolute path, '..' or a newline: refused")
-        if name == MANIFEST_MEMBER:
+        if not _clean_relative(name) or "//" in name or name.startswith("./") or "/./" in name or name.endswith("/."):
+            raise SnapError(f"{what} has an absolute path, '..', '.', '//' or a newline: refused")
+        if name == MANIFEST_MEMBER or name in names:
             raise SnapError(f"{what} appears twice: refused")
+        if _reserved(name, symlink=m.issym()):
+            raise SnapError(
+                f"{what} is in a part of the system apppot-snap never changes ({_reserved(name, m.issym())}): refused"
+            )
+        parents = ["/".join(name.split("/")[:i]) for i in range(1, name.count("/") + 1)]
+        if any(p in links for p in parents):
+            raise SnapError(f"{what} lies under a link the archive itself makes: refused")
         if m.ischr() or m.isblk():
             raise SnapError(f"{what} is a device file: refused")
         if m.islnk():
@@ -332,10 +355,50 @@ def check_archive(source: str) -> tuple[ArchiveInfo, list[tarfile.TarInfo]]:
         if not (m.isreg() or m.isdir() or m.issym() or m.isfifo()):
             raise SnapError(f"{what} is of an unsupported type: refused")
         names.add(name)
+        if m.issym():
+            links.add(name)
+    for m in members[1:]:
+        if m.issym() and not m.linkname.startswith("/"):
+            prefix = posixpath.dirname(m.name)
+            for part in m.linkname.split("/"):
+                prefix = posixpath.normpath(posixpath.join(prefix, part))
+                if prefix in links and prefix != m.name:
+                    raise SnapError(
+                        f"{source}: member {m.name!r} is a link resolved through another link of the archive: refused"
+                    )
     for path in info.deleted:
-        if not _clean_relative(path.lstrip("/")) or not path.startswith("/") or path == "/":
+        relative = path[1:]
+        if not path.startswith("/") or not _clean_relative(relative) or path.endswith("/") or "//" in path or "/./" in path:
             raise SnapError(f"{source}: deletion {path!r} is not a clean absolute path: refused")
+        if _reserved(relative, symlink=True):
+            raise SnapError(f"{source}: deletion {path!r} is in or above a part of the system apppot-snap never changes: refused")
+    claimed = {p.lstrip("/") for p in [*info.added, *info.modified]}
+    if claimed != names:
+        extra = sorted(names - claimed)[:3] or sorted(claimed - names)[:3]
+        raise SnapError(f"{source}: its manifest does not list exactly its members (e.g. {', '.join(extra)}): refused")
     return info, members[1:]
+
+
+def _reserved(name: str, symlink: bool) -> str | None:
+    """The always-excluded path that name lies in, or (for links and deletions, which redirect or remove
+    everything below them) lies above; None if it is free."""
+    path = "/" + name
+    for excluded in ALWAYS_EXCLUDED:
+        if path == excluded or path.startswith(excluded + "/"):
+            return excluded
+        if symlink and excluded.startswith(path + "/"):
+            return excluded
+    return None
+
+
+def repack(source: str, target: str) -> ArchiveInfo:
+    """Check the archive and write only what was checked, uncompressed and without the manifest, for the
+    guest's tar: what tar extracts is exactly what was checked, whatever else the original file holds."""
+    info, members = check_archive(source)
+    with tarfile.open(source, "r:*") as src, tarfile.open(target, "w", format=tarfile.PAX_FORMAT) as out:
+        for m in members:
+            out.addfile(m, src.extractfile(m) if m.isreg() else None)
+    return info
 
 
 def _parse_manifest(source: str, data: bytes) -> ArchiveInfo:

@@ -211,3 +211,26 @@ def test_the_seed_flow_records_a_base_in_the_image_opened_writable_on_purpose(
     motd, base_id, *rest = r.stdout.decode().splitlines()
     assert (motd, base_id[:16], rest) == ("mine", new_base.group(1).decode(), [])
     assert base_id != debian_dev["base_id"]
+
+
+def test_an_archive_writing_through_the_images_own_links_cannot_reach_the_host(
+    cache_home: Path, debian_dev: dict[str, object], tmp_path: Path
+) -> None:
+    """/var/run is the image's link to /run, where the control directory is mounted: the host cannot know
+    the image's links, so the agent merges with the control directory read-only and the job directory
+    not yet mounted."""
+    sneaky = tmp_path / "sneaky.tar.gz"
+    members = [("var/run/apppot/status", b"0\n"), ("var/run/apppot/planted", b"x")]
+    with tarfile.open(sneaky, "w:gz") as tar:
+        manifest = json.dumps({"format": "apppot-changes", "base": debian_dev["base_id"], "created": "", "tool": "",
+                               "deleted": [], "added": [n for n, _ in members], "modified": []}).encode()  # fmt: skip
+        for name, data in ((snap.MANIFEST_MEMBER, manifest), *members):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    job = tmp_path / "job"
+    job.mkdir()
+    r = apppot_cli(cache_home, "start", "--image", "debian-dev", "--changes", str(sneaky), "--", "true", cwd=job)
+    assert r.returncode == 125, r.err
+    assert "cannot merge the changes archive" in r.err
+    assert list(job.iterdir()) == []

@@ -102,6 +102,8 @@ def test_defaults(tmp_path: Path) -> None:
         ('name = "x"\nautorun = "a.sh"\nautorun_script = "x"\n', r"line 3: give either 'autorun'"),
         ('name = "x"\nautorun = "missing.sh"\n', r"line 2: cannot read the autorun script"),
         ('name = "x"\nname = "y"\n', r"is not valid TOML"),
+        ('name = "x"\nsize = ""\n', r"line 2: 'size' is empty"),
+        ('name = "x"\n[base]\ncomponents = ["--foo"]\n', r"line 3: component '--foo' is not a Debian archive area"),
     ],
 )
 def test_bad_recipes_name_the_key_and_line(tmp_path: Path, text: str, message: str) -> None:

@@ -171,6 +171,8 @@ MANIFEST: dict[str, object] = {
 def archive(tmp_path: Path, members: list[tarfile.TarInfo], manifest: dict[str, object] | bytes | None = MANIFEST) -> str:
     path = tmp_path / "a.tar.gz"
     with tarfile.open(path, "w:gz") as tar:
+        if isinstance(manifest, dict) and not manifest["added"]:  # a manifest that lists the members
+            manifest = {**manifest, "added": [m.name.rstrip("/") for m in members]}
         if manifest is not None:
             data = manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode()
             info = tarfile.TarInfo(snap.MANIFEST_MEMBER)
@@ -196,8 +198,16 @@ def member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarf
         ([member("etc/../../x")], r"member 'etc/../../x' has an absolute path, '\.\.'"),
         ([member("opt/evil", tarfile.SYMTYPE, "../../../etc")], r"member 'opt/evil' is a link pointing outside the system"),
         ([member("opt/hard", tarfile.LNKTYPE, "etc/shadow")], r"member 'opt/hard' is a hard link"),
-        ([member("dev/sda", tarfile.BLKTYPE)], r"member 'dev/sda' is a device file"),
-        ([member("dev/null", tarfile.CHRTYPE)], r"member 'dev/null' is a device file"),
+        ([member("opt/sda", tarfile.BLKTYPE)], r"member 'opt/sda' is a device file"),
+        ([member("opt/null", tarfile.CHRTYPE)], r"member 'opt/null' is a device file"),
+        ([member("dev/x")], r"member 'dev/x' is in a part of the system apppot-snap never changes \(/dev\)"),
+        ([member("home/user/job/.bashrc")], r"never changes \(/home/user/job\)"),
+        ([member("run/apppot/status")], r"never changes \(/run\)"),
+        ([member("home/user", tarfile.SYMTYPE, "/etc")], r"member 'home/user' is in a part .* \(/home/user/job\)"),
+        ([member("opt/l", tarfile.SYMTYPE, "/etc"), member("opt/l/passwd")], r"member 'opt/l/passwd' lies under a link"),
+        ([member("opt/a"), member("opt/a")], r"appears twice"),
+        ([member("./opt/a")], r"'\.'"),
+        ([member("opt//a")], r"'//'"),
         ([member(snap.MANIFEST_MEMBER)], r"appears twice"),
         ([member("a\nb")], r"newline"),
     ],
@@ -223,6 +233,10 @@ def test_absolute_link_targets_stay_inside_the_system(tmp_path: Path) -> None:
         ({**MANIFEST, "deleted": ["etc/x"]}, r"deletion 'etc/x' is not a clean absolute path"),
         ({**MANIFEST, "deleted": ["/etc/../.."]}, r"deletion '/etc/\.\./\.\.' is not a clean"),
         ({**MANIFEST, "deleted": ["/"]}, r"deletion '/' is not a clean"),
+        ({**MANIFEST, "deleted": ["/var/run/"]}, r"deletion '/var/run/' is not a clean"),
+        ({**MANIFEST, "deleted": ["/home"]}, r"deletion '/home' is in or above a part"),
+        ({**MANIFEST, "deleted": ["/home/user/job/data"]}, r"deletion '/home/user/job/data' is in or above"),
+        ({**MANIFEST, "added": ["/etc/y"]}, r"its manifest does not list exactly its members"),
     ],
 )
 def test_missing_or_malformed_manifests_are_refused(
@@ -238,3 +252,35 @@ def test_not_an_archive(tmp_path: Path) -> None:
         snap.check_archive(str(tmp_path / "x.tar.gz"))
     with pytest.raises(SnapError, match="does not exist"):
         snap.check_archive(str(tmp_path / "missing.tar.gz"))
+
+
+def test_a_time_only_change_is_packed_and_sockets_are_skipped(tmp_path: Path) -> None:
+    import socket
+
+    root = tmp_path / "sys"
+    make_system(root)
+    snap.main(["--root", str(root), "base"])
+    os.utime(root / "etc/motd", (1000000000, 1000000000))
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(root / "opt/sock"))
+        base = snap.read_manifest(str(root / "var/lib/apppot/base.manifest.gz"))
+        changes = snap.diff(base.entries, snap.scan(str(root)))
+    assert [e.path for e in changes.meta] == ["/etc/motd"] and not changes.added
+
+
+def test_repack_keeps_exactly_the_checked_members(tmp_path: Path) -> None:
+    source = archive(tmp_path, [member("opt/a"), member("opt/l", tarfile.SYMTYPE, "/etc/motd")])
+    target = tmp_path / "clean.tar"
+    snap.repack(source, str(target))
+    with tarfile.open(target) as t:
+        assert [(m.name, m.type) for m in t.getmembers()] == [("opt/a", tarfile.REGTYPE), ("opt/l", tarfile.SYMTYPE)]
+
+
+def test_deletions_are_reduced_to_their_tops() -> None:
+    assert snap.topmost(["/a", "/a b", "/a/x", "/a b/y"]) == ["/a", "/a b"]
+
+
+def test_a_link_resolved_through_another_link_of_the_archive_is_refused(tmp_path: Path) -> None:
+    members = [member("opt/l", tarfile.SYMTYPE, "."), member("opt/e", tarfile.SYMTYPE, "l/.."), member("opt/f")]
+    with pytest.raises(SnapError, match="'opt/e' is a link resolved through another link"):
+        snap.check_archive(archive(tmp_path, members))

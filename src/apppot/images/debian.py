@@ -58,7 +58,10 @@ def recipe_id(recipe: Recipe) -> str:
     for copy in recipe.files:
         for path in sorted([copy.source, *copy.source.rglob("*")]) if copy.source.is_dir() else [copy.source]:
             h.update(str(path.relative_to(copy.source.parent)).encode() + b"\0")
-            if path.is_file():
+            h.update(f"{path.lstat().st_mode:o}".encode())
+            if path.is_symlink():
+                h.update(os.readlink(path).encode())
+            elif path.is_file():
                 h.update(hashlib.sha256(path.read_bytes()).digest())
     return h.hexdigest()
 

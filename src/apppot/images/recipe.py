@@ -126,6 +126,8 @@ class _Checker:
         value = data.get(key)
         if value is not None and not isinstance(value, str):
             raise self.fail(f"'{key}' must be a string, not {_kind(value)}", table, key, index)
+        if value == "" and key != "description":
+            raise self.fail(f"'{key}' is empty; give a value or leave the key out", table, key, index)
         return value
 
     def strings(self, data: Mapping[str, object], key: str, table: str | None = None) -> tuple[str, ...]:
@@ -190,6 +192,9 @@ def parse_recipe(path: Path) -> Recipe:
     if mirror is not None and not re.fullmatch(r"(https?|file)://\S+", mirror):
         raise c.fail(f"mirror {mirror!r} is not an http://, https:// or file:// URL", "base", "mirror")
     components = c.strings(base_data, "components", "base") or ("main",)
+    for component in components:
+        if not re.fullmatch(r"[a-z][a-z0-9-]*", component):
+            raise c.fail(f'component {component!r} is not a Debian archive area like "main"', "base", "components")
     base = Base(distribution, suite, mirror, components)
 
     packages = c.strings(data, "packages")

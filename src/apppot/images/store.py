@@ -83,7 +83,10 @@ def stored_images() -> list[StoredImage]:
         path = Path(entry.path)
         record_path = path.with_suffix(RECORD_SUFFIX)
         if record_path.exists():
-            record: ImageRecord | None = ImageRecord.read(record_path)
+            try:
+                record: ImageRecord | None = ImageRecord.read(record_path)
+            except ImageError:
+                continue  # a damaged record hides its image, not the others
         elif entry.name.startswith("tiny-"):
             record = None
         else:
