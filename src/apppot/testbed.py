@@ -25,7 +25,7 @@ CONTROLLER_PORT = 16817  # not Slurm's default 6817: a site's own Slurm may run 
 FIRST_NODE_PORT = 17001
 
 
-class Testbed(NamedTuple):
+class LocalCluster(NamedTuple):
     directory: Path
     nodes: int
 
@@ -41,7 +41,7 @@ def testbed_dir() -> Path:
     return Path(os.environ.get("APPPOT_TESTBED_DIR") or "/tmp/apppot-testbed")
 
 
-def render_slurm_conf(bed: Testbed, cpus: int, mem_mib: int) -> str:
+def render_slurm_conf(bed: LocalCluster, cpus: int, mem_mib: int) -> str:
     """slurm.conf for N nodes on loopback; no cgroups, no slurmdbd (sacct -c reads the jobcomp file)."""
     d = bed.directory
     last = FIRST_NODE_PORT + bed.nodes - 1
@@ -88,12 +88,20 @@ def _check_host() -> None:
         raise HostError(f"{', '.join(missing)} not installed: sudo apt-get install slurm-wlm munge")
 
 
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def _munge_running() -> bool:
     munge = which("munge") or "/usr/bin/munge"
     return subprocess.run([munge, "-n"], capture_output=True, check=False).returncode == 0
 
 
-def _start_munge(bed: Testbed) -> None:
+def _start_munge(bed: LocalCluster) -> None:
     if _munge_running():
         return
     key = Path("/etc/munge/munge.key")
@@ -112,7 +120,7 @@ def _start_munge(bed: Testbed) -> None:
     raise HostError("munged did not start; see /var/log/munge/munged.log")
 
 
-def _idle_nodes(bed: Testbed) -> int:
+def _idle_nodes(bed: LocalCluster) -> int:
     out = subprocess.run(
         ["sinfo", "-h", "-o", "%D %t"],
         capture_output=True,
@@ -123,13 +131,16 @@ def _idle_nodes(bed: Testbed) -> int:
     return sum(int(n) for n, state in (line.split() for line in out.stdout.splitlines() if line.strip()) if state == "idle")
 
 
-def up(nodes: int = 1, timeout: float = 60) -> tuple[Testbed, float]:
+def up(nodes: int = 1, timeout: float = 60) -> tuple[LocalCluster, float]:
     """Start the cluster; returns it and how long it took to have every node idle."""
     _check_host()
     started = time.monotonic()
-    bed = Testbed(testbed_dir(), nodes)
-    if (bed.directory / "run" / "slurmctld.pid").exists():
-        raise HostError(f"a test cluster seems to run already ({bed.directory}); stop it with 'apppot testbed down'")
+    bed = LocalCluster(testbed_dir(), nodes)
+    if (bed.directory / "run" / "slurmctld.pid").exists() or _listening(CONTROLLER_PORT):
+        raise HostError(
+            f"a test cluster runs already (port {CONTROLLER_PORT} is taken, or {bed.directory} has one): "
+            "stop it with 'apppot testbed down' (with the same APPPOT_TESTBED_DIR)"
+        )
     for sub in ("etc", "state", "run", "log", *(f"spool/{n}" for n in bed.node_names())):
         (bed.directory / sub).mkdir(parents=True, exist_ok=True)
     bed.directory.chmod(0o755)

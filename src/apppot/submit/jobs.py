@@ -59,16 +59,18 @@ def apppot_command() -> str:
 
 def stage(job: BatchJob) -> Path:
     """A new staging directory with the job directory in it: inputs and the changes archive copied."""
-    where = jobs_dir() / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
-    jobdir = where / "job"
-    jobdir.mkdir(parents=True)
+    sources = [*job.inputs, *([job.changes] if job.changes else [])]
     names = set()
-    for source in [*job.inputs, *([job.changes] if job.changes else [])]:
+    for source in sources:
         if source.name in names:
             raise UsageError(f"two inputs are named {source.name}; the job directory holds them side by side, so rename one")
         names.add(source.name)
         if not source.is_file():
             raise UsageError(f"input {source} is not a file; give files with --input (and --changes)")
+    where = jobs_dir() / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
+    jobdir = where / "job"
+    jobdir.mkdir(parents=True)
+    for source in sources:
         shutil.copy2(source, jobdir / source.name)
     return where
 

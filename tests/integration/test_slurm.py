@@ -1,0 +1,205 @@
+"""`apppot submit` to a real Slurm: the project's own test cluster (apppot testbed), booting UML inside
+the batch jobs.
+
+The jobs are submitted as root here: slurmd runs a job as its user, and the project's virtualenv
+lives in a Python under /root that other users cannot reach. (Slurm itself runs non-root jobs
+with AppPot; that needs AppPot installed where the user can run it.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import APPPOT, Result
+from tests.integration.conftest import apppot_cli
+
+pytestmark = pytest.mark.uml
+
+SCRIPT = '#!/bin/sh\n# added by a changes archive\nwc -w < "$1" > result.txt\necho "counted $1"\n'
+
+
+@pytest.fixture(autouse=True)
+def uml_kernel(own_kernel: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.setenv("APPPOT_KERNEL", str(own_kernel))
+    yield own_kernel
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Two simulated nodes, started and stopped by the project's own testbed code."""
+    if os.geteuid() != 0 or shutil.which("slurmctld") is None:
+        pytest.skip("the Slurm test cluster needs root and slurm-wlm (make test installs it)")
+    directory = tmp_path_factory.mktemp("testbed")
+    env = {**os.environ, "APPPOT_TESTBED_DIR": str(directory)}
+    started = time.monotonic()
+    up = subprocess.run([APPPOT, "testbed", "up", "--nodes", "2"], env=env, capture_output=True, text=True, check=False)
+    assert up.returncode == 0, up.stderr
+    print(f"testbed up in {time.monotonic() - started:.1f} s")
+    conf = directory / "etc" / "slurm.conf"
+    assert up.stdout.strip() == f"export SLURM_CONF={conf}"
+    for p in [directory, *directory.parents]:
+        if p == Path("/tmp") or p == Path("/"):
+            break
+        os.chmod(p, 0o755)
+    try:
+        yield conf
+    finally:
+        down = subprocess.run([APPPOT, "testbed", "down"], env=env, capture_output=True, text=True, check=False)
+        assert down.returncode == 0, down.stderr
+        assert "slurmctld" in down.stderr
+
+
+class User:
+    """apppot with a cache of its own, the session's kernel and the test cluster."""
+
+    def __init__(self, home: Path, conf: Path, kernel: Path) -> None:
+        self.home = home
+        self.env = {
+            "PATH": f"{Path(APPPOT).parent}:/usr/bin:/bin:/usr/sbin:/sbin",
+            "HOME": str(home),
+            "XDG_CACHE_HOME": str(home / "cache"),
+            "SLURM_CONF": str(conf),
+            "APPPOT_KERNEL": str(kernel),
+        }
+
+    def run(self, *args: str, cwd: Path) -> Result:
+        proc = subprocess.run([APPPOT, *args], cwd=cwd, env=self.env, capture_output=True, timeout=120, check=False)
+        return Result(proc.returncode, proc.stdout, proc.stderr)
+
+    def wait(self, job_id: str, cwd: Path, timeout: float = 120) -> dict[str, object]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = self.run("status", "--json", job_id, cwd=cwd)
+            assert r.returncode == 0, r.err
+            status: dict[str, object] = json.loads(r.stdout)
+            if status["final"]:
+                return status
+            time.sleep(0.3)
+        pytest.fail(f"{job_id} did not finish in {timeout:.0f} s")
+
+
+@pytest.fixture
+def user(cluster: Path, own_kernel: Path, tmp_path: Path) -> User:
+    home = tmp_path / "home"
+    (home / "cache").mkdir(parents=True)
+    return User(home, cluster, own_kernel)
+
+
+def workdir(user: User, name: str) -> Path:
+    d = user.home / name
+    d.mkdir()
+    return d
+
+
+@pytest.fixture(scope="module")
+def counter_changes(cache_home: Path, debian_dev: dict[str, object], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A changes archive that adds /usr/local/bin/count-words to the dev appliance."""
+    job = tmp_path_factory.mktemp("make-changes")
+    (job / "count-words").write_text(SCRIPT)
+    make = "install -m 755 count-words /usr/local/bin/ && apppot-snap changes /home/user/job/counter.tar.gz"
+    r = apppot_cli(cache_home, "start", "--image", "debian-dev", "--", "sh", "-c", make, cwd=job)
+    assert r.returncode == 0, r.err
+    archive = job / "counter.tar.gz"
+    os.chmod(archive, 0o644)
+    for p in [job, *job.parents]:
+        if p == Path("/tmp") or p == Path("/"):
+            break
+        os.chmod(p, 0o755)
+    return archive
+
+
+def test_the_same_job_locally_and_through_slurm(
+    user: User, cache_home: Path, debian_dev: dict[str, object], counter_changes: Path
+) -> None:
+    image = str(debian_dev["path"])
+    local = workdir(user, "local")
+    (local / "data.in").write_text("one two three four\n")
+    r = user.run("start", "--image", image, "--changes", str(counter_changes), "--", "count-words", "data.in", cwd=local)
+    assert r.returncode == 0, r.err
+    local_result = (local / "result.txt").read_text()
+
+    submit_dir = workdir(user, "submit")
+    (submit_dir / "data.in").write_text("one two three four\n")
+    started = time.monotonic()
+    r = user.run(
+        "submit", "--to", "slurm", "--image", image, "--changes", str(counter_changes), "--input", "data.in",
+        "--output", "result.txt", "--mem", "256M", "--time", "10", "--", "count-words", "data.in", cwd=submit_dir,
+    )  # fmt: skip
+    assert r.returncode == 0, r.err
+    job_id = r.stdout.decode().strip()
+    assert job_id.startswith("slurm-")
+    status = user.wait(job_id, submit_dir)
+    print(f"submit to result through Slurm: {time.monotonic() - started:.1f} s")
+    assert (status["state"], status["exit_code"]) == ("COMPLETED", 0)
+    r = user.run("fetch", job_id, cwd=submit_dir)
+    assert r.returncode == 0, r.err
+    fetched = submit_dir / job_id
+    assert (fetched / "result.txt").read_text() == local_result == "4\n"
+    assert (fetched / "stdout.txt").read_text() == "counted data.in\n"
+    # A second fetch does not overwrite without --force.
+    r = user.run("fetch", job_id, cwd=submit_dir)
+    assert r.returncode == 125 and "exists; move it away or pass --force" in r.err
+    assert user.run("fetch", "--force", job_id, cwd=submit_dir).returncode == 0
+
+
+def test_a_failing_job_shows_its_exit_code(user: User, tiny_image: Path) -> None:
+    d = workdir(user, "failing")
+    r = user.run("submit", "--to", "slurm", "--image", str(tiny_image), "--", "sh", "-c", "echo bad >&2; exit 3", cwd=d)
+    assert r.returncode == 0, r.err
+    job_id = r.stdout.decode().strip()
+    status = user.wait(job_id, d)
+    assert (status["state"], status["exit_code"]) == ("FAILED", 3)
+    text = user.run("status", job_id, cwd=d).stdout.decode()
+    assert text == f"{job_id}: FAILED, exit code 3 (the job exited with status 3)\n"
+    scontrol = subprocess.run(
+        ["scontrol", "show", "job", job_id.removeprefix("slurm-")], env=user.env, capture_output=True, text=True
+    )
+    assert "ExitCode=3:0" in scontrol.stdout
+    assert user.run("fetch", job_id, cwd=d).returncode == 0
+    assert (d / job_id / "stderr.txt").read_text() == "bad\n"
+
+
+def test_five_jobs_at_once(user: User, tiny_image: Path) -> None:
+    d = workdir(user, "five")
+    ids = []
+    for i in range(5):
+        r = user.run(
+            "submit", "--to", "slurm", "--image", str(tiny_image), "--output", "out.txt", "--",
+            "sh", "-c", f"echo job {i} > out.txt", cwd=d,
+        )  # fmt: skip
+        assert r.returncode == 0, r.err
+        ids.append(r.stdout.decode().strip())
+    for i, job_id in enumerate(ids):
+        assert user.wait(job_id, d)["state"] == "COMPLETED"
+        assert user.run("fetch", job_id, cwd=d).returncode == 0
+        assert (d / job_id / "out.txt").read_text() == f"job {i}\n"
+
+
+def test_cancel(user: User, tiny_image: Path) -> None:
+    d = workdir(user, "cancel")
+    r = user.run("submit", "--to", "slurm", "--image", str(tiny_image), "--", "sleep", "300", cwd=d)
+    job_id = r.stdout.decode().strip()
+    assert user.run("cancel", job_id, cwd=d).returncode == 0
+    status = user.wait(job_id, d)
+    assert status["state"] == "CANCELLED" and status["explanation"] == "cancelled"
+
+
+def test_dry_run_and_bad_input(user: User, tiny_image: Path) -> None:
+    d = workdir(user, "dry")
+    r = user.run("submit", "--to", "slurm", "--dry-run", "--image", str(tiny_image), "--mem", "512M", "--", "true", cwd=d)
+    assert r.returncode == 0 and "#SBATCH --mem=576M" in r.stdout.decode()
+    assert list(d.iterdir()) == []
+    r = user.run("status", "slurm-999999", cwd=d)
+    assert r.returncode == 125 and "no job slurm-999999 was submitted from this account" in r.err
+    r = user.run("submit", "--to", "slurm", "--image", str(tiny_image), "--input", "missing.dat", "--", "true", cwd=d)
+    assert r.returncode == 125 and "input" in r.err and "is not a file" in r.err
+    user.env["SLURM_CONF"] = "/nonexistent/slurm.conf"
+    r = user.run("submit", "--to", "slurm", "--image", str(tiny_image), "--", "true", cwd=d)
+    assert r.returncode == 125 and r.err.startswith("apppot: error: sbatch refused the job:") and r.err.count("\n") == 1

@@ -1,0 +1,109 @@
+"""The batch job model and Slurm's side of it: the batch script, time formats, state parsing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from apppot.errors import UsageError
+from apppot.spec import MIB
+from apppot.submit import jobs, slurm
+from apppot.submit.job import BatchJob, check_output_name, format_wall_time, parse_wall_time
+from apppot.testbed import LocalCluster, render_slurm_conf
+
+JOB = BatchJob(
+    argv=("./run.sh", "data in", "$HOME"),
+    image=Path("/images/app.img"),
+    mem_bytes=1024 * MIB,
+    wall_seconds=7200,
+    cores=2,
+    changes=Path("/home/u/mine.tar.gz"),
+    inputs=(Path("/home/u/data in"),),
+    outputs=("result.txt",),
+    name="test",
+)
+
+
+def test_sbatch_script_golden() -> None:
+    assert slurm.render_sbatch(JOB, Path("/stage"), "/venv/bin/apppot") == (
+        "#!/bin/sh\n"
+        "#SBATCH --job-name=test\n"
+        "#SBATCH --mem=1088M\n"
+        "#SBATCH --time=02:00:00\n"
+        "#SBATCH --cpus-per-task=2\n"
+        "#SBATCH --nodes=1\n"
+        "#SBATCH --chdir=/stage/job\n"
+        "#SBATCH --output=/stage/stdout.txt\n"
+        "#SBATCH --error=/stage/stderr.txt\n"
+        "# The guest needs memory of its own besides the job's: see apppot.submit.job.UML_OVERHEAD.\n"
+        "exec /venv/bin/apppot start --image /images/app.img --mem 1024M --changes /stage/job/mine.tar.gz -- "
+        "./run.sh 'data in' '$HOME'\n"
+    )
+
+
+def test_sbatch_script_without_changes() -> None:
+    script = slurm.render_sbatch(JOB._replace(changes=None, mem_bytes=256 * MIB, cores=1), Path("/s"), "apppot")
+    assert "#SBATCH --mem=320M\n" in script and "--changes" not in script and "--cpus-per-task=1\n" in script
+
+
+def test_batch_memory_covers_the_guest_and_uml() -> None:
+    assert JOB._replace(mem_bytes=256 * MIB).batch_mem_mib() == 320
+    assert JOB._replace(mem_bytes=256 * MIB + 1).batch_mem_mib() == 321
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30", 1800), ("1:30", 90), ("2:00:00", 7200), ("1-12", 129600), ("1-12:30", 131400), ("1-0:0:5", 86405)],
+)
+def test_wall_time_formats(text: str, seconds: int) -> None:
+    assert parse_wall_time(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "1:2:3:4", "x", "-5", "0", "1-x"])
+def test_bad_wall_times(text: str) -> None:
+    with pytest.raises(UsageError, match="--time"):
+        parse_wall_time(text)
+
+
+def test_format_wall_time() -> None:
+    assert (format_wall_time(90), format_wall_time(7200), format_wall_time(90061)) == ("00:01:30", "02:00:00", "1-01:01:01")
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../x", "a/../../b", ""])
+def test_outputs_stay_in_the_job_directory(name: str) -> None:
+    with pytest.raises(UsageError, match="--output"):
+        check_output_name(name)
+
+
+def test_scontrol_and_sacct_parsing() -> None:
+    line = "JobId=7 JobName=apppot UserId=u(1000) JobState=FAILED Reason=NonZeroExitCode ExitCode=3:0 RunTime=00:00:01"
+    assert slurm.parse_scontrol(line) == ("FAILED", 3, 0)
+    assert slurm.parse_scontrol("slurm_load_jobs error: Invalid job id specified") is None
+    assert slurm.parse_sacct("6|COMPLETED|0:0\n7|CANCELLED by 0|0:15\n", "7") == ("CANCELLED", 0, 15)
+    assert slurm.parse_sacct("6|COMPLETED|0:0\n", "7") is None
+
+
+@pytest.mark.parametrize(
+    ("state", "code", "text"),
+    [
+        ("COMPLETED", 0, "the job exited with status 0"),
+        ("FAILED", 3, "the job exited with status 3"),
+        ("TIMEOUT", 0, "killed at its wall-time limit (--time)"),
+        ("NODE_FAIL", None, "the node running it was lost"),
+        ("FAILED", 122, "the guest died before reporting the job's status (see stderr.txt: apppot fetch)"),
+        ("FAILED", 125, "AppPot could not run the job (see stderr.txt: apppot fetch)"),
+        ("RUNNING", None, ""),
+    ],
+)
+def test_status_explanations(state: str, code: int | None, text: str) -> None:
+    assert jobs.explain(state, code) == text
+
+
+def test_testbed_configuration_keeps_to_loopback() -> None:
+    conf = render_slurm_conf(LocalCluster(Path("/tb"), 3), cpus=2, mem_mib=1000)
+    assert "NodeName=n[1-3] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[17001-17003] CPUs=2 RealMemory=1000" in conf
+    assert "SlurmctldHost=localhost(127.0.0.1)" in conf and "JobCompLoc=/tb/log/jobcomp.txt" in conf
+    assert "NodeName=n1 NodeHostname=localhost NodeAddr=127.0.0.1 Port=17001 " in render_slurm_conf(
+        LocalCluster(Path("/tb"), 1), 1, 10
+    )
