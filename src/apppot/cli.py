@@ -566,6 +566,10 @@ def _run(func_argv: Sequence[str], prog: str) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader of our output went away (e.g. `| head`): as SIGPIPE would end us
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:  # anything not foreseen still gets one line, not a traceback
         where = f" {e.filename}" if e.filename else ""
         sys.stderr.write(f"apppot: error:{where}: {e.strerror or e}\n")
