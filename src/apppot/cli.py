@@ -473,6 +473,7 @@ def cmd_testbed(argv: Sequence[str]) -> int:
             raise UsageError("--nodes must be at least 1")
         bed, took = testbed.up(ns.nodes)
         _say(f"test cluster up in {took:.1f} s: {bed.nodes} node(s), logs in {bed.directory / 'log'}")
+        _say(f"AppPot for every user's jobs: {bed.site_apppot} (kernel: {bed.site_apppot.parent.parent / 'kernel' / 'linux'})")
         print(f"export SLURM_CONF={bed.conf}")
     elif ns.action == "down":
         stopped = testbed.down()

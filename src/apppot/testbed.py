@@ -1,6 +1,7 @@
 """A throw-away Slurm cluster on this machine, for tests and for users who want to try `apppot submit`.
 
-    apppot testbed up [--nodes N]     munged, slurmctld and N slurmd (nodes n1..nN on 127.0.0.1)
+    apppot testbed up [--nodes N]     munged, slurmctld and N slurmd (nodes n1..nN on 127.0.0.1), and a
+                                      copy of AppPot every user's jobs can run (site/bin/apppot)
     apppot testbed down               stops what `up` started, by PID
     apppot testbed env                the SLURM_CONF line to export
 
@@ -32,6 +33,10 @@ class LocalCluster(NamedTuple):
     @property
     def conf(self) -> Path:
         return self.directory / "etc" / "slurm.conf"
+
+    @property
+    def site_apppot(self) -> Path:
+        return self.directory / "site" / "bin" / "apppot"
 
     def node_names(self) -> list[str]:
         return [f"n{i}" for i in range(1, self.nodes + 1)]
@@ -78,6 +83,39 @@ JobCompLoc={d}/log/jobcomp.txt
 NodeName={names} NodeHostname=localhost NodeAddr=127.0.0.1 Port={ports} CPUs={cpus} RealMemory={mem_mib} State=UNKNOWN
 PartitionName=apppot Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
+
+
+def install_site(bed: LocalCluster) -> Path:
+    """A copy of this AppPot that every user's batch jobs can run: the package under site/lib, run by
+    the system's Python 3 (this process's interpreter may live where other users cannot go, e.g. a
+    Python under /root), and the kernel AppPot would use, under site/kernel. Returns the launcher."""
+    import shutil
+    import sys
+
+    import apppot
+    from apppot.kernel import find_kernel
+
+    site = bed.directory / "site"
+    if site.exists():
+        shutil.rmtree(site)
+    package = Path(apppot.__file__).parent
+    shutil.copytree(package, site / "lib" / "apppot", ignore=shutil.ignore_patterns("__pycache__"))
+    python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+    launcher = bed.site_apppot
+    launcher.parent.mkdir(parents=True)
+    launcher.write_text(
+        f"#!{python}\n# AppPot for the test cluster's jobs (apppot testbed up)\nimport sys\n\n"
+        f"sys.path.insert(0, {str(site / 'lib')!r})\nfrom apppot.cli import entry\n\nentry()\n"
+    )
+    launcher.chmod(0o755)
+    kernel = find_kernel(None).path
+    (site / "kernel").mkdir()
+    shutil.copy2(kernel, site / "kernel" / "linux")
+    if (kernel.parent / "kernel.json").exists():  # AppPot's own kernel: its record goes along
+        shutil.copy2(kernel.parent / "kernel.json", site / "kernel" / "kernel.json")
+    for path in [site, *site.rglob("*")]:
+        path.chmod(path.stat().st_mode | 0o444 | (0o111 if path.is_dir() else 0))
+    return launcher
 
 
 def _check_host() -> None:
@@ -151,6 +189,7 @@ def up(nodes: int = 1, timeout: float = 60) -> tuple[LocalCluster, float]:
     jobcomp.touch()
     jobcomp.chmod(0o666)  # sacct -c opens it for appending, also to read
     (bed.directory / "nodes").write_text(f"{nodes}\n")
+    install_site(bed)
     _start_munge(bed)
     run(["slurmctld", "-f", str(bed.conf)], package="slurm-wlm")
     for name in bed.node_names():

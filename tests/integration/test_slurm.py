@@ -1,14 +1,13 @@
-"""`apppot submit` to a real Slurm: the project's own test cluster (apppot testbed), booting UML inside
-the batch jobs.
-
-The jobs are submitted as root here: slurmd runs a job as its user, and the project's virtualenv
-lives in a Python under /root that other users cannot reach. (Slurm itself runs non-root jobs
-with AppPot; that needs AppPot installed where the user can run it.)"""
+"""`apppot submit` to a real Slurm: the project's own test cluster (apppot testbed), jobs submitted by an
+unprivileged user and run by slurmd as that user, booting UML inside the batch jobs. The user runs
+the copy of AppPot the testbed installs for every user (the project's virtualenv may live in a
+Python other users cannot reach)."""
 
 from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import subprocess
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import APPPOT, Result
+from tests.conftest import APPPOT, TEST_USER, Result, chown_to
 from tests.integration.conftest import apppot_cli
 
 pytestmark = pytest.mark.uml
@@ -57,20 +56,23 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 class User:
-    """apppot with a cache of its own, the session's kernel and the test cluster."""
+    """The unprivileged test user running the testbed's AppPot, with a cache of its own."""
 
-    def __init__(self, home: Path, conf: Path, kernel: Path) -> None:
+    def __init__(self, home: Path, conf: Path) -> None:
         self.home = home
+        site = conf.parent.parent / "site"
+        self.apppot = str(site / "bin" / "apppot")
         self.env = {
-            "PATH": f"{Path(APPPOT).parent}:/usr/bin:/bin:/usr/sbin:/sbin",
+            "PATH": f"{site / 'bin'}:/usr/bin:/bin:/usr/sbin:/sbin",
             "HOME": str(home),
             "XDG_CACHE_HOME": str(home / "cache"),
             "SLURM_CONF": str(conf),
-            "APPPOT_KERNEL": str(kernel),
+            "APPPOT_KERNEL": str(site / "kernel" / "linux"),
         }
 
     def run(self, *args: str, cwd: Path) -> Result:
-        proc = subprocess.run([APPPOT, *args], cwd=cwd, env=self.env, capture_output=True, timeout=120, check=False)
+        argv = ["setpriv", f"--reuid={TEST_USER}", f"--regid={TEST_USER}", "--init-groups", "--", self.apppot, *args]
+        proc = subprocess.run(argv, cwd=cwd, env=self.env, capture_output=True, timeout=120, check=False)
         return Result(proc.returncode, proc.stdout, proc.stderr)
 
     def wait(self, job_id: str, cwd: Path, timeout: float = 120) -> dict[str, object]:
@@ -86,15 +88,19 @@ class User:
 
 
 @pytest.fixture
-def user(cluster: Path, own_kernel: Path, tmp_path: Path) -> User:
+def user(cluster: Path, test_user: str, tmp_path: Path) -> User:
     home = tmp_path / "home"
     (home / "cache").mkdir(parents=True)
-    return User(home, cluster, own_kernel)
+    for p in (home, home / "cache"):
+        chown_to(p, test_user)
+    os.chmod(tmp_path, 0o755)
+    return User(home, cluster)
 
 
 def workdir(user: User, name: str) -> Path:
     d = user.home / name
     d.mkdir()
+    chown_to(d, TEST_USER)
     return d
 
 
@@ -121,6 +127,7 @@ def test_the_same_job_locally_and_through_slurm(
     image = str(debian_dev["path"])
     local = workdir(user, "local")
     (local / "data.in").write_text("one two three four\n")
+    chown_to(local / "data.in", TEST_USER)
     r = user.run("start", "--image", image, "--changes", str(counter_changes), "--", "count-words", "data.in", cwd=local)
     assert r.returncode == 0, r.err
     local_result = (local / "result.txt").read_text()
@@ -143,6 +150,8 @@ def test_the_same_job_locally_and_through_slurm(
     fetched = submit_dir / job_id
     assert (fetched / "result.txt").read_text() == local_result == "4\n"
     assert (fetched / "stdout.txt").read_text() == "counted data.in\n"
+    assert (fetched / "result.txt").stat().st_uid == pwd.getpwnam(TEST_USER).pw_uid
+    assert (submit_dir / "data.in").read_text() == "one two three four\n"  # the submission directory is untouched
     # A second fetch does not overwrite without --force.
     r = user.run("fetch", job_id, cwd=submit_dir)
     assert r.returncode == 125 and "exists; move it away or pass --force" in r.err
