@@ -21,8 +21,9 @@ RUNTIME = ["user-mode-linux", "slirp", "vdeplug", "libvdeplug-slirp", "e2fsprogs
 KERNEL_BUILD = ["build-essential", "bc", "bison", "flex", "libelf-dev", "libssl-dev", "xz-utils"]
 # What `apppot image build` needs to build Debian appliances from recipes.
 IMAGE_BUILD = ["mmdebstrap", "debian-archive-keyring"]
-# glpk-utils: the application appliance's program, natively, to compare against.
-TESTING = ["tmux", "shellcheck", "dash", "util-linux", "glpk-utils", "slurm-wlm", "munge"]
+# glpk-utils: the application appliance's program, natively, to compare against; slurm-wlm and munge:
+# the test cluster; ARC's Python binding and base plugins: its own parser reads our xRSL.
+TESTING = ["tmux", "shellcheck", "dash", "util-linux", "glpk-utils", "slurm-wlm", "munge", "python3-nordugrid-arc", "nordugrid-arc-plugins-needed"]
 TEST_USER = "apppot-test"
 
 

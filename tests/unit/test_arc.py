@@ -1,0 +1,124 @@
+"""ARC: the xRSL description and the wrapper of a job (golden), and ARC's own parser reading the xRSL."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from apppot.spec import MIB
+from apppot.submit import arc
+from apppot.submit.job import BatchJob
+
+JOB = BatchJob(
+    argv=("./run.sh", 'say "hi")', "$HOME"),
+    image=Path("/images/app.img"),
+    mem_bytes=1024 * MIB,
+    wall_seconds=7200,
+    cores=2,
+    changes=Path("/home/u/mine.tar.gz"),
+    inputs=(Path("/home/u/data.in"),),
+    outputs=("result.txt",),
+    name="test",
+)
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_xrsl_golden() -> None:
+    assert arc.render_xrsl(JOB, stage_image=True) == (
+        '&(executable="apppot-job.sh")\n'
+        ' (jobname="test")\n'
+        ' (runtimeenvironment="APPS/APPPOT-0")\n'
+        ' (walltime="7200 seconds")\n'
+        ' (memory="544")\n'
+        ' (count="2")(countpernode="2")\n'
+        ' (inputfiles=("apppot-job.sh" "")("data.in" "")("apppot-changes.tar.gz" "")("apppot.img" "file:///images/app.img"))\n'
+        ' (outputfiles=("result.txt" ""))\n'
+        ' (stdout="stdout.txt")(stderr="stderr.txt")\n'
+        ' (gmlog="gmlog")\n'
+    )
+
+
+def test_xrsl_with_the_sites_image_and_no_changes_or_outputs() -> None:
+    xrsl = arc.render_xrsl(JOB._replace(changes=None, outputs=(), inputs=(), cores=1, mem_bytes=256 * MIB), stage_image=False)
+    assert '(inputfiles=("apppot-job.sh" ""))' in xrsl and "outputfiles" not in xrsl and '(memory="320")' in xrsl
+    assert "apppot.img" not in xrsl
+
+
+def test_wrapper_golden_and_valid_sh(tmp_path: Path) -> None:
+    wrapper = arc.render_wrapper(JOB, stage_image=False)
+    assert wrapper.splitlines()[-1] == (
+        'exec "${APPPOT_START:?the site has no APPPOT runtime environment}" '
+        '--image "${APPPOT_IMAGE:?the site\'s APPPOT runtime environment sets no image}" --mem 1024M '
+        "--changes apppot-changes.tar.gz -- ./run.sh 'say \"hi\")' '$HOME'"
+    )
+    script = tmp_path / "w.sh"
+    script.write_text(wrapper)
+    assert subprocess.run(["sh", "-n", str(script)], check=False).returncode == 0
+    # Without the runtime environment the job says why and fails.
+    r = subprocess.run(["sh", str(script)], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}, check=False)
+    assert r.returncode != 0 and "the site has no APPPOT runtime environment" in r.stderr
+    assert 'exec "${APPPOT_START:?the site has no APPPOT runtime environment}" --image "apppot.img"' in arc.render_wrapper(
+        JOB, stage_image=True
+    )
+
+
+PARSE = """
+import arc, json, os, sys
+jobs = arc.JobDescriptionList()
+ok = bool(arc.JobDescription.Parse(sys.stdin.read(), jobs, "nordugrid:xrsl", ""))
+out = {"ok": ok}
+if ok:
+    j = jobs.front()
+    out.update(
+        executable=j.Application.Executable.Path,
+        wall=j.Resources.TotalWallTime.range.max,
+        memory=j.Resources.IndividualPhysicalMemory.max,
+        slots=j.Resources.SlotRequirement.NumberOfSlots,
+        rte=[str(x) for x in j.Resources.RunTimeEnvironment.getSoftwareList()],
+        inputs=[f.Name for f in j.DataStaging.InputFiles],
+        outputs=[f.Name for f in j.DataStaging.OutputFiles],
+        stdout=j.Application.Output,
+    )
+print(json.dumps(out))
+sys.stdout.flush()
+os._exit(0)  # ARC's binding may hang in its destructors at exit
+"""
+
+
+def arc_parser() -> str:
+    """The Python that has ARC's binding (Debian's python3-nordugrid-arc: only the system Python)."""
+    python = shutil.which("python3", path="/usr/bin")
+    if python is None or subprocess.run([python, "-c", "import arc"], capture_output=True, check=False).returncode != 0:
+        pytest.skip("ARC's Python binding is not installed (python3-nordugrid-arc; make test installs it)")
+    return python
+
+
+def test_arcs_own_parser_reads_the_xrsl() -> None:
+    python = arc_parser()
+    r = subprocess.run([python, "-c", PARSE], input=arc.render_xrsl(JOB, True), capture_output=True, text=True, timeout=60)
+    parsed = json.loads(r.stdout)
+    assert parsed == {
+        "ok": True,
+        "executable": "apppot-job.sh",
+        "wall": 7200,
+        "memory": 544,
+        "slots": 2,
+        "rte": ["APPS/APPPOT-0"],
+        "inputs": ["apppot-job.sh", "data.in", "apppot-changes.tar.gz", "apppot.img"],
+        "outputs": ["result.txt"],
+        "stdout": "stdout.txt",
+    }
+
+
+def test_the_runtime_environment_script_is_valid_sh() -> None:
+    rte = ROOT / "src" / "apppot" / "data" / "rte" / "APPPOT-0"
+    text = rte.read_text()
+    assert "# param:APPPOT_START:string:" in text and "# param:APPPOT_IMAGE:string:" in text
+    r = subprocess.run(
+        ["sh", "-c", f'set -- 1; . {rte}; echo "$APPPOT_START|$APPPOT_IMAGE"'], capture_output=True, text=True, env={}, check=False
+    )
+    assert r.stdout == "/usr/bin/apppot-start|/opt/apppot/apppot.img\n"
