@@ -23,7 +23,17 @@ KERNEL_BUILD = ["build-essential", "bc", "bison", "flex", "libelf-dev", "libssl-
 IMAGE_BUILD = ["mmdebstrap", "debian-archive-keyring"]
 # glpk-utils: the application appliance's program, natively, to compare against; slurm-wlm and munge:
 # the test cluster; ARC's Python binding and base plugins: its own parser reads our xRSL.
-TESTING = ["tmux", "shellcheck", "dash", "util-linux", "glpk-utils", "slurm-wlm", "munge", "python3-nordugrid-arc", "nordugrid-arc-plugins-needed"]
+TESTING = [
+    "tmux",
+    "shellcheck",
+    "dash",
+    "util-linux",
+    "glpk-utils",
+    "slurm-wlm",
+    "munge",
+    "python3-nordugrid-arc",
+    "nordugrid-arc-plugins-needed",
+]
 TEST_USER = "apppot-test"
 
 

@@ -119,6 +119,10 @@ def test_the_runtime_environment_script_is_valid_sh() -> None:
     text = rte.read_text()
     assert "# param:APPPOT_START:string:" in text and "# param:APPPOT_IMAGE:string:" in text
     r = subprocess.run(
-        ["sh", "-c", f'set -- 1; . {rte}; echo "$APPPOT_START|$APPPOT_IMAGE"'], capture_output=True, text=True, env={}, check=False
+        ["sh", "-c", f'set -- 1; . {rte}; echo "$APPPOT_START|$APPPOT_IMAGE"'],
+        capture_output=True,
+        text=True,
+        env={},
+        check=False,
     )
     assert r.stdout == "/usr/bin/apppot-start|/opt/apppot/apppot.img\n"
