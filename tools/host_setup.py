@@ -22,7 +22,7 @@ KERNEL_BUILD = ["build-essential", "bc", "bison", "flex", "libelf-dev", "libssl-
 # What `apppot image build` needs to build Debian appliances from recipes.
 IMAGE_BUILD = ["mmdebstrap", "debian-archive-keyring"]
 # glpk-utils: the application appliance's program, natively, to compare against; slurm-wlm and munge:
-# the test cluster; ARC's Python binding and base plugins: its own parser reads our xRSL.
+# the test cluster; ARC's A-REX, clients and Python binding: the test CE, and its parser reads our xRSL.
 TESTING = [
     "tmux",
     "shellcheck",
@@ -33,6 +33,10 @@ TESTING = [
     "munge",
     "python3-nordugrid-arc",
     "nordugrid-arc-plugins-needed",
+    "nordugrid-arc-arex",
+    "nordugrid-arc-client",
+    "nordugrid-arc-arcctl",
+    "nordugrid-arc-plugins-arcrest",
 ]
 TEST_USER = "apppot-test"
 
@@ -54,13 +58,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--test", action="store_true", help="also install what the tests need")
     args = parser.parse_args()
-    wanted = RUNTIME + KERNEL_BUILD + IMAGE_BUILD + (TESTING if args.test else [])
-    missing = [p for p in wanted if not installed(p)]
-    if missing:
-        print(f"host_setup: installing {' '.join(missing)}", flush=True)
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    missing = [p for p in RUNTIME + KERNEL_BUILD + IMAGE_BUILD if not installed(p)]
+    # The test daemons without what Debian recommends with them (e.g. an LDAP server for ARC).
+    missing_test = [p for p in TESTING if args.test and not installed(p)]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if missing or missing_test:
+        print(f"host_setup: installing {' '.join(missing + missing_test)}", flush=True)
         subprocess.run(as_root(["apt-get", "update", "-qq"]), check=True, env=env)
+    if missing:
         subprocess.run(as_root(["apt-get", "install", "-y", "-qq", *missing]), check=True, env=env)
+    if missing_test:
+        subprocess.run(
+            as_root(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing_test]), check=True, env=env
+        )
     if args.test and os.geteuid() == 0:
         try:
             pwd.getpwnam(TEST_USER)

@@ -352,7 +352,8 @@ def cmd_changes(argv: Sequence[str]) -> int:
 def cmd_submit(argv: Sequence[str]) -> int:
     before, after = _split_command(argv)
     p = _parser_class()(prog="apppot submit", description="Hand an AppPot job to a batch system.")
-    p.add_argument("--to", dest="target", choices=["slurm"], required=True, help="the batch system")
+    p.add_argument("--to", dest="target", choices=["slurm", "arc"], required=True, help="the batch system or Grid middleware")
+    p.add_argument("--ce", metavar="URL", help="ARC: the compute element, e.g. https://ce.example.org:443/arex")
     p.add_argument("--image", help="image file or cache name (default: the tiny appliance); the worker must see it")
     p.add_argument("--changes", type=Path, metavar="TAR", help="an apppot-snap changes archive to merge before the job")
     p.add_argument("--mem", default="256M", help="the guest's memory (default 256M); the batch job asks for 64 MiB more")
@@ -381,14 +382,16 @@ def cmd_submit(argv: Sequence[str]) -> int:
     from apppot.submit import jobs
     from apppot.submit.job import BatchJob, check_output_name, parse_wall_time
 
-    image = resolve_image(ns.image) if ns.image else _default_image(_say)
-    if not image.is_file():
-        raise UsageError(f"image {image} does not exist; give an image file or a name from 'apppot image list'")
+    image: Path | None = None  # ARC without --image: the site's image (its APPPOT runtime environment names it)
+    if ns.image or ns.target != "arc":
+        image = resolve_image(ns.image) if ns.image else _default_image(_say)
+        if not image.is_file():
+            raise UsageError(f"image {image} does not exist; give an image file or a name from 'apppot image list'")
     if ns.cores < 1:
         raise UsageError("--cores must be at least 1")
     job = BatchJob(
         argv=tuple(after),
-        image=image.resolve(),
+        image=image.resolve() if image else None,
         mem_bytes=parse_mem(ns.mem),
         wall_seconds=parse_wall_time(ns.time),
         cores=ns.cores,
@@ -404,7 +407,7 @@ def cmd_submit(argv: Sequence[str]) -> int:
             snap.check_archive(str(job.changes))
         except snap.SnapError as e:
             raise UsageError(str(e)) from None
-    record, script = jobs.submit(job, ns.target, ns.dry_run)
+    record, script = jobs.submit(job, ns.target, ns.dry_run, ce=ns.ce)
     if record is None:
         print(script, end="")
     elif ns.json:
@@ -448,6 +451,16 @@ def cmd_fetch(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_clean(argv: Sequence[str]) -> int:
+    p = _parser_class()(prog="apppot clean", description="Forget a finished job: its files on the CE and here.")
+    p.add_argument("job_id", metavar="JOBID")
+    ns = p.parse_args(argv)
+    from apppot.submit import jobs
+
+    jobs.clean(ns.job_id)
+    return 0
+
+
 def cmd_cancel(argv: Sequence[str]) -> int:
     p = _parser_class()(prog="apppot cancel", description="Cancel a submitted job.")
     p.add_argument("job_id", metavar="JOBID")
@@ -463,6 +476,7 @@ def cmd_testbed(argv: Sequence[str]) -> int:
     sub = p.add_subparsers(dest="action", required=True)
     start = sub.add_parser("up", help="start munged, slurmctld and the nodes' slurmd")
     start.add_argument("--nodes", type=int, default=1, help="simulated nodes on this machine (default 1)")
+    start.add_argument("--arc", metavar="USER", help="also an ARC CE in front of it, with USER as the grid user")
     sub.add_parser("down", help="stop what 'up' started")
     sub.add_parser("env", help="the SLURM_CONF setting for the cluster's clients")
     ns = p.parse_args(argv)
@@ -471,9 +485,11 @@ def cmd_testbed(argv: Sequence[str]) -> int:
     if ns.action == "up":
         if ns.nodes < 1:
             raise UsageError("--nodes must be at least 1")
-        bed, took = testbed.up(ns.nodes)
+        bed, took = testbed.up(ns.nodes, arc_user=ns.arc)
         _say(f"test cluster up in {took:.1f} s: {bed.nodes} node(s), logs in {bed.directory / 'log'}")
         _say(f"AppPot for every user's jobs: {bed.site_apppot} (kernel: {bed.site_apppot.parent.parent / 'kernel' / 'linux'})")
+        if ns.arc:
+            _say(f"ARC CE: https://localhost:8443/arex, grid user {ns.arc} (proxy made)")
         print(f"export SLURM_CONF={bed.conf}")
     elif ns.action == "down":
         stopped = testbed.down()
@@ -545,7 +561,8 @@ def _run(func_argv: Sequence[str], prog: str) -> int:
         p = _parser_class()(prog="apppot", description="Run whole Linux appliances as ordinary batch jobs.")
         p.add_argument("--version", action="version", version=f"apppot {__version__}")
         p.add_argument(
-            "subcommand", choices=["start", "image", "kernel", "changes", "submit", "status", "fetch", "cancel", "testbed"]
+            "subcommand",
+            choices=["start", "image", "kernel", "changes", "submit", "status", "fetch", "cancel", "clean", "testbed"],
         )
         if not func_argv or func_argv[0] in ("-h", "--help", "--version"):
             p.parse_args(func_argv)
@@ -558,7 +575,14 @@ def _run(func_argv: Sequence[str], prog: str) -> int:
             return cmd_kernel(rest)
         if ns.subcommand == "changes":
             return cmd_changes(rest)
-        others = {"submit": cmd_submit, "status": cmd_status, "fetch": cmd_fetch, "cancel": cmd_cancel, "testbed": cmd_testbed}
+        others = {
+            "submit": cmd_submit,
+            "status": cmd_status,
+            "fetch": cmd_fetch,
+            "cancel": cmd_cancel,
+            "clean": cmd_clean,
+            "testbed": cmd_testbed,
+        }
         if ns.subcommand in others:
             return others[ns.subcommand](rest)
         return cmd_image(rest)

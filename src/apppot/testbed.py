@@ -11,6 +11,7 @@ listen on loopback only. It needs root: slurmd starts jobs as the users who subm
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -75,6 +76,8 @@ SelectTypeParameters=CR_Core_Memory
 SchedulerType=sched/backfill
 SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
 MpiDefault=none
+# Bind to the configured loopback addresses, not to every interface.
+CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 ReturnToService=2
 MinJobAge=600
 AccountingStorageType=accounting_storage/none
@@ -103,11 +106,16 @@ def install_site(bed: LocalCluster) -> Path:
     python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
     launcher = bed.site_apppot
     launcher.parent.mkdir(parents=True)
-    launcher.write_text(
-        f"#!{python}\n# AppPot for the test cluster's jobs (apppot testbed up)\nimport sys\n\n"
-        f"sys.path.insert(0, {str(site / 'lib')!r})\nfrom apppot.cli import entry\n\nentry()\n"
-    )
-    launcher.chmod(0o755)
+    for name, function in ((launcher.name, "entry"), ("apppot-start", "start_entry")):
+        (launcher.parent / name).write_text(
+            f"#!{python}\n# AppPot for the test cluster's jobs (apppot testbed up)\nimport sys\n\n"
+            f"sys.path.insert(0, {str(site / 'lib')!r})\nfrom apppot.cli import {function}\n\n{function}()\n"
+        )
+        (launcher.parent / name).chmod(0o755)
+    from apppot.images import tiny
+
+    (site / "images").mkdir()
+    shutil.copy2(tiny.build().path, site / "images" / "tiny.img")  # the CE's default image
     kernel = find_kernel(None).path
     (site / "kernel").mkdir()
     shutil.copy2(kernel, site / "kernel" / "linux")
@@ -169,8 +177,8 @@ def _idle_nodes(bed: LocalCluster) -> int:
     return sum(int(n) for n, state in (line.split() for line in out.stdout.splitlines() if line.strip()) if state == "idle")
 
 
-def up(nodes: int = 1, timeout: float = 60) -> tuple[LocalCluster, float]:
-    """Start the cluster; returns it and how long it took to have every node idle."""
+def up(nodes: int = 1, timeout: float = 60, arc_user: str | None = None) -> tuple[LocalCluster, float]:
+    """Start the cluster (and an ARC CE in front of it for arc_user); returns it and how long it took."""
     _check_host()
     started = time.monotonic()
     bed = LocalCluster(testbed_dir(), nodes)
@@ -198,36 +206,42 @@ def up(nodes: int = 1, timeout: float = 60) -> tuple[LocalCluster, float]:
         if time.monotonic() - started > timeout:
             raise HostError(f"the test cluster's nodes did not become idle in {timeout:.0f} s; see {bed.directory / 'log'}")
         time.sleep(0.2)
+    if arc_user is not None:
+        from apppot import testbed_arc
+
+        testbed_arc.up(bed.directory / "arc", bed.conf, bed.directory / "site", arc_user)
     return bed, time.monotonic() - started
 
 
+def stop_pid_file(pid_file: Path) -> bool:
+    """Stop the daemon whose pid the file holds (TERM, then KILL after 10 s); True if one was running."""
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return False
+    try:
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            os.kill(pid, 0)  # raises once it is gone
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    with contextlib.suppress(OSError):
+        pid_file.unlink()
+    return True
+
+
 def down() -> list[str]:
-    """Stop the daemons `up` started (slurmd, slurmctld, and munged if it started it); returns what it stopped."""
+    """Stop the daemons `up` started (A-REX, slurmd, slurmctld, and munged if it started it); returns what it stopped."""
+    from apppot import testbed_arc
+
     directory = testbed_dir()
     run_dir = directory / "run"
-    stopped = []
+    stopped = testbed_arc.down(directory / "arc")
     pid_files = [*sorted(run_dir.glob("slurmd-*.pid")), run_dir / "slurmctld.pid"]
     if (run_dir / "munged.ours").exists():
         pid_files.append(Path("/run/munge/munged.pid"))
-    for pid_file in pid_files:
-        try:
-            pid = int(pid_file.read_text().strip())
-        except (OSError, ValueError):
-            continue
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pid_file.unlink(missing_ok=True)
-            continue
-        for _ in range(100):
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        else:
-            os.kill(pid, signal.SIGKILL)
-        stopped.append(pid_file.stem)
-        pid_file.unlink(missing_ok=True)
+    stopped += [f.stem for f in pid_files if stop_pid_file(f)]
     (run_dir / "munged.ours").unlink(missing_ok=True)
     return stopped

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_xrsl_golden() -> None:
-    assert arc.render_xrsl(JOB, stage_image=True) == (
+    assert arc.render_xrsl(JOB) == (
         '&(executable="apppot-job.sh")\n'
         ' (jobname="test")\n'
         ' (runtimeenvironment="APPS/APPPOT-0")\n'
@@ -43,13 +43,13 @@ def test_xrsl_golden() -> None:
 
 
 def test_xrsl_with_the_sites_image_and_no_changes_or_outputs() -> None:
-    xrsl = arc.render_xrsl(JOB._replace(changes=None, outputs=(), inputs=(), cores=1, mem_bytes=256 * MIB), stage_image=False)
+    xrsl = arc.render_xrsl(JOB._replace(changes=None, outputs=(), inputs=(), cores=1, mem_bytes=256 * MIB, image=None))
     assert '(inputfiles=("apppot-job.sh" ""))' in xrsl and "outputfiles" not in xrsl and '(memory="320")' in xrsl
     assert "apppot.img" not in xrsl
 
 
 def test_wrapper_golden_and_valid_sh(tmp_path: Path) -> None:
-    wrapper = arc.render_wrapper(JOB, stage_image=False)
+    wrapper = arc.render_wrapper(JOB._replace(image=None))
     assert wrapper.splitlines()[-1] == (
         'exec "${APPPOT_START:?the site has no APPPOT runtime environment}" '
         '--image "${APPPOT_IMAGE:?the site\'s APPPOT runtime environment sets no image}" --mem 1024M '
@@ -61,9 +61,7 @@ def test_wrapper_golden_and_valid_sh(tmp_path: Path) -> None:
     # Without the runtime environment the job says why and fails.
     r = subprocess.run(["sh", str(script)], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}, check=False)
     assert r.returncode != 0 and "the site has no APPPOT runtime environment" in r.stderr
-    assert 'exec "${APPPOT_START:?the site has no APPPOT runtime environment}" --image "apppot.img"' in arc.render_wrapper(
-        JOB, stage_image=True
-    )
+    assert 'exec "${APPPOT_START:?the site has no APPPOT runtime environment}" --image "apppot.img"' in arc.render_wrapper(JOB)
 
 
 PARSE = """
@@ -99,7 +97,7 @@ def arc_parser() -> str:
 
 def test_arcs_own_parser_reads_the_xrsl() -> None:
     python = arc_parser()
-    r = subprocess.run([python, "-c", PARSE], input=arc.render_xrsl(JOB, True), capture_output=True, text=True, timeout=60)
+    r = subprocess.run([python, "-c", PARSE], input=arc.render_xrsl(JOB), capture_output=True, text=True, timeout=60)
     parsed = json.loads(r.stdout)
     assert parsed == {
         "ok": True,
@@ -126,3 +124,36 @@ def test_the_runtime_environment_script_is_valid_sh() -> None:
         check=False,
     )
     assert r.stdout == "/usr/bin/apppot-start|/opt/apppot/apppot.img\n"
+
+
+def test_arcstat_parsing_and_states() -> None:
+    from apppot.submit import jobs
+
+    text = (
+        "Job: https://localhost:8443/arex/rest/1.0/jobs/abc\n Name: t\n"
+        " State: Finished (terminal:client-stageout-possible)\n Exit Code: 3\n"
+    )
+    assert arc.parse_arcstat(text) == ("Finished", 3)
+    assert arc.parse_arcstat(" State: Running (INLRMS:R)\n") == ("Running", None)
+    assert arc.parse_arcstat("WARNING: Job information not found") is None
+    assert [jobs._arc_state(s, c) for s, c in [("Finished", 0), ("Finished", 3), ("Failed", 1), ("Killed", None)]] == [
+        "COMPLETED",
+        "FAILED",
+        "FAILED",
+        "CANCELLED",
+    ]
+    assert [jobs._arc_state(s, None) for s in ("Accepted", "Preparing", "Queuing", "Running", "Finishing")] == [
+        "PENDING",
+        "PENDING",
+        "PENDING",
+        "RUNNING",
+        "RUNNING",
+    ]
+
+
+def test_the_test_ce_configuration() -> None:
+    from apppot.testbed_arc import render_arc_conf
+
+    conf = render_arc_conf(Path("/tb/arc"), Path("/tb/etc/slurm.conf"), "alice")
+    assert "map_to_user = apppot alice:alice" in conf and "lrms = slurm" in conf
+    assert "wsurl = https://localhost:8443/arex" in conf and "runtimedir = /tb/arc/rte" in conf

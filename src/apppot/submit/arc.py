@@ -8,8 +8,13 @@ job, that calls apppot-start in the job's session directory, so the job's exit s
 
 from __future__ import annotations
 
+import re
 import shlex
+import subprocess
+from pathlib import Path
 
+from apppot.errors import HostError
+from apppot.proc import run, which
 from apppot.submit.job import BatchJob
 
 RTE = "APPS/APPPOT-0"
@@ -25,9 +30,9 @@ def quote(value: str) -> str:
     return '"' + value.replace('"', '""') + '"'
 
 
-def render_wrapper(job: BatchJob, stage_image: bool) -> str:
+def render_wrapper(job: BatchJob) -> str:
     """The job's executable on the worker: apppot-start with the site's settings (from the RTE)."""
-    image = IMAGE if stage_image else "${APPPOT_IMAGE:?the site's APPPOT runtime environment sets no image}"
+    image = IMAGE if job.image is not None else "${APPPOT_IMAGE:?the site's APPPOT runtime environment sets no image}"
     start = ['"${APPPOT_START:?the site has no APPPOT runtime environment}"', "--image", f'"{image}"']
     start += ["--mem", f"{job.mem_bytes >> 20}M"]
     if job.changes is not None:
@@ -40,17 +45,17 @@ def render_wrapper(job: BatchJob, stage_image: bool) -> str:
     )
 
 
-def render_xrsl(job: BatchJob, stage_image: bool) -> str:
+def render_xrsl(job: BatchJob) -> str:
     """The xRSL description: the wrapper, the runtime environment, resources and the files to move.
 
     Inputs are uploaded by the client from the submission directory (empty URLs); the image is
-    staged from its path when stage_image, else the site's is used. Memory is per core in xRSL."""
+    staged from its path if the job names one, else the site's is used. Memory is per core in xRSL."""
     memory_mib = -(-job.batch_mem_mib() // job.cores)
     inputs = [WRAPPER, *(p.name for p in job.inputs)]
     staged = [f"({quote(name)} {quote('')})" for name in inputs]
     if job.changes is not None:
         staged.append(f"({quote(CHANGES)} {quote('')})")
-    if stage_image:
+    if job.image is not None:
         staged.append(f"({quote(IMAGE)} {quote(job.image.resolve().as_uri())})")
     lines = [
         f"&(executable={quote(WRAPPER)})",
@@ -66,3 +71,70 @@ def render_xrsl(job: BatchJob, stage_image: bool) -> str:
         lines.append(f" (outputfiles={outputs})")
     lines += [f" (stdout={quote(STDOUT)})(stderr={quote(STDERR)})", ' (gmlog="gmlog")']
     return "\n".join(lines) + "\n"
+
+
+# --- the ARC client tools -----------------------------------------------------------------------
+
+# ARC's job states (arcstat) that will not change any more.
+FINAL = {"Finished", "Failed", "Killed", "Deleted"}
+
+
+def _require(program: str) -> str:
+    found = which(program)
+    if found is None:
+        raise HostError(f"{program} is not installed: sudo apt-get install nordugrid-arc-client nordugrid-arc-plugins-arcrest")
+    return found
+
+
+def _tail(out: subprocess.CompletedProcess[bytes]) -> str:
+    lines = (out.stdout + out.stderr).decode(errors="replace").strip().splitlines()
+    return lines[-1] if lines else "no message"
+
+
+def submit(xrsl: Path, jobdir: Path, ce: str) -> str:
+    """arcsub the description from the job directory (inputs are uploaded from there); returns the job URL."""
+    out = run([_require("arcsub"), "-C", ce, "-T", "arcrest", str(xrsl)], cwd=jobdir, check=False)
+    found = re.search(r"Job submitted with jobid: (\S+)", out.stdout.decode(errors="replace"))
+    if out.returncode != 0 or not found:
+        raise HostError(f"arcsub to {ce} failed (is the CE up, and do you have a proxy: arcproxy?): {_tail(out)}")
+    return found.group(1)
+
+
+def parse_arcstat(text: str) -> tuple[str, int | None] | None:
+    """(State, exit code) from arcstat's output."""
+    state = re.search(r"^\s*State: (\w+)", text, re.M)
+    code = re.search(r"^\s*Exit Code: (-?\d+)", text, re.M)
+    if not state:
+        return None
+    return state.group(1), (int(code.group(1)) if code else None)
+
+
+def status(url: str) -> tuple[str, int | None]:
+    out = run([_require("arcstat"), url], check=False)
+    parsed = parse_arcstat(out.stdout.decode(errors="replace"))
+    if out.returncode != 0 or parsed is None:
+        raise HostError(f"arcstat {url} failed: {_tail(out)}")
+    return parsed
+
+
+def download(url: str, into: Path) -> Path:
+    """arcget the job's session directory (keeping it on the CE); returns where it landed."""
+    into.mkdir(parents=True, exist_ok=True)
+    out = run([_require("arcget"), "--keep", "-D", str(into), url], check=False)
+    if out.returncode != 0:
+        raise HostError(f"arcget {url} failed: {_tail(out)}")
+    landed = into / url.rstrip("/").rsplit("/", 1)[-1]
+    return landed if landed.is_dir() else into
+
+
+def clean(url: str) -> None:
+    """arcclean: remove the job and its files from the CE."""
+    out = run([_require("arcclean"), url], check=False)
+    if out.returncode != 0:
+        raise HostError(f"arcclean {url} failed: {_tail(out)}")
+
+
+def cancel(url: str) -> None:
+    out = run([_require("arckill"), url], check=False)
+    if out.returncode != 0:
+        raise HostError(f"arckill {url} failed: {_tail(out)}")

@@ -19,7 +19,7 @@ class BatchJob(NamedTuple):
     """One AppPot job for a batch system."""
 
     argv: tuple[str, ...]
-    image: Path  # absolute: the worker reads it where the submitter sees it (shared filesystem)
+    image: Path | None  # absolute: workers read it where the submitter sees it; None: the site's (ARC)
     mem_bytes: int  # the guest's memory
     wall_seconds: int = DEFAULT_WALL_SECONDS
     cores: int = 1

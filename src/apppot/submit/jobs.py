@@ -19,10 +19,10 @@ from typing import NamedTuple
 
 from apppot.errors import EXIT_APPPOT_ERROR, EXIT_GUEST_DIED, UsageError
 from apppot.images.store import cache_dir
-from apppot.submit import slurm
+from apppot.submit import arc, slurm
 from apppot.submit.job import BatchJob
 
-TARGETS = ("slurm",)
+TARGETS = ("slurm", "arc")
 
 
 class JobRecord(NamedTuple):
@@ -57,8 +57,9 @@ def apppot_command() -> str:
     return str(here or Path(sys.executable).parent / "apppot")
 
 
-def stage(job: BatchJob) -> Path:
-    """A new staging directory with the job directory in it: inputs and the changes archive copied."""
+def stage(job: BatchJob, changes_name: str | None = None) -> Path:
+    """A new staging directory with the job directory in it: inputs and the changes archive copied
+    (under changes_name, if given)."""
     sources = [*job.inputs, *([job.changes] if job.changes else [])]
     names = set()
     for source in sources:
@@ -70,15 +71,19 @@ def stage(job: BatchJob) -> Path:
     where = jobs_dir() / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
     jobdir = where / "job"
     jobdir.mkdir(parents=True)
-    for source in sources:
+    for source in job.inputs:
         shutil.copy2(source, jobdir / source.name)
+    if job.changes is not None:
+        shutil.copy2(job.changes, jobdir / (changes_name or job.changes.name))
     return where
 
 
-def submit(job: BatchJob, target: str, dry_run: bool) -> tuple[JobRecord | None, str]:
-    """Stage and submit the job; returns its record (None on a dry run) and the script submitted."""
+def submit(job: BatchJob, target: str, dry_run: bool, ce: str | None = None) -> tuple[JobRecord | None, str]:
+    """Stage and submit the job; returns its record (None on a dry run) and the description submitted."""
     if target not in TARGETS:
         raise UsageError(f"unknown target {target!r}: choose from {', '.join(TARGETS)}")
+    if target == "arc":
+        return _submit_arc(job, dry_run, ce)
     if dry_run:
         return None, slurm.render_sbatch(job, jobs_dir() / "STAGE", apppot_command())
     where = stage(job)
@@ -101,6 +106,38 @@ def submit(job: BatchJob, target: str, dry_run: bool) -> tuple[JobRecord | None,
     )
     record.write()
     return record, script_text
+
+
+def _submit_arc(job: BatchJob, dry_run: bool, ce: str | None) -> tuple[JobRecord | None, str]:
+    xrsl = arc.render_xrsl(job)
+    if dry_run:
+        return None, xrsl
+    if not ce:
+        raise UsageError("give the compute element with --ce URL, e.g. --ce https://ce.example.org:443/arex")
+    where = stage(job, changes_name=arc.CHANGES)
+    wrapper = where / "job" / arc.WRAPPER
+    wrapper.write_text(arc.render_wrapper(job))
+    wrapper.chmod(0o755)
+    (where / "job.xrsl").write_text(xrsl)
+    try:
+        url = arc.submit(where / "job.xrsl", where / "job", ce)
+    except Exception:
+        shutil.rmtree(where, ignore_errors=True)
+        raise
+    submitted = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    short = url.rstrip("/").rsplit("/", 1)[-1][:12]
+    record = JobRecord(f"arc-{short}", "arc", url, job.name, str(where), list(job.outputs), submitted)
+    record.write()
+    return record, xrsl
+
+
+def _arc_state(state: str, exit_code: int | None) -> str:
+    """ARC's job states in the words `apppot status` uses for every target."""
+    if state == "Finished":
+        return "COMPLETED" if not exit_code else "FAILED"
+    return {"Failed": "FAILED", "Killed": "CANCELLED", "Deleted": "DELETED", "Running": "RUNNING", "Finishing": "RUNNING"}.get(
+        state, "PENDING"
+    )
 
 
 def find(job_id: str) -> JobRecord:
@@ -136,12 +173,30 @@ def explain(state: str, exit_code: int | None) -> str:
 
 def status(job_id: str) -> JobStatus:
     record = find(job_id)
+    if record.target == "arc":
+        state, code = arc.status(record.native_id)
+        ours = _arc_state(state, code)
+        return JobStatus(job_id, ours, code, state in arc.FINAL, explain(ours, code))
     s = slurm.status(record.native_id)
     return JobStatus(job_id, s.state, s.exit_code, s.state in slurm.FINAL, explain(s.state, s.exit_code))
 
 
 def cancel(job_id: str) -> None:
-    slurm.cancel(find(job_id).native_id)
+    record = find(job_id)
+    if record.target == "arc":
+        arc.cancel(record.native_id)
+    else:
+        slurm.cancel(record.native_id)
+
+
+def clean(job_id: str) -> None:
+    """Forget a finished job: its files on the CE (ARC) and its staging directory here."""
+    record = find(job_id)
+    if not status(job_id).final:
+        raise UsageError(f"{job_id} has not finished; cancel it first (apppot cancel {job_id})")
+    if record.target == "arc":
+        arc.clean(record.native_id)
+    shutil.rmtree(record.stage, ignore_errors=True)
 
 
 def fetch(job_id: str, into: Path, force: bool) -> tuple[Path, list[str], list[str]]:
@@ -152,8 +207,11 @@ def fetch(job_id: str, into: Path, force: bool) -> tuple[Path, list[str], list[s
         raise UsageError(f"{target} exists; move it away or pass --force to overwrite what is in it")
     target.mkdir(parents=True, exist_ok=True)
     where = Path(record.stage)
+    outputs = where / "job"
+    if record.target == "arc":  # stdout, stderr and the outputs come back from the CE's session directory
+        where = outputs = arc.download(record.native_id, where / "downloaded")
     copied, missing = [], []
-    for name, source in [(n, where / n) for n in (slurm.STDOUT, slurm.STDERR)] + [(o, where / "job" / o) for o in record.outputs]:
+    for name, source in [(n, where / n) for n in (slurm.STDOUT, slurm.STDERR)] + [(o, outputs / o) for o in record.outputs]:
         if source.is_file():
             destination = target / name
             destination.parent.mkdir(parents=True, exist_ok=True)

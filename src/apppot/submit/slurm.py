@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 from typing import NamedTuple
 
-from apppot.errors import HostError
+from apppot.errors import HostError, UsageError
 from apppot.proc import run, which
 from apppot.submit.job import BatchJob, format_wall_time
 
@@ -30,6 +30,8 @@ def render_sbatch(job: BatchJob, stage: Path, apppot: str) -> str:
     stage holds job/ (the job directory: inputs, the changes archive) and receives stdout.txt and
     stderr.txt, outside the job directory so that the job cannot clobber them."""
     jobdir = stage / "job"
+    if job.image is None:
+        raise UsageError("a Slurm job needs an image the nodes can read: give --image")
     start = [apppot, "start", "--image", str(job.image), "--mem", f"{job.mem_bytes >> 20}M"]
     if job.changes is not None:
         start += ["--changes", str(jobdir / job.changes.name)]

@@ -1,0 +1,164 @@
+"""`apppot submit --to arc`: a real A-REX (started by the project's testbed) in front of the test Slurm
+cluster; the grid user is the unprivileged test user, and the jobs run as that user through the
+site's APPPOT runtime environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import APPPOT, TEST_USER, Result, chown_to
+from tests.integration.conftest import apppot_cli
+
+pytestmark = pytest.mark.uml
+
+CE = "https://localhost:8443/arex"
+SCRIPT = '#!/bin/sh\nwc -w < "$1" > result.txt\necho "counted $1"\n'
+
+
+@pytest.fixture(autouse=True)
+def uml_kernel(own_kernel: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.setenv("APPPOT_KERNEL", str(own_kernel))
+    yield own_kernel
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory: pytest.TempPathFactory, cache_home: Path) -> Iterator[Path]:
+    """Slurm and an ARC CE, started and stopped by `apppot testbed`; returns the testbed directory."""
+    if os.geteuid() != 0 or shutil.which("arcsub") is None or shutil.which("slurmctld") is None:
+        pytest.skip("the ARC test CE needs root, slurm-wlm and nordugrid-arc (make test installs them)")
+    try:
+        pwd.getpwnam(TEST_USER)
+    except KeyError:
+        pytest.skip(f"no user {TEST_USER}: run the tests through 'make test' as root")
+    directory = tmp_path_factory.mktemp("grid")
+    env = {**os.environ, "APPPOT_TESTBED_DIR": str(directory), "XDG_CACHE_HOME": str(cache_home)}
+    started = time.monotonic()
+    up = subprocess.run([APPPOT, "testbed", "up", "--arc", TEST_USER], env=env, capture_output=True, text=True, check=False)
+    assert up.returncode == 0, up.stderr
+    print(f"testbed with ARC up in {time.monotonic() - started:.1f} s")
+    for p in [directory, *directory.parents]:
+        if p == Path("/tmp") or p == Path("/"):
+            break
+        os.chmod(p, 0o755)
+    try:
+        yield directory
+    finally:
+        down = subprocess.run([APPPOT, "testbed", "down"], env=env, capture_output=True, text=True, check=False)
+        assert down.returncode == 0, down.stderr
+        assert "arex" in down.stderr
+
+
+class GridUser:
+    def __init__(self, directory: Path) -> None:
+        account = pwd.getpwnam(TEST_USER)
+        site = directory / "site"
+        self.home = Path(account.pw_dir)
+        self.apppot = str(site / "bin" / "apppot")
+        self.env = {
+            "PATH": f"{site / 'bin'}:/usr/bin:/bin",
+            "HOME": account.pw_dir,
+            "XDG_CACHE_HOME": str(directory / "user-cache"),
+            "SLURM_CONF": str(directory / "etc" / "slurm.conf"),
+            "APPPOT_KERNEL": str(site / "kernel" / "linux"),
+        }
+        (directory / "user-cache").mkdir(exist_ok=True)
+        chown_to(directory / "user-cache", TEST_USER)
+
+    def run(self, *args: str, cwd: Path) -> Result:
+        argv = ["setpriv", f"--reuid={TEST_USER}", f"--regid={TEST_USER}", "--init-groups", "--", self.apppot, *args]
+        proc = subprocess.run(argv, cwd=cwd, env=self.env, capture_output=True, timeout=180, check=False)
+        return Result(proc.returncode, proc.stdout, proc.stderr)
+
+    def wait(self, job_id: str, cwd: Path, timeout: float = 240) -> dict[str, object]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = self.run("status", "--json", job_id, cwd=cwd)
+            assert r.returncode == 0, r.err
+            status: dict[str, object] = json.loads(r.stdout)
+            if status["final"]:
+                return status
+            time.sleep(1)
+        pytest.fail(f"{job_id} did not finish in {timeout:.0f} s")
+
+
+def site_image(directory: Path, image: str) -> None:
+    """As the site's administrator: the APPPOT runtime environment's default image."""
+    env = {**os.environ, "ARC_CONFIG": str(directory / "arc" / "arc.conf")}
+    subprocess.run(["arcctl", "rte", "params-set", "APPS/APPPOT-0", "APPPOT_IMAGE", image], env=env, check=True)
+
+
+def workdir(base: Path, name: str) -> Path:
+    d = base / name
+    d.mkdir()
+    chown_to(d, TEST_USER)
+    os.chmod(base, 0o755)
+    return d
+
+
+def test_the_same_job_locally_through_slurm_and_through_arc(
+    grid: Path, cache_home: Path, debian_dev: dict[str, object], tmp_path: Path
+) -> None:
+    image = str(debian_dev["path"])
+    maker = tmp_path / "make-changes"
+    maker.mkdir()
+    (maker / "count-words").write_text(SCRIPT)
+    make = "install -m 755 count-words /usr/local/bin/ && apppot-snap changes /home/user/job/counter.tar.gz"
+    assert apppot_cli(cache_home, "start", "--image", image, "--", "sh", "-c", make, cwd=maker).returncode == 0
+    changes = maker / "counter.tar.gz"
+    os.chmod(changes, 0o644)
+    os.chmod(tmp_path, 0o755)
+    os.chmod(maker, 0o755)
+    site_image(grid, image)
+    user = GridUser(grid)
+    results = {}
+    for target in ("local", "slurm", "arc"):
+        d = workdir(tmp_path, target)
+        (d / "data.in").write_text("one two three four five\n")
+        chown_to(d / "data.in", TEST_USER)
+        if target == "local":
+            r = user.run("start", "--image", image, "--changes", str(changes), "--", "count-words", "data.in", cwd=d)
+            assert r.returncode == 0, r.err
+            results[target] = ((d / "result.txt").read_text(), r.stdout.decode())
+            continue
+        where = ["--image", image] if target == "slurm" else ["--ce", CE]  # ARC: the site's image
+        started = time.monotonic()
+        r = user.run(
+            "submit", "--to", target, *where, "--changes", str(changes), "--input", "data.in", "--output", "result.txt",
+            "--", "count-words", "data.in", cwd=d,
+        )  # fmt: skip
+        assert r.returncode == 0, r.err
+        job_id = r.stdout.decode().strip()
+        status = user.wait(job_id, d)
+        assert (status["state"], status["exit_code"]) == ("COMPLETED", 0), status
+        fetch = user.run("fetch", job_id, cwd=d)
+        assert fetch.returncode == 0, fetch.err
+        print(f"{target}: submit to fetched result in {time.monotonic() - started:.1f} s")
+        results[target] = ((d / job_id / "result.txt").read_text(), (d / job_id / "stdout.txt").read_text())
+    assert results["local"] == results["slurm"] == results["arc"] == ("5\n", "counted data.in\n")
+
+
+def test_a_failing_job_shows_exit_code_3_through_arc(grid: Path, tmp_path: Path) -> None:
+    site_image(grid, str(grid / "site" / "images" / "tiny.img"))
+    user = GridUser(grid)
+    d = workdir(tmp_path, "failing")
+    r = user.run("submit", "--to", "arc", "--ce", CE, "--", "sh", "-c", "echo bad >&2; exit 3", cwd=d)
+    assert r.returncode == 0, r.err
+    job_id = r.stdout.decode().strip()
+    assert job_id.startswith("arc-")
+    status = user.wait(job_id, d)
+    assert (status["state"], status["exit_code"]) == ("FAILED", 3), status
+    assert user.run("fetch", job_id, cwd=d).returncode == 0
+    assert (d / job_id / "stderr.txt").read_text() == "bad\n"
+    # clean: gone from the CE and from here
+    assert user.run("clean", job_id, cwd=d).returncode == 0
+    r = user.run("status", job_id, cwd=d)
+    assert r.returncode == 125 and f"no job {job_id} was submitted" in r.err
