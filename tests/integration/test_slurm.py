@@ -212,3 +212,17 @@ def test_dry_run_and_bad_input(user: User, tiny_image: Path) -> None:
     user.env["SLURM_CONF"] = "/nonexistent/slurm.conf"
     r = user.run("submit", "--to", "slurm", "--image", str(tiny_image), "--", "true", cwd=d)
     assert r.returncode == 125 and r.err.startswith("apppot: error: sbatch refused the job:") and r.err.count("\n") == 1
+
+
+def test_a_job_killed_at_its_wall_time_limit_says_so_and_keeps_its_outputs(user: User, tiny_image: Path) -> None:
+    d = workdir(user, "walltime")
+    r = user.run(
+        "submit", "--to", "slurm", "--image", str(tiny_image), "--time", "1", "--output", "partial.txt", "--",
+        "sh", "-c", "echo started > partial.txt; sleep 600", cwd=d,
+    )  # fmt: skip
+    job_id = r.stdout.decode().strip()
+    status = user.wait(job_id, d, timeout=240)  # Slurm checks time limits every 30 s or so
+    assert status["state"] == "TIMEOUT" and status["explanation"] == "killed at its wall-time limit (--time)"
+    r = user.run("fetch", job_id, cwd=d)
+    assert r.returncode == 0, r.err
+    assert (d / job_id / "partial.txt").read_text() == "started\n"
