@@ -251,6 +251,9 @@ def cmd_image(argv: Sequence[str]) -> int:
     tiny_build.add_argument("--json", action="store_true", help="machine-readable output")
     listing = sub.add_parser("list", help="the images in the cache: names, sizes, ids")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
+    remove = sub.add_parser("remove", help="remove the images built under a name from the cache")
+    remove.add_argument("name", help="an image name from 'apppot image list'")
+    remove.add_argument("--old", action="store_true", help="keep the newest, remove the older ones")
     info = sub.add_parser("info", help="an image's recipe, ids, agent and size")
     info.add_argument("image", help="an image name from the cache, or an image file")
     info.add_argument("--json", action="store_true", help="machine-readable output")
@@ -265,6 +268,10 @@ def cmd_image(argv: Sequence[str]) -> int:
     elif ns.action == "build-tiny":
         made = tiny.build(force=ns.force)
         record = {"name": made.name, "path": str(made.path), "id": tiny.image_id(made.path)}
+    elif ns.action == "remove":
+        for path in store.remove(ns.name, keep_newest=ns.old):
+            print(f"removed {path}")
+        return 0
     elif ns.action == "list":
         rows = [_image_row(image) for image in store.stored_images()]
         if ns.json:

@@ -173,3 +173,10 @@ def test_image_names_resolve_in_the_cache(tmp_path: Path, monkeypatch: pytest.Mo
     assert store.resolve_image("./dev") == Path("./dev")  # a path stays a path
     with pytest.raises(Exception, match="no image named other in the cache"):
         store.resolve_image("other")
+    # removing: the older ones only, then all
+    assert store.remove("dev", keep_newest=True) == [old]
+    assert not old.exists() and not old.with_suffix(".json").exists() and new.exists()
+    assert store.remove("dev", keep_newest=False) == [new]
+    assert store.find_by_name("dev") is None
+    with pytest.raises(Exception, match="no image named dev in the cache"):
+        store.remove("dev", keep_newest=False)

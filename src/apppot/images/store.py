@@ -91,7 +91,9 @@ def stored_images() -> list[StoredImage]:
             record = None
         else:
             continue  # no record: not one of ours, or a build that did not finish
-        found.append((entry.stat().st_mtime if record is None else _built_key(record), StoredImage(path, record)))
+        # The tiny appliance's files all carry the same fixed mtime (their content is deterministic):
+        # when each was made shows in its inode's change time.
+        found.append((entry.stat().st_ctime if record is None else _built_key(record), StoredImage(path, record)))
     return [image for _, image in sorted(found, key=lambda pair: pair[0], reverse=True)]
 
 
@@ -126,3 +128,17 @@ def resolve_image(text: str) -> Path:
             f"build it with 'apppot image build RECIPE.toml' (see 'apppot image list')"
         )
     return found.path
+
+
+def remove(name: str, keep_newest: bool) -> list[Path]:
+    """Remove the cached images built under a name (all, or all but the newest); returns the removed image
+    files. An image a running job uses stays readable to it until the job ends (its file is still open)."""
+    found = [image for image in stored_images() if (image.record.name if image.record else "tiny") == name]
+    if not found:
+        raise ImageError(f"no image named {name} in the cache (see apppot image list)")
+    removed = []
+    for image in found[1:] if keep_newest else found:
+        for path in (image.path, image.path.with_suffix(RECORD_SUFFIX)):
+            path.unlink(missing_ok=True)
+        removed.append(image.path)
+    return removed
