@@ -85,7 +85,7 @@ class Prepared(NamedTuple):
     bwrap: str | None
     umid: str
     cpu: int | None = None  # the host CPU the guest is pinned to
-    changes: Path | None = None  # a changes archive to merge at boot (checked; checked again as it is copied)
+    changes: Path | None = None  # a changes archive to merge at boot (checked as it is copied, before the boot)
     warnings: tuple[str, ...] = ()
 
 
@@ -140,7 +140,7 @@ def prepare(spec: JobSpec, say: Say) -> Prepared:
     pin = cpu.choose_cpu(spec.cpu, os.sched_getaffinity(0), cpu.current_cpu())
     if spec.verbose:
         say(f"guest pinned to host CPU {pin}" if pin is not None else "guest not pinned to a host CPU")
-    changes = _check_changes(spec.changes, jobdir, say if spec.verbose else None)
+    changes = spec.changes if spec.changes is not None else _auto_changes(jobdir)
     prepared = Prepared(
         kernel, traits, image, fs_uuid, jobdir, mem, net, None if warning else bwrap, umid, pin, changes, warnings
     )
@@ -168,21 +168,10 @@ def prepare(spec: JobSpec, say: Say) -> Prepared:
     return prepared
 
 
-def _check_changes(given: Path | None, jobdir: Path, say: Say | None) -> Path | None:
-    """The changes archive to merge (--changes, else apppot-changes.tar.gz in the job directory), checked
-    on the host before the guest sees it."""
-    path = given if given is not None else jobdir / AUTO_CHANGES
-    if given is None and not path.is_file():
-        return None
-    from apppot import snap
-
-    try:
-        info, _ = snap.check_archive(str(path))
-    except snap.SnapError as e:
-        raise UsageError(f"{e}") from None
-    if say:
-        say(f"merging {path} (base {info.base[:16]}) before the job")
-    return path
+def _auto_changes(jobdir: Path) -> Path | None:
+    """apppot-changes.tar.gz in the job directory, merged without being asked for (checked in _put_changes)."""
+    path = jobdir / AUTO_CHANGES
+    return path if path.is_file() else None
 
 
 def _check_full_boot(image: Path) -> None:
@@ -379,6 +368,8 @@ class Job:
         for warning in p.warnings:
             self.say(warning)
         ctl, uml_dir, temp_cow = self._paths()
+        if p.changes is not None:  # first: a refused archive stops the job before anything is opened
+            _put_changes(ctl, p, self.say if self.spec.verbose else None)
         cow_path = self._cow(temp_cow)
         streams = detect_streams()
         sandboxed = p.bwrap is not None
@@ -426,8 +417,6 @@ class Job:
             net_configured=p.net is not None and p.traits.ip_autoconfig,
             keep_cow=self.spec.cow is not None or self.spec.writable_image,
         )
-        if p.changes is not None:
-            _put_changes(ctl, p)
         (ctl / JOB_FILE).write_bytes(render_job_file(guest))
         agent_params = render_kernel_params(
             SANDBOX_CTL if sandboxed else str(ctl), SANDBOX_JOB if sandboxed else str(p.jobdir), changes=p.changes is not None
@@ -562,10 +551,10 @@ class Job:
         raise GuestDied(f"the guest ended without reporting the job's status (UML {how}){_panic_hint(log_path)}")
 
 
-def _put_changes(ctl: Path, p: Prepared) -> None:
+def _put_changes(ctl: Path, p: Prepared, say: Say | None) -> None:
     """The archive's checked members, and what the agent needs besides tar, in the control directory.
 
-    The archive is read and checked again as it is copied: the guest gets exactly what was checked,
+    The archive is checked as it is copied, in one reading: the guest gets exactly what was checked,
     and never the user's own file."""
     from apppot import snap
 
@@ -576,6 +565,8 @@ def _put_changes(ctl: Path, p: Prepared) -> None:
         raise UsageError(str(e)) from None
     (ctl / CHANGES_DELETE).write_text("".join(path.lstrip("/") + "\n" for path in info.deleted))
     (ctl / CHANGES_BASE).write_text(info.base + "\n")
+    if say:
+        say(f"merging {p.changes} (base {info.base[:16]}) before the job")
 
 
 def _make_rundir(base: Path) -> Path:

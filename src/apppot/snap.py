@@ -314,10 +314,22 @@ def _clean_relative(name: str) -> bool:
 def check_archive(source: str) -> tuple[ArchiveInfo, list[tarfile.TarInfo]]:
     """Read and check a changes archive without extracting anything; every problem is a SnapError
     naming the offending member."""
+    with _checked(source) as (_, info, members):
+        return info, members
+
+
+@contextlib.contextmanager
+def _checked(source: str) -> Iterator[tuple[tarfile.TarFile, ArchiveInfo, list[tarfile.TarInfo]]]:
+    """The archive, open, with its checked manifest and members: what is then read from it (copied or
+    extracted) is what was checked, read once."""
     if not os.path.isfile(source):
         raise SnapError(f"changes archive {source} does not exist or is not a file")
     try:
-        with tarfile.open(source, "r:*") as tar:
+        tar = tarfile.open(source, "r:*")  # noqa: SIM115 (closed by the with below; failing to open has its own message)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise _unreadable(source, e) from e
+    with tar:
+        try:
             members = tar.getmembers()
             first = members[0] if members else None
             if first is None or first.name != MANIFEST_MEMBER or not first.isreg():
@@ -325,12 +337,21 @@ def check_archive(source: str) -> tuple[ArchiveInfo, list[tarfile.TarInfo]]:
             extracted = tar.extractfile(first)
             assert extracted is not None
             info = _parse_manifest(source, extracted.read())
-    except (tarfile.TarError, OSError, EOFError) as e:
-        why = (str(e).splitlines() or [type(e).__name__])[0].rstrip(":")
-        raise SnapError(f"{source} is not a readable tar.gz archive ({why}); give an archive made by apppot-snap changes") from e
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise _unreadable(source, e) from e
+        _check_members(source, info, members[1:])
+        yield tar, info, members[1:]
+
+
+def _unreadable(source: str, e: BaseException) -> SnapError:
+    why = (str(e).splitlines() or [type(e).__name__])[0].rstrip(":")
+    return SnapError(f"{source} is not a readable tar.gz archive ({why}); give an archive made by apppot-snap changes")
+
+
+def _check_members(source: str, info: ArchiveInfo, members: list[tarfile.TarInfo]) -> None:
     names: set[str] = set()
     links: set[str] = set()
-    for m in members[1:]:
+    for m in members:
         name = m.name.rstrip("/") if m.isdir() else m.name
         what = f"{source}: member {m.name!r}"
         if not _clean_relative(name) or "//" in name or name.startswith("./") or "/./" in name or name.endswith("/."):
@@ -357,7 +378,7 @@ def check_archive(source: str) -> tuple[ArchiveInfo, list[tarfile.TarInfo]]:
         names.add(name)
         if m.issym():
             links.add(name)
-    for m in members[1:]:
+    for m in members:
         if m.issym() and not m.linkname.startswith("/"):
             prefix = posixpath.dirname(m.name)
             for part in m.linkname.split("/"):
@@ -376,7 +397,6 @@ def check_archive(source: str) -> tuple[ArchiveInfo, list[tarfile.TarInfo]]:
     if claimed != names:
         extra = sorted(names - claimed)[:3] or sorted(claimed - names)[:3]
         raise SnapError(f"{source}: its manifest does not list exactly its members (e.g. {', '.join(extra)}): refused")
-    return info, members[1:]
 
 
 def _reserved(name: str, symlink: bool) -> str | None:
@@ -394,8 +414,7 @@ def _reserved(name: str, symlink: bool) -> str | None:
 def repack(source: str, target: str) -> ArchiveInfo:
     """Check the archive and write only what was checked, uncompressed and without the manifest, for the
     guest's tar: what tar extracts is exactly what was checked, whatever else the original file holds."""
-    info, members = check_archive(source)
-    with tarfile.open(source, "r:*") as src, tarfile.open(target, "w", format=tarfile.PAX_FORMAT) as out:
+    with _checked(source) as (src, info, members), tarfile.open(target, "w", format=tarfile.PAX_FORMAT) as out:
         for m in members:
             out.addfile(m, src.extractfile(m) if m.isreg() else None)
     return info
@@ -418,17 +437,16 @@ def _parse_manifest(source: str, data: bytes) -> ArchiveInfo:
 
 def merge(source: str, root: str = "/", force: bool = False, base_id: str | None = None) -> ArchiveInfo:
     """Apply a checked archive: deletions first, then the members with their modes and owners."""
-    info, members = check_archive(source)
-    if base_id is None:
-        base_id = _read_base_id(root)
-    if info.base != base_id and not force:
-        raise SnapError(
-            f"{source} was made against base {info.base[:16]}, this system is base {base_id[:16]}: "
-            "merge it onto the system it was made for, or pass --force"
-        )
-    for path in info.deleted:
-        _remove(os.path.join(root, path.lstrip("/")))
-    with tarfile.open(source, "r:*") as tar:
+    with _checked(source) as (tar, info, members):
+        if base_id is None:
+            base_id = _read_base_id(root)
+        if info.base != base_id and not force:
+            raise SnapError(
+                f"{source} was made against base {info.base[:16]}, this system is base {base_id[:16]}: "
+                "merge it onto the system it was made for, or pass --force"
+            )
+        for path in info.deleted:
+            _remove(os.path.join(root, path.lstrip("/")))
         for m in members:
             target = os.path.join(root, m.name)
             if (os.path.lexists(target) and not os.path.isdir(target)) or (os.path.isdir(target) and not m.isdir()):
