@@ -134,7 +134,8 @@ def _check_host() -> None:
         raise HostError(f"{', '.join(missing)} not installed: sudo apt-get install slurm-wlm munge")
 
 
-def _listening(port: int) -> bool:
+def listening(port: int) -> bool:
+    """Whether something accepts connections on this loopback port."""
     import socket
 
     with socket.socket() as s:
@@ -182,7 +183,7 @@ def up(nodes: int = 1, timeout: float = 60, arc_user: str | None = None) -> tupl
     _check_host()
     started = time.monotonic()
     bed = LocalCluster(testbed_dir(), nodes)
-    if (bed.directory / "run" / "slurmctld.pid").exists() or _listening(CONTROLLER_PORT):
+    if (bed.directory / "run" / "slurmctld.pid").exists() or listening(CONTROLLER_PORT):
         raise HostError(
             f"a test cluster runs already (port {CONTROLLER_PORT} is taken, or {bed.directory} has one): "
             "stop it with 'apppot testbed down' (with the same APPPOT_TESTBED_DIR)"

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import pwd
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 from apppot.errors import HostError
 from apppot.proc import run, which
+from apppot.testbed import listening, stop_pid_file
 
 PORT = 8443
 ENDPOINT = f"https://localhost:{PORT}/arex"
@@ -83,12 +83,6 @@ logfile = {d}/log/infoprovider.log
 """
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 def up(directory: Path, slurm_conf: Path, site: Path, user: str, timeout: float = 90) -> float:
     """Start the CE; returns how long it took until the endpoint listened and the user had a proxy."""
     started = time.monotonic()
@@ -99,7 +93,7 @@ def up(directory: Path, slurm_conf: Path, site: Path, user: str, timeout: float 
         account = pwd.getpwnam(user)
     except KeyError:
         raise HostError(f"there is no local account {user} to be the grid user; give an existing one") from None
-    if _listening(PORT):
+    if listening(PORT):
         raise HostError(f"port {PORT} is taken (another A-REX?); stop it first (apppot testbed down)")
     for sub in ("ca", "rte/APPS", "var/control", "var/session", "log", "run"):
         (directory / sub).mkdir(parents=True, exist_ok=True)
@@ -140,7 +134,7 @@ def up(directory: Path, slurm_conf: Path, site: Path, user: str, timeout: float 
         copy.write_text(packaged.replace(marker, replacement))
         copy.chmod(0o755)
         run([str(copy)], env=env)
-    while not _listening(PORT):
+    while not listening(PORT):
         if time.monotonic() - started > timeout:
             raise HostError(f"A-REX did not listen on port {PORT} in {timeout:.0f} s; see {directory / 'log'}")
         time.sleep(0.3)
@@ -158,6 +152,4 @@ def up(directory: Path, slurm_conf: Path, site: Path, user: str, timeout: float 
 
 
 def down(directory: Path) -> list[str]:
-    from apppot.testbed import stop_pid_file
-
     return [name for name in ("arex-ws", "arex") if stop_pid_file(directory / "run" / f"{name}.pid")]
