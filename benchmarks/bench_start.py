@@ -66,6 +66,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from apppot.cpu import current_cpu
+
 APPPOT = Path(sys.executable).parent / "apppot"
 BUSYBOX = "/bin/busybox"  # what the tiny appliance copies into the image
 DEBIAN_KERNEL = "/usr/bin/linux"
@@ -219,9 +221,10 @@ def timed(cell: Cell) -> float:
 
 
 def pin_here() -> None:
-    """Keep this process and its children on the CPU it runs on now."""
-    stat = Path("/proc/self/stat").read_text()
-    os.sched_setaffinity(0, {int(stat[stat.rfind(")") + 2 :].split()[36])})
+    """Keep this process and its children on the CPU it runs on now (as AppPot pins its guests)."""
+    cpu = current_cpu()
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
 
 
 def build_sha_mem(dirs: list[Path], notes: list[str]) -> bool:
