@@ -31,10 +31,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+from apppot.kernel_build import PrivateApt
+
 ROOT = Path(__file__).resolve().parent.parent
 APPPOT = Path(sys.executable).parent / "apppot"
-MIRROR = os.environ.get("APPPOT_DEBIAN_MIRROR") or "http://deb.debian.org/debian"
-KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 TRUE_TARGET = 1.0  # seconds, median of `apppot start --image debian-dev -- true`
 
 
@@ -47,27 +47,6 @@ def check(argv: list[str], cwd: Path | None = None, env: dict[str, str] | None =
     if proc.returncode != 0:
         raise BenchError(f"{' '.join(argv)}: exit status {proc.returncode}\n{proc.stderr.strip()[-2000:]}")
     return proc
-
-
-def fetch_hello(directory: Path) -> Path:
-    """GNU hello's release tarball from Debian's source package, through a private apt configuration."""
-    for sub in ("sources", "lists/partial", "cache/archives/partial", "download"):
-        (directory / sub).mkdir(parents=True)
-    (directory / "sources" / "src.sources").write_text(
-        f"Types: deb-src\nURIs: {MIRROR}\nSuites: bookworm\nComponents: main\nSigned-By: {KEYRING}\n"
-    )
-    options = [
-        "-o", "Dir::Etc::SourceList=/dev/null",
-        "-o", f"Dir::Etc::SourceParts={directory / 'sources'}",
-        "-o", f"Dir::State::Lists={directory / 'lists'}",
-        "-o", f"Dir::Cache={directory / 'cache'}",
-        "-o", "APT::Sandbox::User=root",
-    ]  # fmt: skip
-    check(["apt-get", *options, "update", "-qq"])
-    check(["apt-get", *options, "source", "--download-only", "hello"], cwd=directory / "download")
-    (orig,) = (directory / "download").glob("hello_*.orig.tar.gz")
-    version = orig.name.removeprefix("hello_").removesuffix(".orig.tar.gz")
-    return orig.rename(directory / f"hello-{version}.tar.gz")
 
 
 def timed(argv: list[str], cwd: Path, env: dict[str, str]) -> float:
@@ -121,7 +100,7 @@ def bench(runs: int, tmp: Path, progress: Callable[[str], None]) -> Report:
     record = json.loads(
         check([str(APPPOT), "image", "build", "--json", str(ROOT / "examples" / "debian-dev.toml")], env=env).stdout
     )
-    tarball = fetch_hello(tmp / "hello")
+    tarball = PrivateApt(tmp / "apt", "bookworm").upstream_tarball("hello", tmp)
     job = tmp / "job"
     job.mkdir()
     native_tmp = tmp / "native-tmp"  # where the host run of the validate script builds

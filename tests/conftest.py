@@ -34,13 +34,16 @@ class Result:
 def cache_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An XDG cache shared by the whole session, readable by the test user."""
     path = tmp_path_factory.mktemp("xdg-cache")
-    # The unprivileged test user must reach the session's directories.
-    base = tmp_path_factory.getbasetemp()
-    for p in [path, base, *base.parents]:
+    open_to_all(path)  # the unprivileged test user must reach the session's directories
+    return path
+
+
+def open_to_all(path: Path) -> None:
+    """Make path and its parents up to the temporary directory readable and searchable by every user."""
+    for p in [path, *path.parents]:
         if p == Path(tempfile.gettempdir()) or p == Path("/"):
             break
         os.chmod(p, 0o755)
-    return path
 
 
 @pytest.fixture(scope="session")

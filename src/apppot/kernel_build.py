@@ -177,14 +177,20 @@ class PrivateApt:
             opts += ["-o", "APT::Sandbox::User=root"]  # our directories are not the _apt user's
         return opts
 
-    def choose(self) -> kernel_source.Choice:
+    def _sources(self, kind: str, suites: list[str]) -> None:
+        """This apt's only sources: the suites of Debian's archive (APPPOT_DEBIAN_MIRROR, else deb.debian.org)."""
         d = self.directory
         for sub in ("sources", "lists/partial", "cache/archives/partial"):
             (d / sub).mkdir(parents=True, exist_ok=True)
         mirror = os.environ.get(MIRROR_ENV) or MIRROR
-        (d / "sources" / "apppot-kernel.sources").write_text(
-            f"Types: deb\nURIs: {mirror}\nSuites: {' '.join(self.suites)}\nComponents: main\nSigned-By: {KEYRING}\n"
+        for old in (d / "sources").glob("*.sources"):  # e.g. apppot-kernel.sources of earlier versions
+            old.unlink()
+        (d / "sources" / "apppot.sources").write_text(
+            f"Types: {kind}\nURIs: {mirror}\nSuites: {' '.join(suites)}\nComponents: main\nSigned-By: {KEYRING}\n"
         )
+
+    def choose(self) -> kernel_source.Choice:
+        self._sources("deb", self.suites)
         try:
             run(["apt-get", *self._options(), "update"])
             names = run(["apt-cache", *self._options(), "pkgnames", "linux-source-"]).stdout.decode().split()
@@ -195,6 +201,20 @@ class PrivateApt:
         if choice is None:
             raise KernelBuildError(f"no linux-source package in {', '.join(self.suites)}; check the network and the mirror")
         return choice
+
+    def upstream_tarball(self, package: str, into: Path) -> Path:
+        """The upstream release tarball in the source package of this machine's suite, as
+        INTO/PACKAGE-VERSION.tar.gz (apt-get source --download-only, through this private apt)."""
+        self._sources("deb-src", [self.own_suite])
+        download = into / f"{package}-source"
+        download.mkdir(parents=True)
+        run(["apt-get", *self._options(), "update"])
+        run(["apt-get", *self._options(), "source", "--download-only", package], cwd=download)
+        origs = list(download.glob(f"{package}_*.orig.tar.gz"))
+        if len(origs) != 1:
+            raise HostError(f"the source package {package} has no single .orig.tar.gz")
+        version = origs[0].name.removeprefix(f"{package}_").removesuffix(".orig.tar.gz")
+        return origs[0].rename(into / f"{package}-{version}.tar.gz")
 
     def download(self, package: kernel_source.SourcePackage, work: Path, say: Say) -> Path:
         say(f"downloading {package.name} {package.version}")

@@ -7,12 +7,14 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import APPPOT, ROOT, Result
+from apppot.kernel_build import PrivateApt
+from tests.conftest import APPPOT, ROOT, TEST_USER, Result
 
 OWN_KERNEL_ENV = "APPPOT_TEST_KERNEL"  # a kernel built by `apppot kernel build`; default: the user's cache
 REQUIRE_ENV = "APPPOT_TEST_REQUIRE_OWN_KERNEL"  # set by `make test`: a missing kernel fails instead of skipping
@@ -61,8 +63,6 @@ def uml_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
 # --- appliances built from recipes, once per session -------------------------------------------
 
 EXAMPLES = ROOT / "examples"
-KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
-MIRROR = os.environ.get("APPPOT_DEBIAN_MIRROR") or "http://deb.debian.org/debian"
 
 
 def apppot_cli(cache_home: Path, *args: str, cwd: Path | None = None, timeout: float = 900) -> Result:
@@ -97,28 +97,47 @@ def glpk_image(cache_home: Path) -> dict[str, object]:
 def hello_tarball(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """GNU hello's release tarball, as Debian's source package carries it (apt-get source, private apt)."""
     d = tmp_path_factory.mktemp("hello-source")
-    for sub in ("sources", "lists/partial", "cache/archives/partial", "download"):
-        (d / sub).mkdir(parents=True)
-    (d / "sources" / "src.sources").write_text(
-        f"Types: deb-src\nURIs: {MIRROR}\nSuites: bookworm\nComponents: main\nSigned-By: {KEYRING}\n"
-    )
-    options = [
-        "-o", "Dir::Etc::SourceList=/dev/null",
-        "-o", f"Dir::Etc::SourceParts={d / 'sources'}",
-        "-o", f"Dir::State::Lists={d / 'lists'}",
-        "-o", f"Dir::Cache={d / 'cache'}",
-    ]  # fmt: skip
-    if os.geteuid() == 0:
-        options += ["-o", "APT::Sandbox::User=root"]
-    subprocess.run(["apt-get", *options, "update", "-qq"], check=True, capture_output=True)
-    subprocess.run(
-        ["apt-get", *options, "source", "--download-only", "hello"], cwd=d / "download", check=True, capture_output=True
-    )
-    (orig,) = (d / "download").glob("hello_*.orig.tar.gz")
-    version = orig.name.removeprefix("hello_").removesuffix(".orig.tar.gz")
-    return orig.rename(d / f"hello-{version}.tar.gz")
+    return PrivateApt(d / "apt", "bookworm").upstream_tarball("hello", d)
 
 
 @pytest.fixture(scope="session")
 def debian_services(cache_home: Path) -> dict[str, object]:
     return build(cache_home, EXAMPLES / "debian-services.toml")
+
+
+# --- the unprivileged test user on the test cluster (apppot testbed) -----------------------------
+
+
+class SiteUser:
+    """The unprivileged test user running the testbed's own copy of AppPot (site/bin/apppot)."""
+
+    def __init__(self, testbed: Path, home: Path, cache: Path, wait_timeout: float = 120, run_timeout: float = 120) -> None:
+        site = testbed / "site"
+        self.home = home
+        self.apppot = str(site / "bin" / "apppot")
+        self.wait_timeout = wait_timeout
+        self.run_timeout = run_timeout
+        self.env = {
+            "PATH": f"{site / 'bin'}:/usr/bin:/bin:/usr/sbin:/sbin",
+            "HOME": str(home),
+            "XDG_CACHE_HOME": str(cache),
+            "SLURM_CONF": str(testbed / "etc" / "slurm.conf"),
+            "APPPOT_KERNEL": str(site / "kernel" / "linux"),
+        }
+
+    def run(self, *args: str, cwd: Path) -> Result:
+        argv = ["setpriv", f"--reuid={TEST_USER}", f"--regid={TEST_USER}", "--init-groups", "--", self.apppot, *args]
+        proc = subprocess.run(argv, cwd=cwd, env=self.env, capture_output=True, timeout=self.run_timeout, check=False)
+        return Result(proc.returncode, proc.stdout, proc.stderr)
+
+    def wait(self, job_id: str, cwd: Path) -> dict[str, object]:
+        """The job's final status (apppot status --json), polled."""
+        deadline = time.monotonic() + self.wait_timeout
+        while time.monotonic() < deadline:
+            r = self.run("status", "--json", job_id, cwd=cwd)
+            assert r.returncode == 0, r.err
+            status: dict[str, object] = json.loads(r.stdout)
+            if status["final"]:
+                return status
+            time.sleep(0.3)
+        pytest.fail(f"{job_id} did not finish in {self.wait_timeout:.0f} s")

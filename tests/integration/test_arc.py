@@ -4,7 +4,6 @@ site's APPPOT runtime environment."""
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import shutil
@@ -15,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import APPPOT, TEST_USER, Result, chown_to
-from tests.integration.conftest import apppot_cli
+from tests.conftest import APPPOT, TEST_USER, chown_to, open_to_all
+from tests.integration.conftest import SiteUser, apppot_cli
 
 pytestmark = pytest.mark.uml
 
@@ -45,10 +44,7 @@ def grid(tmp_path_factory: pytest.TempPathFactory, cache_home: Path) -> Iterator
     up = subprocess.run([APPPOT, "testbed", "up", "--arc", TEST_USER], env=env, capture_output=True, text=True, check=False)
     assert up.returncode == 0, up.stderr
     print(f"testbed with ARC up in {time.monotonic() - started:.1f} s")
-    for p in [directory, *directory.parents]:
-        if p == Path("/tmp") or p == Path("/"):
-            break
-        os.chmod(p, 0o755)
+    open_to_all(directory)
     try:
         yield directory
     finally:
@@ -57,37 +53,12 @@ def grid(tmp_path_factory: pytest.TempPathFactory, cache_home: Path) -> Iterator
         assert "arex" in down.stderr
 
 
-class GridUser:
-    def __init__(self, directory: Path) -> None:
-        account = pwd.getpwnam(TEST_USER)
-        site = directory / "site"
-        self.home = Path(account.pw_dir)
-        self.apppot = str(site / "bin" / "apppot")
-        self.env = {
-            "PATH": f"{site / 'bin'}:/usr/bin:/bin",
-            "HOME": account.pw_dir,
-            "XDG_CACHE_HOME": str(directory / "user-cache"),
-            "SLURM_CONF": str(directory / "etc" / "slurm.conf"),
-            "APPPOT_KERNEL": str(site / "kernel" / "linux"),
-        }
-        (directory / "user-cache").mkdir(exist_ok=True)
-        chown_to(directory / "user-cache", TEST_USER)
-
-    def run(self, *args: str, cwd: Path) -> Result:
-        argv = ["setpriv", f"--reuid={TEST_USER}", f"--regid={TEST_USER}", "--init-groups", "--", self.apppot, *args]
-        proc = subprocess.run(argv, cwd=cwd, env=self.env, capture_output=True, timeout=180, check=False)
-        return Result(proc.returncode, proc.stdout, proc.stderr)
-
-    def wait(self, job_id: str, cwd: Path, timeout: float = 240) -> dict[str, object]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            r = self.run("status", "--json", job_id, cwd=cwd)
-            assert r.returncode == 0, r.err
-            status: dict[str, object] = json.loads(r.stdout)
-            if status["final"]:
-                return status
-            time.sleep(1)
-        pytest.fail(f"{job_id} did not finish in {timeout:.0f} s")
+def grid_user(directory: Path) -> SiteUser:
+    """The grid user: the test user, with the home that holds its certificate and ARC's job list."""
+    cache = directory / "user-cache"
+    cache.mkdir(exist_ok=True)
+    chown_to(cache, TEST_USER)
+    return SiteUser(directory, Path(pwd.getpwnam(TEST_USER).pw_dir), cache, wait_timeout=240, run_timeout=180)
 
 
 def site_image(directory: Path, image: str) -> None:
@@ -118,7 +89,7 @@ def test_the_same_job_locally_through_slurm_and_through_arc(
     os.chmod(tmp_path, 0o755)
     os.chmod(maker, 0o755)
     site_image(grid, image)
-    user = GridUser(grid)
+    user = grid_user(grid)
     results = {}
     for target in ("local", "slurm", "arc"):
         d = workdir(tmp_path, target)
@@ -148,7 +119,7 @@ def test_the_same_job_locally_through_slurm_and_through_arc(
 
 def test_a_failing_job_shows_exit_code_3_through_arc(grid: Path, tmp_path: Path) -> None:
     site_image(grid, str(grid / "site" / "images" / "tiny.img"))
-    user = GridUser(grid)
+    user = grid_user(grid)
     d = workdir(tmp_path, "failing")
     r = user.run("submit", "--to", "arc", "--ce", CE, "--", "sh", "-c", "echo bad >&2; exit 3", cwd=d)
     assert r.returncode == 0, r.err

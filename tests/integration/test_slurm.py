@@ -5,7 +5,6 @@ Python other users cannot reach)."""
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import shutil
@@ -16,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import APPPOT, TEST_USER, Result, chown_to
-from tests.integration.conftest import apppot_cli
+from tests.conftest import APPPOT, TEST_USER, chown_to, open_to_all
+from tests.integration.conftest import SiteUser, apppot_cli
 
 pytestmark = pytest.mark.uml
 
@@ -43,10 +42,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     print(f"testbed up in {time.monotonic() - started:.1f} s")
     conf = directory / "etc" / "slurm.conf"
     assert up.stdout.strip() == f"export SLURM_CONF={conf}"
-    for p in [directory, *directory.parents]:
-        if p == Path("/tmp") or p == Path("/"):
-            break
-        os.chmod(p, 0o755)
+    open_to_all(directory)
     try:
         yield conf
     finally:
@@ -55,49 +51,17 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         assert "slurmctld" in down.stderr
 
 
-class User:
-    """The unprivileged test user running the testbed's AppPot, with a cache of its own."""
-
-    def __init__(self, home: Path, conf: Path) -> None:
-        self.home = home
-        site = conf.parent.parent / "site"
-        self.apppot = str(site / "bin" / "apppot")
-        self.env = {
-            "PATH": f"{site / 'bin'}:/usr/bin:/bin:/usr/sbin:/sbin",
-            "HOME": str(home),
-            "XDG_CACHE_HOME": str(home / "cache"),
-            "SLURM_CONF": str(conf),
-            "APPPOT_KERNEL": str(site / "kernel" / "linux"),
-        }
-
-    def run(self, *args: str, cwd: Path) -> Result:
-        argv = ["setpriv", f"--reuid={TEST_USER}", f"--regid={TEST_USER}", "--init-groups", "--", self.apppot, *args]
-        proc = subprocess.run(argv, cwd=cwd, env=self.env, capture_output=True, timeout=120, check=False)
-        return Result(proc.returncode, proc.stdout, proc.stderr)
-
-    def wait(self, job_id: str, cwd: Path, timeout: float = 120) -> dict[str, object]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            r = self.run("status", "--json", job_id, cwd=cwd)
-            assert r.returncode == 0, r.err
-            status: dict[str, object] = json.loads(r.stdout)
-            if status["final"]:
-                return status
-            time.sleep(0.3)
-        pytest.fail(f"{job_id} did not finish in {timeout:.0f} s")
-
-
 @pytest.fixture
-def user(cluster: Path, test_user: str, tmp_path: Path) -> User:
+def user(cluster: Path, test_user: str, tmp_path: Path) -> SiteUser:
     home = tmp_path / "home"
     (home / "cache").mkdir(parents=True)
     for p in (home, home / "cache"):
         chown_to(p, test_user)
     os.chmod(tmp_path, 0o755)
-    return User(home, cluster)
+    return SiteUser(cluster.parent.parent, home, home / "cache")
 
 
-def workdir(user: User, name: str) -> Path:
+def workdir(user: SiteUser, name: str) -> Path:
     d = user.home / name
     d.mkdir()
     chown_to(d, TEST_USER)
@@ -114,15 +78,12 @@ def counter_changes(cache_home: Path, debian_dev: dict[str, object], tmp_path_fa
     assert r.returncode == 0, r.err
     archive = job / "counter.tar.gz"
     os.chmod(archive, 0o644)
-    for p in [job, *job.parents]:
-        if p == Path("/tmp") or p == Path("/"):
-            break
-        os.chmod(p, 0o755)
+    open_to_all(job)
     return archive
 
 
 def test_the_same_job_locally_and_through_slurm(
-    user: User, cache_home: Path, debian_dev: dict[str, object], counter_changes: Path
+    user: SiteUser, cache_home: Path, debian_dev: dict[str, object], counter_changes: Path
 ) -> None:
     image = str(debian_dev["path"])
     local = workdir(user, "local")
@@ -158,7 +119,7 @@ def test_the_same_job_locally_and_through_slurm(
     assert user.run("fetch", "--force", job_id, cwd=submit_dir).returncode == 0
 
 
-def test_a_failing_job_shows_its_exit_code(user: User, tiny_image: Path) -> None:
+def test_a_failing_job_shows_its_exit_code(user: SiteUser, tiny_image: Path) -> None:
     d = workdir(user, "failing")
     r = user.run("submit", "--to", "slurm", "--image", str(tiny_image), "--", "sh", "-c", "echo bad >&2; exit 3", cwd=d)
     assert r.returncode == 0, r.err
@@ -175,7 +136,7 @@ def test_a_failing_job_shows_its_exit_code(user: User, tiny_image: Path) -> None
     assert (d / job_id / "stderr.txt").read_text() == "bad\n"
 
 
-def test_five_jobs_at_once(user: User, tiny_image: Path) -> None:
+def test_five_jobs_at_once(user: SiteUser, tiny_image: Path) -> None:
     d = workdir(user, "five")
     ids = []
     for i in range(5):
@@ -191,7 +152,7 @@ def test_five_jobs_at_once(user: User, tiny_image: Path) -> None:
         assert (d / job_id / "out.txt").read_text() == f"job {i}\n"
 
 
-def test_cancel(user: User, tiny_image: Path) -> None:
+def test_cancel(user: SiteUser, tiny_image: Path) -> None:
     d = workdir(user, "cancel")
     r = user.run("submit", "--to", "slurm", "--image", str(tiny_image), "--", "sleep", "300", cwd=d)
     job_id = r.stdout.decode().strip()
@@ -200,7 +161,7 @@ def test_cancel(user: User, tiny_image: Path) -> None:
     assert status["state"] == "CANCELLED" and status["explanation"] == "cancelled"
 
 
-def test_dry_run_and_bad_input(user: User, tiny_image: Path) -> None:
+def test_dry_run_and_bad_input(user: SiteUser, tiny_image: Path) -> None:
     d = workdir(user, "dry")
     r = user.run("submit", "--to", "slurm", "--dry-run", "--image", str(tiny_image), "--mem", "512M", "--", "true", cwd=d)
     assert r.returncode == 0 and "#SBATCH --mem=576M" in r.stdout.decode()
@@ -214,14 +175,15 @@ def test_dry_run_and_bad_input(user: User, tiny_image: Path) -> None:
     assert r.returncode == 125 and r.err.startswith("apppot: error: sbatch refused the job:") and r.err.count("\n") == 1
 
 
-def test_a_job_killed_at_its_wall_time_limit_says_so_and_keeps_its_outputs(user: User, tiny_image: Path) -> None:
+def test_a_job_killed_at_its_wall_time_limit_says_so_and_keeps_its_outputs(user: SiteUser, tiny_image: Path) -> None:
     d = workdir(user, "walltime")
     r = user.run(
         "submit", "--to", "slurm", "--image", str(tiny_image), "--time", "1", "--output", "partial.txt", "--",
         "sh", "-c", "echo started > partial.txt; sleep 600", cwd=d,
     )  # fmt: skip
     job_id = r.stdout.decode().strip()
-    status = user.wait(job_id, d, timeout=240)  # Slurm checks time limits every 30 s or so
+    user.wait_timeout = 240  # Slurm checks time limits every 30 s or so
+    status = user.wait(job_id, d)
     assert status["state"] == "TIMEOUT" and status["explanation"] == "killed at its wall-time limit (--time)"
     r = user.run("fetch", job_id, cwd=d)
     assert r.returncode == 0, r.err

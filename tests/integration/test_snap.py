@@ -136,15 +136,20 @@ def test_an_archive_of_another_base_is_refused(
     assert (r.returncode, r.stdout.splitlines()[-1]) == (0, b"/opt/x"), r.err
 
 
-def test_a_malicious_archive_never_reaches_the_guest(cache_home: Path, debian_dev: dict[str, object], tmp_path: Path) -> None:
-    evil = tmp_path / "evil.tar.gz"
-    with tarfile.open(evil, "w:gz") as tar:
-        manifest = json.dumps({"format": "apppot-changes", "base": debian_dev["base_id"], "created": "", "tool": "",
-                               "deleted": [], "added": [], "modified": []}).encode()  # fmt: skip
-        for name, data in ((snap.MANIFEST_MEMBER, manifest), ("etc/../../../tmp/escaped", b"x")):
+def hand_made_archive(path: Path, base: str, members: list[tuple[str, bytes]]) -> Path:
+    """A changes archive made by hand: a manifest that lists the given files as added, then the files."""
+    manifest = {"format": "apppot-changes", "base": base, "created": "", "tool": "", "deleted": [], "modified": []}
+    manifest["added"] = [name for name, _ in members]
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in ((snap.MANIFEST_MEMBER, json.dumps(manifest).encode()), *members):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_a_malicious_archive_never_reaches_the_guest(cache_home: Path, debian_dev: dict[str, object], tmp_path: Path) -> None:
+    evil = hand_made_archive(tmp_path / "evil.tar.gz", str(debian_dev["base_id"]), [("etc/../../../tmp/escaped", b"x")])
     job = tmp_path / "job"
     job.mkdir()
     r = apppot_cli(cache_home, "start", "--image", "debian-dev", "--changes", str(evil), "--", "true", cwd=job)
@@ -219,15 +224,8 @@ def test_an_archive_writing_through_the_images_own_links_cannot_reach_the_host(
     """/var/run is the image's link to /run, where the control directory is mounted: the host cannot know
     the image's links, so the agent merges with the control directory read-only and the job directory
     not yet mounted."""
-    sneaky = tmp_path / "sneaky.tar.gz"
     members = [("var/run/apppot/status", b"0\n"), ("var/run/apppot/planted", b"x")]
-    with tarfile.open(sneaky, "w:gz") as tar:
-        manifest = json.dumps({"format": "apppot-changes", "base": debian_dev["base_id"], "created": "", "tool": "",
-                               "deleted": [], "added": [n for n, _ in members], "modified": []}).encode()  # fmt: skip
-        for name, data in ((snap.MANIFEST_MEMBER, manifest), *members):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    sneaky = hand_made_archive(tmp_path / "sneaky.tar.gz", str(debian_dev["base_id"]), members)
     job = tmp_path / "job"
     job.mkdir()
     r = apppot_cli(cache_home, "start", "--image", "debian-dev", "--changes", str(sneaky), "--", "true", cwd=job)
