@@ -21,6 +21,8 @@ RUNTIME = ["user-mode-linux", "slirp", "vdeplug", "libvdeplug-slirp", "e2fsprogs
 KERNEL_BUILD = ["build-essential", "bc", "bison", "flex", "libelf-dev", "libssl-dev", "xz-utils"]
 # What `apppot image build` needs to build Debian appliances from recipes.
 IMAGE_BUILD = ["mmdebstrap", "debian-archive-keyring"]
+# The QEMU backend, image export (a partitioned disk booted by syslinux) and cloud seeds (ISO 9660).
+VM = ["qemu-system-x86", "qemu-utils", "syslinux", "syslinux-common", "mtools", "dosfstools", "fdisk", "xorriso"]
 # glpk-utils: the application appliance's program, natively, to compare against; slurm-wlm and munge:
 # the test cluster; ARC's A-REX, clients and Python binding: the test CE, and its parser reads our xRSL.
 TESTING = [
@@ -58,7 +60,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--test", action="store_true", help="also install what the tests need")
     args = parser.parse_args()
-    missing = [p for p in RUNTIME + KERNEL_BUILD + IMAGE_BUILD if not installed(p)]
+    missing = [p for p in RUNTIME + KERNEL_BUILD + IMAGE_BUILD + VM if not installed(p)]
     # The test daemons without what Debian recommends with them (e.g. an LDAP server for ARC).
     missing_test = [p for p in TESTING if args.test and not installed(p)]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}

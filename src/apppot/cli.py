@@ -37,7 +37,8 @@ exit status:
   {EXIT_GUEST_DIED} if the guest ended without reporting a status (kernel panic, killed UML);
   128+N if apppot start itself was stopped by signal N (SIGINT, SIGTERM).
 
-environment: APPPOT_IMAGE (--image), APPPOT_MEM (--mem), APPPOT_KERNEL (--kernel), APPPOT_CPU (--cpu).
+environment: APPPOT_IMAGE (--image), APPPOT_MEM (--mem), APPPOT_KERNEL (--kernel), APPPOT_CPU (--cpu),
+APPPOT_BACKEND (--backend).
 """
 
 
@@ -84,6 +85,17 @@ START_OPTIONS = (
     _Option(
         ("--isolation",), "isolation", "value", None, "auto: warn without namespaces; strict: refuse", ("auto", "strict"), "auto"
     ),
+    _Option(
+        ("--backend",),
+        "backend",
+        "value",
+        None,
+        "uml (default), qemu, or auto: QEMU with KVM where a guest boots with it, else uml ($APPPOT_BACKEND)",
+        ("uml", "qemu", "auto"),
+        None,
+    ),
+    _Option(("--kvm",), "kvm", "true", None, "QEMU: require KVM (fail if it does not work here)"),
+    _Option(("--no-kvm",), "kvm", "false", None, "QEMU: emulate the CPU (TCG) even where KVM works"),
     _Option(("--cpu",), "cpu", "value", "N", "host CPU for the guest: a number, auto (default, $APPPOT_CPU) or all"),
     _Option(("--full-boot",), "full_boot", "flag", None, "boot the image's own init (systemd) with its services, then the job"),
     _Option(("--console-log",), "console_log", "path", "FILE", "write the guest's console here"),
@@ -111,11 +123,13 @@ def _start_parser(prog: str) -> argparse.ArgumentParser:
         epilog=START_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    net = p.add_mutually_exclusive_group()
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
     for o in START_OPTIONS:
         if o.kind in ("true", "false"):
             action = "store_true" if o.kind == "true" else "store_false"
-            net.add_argument(*o.flags, dest=o.dest, action=action, default=None, help=o.help)
+            groups.setdefault(o.dest, p.add_mutually_exclusive_group()).add_argument(
+                *o.flags, dest=o.dest, action=action, default=None, help=o.help
+            )
         elif o.kind == "flag":
             p.add_argument(*o.flags, dest=o.dest, action="store_true", help=o.help)
         elif o.kind == "append":
@@ -224,6 +238,8 @@ def parse_start(argv: Sequence[str], prog: str = "apppot start") -> JobSpec:
         changes=ns.changes,
         writable_image=ns.writable_image,
         cpu=ns.cpu or os.environ.get("APPPOT_CPU") or None,
+        backend=ns.backend,
+        kvm=ns.kvm,
     )
 
 

@@ -68,7 +68,7 @@ def build(*, force: bool = False, jobs: int | None = None, say: Say) -> Built:
             raise KernelBuildError(
                 f"cannot build the kernel: missing {', '.join(missing)}; sudo apt-get install {BUILD_PACKAGES}"
             )
-        apt = PrivateApt(root / "apt", own_suite=_own_suite())
+        apt = PrivateApt(root / "apt", own_suite=own_suite())
         say(f"looking up Debian's kernel sources ({', '.join(apt.suites)}) with a private apt configuration")
         fragment = kernel_config.fragment_text()
         config_hash = kernel_config.config_hash(fragment)
@@ -149,7 +149,7 @@ def _lock(path: Path, say: Say) -> Iterator[None]:
         yield
 
 
-def _own_suite() -> str:
+def own_suite() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/etc/os-release").read_text().splitlines():
             if line.startswith("VERSION_CODENAME="):
@@ -201,6 +201,15 @@ class PrivateApt:
         if choice is None:
             raise KernelBuildError(f"no linux-source package in {', '.join(self.suites)}; check the network and the mirror")
         return choice
+
+    def binary_sources(self) -> None:
+        """Binary packages of this machine's suite only, with fresh lists."""
+        self._sources("deb", [self.own_suite])
+        run(["apt-get", *self._options(), "update"])
+
+    def query(self, argv: list[str], cwd: Path | None = None) -> str:
+        """apt-get or apt-cache through this configuration; their output."""
+        return run([argv[0], *self._options(), *argv[1:]], cwd=cwd).stdout.decode()
 
     def upstream_tarball(self, package: str, into: Path) -> Path:
         """The upstream release tarball in the source package of this machine's suite, as

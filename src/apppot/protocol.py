@@ -29,6 +29,9 @@ KERNEL_CMDLINE_LIMIT = 4000
 CTL_PARAM = "apppot_ctl"
 JOB_PARAM = "apppot_job"
 CHANGES_PARAM = "apppot_changes"  # =1: merge the changes in the control directory before mounting the job directory
+FS_PARAM = "apppot_fs"  # =9p: apppot_ctl and apppot_job name virtio 9p tags (QEMU), not hostfs paths (UML)
+TTY_PARAM = "apppot_tty"  # the interactive terminal's device, where it is not tty1 (QEMU: ttyS3)
+USER_DATA_MAGIC = b"#apppot-job\n"  # the first line of cloud user-data carrying a job
 JOB_FILE = "job"
 STATUS_FILE = "status"
 STDIN_CHUNK = "stdin.{}"
@@ -43,6 +46,7 @@ _NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _TERM = re.compile(r"[A-Za-z0-9._+-]{1,64}")
 _IFNAME = re.compile(r"[a-z][a-z0-9]{0,14}")
 _PATH = re.compile(r"/[^\s\"]*")
+_TAG = re.compile(r"[a-z][a-z0-9_]{0,30}")
 
 
 class StdinMode(StrEnum):
@@ -106,10 +110,17 @@ def _check(value: str, pattern: re.Pattern[str], what: str) -> str:
     return value
 
 
-def render_kernel_params(ctl_path: str, job_path: str, changes: bool = False) -> list[str]:
-    """The kernel parameters the agent reads: where the control and job directories are (as UML sees
-    them), and whether a changes archive waits in the control directory."""
-    params = [f"{CTL_PARAM}={_check(ctl_path, _PATH, 'control path')}", f"{JOB_PARAM}={_check(job_path, _PATH, 'job path')}"]
+def render_kernel_params(ctl_path: str, job_path: str, changes: bool = False, ninep: bool = False) -> list[str]:
+    """The kernel parameters the agent reads: where the control and job directories are (host paths
+    as UML sees them, or with ``ninep`` the tags of QEMU's 9p shares), and whether a changes archive
+    waits in the control directory."""
+    pattern, what = (_TAG, "9p tag") if ninep else (_PATH, "path")
+    params = [
+        f"{CTL_PARAM}={_check(ctl_path, pattern, f'control {what}')}",
+        f"{JOB_PARAM}={_check(job_path, pattern, f'job {what}')}",
+    ]
+    if ninep:
+        params.append(f"{FS_PARAM}=9p")
     return [*params, f"{CHANGES_PARAM}=1"] if changes else params
 
 
@@ -140,6 +151,12 @@ def render_job_file(job: GuestJob) -> bytes:
     if job.argv is not None:
         text += b"A_ARGV=1\n" + render_command(job.argv)
     return text
+
+
+def render_user_data(job: GuestJob) -> bytes:
+    """Cloud user-data carrying a job: the marker line, then the job file. The job's stdin and
+    terminal are the host's no more: it reads nothing and writes to the console."""
+    return USER_DATA_MAGIC + render_job_file(job._replace(stdin=StdinMode.NULL, interactive=False, term=None))
 
 
 def parse_status(text: str) -> int | None:

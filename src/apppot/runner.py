@@ -19,16 +19,28 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from apppot import cow, cpu
+from apppot.backends.choice import Backend, Decision, KvmState, decide, read_config, requested
+from apppot.backends.qemu import (
+    CTL_TAG,
+    JOB_TAG,
+    QEMU_IMG,
+    QEMU_IMG_PACKAGE,
+    QEMU_PACKAGE,
+    QEMU_SYSTEM,
+    Accel,
+    QemuLaunch,
+    qemu_argv,
+)
 from apppot.backends.uml import AGENT_SERVICE, SYSTEMD_PATH, UmlLaunch, cmdline_length, personality_prefix, uml_argv
 from apppot.errors import GuestDied, HostError, JobDirError, UsageError
 from apppot.images import ext4, tiny
 from apppot.images.store import cache_dir, resolve_image
 from apppot.kernel import FoundKernel, KernelTraits, find_kernel, kernel_traits, shared_libraries
 from apppot.network import Network, choose_network
-from apppot.proc import remove_tree, which
+from apppot.proc import remove_tree, run, which
 from apppot.protocol import (
     CHANGES_ARCHIVE,
     CHANGES_BASE,
@@ -46,7 +58,10 @@ from apppot.protocol import (
     render_kernel_params,
 )
 from apppot.sandbox import Bind, bwrap_argv, find_bwrap, is_setuid, probe, require_or_warn
-from apppot.spec import JobSpec, choose_mem
+from apppot.spec import DEFAULT_MEM, JobSpec, choose_mem
+
+if TYPE_CHECKING:
+    from apppot.guest_kernel import GuestKernel
 
 # Paths inside the sandbox.
 SANDBOX_KERNEL = "/apppot/linux"
@@ -72,11 +87,20 @@ def say_stderr(message: str) -> None:
     sys.stderr.flush()
 
 
+class QemuSetup(NamedTuple):
+    """What a QEMU job runs: QEMU, the guest kernel and its initramfs, the accelerator."""
+
+    qemu: str
+    kernel: GuestKernel
+    initrd: Path
+    accel: Accel
+
+
 class Prepared(NamedTuple):
     """The checked inputs of a job, resolved against this host."""
 
-    kernel: FoundKernel
-    traits: KernelTraits
+    kernel: FoundKernel | None  # UML's; None under QEMU
+    traits: KernelTraits | None
     image: Path
     fs_uuid: str
     jobdir: Path
@@ -87,6 +111,8 @@ class Prepared(NamedTuple):
     cpu: int | None = None  # the host CPU the guest is pinned to
     changes: Path | None = None  # a changes archive to merge at boot (checked as it is copied, before the boot)
     warnings: tuple[str, ...] = ()
+    qemu: QemuSetup | None = None  # set when the job runs under QEMU
+    qemu_net: bool = False
 
 
 def _read_max_map_count() -> int:
@@ -118,11 +144,41 @@ def _default_image(say: Say) -> Path:
     return target
 
 
-def prepare(spec: JobSpec, say: Say) -> Prepared:
+def choose_backend(spec: JobSpec, say: Say) -> Decision:
+    """--backend, $APPPOT_BACKEND, the config file, else UML; KVM probed where it matters."""
+    config = read_config() if spec.backend is None and not os.environ.get("APPPOT_BACKEND") else {}
+    backend, where = requested(spec.backend, os.environ, config)
+    decision = decide(backend, where, spec.kvm, lambda: kvm_state(say))
+    if spec.verbose:
+        say(f"backend: {decision.why}")
+    return decision
+
+
+def kvm_state(say: Say) -> KvmState:
+    from apppot import kvm
+
+    return kvm.state(say)
+
+
+def _qemu_setup(accel: Accel, say: Say) -> QemuSetup:
+    from apppot import guest_kernel
+
+    qemu = which(QEMU_SYSTEM)
+    if qemu is None:
+        raise HostError(f"{QEMU_SYSTEM} is not installed: sudo apt-get install {QEMU_PACKAGE}")
+    kernel = guest_kernel.find(say)
+    return QemuSetup(qemu, kernel, guest_kernel.initramfs(kernel), accel)
+
+
+def prepare(spec: JobSpec, say: Say, decision: Decision | None = None) -> Prepared:
     """Check everything about the job that can be checked before booting."""
     jobdir = _check_jobdir(spec.jobdir)
     image = resolve_image(str(spec.image)) if spec.image is not None else _default_image(say)
     fs_uuid = ext4.filesystem_uuid(image)  # also says when the image is missing or unreadable
+    decision = decision or choose_backend(spec, say)
+    if decision.backend is Backend.QEMU:
+        assert decision.accel is not None
+        return _prepare_qemu(spec, say, decision, jobdir, image, fs_uuid)
     kernel = find_kernel(spec.kernel)
     traits = kernel_traits(kernel.path, say if spec.verbose else None)
     if spec.verbose:
@@ -148,6 +204,52 @@ def prepare(spec: JobSpec, say: Say) -> Prepared:
         for path, what in ((jobdir, "job directory"), (image, "image")):
             if not _HOSTFS_SAFE.fullmatch(str(path)):
                 raise UsageError(f"the {what} path {path} has blanks or commas, which AppPot can only pass with namespaces")
+    _check_image_use(spec, image, fs_uuid)
+    return prepared
+
+
+def _prepare_qemu(spec: JobSpec, say: Say, decision: Decision, jobdir: Path, image: Path, fs_uuid: str) -> Prepared:
+    assert decision.accel is not None
+    setup = _qemu_setup(decision.accel, say)
+    umid = spec.instance_id or f"apppot-{os.getpid()}"
+    if not _UMID.fullmatch(umid):
+        raise UsageError(f"invalid --id {umid!r}: use letters, digits, '.', '_' and '-'")
+    for path, what in ((jobdir, "job directory"), (image, "image")):
+        if "," in str(path):
+            raise UsageError(f"the {what} path {path} has a comma, which QEMU cannot take; rename or move it")
+    # QEMU's emulation runs on several host threads: it is pinned only when asked for a CPU.
+    pin = cpu.choose_cpu(spec.cpu, os.sched_getaffinity(0), cpu.current_cpu()) if spec.cpu not in (None, "auto") else None
+    changes = spec.changes if spec.changes is not None else _auto_changes(jobdir)
+    warnings = (decision.warning,) if decision.warning else ()
+    mem = spec.mem_bytes or DEFAULT_MEM
+    net = spec.net is not False
+    prepared = Prepared(None, None, image, fs_uuid, jobdir, mem, None, None, umid, pin, changes, warnings, setup, net)
+    if spec.cow is not None and spec.cow.exists():
+        _check_overlay(spec.cow, image)
+    _check_image_use(spec, image, fs_uuid, qemu=True)
+    return prepared
+
+
+def _check_overlay(overlay: Path, image: Path) -> None:
+    """A --cow file for QEMU must be a qcow2 overlay of this very image."""
+    import json
+
+    if which(QEMU_IMG) is None:
+        raise HostError(f"{QEMU_IMG} is not installed: sudo apt-get install {QEMU_IMG_PACKAGE}")
+    result = run([QEMU_IMG, "info", "--output=json", "-U", str(overlay)], check=False)
+    try:
+        info = json.loads(result.stdout)
+    except ValueError:
+        info = {}
+    backing = info.get("full-backing-filename") or info.get("backing-filename")
+    if info.get("format") != "qcow2" or not backing:
+        raise UsageError(f"--cow {overlay} is not a QEMU overlay (qcow2 with a backing image); give a new file name")
+    if Path(backing).resolve() != image.resolve():
+        raise UsageError(f"--cow {overlay} belongs to the image {backing}, not {image}; use it with that image")
+
+
+def _check_image_use(spec: JobSpec, image: Path, fs_uuid: str, qemu: bool = False) -> None:
+    """--full-boot, --writable-image and --cow, against the image."""
     if spec.full_boot:
         _check_full_boot(image)
     if spec.writable_image:
@@ -161,11 +263,10 @@ def prepare(spec: JobSpec, say: Say) -> Prepared:
     if spec.cow is not None:
         if spec.cow.resolve() == image.resolve():
             raise UsageError("--cow names the base image itself; give a separate file for the COW")
-        if spec.cow.exists():
+        if spec.cow.exists() and not qemu:
             cow.check_matches(spec.cow, image, fs_uuid)
             cow.check_writable_without_privilege(spec.cow)
             cow.check_unlocked(spec.cow)
-    return prepared
 
 
 def _auto_changes(jobdir: Path) -> Path | None:
@@ -289,13 +390,15 @@ class Job:
 
     rundir: Path
 
-    def __init__(self, spec: JobSpec, prepared: Prepared, say: Say) -> None:
+    def __init__(self, spec: JobSpec, prepared: Prepared, say: Say, deadline_s: float | None = None) -> None:
         self.spec = spec
+        self.deadline_s = deadline_s  # the guest is stopped if the job has not ended by then (the KVM probe)
         self.prepared = prepared
         self.say = say
         self.proc: subprocess.Popen[bytes] | None = None
         self.signal_received: int | None = None
         self.stdout_broken = False
+        self.timed_out = False
         self.exited = threading.Event()
         self.wake = threading.Event()
 
@@ -340,6 +443,14 @@ class Job:
         p = self.prepared
         if self.spec.writable_image:
             return p.image.resolve()
+        if p.qemu is not None:  # the job's writes go to QEMU's snapshot, or to a qcow2 overlay the user keeps
+            if self.spec.cow is None:
+                return p.image.resolve()
+            if not self.spec.cow.exists():
+                if which(QEMU_IMG) is None:
+                    raise HostError(f"{QEMU_IMG} is not installed: sudo apt-get install {QEMU_IMG_PACKAGE}")
+                run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(p.image.resolve()), str(self.spec.cow)])
+            return self.spec.cow.resolve()
         target = self.spec.cow if self.spec.cow is not None else temp_cow
         if not target.exists():
             cow.create(target, p.image, p.fs_uuid)
@@ -372,64 +483,18 @@ class Job:
             _put_changes(ctl, p, self.say if self.spec.verbose else None)
         cow_path = self._cow(temp_cow)
         streams = detect_streams()
-        sandboxed = p.bwrap is not None
         log_fd, log_path, keep_log = self._log()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         terminal: tuple[int, int] | None = None
         if streams.interactive:
             terminal = (os.dup(0), os.dup(1))
-        net_params: tuple[str, ...] = ()
-        if p.net is not None:
-            net_params = (p.net.uml_param(), *([p.net.kernel_ip_param()] if p.traits.ip_autoconfig else []))
-        launch = UmlLaunch(
-            kernel=SANDBOX_KERNEL if sandboxed else str(p.kernel.path),
-            base="" if self.spec.writable_image else cow.base_path_for(p.fs_uuid) if sandboxed else str(p.image.resolve()),
-            cow=SANDBOX_COW if sandboxed else str(cow_path),
-            mem_bytes=p.mem_bytes,
-            umid=p.umid,
-            uml_dir=SANDBOX_UML_DIR if sandboxed else str(uml_dir),
-            log_fd=log_fd,
-            stdout_fd=out_w,
-            stderr_fd=err_w,
-            terminal_fds=terminal,
-            net_params=net_params,
-            kernel_params=tuple(p.traits.boot_params()),
-            extra=self.spec.extra,
-            full_boot=self.spec.full_boot,
-        )
-        uid, gid, user, group = _guest_identity(self.spec.user, self.spec.group)
-        rows, cols = _terminal_size()
-        guest = GuestJob(
-            argv=self.spec.argv,
-            uid=uid,
-            gid=gid,
-            user=user,
-            group=group,
-            stdin=streams.stdin,
-            stdout=streams.stdout,
-            stderr=streams.stderr,
-            interactive=streams.interactive,
-            term=os.environ.get("TERM") if streams.interactive or streams.stdout is StreamMode.TTY else None,
-            rows=rows,
-            cols=cols,
-            net=p.net.interface if p.net else None,
-            net_configured=p.net is not None and p.traits.ip_autoconfig,
-            keep_cow=self.spec.cow is not None or self.spec.writable_image,
-        )
+        guest = self._guest_job(streams)
         (ctl / JOB_FILE).write_bytes(render_job_file(guest))
-        agent_params = render_kernel_params(
-            SANDBOX_CTL if sandboxed else str(ctl), SANDBOX_JOB if sandboxed else str(p.jobdir), changes=p.changes is not None
-        )
-        argv = uml_argv(launch, agent_params)
-        if cmdline_length(argv) > KERNEL_CMDLINE_LIMIT:
-            raise UsageError("the kernel command line is too long; use fewer or shorter --extra parameters")
-        if sandboxed:
-            assert p.bwrap is not None
-            setarch = which("setarch")
-            binds = self._binds(cow_path, ctl, uml_dir)
-            argv = bwrap_argv(p.bwrap, binds, share_net=p.net is not None, proc=setarch is None or is_setuid(p.bwrap)) + argv
-            argv = personality_prefix(setarch) + argv
+        if p.qemu is not None:
+            argv = self._qemu_argv(p.qemu, ctl, cow_path, log_fd, out_w, err_w, terminal)
+        else:
+            argv = self._uml_argv(ctl, uml_dir, cow_path, log_fd, out_w, err_w, terminal)
         if self.spec.verbose:
             self.say(f"running: {shlex.join(argv)}")
 
@@ -474,8 +539,100 @@ class Job:
                 _restore_termios(saved_tty)
         return self._outcome(status, log_path, keep_log)
 
+    def _guest_job(self, streams: Streams) -> GuestJob:
+        p = self.prepared
+        uid, gid, user, group = _guest_identity(self.spec.user, self.spec.group)
+        rows, cols = _terminal_size()
+        if p.qemu is not None:
+            net, net_configured = ("eth0" if p.qemu_net else None), False
+        else:
+            assert p.traits is not None
+            net, net_configured = (p.net.interface if p.net else None), p.net is not None and p.traits.ip_autoconfig
+        return GuestJob(
+            argv=self.spec.argv,
+            uid=uid,
+            gid=gid,
+            user=user,
+            group=group,
+            stdin=streams.stdin,
+            stdout=streams.stdout,
+            stderr=streams.stderr,
+            interactive=streams.interactive,
+            term=os.environ.get("TERM") if streams.interactive or streams.stdout is StreamMode.TTY else None,
+            rows=rows,
+            cols=cols,
+            net=net,
+            net_configured=net_configured,
+            keep_cow=self.spec.cow is not None or self.spec.writable_image,
+        )
+
+    def _qemu_argv(
+        self, q: QemuSetup, ctl: Path, cow_path: Path, log_fd: int, out_w: int, err_w: int, terminal: tuple[int, int] | None
+    ) -> list[str]:
+        p = self.prepared
+        launch = QemuLaunch(
+            qemu=q.qemu,
+            kernel=str(q.kernel.vmlinuz),
+            initrd=str(q.initrd),
+            image=str(p.image.resolve()),
+            accel=q.accel,
+            mem_bytes=p.mem_bytes,
+            ctl_dir=str(ctl),
+            job_dir=str(p.jobdir),
+            log_fd=log_fd,
+            stdout_fd=out_w,
+            stderr_fd=err_w,
+            terminal_fds=terminal,
+            overlay=str(cow_path) if self.spec.cow is not None else None,
+            writable=self.spec.writable_image,
+            net=p.qemu_net,
+            extra=self.spec.extra,
+            full_boot=self.spec.full_boot,
+        )
+        return qemu_argv(launch, render_kernel_params(CTL_TAG, JOB_TAG, changes=p.changes is not None, ninep=True))
+
+    def _uml_argv(
+        self, ctl: Path, uml_dir: Path, cow_path: Path, log_fd: int, out_w: int, err_w: int, terminal: tuple[int, int] | None
+    ) -> list[str]:
+        p = self.prepared
+        assert p.kernel is not None and p.traits is not None
+        sandboxed = p.bwrap is not None
+        net_params: tuple[str, ...] = ()
+        if p.net is not None:
+            net_params = (p.net.uml_param(), *([p.net.kernel_ip_param()] if p.traits.ip_autoconfig else []))
+        launch = UmlLaunch(
+            kernel=SANDBOX_KERNEL if sandboxed else str(p.kernel.path),
+            base="" if self.spec.writable_image else cow.base_path_for(p.fs_uuid) if sandboxed else str(p.image.resolve()),
+            cow=SANDBOX_COW if sandboxed else str(cow_path),
+            mem_bytes=p.mem_bytes,
+            umid=p.umid,
+            uml_dir=SANDBOX_UML_DIR if sandboxed else str(uml_dir),
+            log_fd=log_fd,
+            stdout_fd=out_w,
+            stderr_fd=err_w,
+            terminal_fds=terminal,
+            net_params=net_params,
+            kernel_params=tuple(p.traits.boot_params()),
+            extra=self.spec.extra,
+            full_boot=self.spec.full_boot,
+        )
+        agent_params = render_kernel_params(
+            SANDBOX_CTL if sandboxed else str(ctl), SANDBOX_JOB if sandboxed else str(p.jobdir), changes=p.changes is not None
+        )
+        argv = uml_argv(launch, agent_params)
+        if cmdline_length(argv) > KERNEL_CMDLINE_LIMIT:
+            raise UsageError("the kernel command line is too long; use fewer or shorter --extra parameters")
+        if sandboxed:
+            assert p.bwrap is not None
+            setarch = which("setarch")
+            binds = self._binds(cow_path, ctl, uml_dir)
+            argv = bwrap_argv(p.bwrap, binds, share_net=p.net is not None, proc=setarch is None or is_setuid(p.bwrap)) + argv
+            argv = personality_prefix(setarch) + argv
+        return argv
+
     def _binds(self, cow_path: Path, ctl: Path, uml_dir: Path) -> list[Bind]:
         p = self.prepared
+        assert p.kernel is not None
         binds = [Bind(str(p.kernel.path), SANDBOX_KERNEL)]
         binds += [Bind(str(lib), str(lib)) for lib in shared_libraries(p.kernel.path)]
         if p.net is not None:
@@ -504,7 +661,11 @@ class Job:
         """Wait for the guest to end; returns the job's status if it reported one."""
         status_file = ctl / STATUS_FILE
         reported_at: float | None = None
+        deadline = time.monotonic() + self.deadline_s if self.deadline_s is not None else None
         while not self.exited.is_set():
+            if deadline is not None and time.monotonic() > deadline:
+                self.timed_out = True
+                return None
             self.wake.wait(0.25)
             self.wake.clear()
             if self.signal_received is not None or self.stdout_broken:
@@ -546,9 +707,12 @@ class Job:
             _discard_log(log_path, keep_log)
             return status
         assert self.proc is not None
+        if self.timed_out:
+            raise GuestDied(f"the guest did not finish within {self.deadline_s:g} s and was stopped{_panic_hint(log_path)}")
         rc = self.proc.returncode
         how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with status {rc}"
-        raise GuestDied(f"the guest ended without reporting the job's status (UML {how}){_panic_hint(log_path)}")
+        what = "QEMU" if self.prepared.qemu is not None else "UML"
+        raise GuestDied(f"the guest ended without reporting the job's status ({what} {how}){_panic_hint(log_path)}")
 
 
 def _put_changes(ctl: Path, p: Prepared, say: Say | None) -> None:
@@ -586,7 +750,7 @@ def _panic_hint(log_path: Path) -> str:
         lines = log_path.read_text(errors="replace").splitlines()
     except OSError:
         return ""
-    reasons = [line.strip() for line in lines if "Kernel panic" in line or "Out of memory" in line]
+    reasons = [line.strip() for line in lines if "Kernel panic" in line or "Out of memory" in line or "apppot-boot:" in line]
     detail = f": {reasons[-1]}" if reasons else ""
     return f"{detail}; console log kept at {log_path}"
 

@@ -41,6 +41,8 @@ class JobSpec(NamedTuple):
     writable_image: bool = False  # no COW: the job writes the image itself (on purpose)
     full_boot: bool = False  # boot the image's systemd; the agent runs as its last service
     cpu: str | None = None  # None: auto (see apppot.cpu)
+    backend: str | None = None  # uml, qemu or auto; None: $APPPOT_BACKEND, the config file, else uml
+    kvm: bool | None = None  # QEMU: True requires KVM, False asks for TCG, None uses KVM where it works
 
 
 def parse_mem(text: str) -> int:

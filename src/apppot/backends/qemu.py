@@ -1,0 +1,152 @@
+"""The QEMU command line for one job, and for booting an exported disk (pure: no I/O).
+
+The guest is the same image and agent as under UML. The differences are all here:
+the kernel is Debian's (apppot.guest_kernel) with AppPot's initramfs, the disk is
+virtio with ``snapshot=on`` (the base is never written), the control and job
+directories are 9p shares, and the job's stdout, stderr and console are three
+serial lines bound to host file descriptors (ttyS0, ttyS1, ttyS2; an interactive
+terminal is ttyS3). QEMU's own exit status says nothing about the job: the agent
+reports it in the control directory, as under UML.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import NamedTuple
+
+from apppot.backends.uml import AGENT_PATH, SYSTEMD_PATH
+
+MIB = 1024 * 1024
+CTL_TAG = "apppot_ctl"
+JOB_TAG = "apppot_job"
+CONSOLE = "ttyS2"
+TERMINAL = "ttyS3"
+# QEMU's binaries and the Debian packages that hold them.
+QEMU_SYSTEM = "qemu-system-x86_64"
+QEMU_PACKAGE = "qemu-system-x86"
+QEMU_IMG = "qemu-img"
+QEMU_IMG_PACKAGE = "qemu-utils"
+
+
+class Accel(StrEnum):
+    """How QEMU runs the guest's instructions."""
+
+    KVM = "kvm"  # the host CPU, through /dev/kvm: near native speed
+    TCG = "tcg"  # emulation: works everywhere, several times slower
+
+    def cpu(self) -> str:
+        return "host" if self is Accel.KVM else "max"
+
+
+class QemuLaunch(NamedTuple):
+    """Everything a QEMU job's command line is made of."""
+
+    qemu: str
+    kernel: str
+    initrd: str
+    image: str
+    accel: Accel
+    mem_bytes: int
+    ctl_dir: str
+    job_dir: str
+    log_fd: int
+    stdout_fd: int
+    stderr_fd: int
+    terminal_fds: tuple[int, int] | None = None  # (input, output) of an interactive session
+    overlay: str | None = None  # a qcow2 file over the image that keeps the job's writes (--cow)
+    writable: bool = False  # --writable-image: the job writes the image itself
+    net: bool = False
+    extra: tuple[str, ...] = ()  # more kernel parameters
+    full_boot: bool = False
+
+
+def _serial(name: str, path: str) -> list[str]:
+    return ["-chardev", f"file,id={name},path={path}", "-serial", f"chardev:{name}"]
+
+
+def _machine(qemu: str, accel: Accel, mem_bytes: int) -> list[str]:
+    return [
+        qemu,
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-machine",
+        f"pc,accel={accel.value}",
+        "-cpu",
+        accel.cpu(),
+        "-smp",
+        "1",
+        "-m",
+        f"{mem_bytes // MIB}M",
+        "-no-reboot",
+        # A guest that stops being scheduled stops feeding the watchdog the boot stage armed.
+        "-device",
+        "i6300esb",
+        "-action",
+        "watchdog=poweroff",
+    ]
+
+
+def qemu_argv(launch: QemuLaunch, guest_params: list[str]) -> list[str]:
+    """QEMU's argv: machine, disk, shares, serial lines, then the kernel and its parameters."""
+    if launch.overlay is not None:
+        drive = f"file={launch.overlay},format=qcow2,if=virtio,cache=unsafe"
+    elif launch.writable:
+        drive = f"file={launch.image},format=raw,if=virtio"
+    else:
+        drive = f"file={launch.image},format=raw,if=virtio,snapshot=on,cache=unsafe"
+    argv = _machine(launch.qemu, launch.accel, launch.mem_bytes)
+    argv += ["-drive", drive]
+    for tag, path in ((CTL_TAG, launch.ctl_dir), (JOB_TAG, launch.job_dir)):
+        argv += [
+            "-fsdev",
+            f"local,id={tag},path={path},security_model=none",
+            "-device",
+            f"virtio-9p-pci,fsdev={tag},mount_tag={tag}",
+        ]
+    argv += _serial("out", f"/dev/fd/{launch.stdout_fd}")
+    argv += _serial("err", f"/dev/fd/{launch.stderr_fd}")
+    argv += _serial("log", f"/dev/fd/{launch.log_fd}")
+    tty_params: list[str] = []
+    if launch.terminal_fds is not None:
+        tin, tout = launch.terminal_fds
+        argv += [
+            "-chardev",
+            f"file,id=term,path=/dev/fd/{tout},input-path=/dev/fd/{tin}",
+            "-serial",
+            "chardev:term",
+        ]
+        tty_params = [f"apppot_tty={TERMINAL}"]
+    if launch.net:
+        argv += ["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0"]
+    params = [
+        f"console={CONSOLE}",
+        "quiet",
+        "panic=-1",
+        "apppot_root=/dev/vda",
+        "apppot_modules=direct",
+        *([f"apppot_init={SYSTEMD_PATH}"] if launch.full_boot else []),
+        *tty_params,
+        *launch.extra,
+        *guest_params,
+    ]
+    argv += ["-kernel", launch.kernel, "-initrd", launch.initrd, "-append", " ".join(params)]
+    return argv
+
+
+def firmware_boot_argv(
+    qemu: str, disk: str, accel: Accel, mem_bytes: int, console: str, seed: str | None = None, disk_format: str = "qcow2"
+) -> list[str]:
+    """QEMU booting a disk by its firmware, as a hypervisor that knows nothing of AppPot would:
+    no -kernel, no -append. The console (ttyS0) goes to the file `console`."""
+    argv = _machine(qemu, accel, mem_bytes)
+    argv += ["-drive", f"file={disk},format={disk_format},if=virtio,snapshot=on"]
+    if seed is not None:
+        argv += ["-drive", f"file={seed},format=raw,media=cdrom,readonly=on"]
+    argv += ["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0"]
+    argv += _serial("console", console)
+    return argv
+
+
+__all__ = ["AGENT_PATH", "Accel", "QemuLaunch", "firmware_boot_argv", "qemu_argv"]

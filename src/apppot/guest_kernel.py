@@ -1,0 +1,311 @@
+"""The kernel QEMU guests and exported images boot: Debian's `linux-image-amd64`, fetched by AppPot.
+
+`fetch` looks up the package behind Debian's `linux-image-amd64` metapackage (through
+the private apt configuration of kernel_build: the system's apt sources are never
+touched), downloads it once into the user's cache and keeps its kernel and the few
+modules a guest needs (virtio disks, 9p, ext4, the CD, SATA and FAT drivers for
+exported images, a watchdog), closed over their dependencies. The host's /boot is
+never used.
+
+`initramfs` packs those modules with busybox and AppPot's boot stage
+(guest/apppot-boot) into an uncompressed newc cpio archive, built in Python: no root,
+no cpio program, the same bytes for the same inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import struct
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import NamedTuple
+
+from apppot.errors import HostError
+from apppot.images.store import cache_dir
+from apppot.proc import remove_tree, run
+
+Say = Callable[[str], None]
+
+METAPACKAGE = "linux-image-amd64"
+INITRAMFS_VERSION = "1"
+BOOT_STAGE = Path(__file__).resolve().parent / "guest" / "apppot-boot"
+UDHCPC_SCRIPT = Path(__file__).resolve().parent / "guest" / "udhcpc.script"
+# Loaded by every boot, in this order after their dependencies: what QEMU's direct boot needs.
+DIRECT_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "9pnet_virtio", "9p", "ext4", "crc32c_generic", "i6300esb")
+# Loaded when booting from a disk (an exported image): the disks, CDs and file systems other hypervisors offer.
+DISK_MODULES = (
+    "ata_piix",
+    "ahci",
+    "ata_generic",
+    "sd_mod",
+    "sr_mod",
+    "isofs",
+    "vfat",
+    "nls_cp437",
+    "nls_ascii",
+    "nls_utf8",
+    "xen_blkfront",
+    "e1000",
+)
+BUSYBOX_APPLETS = (
+    "sh",
+    "mount",
+    "umount",
+    "insmod",
+    "findfs",
+    "switch_root",
+    "sleep",
+    "mkdir",
+    "cat",
+    "watchdog",
+    "ip",
+    "udhcpc",
+    "wget",
+    "poweroff",
+)
+_RELEASE = re.compile(r"linux-image-(\d[\w.+-]*)")
+
+
+class GuestKernel(NamedTuple):
+    """A fetched kernel: its directory holds vmlinuz, modules/ and kernel.json."""
+
+    directory: Path
+    package: str
+    version: str  # the Debian package version
+    release: str  # the kernel release, e.g. 6.1.0-41-amd64
+    load_order: tuple[str, ...]  # module names, dependencies first: every module kept
+    direct: tuple[str, ...]  # the part of load_order QEMU's direct boot needs
+
+    @property
+    def vmlinuz(self) -> Path:
+        return self.directory / "vmlinuz"
+
+    def module(self, name: str) -> Path:
+        return self.directory / "modules" / f"{name}.ko"
+
+
+def kernels_root() -> Path:
+    return cache_dir() / "guest-kernel"
+
+
+# --- pure helpers --------------------------------------------------------------------------------
+
+
+def module_name(filename: str) -> str:
+    """The kernel's name of a module file: no .ko, '-' read as '_'."""
+    return filename.removesuffix(".ko").replace("-", "_")
+
+
+def modinfo(data: bytes) -> dict[str, list[str]]:
+    """The .modinfo section of a 64-bit little-endian module: key -> values."""
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise ValueError("not a 64-bit little-endian ELF file")
+    shoff = struct.unpack_from("<Q", data, 0x28)[0]
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+
+    def section(index: int) -> tuple[int, int, int]:
+        base = shoff + index * shentsize
+        name, _type = struct.unpack_from("<II", data, base)
+        offset, size = struct.unpack_from("<QQ", data, base + 24)
+        return name, offset, size
+
+    _, str_off, _ = section(shstrndx)
+    info: dict[str, list[str]] = {}
+    for i in range(shnum):
+        name, offset, size = section(i)
+        end = data.index(b"\0", str_off + name)
+        if data[str_off + name : end] != b".modinfo":
+            continue
+        for entry in data[offset : offset + size].split(b"\0"):
+            key, sep, value = entry.decode(errors="replace").partition("=")
+            if sep:
+                info.setdefault(key, []).append(value)
+    return info
+
+
+def load_order(wanted: Iterable[str], depends: dict[str, list[str]], builtin: set[str]) -> list[str]:
+    """The modules to load for `wanted`, each after the modules it depends on; built-in ones left out."""
+    order: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in builtin or name in order:
+            return
+        if name not in depends:
+            raise HostError(f"the guest kernel has no module {name}")
+        if name in visiting:
+            raise HostError(f"the guest kernel's modules depend on each other in a circle at {name}")
+        visiting.add(name)
+        for dep in depends[name]:
+            visit(dep)
+        visiting.discard(name)
+        order.append(name)
+
+    for name in wanted:
+        visit(name)
+    return order
+
+
+class CpioEntry(NamedTuple):
+    name: str
+    mode: int  # with the file type bits
+    data: bytes = b""
+    rdev: tuple[int, int] = (0, 0)
+
+
+def cpio_newc(entries: Iterable[CpioEntry], mtime: int = 0) -> bytes:
+    """An uncompressed newc cpio archive (what the kernel unpacks as an initramfs), owned by root."""
+    out = bytearray()
+
+    def pad() -> None:
+        out.extend(b"\0" * (-len(out) % 4))
+
+    for ino, entry in enumerate([*entries, CpioEntry("TRAILER!!!", 0)], start=1):
+        name = entry.name.encode() + b"\0"
+        fields = (ino, entry.mode, 0, 0, 1, mtime, len(entry.data), 0, 0, *entry.rdev, len(name), 0)
+        out.extend(b"070701" + b"".join(b"%08X" % f for f in fields) + name)
+        pad()
+        out.extend(entry.data)
+        pad()
+    return bytes(out)
+
+
+def parse_depends(output: str, prefix: str = "linux-image-") -> str | None:
+    """The real kernel package from `apt-cache depends linux-image-amd64`."""
+    for line in output.splitlines():
+        key, _, value = line.strip().partition(": ")
+        if key in ("Depends", "|Depends") and value.startswith(prefix) and _RELEASE.fullmatch(value.strip()):
+            return value.strip()
+    return None
+
+
+# --- the cache -----------------------------------------------------------------------------------
+
+
+def installed() -> GuestKernel | None:
+    """The fetched kernel AppPot uses (the newest fetched), or None."""
+    pointer = kernels_root() / "current"
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        directory = kernels_root() / pointer.read_text().strip()
+        record = json.loads((directory / "kernel.json").read_text())
+        kernel = GuestKernel(
+            directory,
+            record["package"],
+            record["version"],
+            record["release"],
+            tuple(record["load_order"]),
+            tuple(record["direct"]),
+        )
+        if kernel.vmlinuz.is_file():
+            return kernel
+    return None
+
+
+def find(say: Say) -> GuestKernel:
+    """The guest kernel, fetched on first use."""
+    return installed() or fetch(say)
+
+
+def fetch(say: Say) -> GuestKernel:
+    """Download Debian's current kernel package and keep what guests need of it."""
+    from apppot.kernel_build import PrivateApt, own_suite
+
+    root = kernels_root()
+    root.mkdir(parents=True, exist_ok=True)
+    apt = PrivateApt(root / "apt", own_suite=own_suite())
+    try:
+        apt.binary_sources()
+        package = parse_depends(apt.query(["apt-cache", "depends", METAPACKAGE]))
+        if package is None:
+            raise HostError(f"{METAPACKAGE} names no kernel package")
+        version = apt.query(["apt-cache", "show", "--no-all-versions", package])
+        version = next((ln.split(": ", 1)[1] for ln in version.splitlines() if ln.startswith("Version: ")), "")
+    except HostError as e:
+        raise HostError(f"cannot look up Debian's kernel package ({e}); check the network or set APPPOT_DEBIAN_MIRROR") from None
+    release = package.removeprefix("linux-image-")
+    say(f"fetching Debian's kernel package {package} {version} (once, into {root})")
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        work = Path(tmp)
+        try:
+            apt.query(["apt-get", "download", f"{package}={version}"], cwd=work)
+        except HostError as e:
+            raise HostError(f"downloading {package} failed ({e}); check the network or set APPPOT_DEBIAN_MIRROR") from None
+        debs = list(work.glob("*.deb"))
+        if len(debs) != 1:
+            raise HostError(f"downloading {package} gave {len(debs)} packages, expected one")
+        unpacked = work / "x"
+        run(["dpkg-deb", "-x", str(debs[0]), str(unpacked)])
+        return _keep(unpacked, root, package, version, release)
+
+
+def _keep(unpacked: Path, root: Path, package: str, version: str, release: str) -> GuestKernel:
+    moddir = unpacked / "lib" / "modules" / release
+    files = {module_name(p.name): p for p in moddir.joinpath("kernel").rglob("*.ko")}
+    builtin = {module_name(Path(line).name) for line in (moddir / "modules.builtin").read_text().split()}
+    depends: dict[str, list[str]] = {}
+    for name, path in files.items():
+        deps = modinfo(path.read_bytes()).get("depends", [""])[0]
+        depends[name] = [module_name(d) for d in deps.split(",") if d]
+    order = load_order([*DIRECT_MODULES, *DISK_MODULES], depends, builtin)
+    direct = load_order(DIRECT_MODULES, depends, builtin)
+    target = root / f"{release}_{re.sub(r'[^A-Za-z0-9.+-]', '_', version)}"
+    if target.exists():
+        remove_tree(str(target))
+    (target / "modules").mkdir(parents=True)
+    (unpacked / "boot" / f"vmlinuz-{release}").rename(target / "vmlinuz")
+    for name in order:
+        files[name].rename(target / "modules" / f"{name}.ko")
+    record = {"package": package, "version": version, "release": release, "load_order": order, "direct": direct}
+    (target / "kernel.json").write_text(json.dumps(record, indent=1) + "\n")
+    tmp = root / f".current.{os.getpid()}"
+    tmp.write_text(target.name + "\n")
+    tmp.replace(root / "current")
+    return GuestKernel(target, package, version, release, tuple(order), tuple(direct))
+
+
+# --- the initramfs -------------------------------------------------------------------------------
+
+
+def initramfs(kernel: GuestKernel) -> Path:
+    """The initramfs for this kernel and this AppPot's boot stage, built once (about a second)."""
+    from apppot.images.tiny import BUSYBOX
+
+    busybox = Path(BUSYBOX)
+    if not busybox.is_file():
+        raise HostError("busybox is not installed: sudo apt-get install busybox-static")
+    stage = BOOT_STAGE.read_bytes()
+    udhcpc = UDHCPC_SCRIPT.read_bytes()
+    digest = hashlib.sha256()
+    for part in (INITRAMFS_VERSION.encode(), stage, udhcpc, busybox.read_bytes(), kernel.release.encode()):
+        digest.update(hashlib.sha256(part).digest())
+    path = kernel.directory / f"initrd-{digest.hexdigest()[:16]}.cpio"
+    if path.is_file():
+        return path
+    entries = [
+        CpioEntry("dev", 0o040755),
+        CpioEntry("dev/console", 0o020600, rdev=(5, 1)),
+        CpioEntry("proc", 0o040755),
+        CpioEntry("sys", 0o040755),
+        CpioEntry("newroot", 0o040755),
+        CpioEntry("seed", 0o040755),
+        CpioEntry("etc", 0o040755),
+        CpioEntry("etc/udhcpc.script", 0o100755, udhcpc),
+        CpioEntry("bin", 0o040755),
+        CpioEntry("bin/busybox", 0o100755, busybox.read_bytes()),
+        *(CpioEntry(f"bin/{applet}", 0o120777, b"busybox") for applet in BUSYBOX_APPLETS),
+        CpioEntry("init", 0o100755, stage),
+        CpioEntry("lib", 0o040755),
+        CpioEntry("lib/modules", 0o040755),
+        CpioEntry("lib/modules/load.direct", 0o100644, "".join(f"{m}\n" for m in kernel.direct).encode()),
+        CpioEntry("lib/modules/load.disk", 0o100644, "".join(f"{m}\n" for m in kernel.load_order).encode()),
+        *(CpioEntry(f"lib/modules/{m}.ko", 0o100644, kernel.module(m).read_bytes()) for m in kernel.load_order),
+    ]
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(cpio_newc(entries))
+    tmp.replace(path)
+    return path
