@@ -38,7 +38,7 @@ exit status:
   128+N if apppot start itself was stopped by signal N (SIGINT, SIGTERM).
 
 environment: APPPOT_IMAGE (--image), APPPOT_MEM (--mem), APPPOT_KERNEL (--kernel), APPPOT_CPU (--cpu),
-APPPOT_BACKEND (--backend).
+APPPOT_BACKEND (--backend), APPPOT_KVM (1: --kvm, 0: --no-kvm).
 """
 
 
@@ -239,8 +239,17 @@ def parse_start(argv: Sequence[str], prog: str = "apppot start") -> JobSpec:
         writable_image=ns.writable_image,
         cpu=ns.cpu or os.environ.get("APPPOT_CPU") or None,
         backend=ns.backend,
-        kvm=ns.kvm,
+        kvm=ns.kvm if ns.kvm is not None else _kvm_env(),
     )
+
+
+def _kvm_env() -> bool | None:
+    value = os.environ.get("APPPOT_KVM", "")
+    if value in ("", "auto"):
+        return None
+    if value in ("0", "1"):
+        return value == "1"
+    raise UsageError(f"APPPOT_KVM={value!r}: use 1 (require KVM), 0 (no KVM) or auto")
 
 
 def cmd_start(argv: Sequence[str], prog: str = "apppot start") -> int:
@@ -273,9 +282,24 @@ def cmd_image(argv: Sequence[str]) -> int:
     info = sub.add_parser("info", help="an image's recipe, ids, agent and size")
     info.add_argument("image", help="an image name from the cache, or an image file")
     info.add_argument("--json", action="store_true", help="machine-readable output")
+    export = sub.add_parser("export", help="write an image as a disk any hypervisor boots by itself (no AppPot needed)")
+    export.add_argument("image", help="an image name from the cache, or an image file")
+    export.add_argument("-o", "--output", type=Path, required=True, help="the disk file to write")
+    export.add_argument(
+        "--format",
+        choices=["qcow2", "vmdk", "vdi", "raw"],
+        help="disk format (default: from the -o suffix, else qcow2): qcow2 for QEMU/KVM and OpenStack, "
+        "vmdk for VMware and VirtualBox, vdi for VirtualBox, raw for Xen",
+    )
+    export.add_argument("--force", action="store_true", help="replace the -o file if it exists")
+    export.add_argument("--json", action="store_true", help="machine-readable output")
     ns = p.parse_args(argv)
     from apppot.images import ext4, store, tiny
 
+    if ns.action == "export":
+        from apppot import cli_vm
+
+        return cli_vm.image_export(ns, _say, _print_record)
     if ns.action == "build":
         from apppot.images import debian, recipe
 
@@ -585,7 +609,20 @@ def _run(func_argv: Sequence[str], prog: str) -> int:
         p.add_argument("--version", action="version", version=f"apppot {__version__}")
         p.add_argument(
             "subcommand",
-            choices=["start", "image", "kernel", "changes", "submit", "status", "fetch", "cancel", "clean", "testbed"],
+            choices=[
+                "start",
+                "image",
+                "kernel",
+                "changes",
+                "submit",
+                "status",
+                "fetch",
+                "cancel",
+                "clean",
+                "testbed",
+                "cloud-seed",
+                "doctor",
+            ],
         )
         if not func_argv or func_argv[0] in ("-h", "--help", "--version"):
             p.parse_args(func_argv)
@@ -608,6 +645,10 @@ def _run(func_argv: Sequence[str], prog: str) -> int:
         }
         if ns.subcommand in others:
             return others[ns.subcommand](rest)
+        if ns.subcommand in ("cloud-seed", "doctor"):
+            from apppot import cli_vm
+
+            return cli_vm.cmd_cloud_seed(rest) if ns.subcommand == "cloud-seed" else cli_vm.cmd_doctor(rest)
         return cmd_image(rest)
     except AppPotError as e:
         sys.stderr.write(f"apppot: error: {e}\n")

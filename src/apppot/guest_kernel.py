@@ -32,11 +32,21 @@ from apppot.proc import remove_tree, run
 Say = Callable[[str], None]
 
 METAPACKAGE = "linux-image-amd64"
-INITRAMFS_VERSION = "1"
+INITRAMFS_VERSION = "2"
 BOOT_STAGE = Path(__file__).resolve().parent / "guest" / "apppot-boot"
 UDHCPC_SCRIPT = Path(__file__).resolve().parent / "guest" / "udhcpc.script"
 # Loaded by every boot, in this order after their dependencies: what QEMU's direct boot needs.
-DIRECT_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "9pnet_virtio", "9p", "ext4", "crc32c_generic", "i6300esb")
+DIRECT_MODULES = (
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_net",
+    "virtio_console",
+    "9pnet_virtio",
+    "9p",
+    "ext4",
+    "crc32c_generic",
+    "i6300esb",
+)
 # Loaded when booting from a disk (an exported image): the disks, CDs and file systems other hypervisors offer.
 DISK_MODULES = (
     "ata_piix",
@@ -67,6 +77,7 @@ BUSYBOX_APPLETS = (
     "udhcpc",
     "wget",
     "poweroff",
+    "ln",
 )
 _RELEASE = re.compile(r"linux-image-(\d[\w.+-]*)")
 
@@ -201,7 +212,8 @@ def installed() -> GuestKernel | None:
             tuple(record["load_order"]),
             tuple(record["direct"]),
         )
-        if kernel.vmlinuz.is_file():
+        # A kernel kept by an AppPot that wanted other modules is fetched again.
+        if kernel.vmlinuz.is_file() and record["wanted"] == [*DIRECT_MODULES, *DISK_MODULES]:
             return kernel
     return None
 
@@ -260,12 +272,52 @@ def _keep(unpacked: Path, root: Path, package: str, version: str, release: str) 
     (unpacked / "boot" / f"vmlinuz-{release}").rename(target / "vmlinuz")
     for name in order:
         files[name].rename(target / "modules" / f"{name}.ko")
-    record = {"package": package, "version": version, "release": release, "load_order": order, "direct": direct}
+    record = {
+        "package": package,
+        "version": version,
+        "release": release,
+        "load_order": order,
+        "direct": direct,
+        "wanted": [*DIRECT_MODULES, *DISK_MODULES],
+    }
     (target / "kernel.json").write_text(json.dumps(record, indent=1) + "\n")
     tmp = root / f".current.{os.getpid()}"
     tmp.write_text(target.name + "\n")
     tmp.replace(root / "current")
     return GuestKernel(target, package, version, release, tuple(order), tuple(direct))
+
+
+# --- the kernel QEMU boots directly ---------------------------------------------------------------
+
+
+def direct_kernel(kernel: GuestKernel) -> Path:
+    """The uncompressed kernel (vmlinux), which QEMU starts through its PVH entry point: under TCG
+    this saves the three seconds the compressed kernel takes to unpack itself. Made once from
+    vmlinuz; vmlinuz itself where that fails (a kernel compressed other than with xz)."""
+    target = kernel.directory / "vmlinux"
+    if target.is_file():
+        return target
+    elf = vmlinux_from_bzimage(kernel.vmlinuz.read_bytes())
+    if elf is None:
+        return kernel.vmlinuz
+    tmp = target.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(elf)
+    tmp.replace(target)
+    return target
+
+
+def vmlinux_from_bzimage(data: bytes) -> bytes | None:
+    """The ELF kernel inside an xz-compressed bzImage, or None."""
+    import lzma
+
+    start = data.find(b"\xfd7zXZ\x00")
+    while start >= 0:
+        with contextlib.suppress(lzma.LZMAError):
+            elf = lzma.LZMADecompressor().decompress(data[start:])
+            if elf[:4] == b"\x7fELF":
+                return elf
+        start = data.find(b"\xfd7zXZ\x00", start + 1)
+    return None
 
 
 # --- the initramfs -------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from apppot import cow, cpu
 from apppot.backends.choice import Backend, Decision, KvmState, decide, read_config, requested
@@ -60,9 +60,6 @@ from apppot.protocol import (
 from apppot.sandbox import Bind, bwrap_argv, find_bwrap, is_setuid, probe, require_or_warn
 from apppot.spec import DEFAULT_MEM, JobSpec, choose_mem
 
-if TYPE_CHECKING:
-    from apppot.guest_kernel import GuestKernel
-
 # Paths inside the sandbox.
 SANDBOX_KERNEL = "/apppot/linux"
 SANDBOX_COW = "/apppot/cow"
@@ -91,7 +88,7 @@ class QemuSetup(NamedTuple):
     """What a QEMU job runs: QEMU, the guest kernel and its initramfs, the accelerator."""
 
     qemu: str
-    kernel: GuestKernel
+    kernel: Path  # what QEMU boots directly (guest_kernel.direct_kernel)
     initrd: Path
     accel: Accel
 
@@ -167,7 +164,7 @@ def _qemu_setup(accel: Accel, say: Say) -> QemuSetup:
     if qemu is None:
         raise HostError(f"{QEMU_SYSTEM} is not installed: sudo apt-get install {QEMU_PACKAGE}")
     kernel = guest_kernel.find(say)
-    return QemuSetup(qemu, kernel, guest_kernel.initramfs(kernel), accel)
+    return QemuSetup(qemu, guest_kernel.direct_kernel(kernel), guest_kernel.initramfs(kernel), accel)
 
 
 def prepare(spec: JobSpec, say: Say, decision: Decision | None = None) -> Prepared:
@@ -492,7 +489,7 @@ class Job:
         guest = self._guest_job(streams)
         (ctl / JOB_FILE).write_bytes(render_job_file(guest))
         if p.qemu is not None:
-            argv = self._qemu_argv(p.qemu, ctl, cow_path, log_fd, out_w, err_w, terminal)
+            argv = self._qemu_argv(p.qemu, ctl, cow_path, log_fd, out_w, err_w, terminal, streams)
         else:
             argv = self._uml_argv(ctl, uml_dir, cow_path, log_fd, out_w, err_w, terminal)
         if self.spec.verbose:
@@ -567,12 +564,20 @@ class Job:
         )
 
     def _qemu_argv(
-        self, q: QemuSetup, ctl: Path, cow_path: Path, log_fd: int, out_w: int, err_w: int, terminal: tuple[int, int] | None
+        self,
+        q: QemuSetup,
+        ctl: Path,
+        cow_path: Path,
+        log_fd: int,
+        out_w: int,
+        err_w: int,
+        terminal: tuple[int, int] | None,
+        streams: Streams,
     ) -> list[str]:
         p = self.prepared
         launch = QemuLaunch(
             qemu=q.qemu,
-            kernel=str(q.kernel.vmlinuz),
+            kernel=str(q.kernel),
             initrd=str(q.initrd),
             image=str(p.image.resolve()),
             accel=q.accel,
@@ -588,6 +593,8 @@ class Job:
             net=p.qemu_net,
             extra=self.spec.extra,
             full_boot=self.spec.full_boot,
+            stdout_port=streams.stdout is not StreamMode.TTY,
+            stderr_port=streams.stderr is not StreamMode.TTY,
         )
         return qemu_argv(launch, render_kernel_params(CTL_TAG, JOB_TAG, changes=p.changes is not None, ninep=True))
 

@@ -86,3 +86,13 @@ def missing_paths(image: Path, paths: list[str]) -> list[str]:
         if b"File not found" in out.stderr:
             missing.append(path)
     return missing
+
+
+def read_file(image: Path, path: str) -> bytes | None:
+    """A file's bytes from the image's filesystem (read with debugfs, never mounted); None if absent."""
+    from apppot.proc import run
+
+    out = run(["debugfs", "-R", f'cat "{path}"', str(image)], package="e2fsprogs")
+    if b"File not found" in out.stderr:
+        return None
+    return out.stdout
