@@ -90,6 +90,11 @@ def apppot(cache_home: Path, tiny_image: Path, tmp_path: Path):
             user_cache.mkdir(exist_ok=True)
             chown_to(user_cache, as_user)
             full_env["XDG_CACHE_HOME"] = str(user_cache)
+            guest_kernel = cache_home / "apppot" / "guest-kernel"  # QEMU's, if the session has it
+            if guest_kernel.exists() and not (user_cache / "apppot" / "guest-kernel").exists():
+                (user_cache / "apppot").mkdir(exist_ok=True)
+                chown_to(user_cache / "apppot", as_user)
+                (user_cache / "apppot" / "guest-kernel").symlink_to(guest_kernel)
             full_env.setdefault("APPPOT_IMAGE", str(tiny_image))
             argv = ["setpriv", f"--reuid={as_user}", f"--regid={as_user}", "--init-groups", "--", *argv]
             full_env["HOME"] = pwd.getpwnam(as_user).pw_dir

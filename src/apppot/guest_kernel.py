@@ -78,6 +78,8 @@ BUSYBOX_APPLETS = (
     "wget",
     "poweroff",
     "ln",
+    "timeout",
+    "rm",
 )
 _RELEASE = re.compile(r"linux-image-(\d[\w.+-]*)")
 

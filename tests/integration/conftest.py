@@ -52,6 +52,41 @@ def debian_kernel() -> Path:
     return Path(found).resolve()
 
 
+@pytest.fixture(scope="session")
+def guest_kernel_cache(cache_home: Path) -> Path:
+    """Debian's kernel for QEMU guests in the session's cache: a copy of the user's if fetched before,
+    else fetched there (test_qemu fetches one into an empty cache, in any case)."""
+    target = cache_home / "apppot" / "guest-kernel"
+    user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "apppot" / "guest-kernel"
+    if not target.exists():
+        if (user / "current").exists():
+            shutil.copytree(user, target, ignore=shutil.ignore_patterns("apt", "*.tmp"))
+        else:
+            fetch = "from apppot import guest_kernel; guest_kernel.fetch(print)"
+            env = {**os.environ, "XDG_CACHE_HOME": str(cache_home)}
+            subprocess.run([str(Path(APPPOT).with_name("python")), "-c", fetch], env=env, check=True, capture_output=True)
+    for path in [target, *target.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return target
+
+
+@pytest.fixture
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The backend `apppot start` uses in the test (BOTH_BACKENDS): QEMU under TCG emulation, whatever
+    the host's KVM does (test_qemu probes it), on one of the two UML kernel parametrisations."""
+    name: str = getattr(request, "param", "uml")
+    if name == "qemu":
+        if request.node.callspec.params.get("uml_kernel") == "debian-kernel":
+            pytest.skip("the QEMU backend does not use the UML kernel: it runs once, with the apppot-kernel set")
+        request.getfixturevalue("guest_kernel_cache")
+        monkeypatch.setenv("APPPOT_BACKEND", "qemu")
+        monkeypatch.setenv("APPPOT_KVM", "0")
+    return name
+
+
+BOTH_BACKENDS = pytest.mark.parametrize("backend", ["uml", "qemu"], indirect=True)
+
+
 @pytest.fixture(params=["apppot-kernel", "debian-kernel"], autouse=True)
 def uml_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """The kernel every `apppot` the test runs uses (through APPPOT_KERNEL)."""

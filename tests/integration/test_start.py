@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import APPPOT, chown_to
+from tests.integration.conftest import BOTH_BACKENDS
 
 pytestmark = pytest.mark.uml
 
@@ -22,7 +23,8 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def test_the_readme_job(apppot, jobdir: Path) -> None:
+@BOTH_BACKENDS
+def test_the_readme_job(apppot, backend: str, jobdir: Path) -> None:
     (jobdir / "input.dat").write_bytes(b"0123456789")
     r = apppot(["start", "--", "sh", "-c", "wc -c < input.dat > result.txt; echo done"], cwd=jobdir)
     assert (r.returncode, r.stdout, r.stderr) == (0, b"done\n", b"")
@@ -30,21 +32,25 @@ def test_the_readme_job(apppot, jobdir: Path) -> None:
 
 
 @pytest.mark.parametrize("code", [0, 1, 7, 255])
-def test_exit_status_is_the_jobs(apppot, jobdir: Path, code: int) -> None:
+@BOTH_BACKENDS
+def test_exit_status_is_the_jobs(apppot, backend: str, jobdir: Path, code: int) -> None:
     assert apppot(["start", "--", "sh", "-c", f"exit {code}"], cwd=jobdir).returncode == code
 
 
-def test_job_killed_by_a_signal(apppot, jobdir: Path) -> None:
+@BOTH_BACKENDS
+def test_job_killed_by_a_signal(apppot, backend: str, jobdir: Path) -> None:
     assert apppot(["start", "--", "sh", "-c", "kill -9 $$"], cwd=jobdir).returncode == 128 + 9
 
 
-def test_missing_command_inside_the_guest(apppot, jobdir: Path) -> None:
+@BOTH_BACKENDS
+def test_missing_command_inside_the_guest(apppot, backend: str, jobdir: Path) -> None:
     r = apppot(["start", "--", "no-such-program"], cwd=jobdir)
     assert r.returncode == 127
     assert b"no-such-program" in r.stderr
 
 
-def test_arguments_arrive_byte_exact(apppot, jobdir: Path) -> None:
+@BOTH_BACKENDS
+def test_arguments_arrive_byte_exact(apppot, backend: str, jobdir: Path) -> None:
     tricky = ["two words", "'q' \"d\"", "$HOME `id`", "new\nline", "ütf-8 ✓", "", "*", "a'b"]
     many = [f"argument-{i:04d}-" + "y" * 50 for i in range(1000)]  # 64 KiB and more
     argv = tricky + many
@@ -53,14 +59,16 @@ def test_arguments_arrive_byte_exact(apppot, jobdir: Path) -> None:
     assert r.stdout.split(b"\0")[:-1] == [a.encode() for a in argv]
 
 
-def test_stdin_from_a_pipe_is_byte_exact(apppot, jobdir: Path) -> None:
+@BOTH_BACKENDS
+def test_stdin_from_a_pipe_is_byte_exact(apppot, backend: str, jobdir: Path) -> None:
     data = os.urandom(10 * 1000 * 1000)
     r = apppot(["start", "--", "sha256sum"], cwd=jobdir, stdin=data, timeout=300)
     assert r.returncode == 0, r.err
     assert r.stdout.split()[0].decode() == sha(data)
 
 
-def test_stdin_from_a_file_and_from_dev_null(apppot, jobdir: Path, tmp_path: Path) -> None:
+@BOTH_BACKENDS
+def test_stdin_from_a_file_and_from_dev_null(apppot, backend: str, jobdir: Path, tmp_path: Path) -> None:
     data = os.urandom(300_000)
     source = tmp_path / "in.bin"
     source.write_bytes(data)
@@ -72,7 +80,8 @@ def test_stdin_from_a_file_and_from_dev_null(apppot, jobdir: Path, tmp_path: Pat
     assert r.stdout.strip() == b"0"
 
 
-def test_stdout_and_stderr_are_separate_and_byte_exact(apppot, jobdir: Path) -> None:
+@BOTH_BACKENDS
+def test_stdout_and_stderr_are_separate_and_byte_exact(apppot, backend: str, jobdir: Path) -> None:
     out, err = os.urandom(10 * 1000 * 1000), os.urandom(10 * 1000 * 1000)
     (jobdir / "out.bin").write_bytes(out)
     (jobdir / "err.bin").write_bytes(err)
@@ -82,7 +91,8 @@ def test_stdout_and_stderr_are_separate_and_byte_exact(apppot, jobdir: Path) -> 
     assert sha(r.stderr) == sha(err)
 
 
-def test_boot_messages_go_to_the_console_log(apppot, jobdir: Path, tmp_path: Path) -> None:
+@BOTH_BACKENDS
+def test_boot_messages_go_to_the_console_log(apppot, backend: str, jobdir: Path, tmp_path: Path) -> None:
     log = tmp_path / "console.log"
     r = apppot(["start", "--console-log", str(log), "--", "echo", "hi"], cwd=jobdir)
     assert (r.stdout, r.stderr) == (b"hi\n", b"")
@@ -96,13 +106,15 @@ def test_verbose_shows_the_log_path(apppot, jobdir: Path) -> None:
     assert "console log:" in r.err and "ubd0=" in r.err
 
 
-def test_jobdir_option(apppot, jobdir: Path, tmp_path: Path) -> None:
+@BOTH_BACKENDS
+def test_jobdir_option(apppot, backend: str, jobdir: Path, tmp_path: Path) -> None:
     r = apppot(["start", "--jobdir", str(jobdir), "--", "sh", "-c", "pwd; touch made-here"], cwd=tmp_path)
     assert r.stdout == b"/home/user/job\n"
     assert (jobdir / "made-here").exists()
 
 
-def test_apppot_run_in_the_job_directory(apppot, jobdir: Path) -> None:
+@BOTH_BACKENDS
+def test_apppot_run_in_the_job_directory(apppot, backend: str, jobdir: Path) -> None:
     script = jobdir / "apppot-run"
     script.write_text("#!/bin/sh\necho from-apppot-run\nexit 4\n")
     script.chmod(0o755)
@@ -112,13 +124,17 @@ def test_apppot_run_in_the_job_directory(apppot, jobdir: Path) -> None:
     assert apppot(["start", "--", "echo", "cli"], cwd=jobdir).stdout == b"cli\n"
 
 
-def test_no_command_without_a_terminal_is_an_error(apppot, jobdir: Path) -> None:
+@BOTH_BACKENDS
+def test_no_command_without_a_terminal_is_an_error(apppot, backend: str, jobdir: Path) -> None:
     r = apppot(["start"], cwd=jobdir)
     assert r.returncode == 125
     assert "no command to run" in r.err
 
 
-def test_named_cow_keeps_changes_and_runs_the_images_autorun(apppot, jobdir: Path, tmp_path: Path, tiny_image: Path) -> None:
+@BOTH_BACKENDS
+def test_named_cow_keeps_changes_and_runs_the_images_autorun(
+    apppot, backend: str, jobdir: Path, tmp_path: Path, tiny_image: Path
+) -> None:
     before = sha(tiny_image.read_bytes())
     mine = tmp_path / "mine.cow"
     install = "printf '#!/bin/sh\\necho autorun-ran\\n' > /home/user/apppot-autorun; chmod 755 /home/user/apppot-autorun"
@@ -170,12 +186,14 @@ def test_many_jobs_share_one_base(apppot, tmp_path: Path) -> None:
     assert results == [(0, f"{i}\n".encode()) for i in range(3)]
 
 
-def test_temporary_files_are_removed(apppot, jobdir: Path) -> None:
+@BOTH_BACKENDS
+def test_temporary_files_are_removed(apppot, backend: str, jobdir: Path) -> None:
     assert apppot(["start", "--", "true"], cwd=jobdir).returncode == 0
     assert list(apppot.tmp.iterdir()) == []
 
 
-def test_job_runs_as_the_host_user(apppot, tmp_path: Path, test_user: str) -> None:
+@BOTH_BACKENDS
+def test_job_runs_as_the_host_user(apppot, backend: str, tmp_path: Path, test_user: str) -> None:
     import pwd
 
     pw = pwd.getpwnam(test_user)
@@ -386,7 +404,8 @@ def test_apppot_start_is_the_seed_name_for_apppot_start(apppot, jobdir: Path, ca
     assert (r.returncode, r.stdout) == (3, b"seed\n")
 
 
-def test_extra_kernel_parameters_reach_the_guest(apppot, jobdir: Path) -> None:
+@BOTH_BACKENDS
+def test_extra_kernel_parameters_reach_the_guest(apppot, backend: str, jobdir: Path) -> None:
     r = apppot(["start", "--extra", "apppot_probe=xyz", "--extra", "loglevel=3", "--", "cat", "/proc/cmdline"], cwd=jobdir)
     assert r.returncode == 0
     assert b"apppot_probe=xyz" in r.stdout.split() and b"loglevel=3" in r.stdout.split()

@@ -1,0 +1,268 @@
+"""The QEMU backend, exported images booted by firmware, cloud seeds, KVM probing: real QEMU boots.
+
+QEMU runs under TCG here (the machines' KVM does not boot guests); the behaviour the UML
+backend shares is in test_start (BOTH_BACKENDS). Each boot costs about five seconds, so
+each test checks several things per boot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from apppot.backends.qemu import Accel, firmware_boot_argv
+from tests.conftest import APPPOT, Result
+from tests.integration.conftest import apppot_cli
+from tests.integration.test_snap import hand_made_archive
+
+pytestmark = pytest.mark.qemu
+
+FIRMWARE_BOOT_TIMEOUT = 180
+
+
+@pytest.fixture(autouse=True)
+def uml_kernel(own_kernel: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """One UML kernel is enough here (some tests compare with UML)."""
+    monkeypatch.setenv("APPPOT_KERNEL", str(own_kernel))
+    yield own_kernel
+
+
+@pytest.fixture
+def qemu(cache_home: Path, guest_kernel_cache: Path, tiny_image: Path, monkeypatch: pytest.MonkeyPatch):
+    """`apppot` with the session's cache, under QEMU with TCG."""
+    monkeypatch.setenv("APPPOT_BACKEND", "qemu")
+    monkeypatch.setenv("APPPOT_KVM", "0")
+
+    def run(*args: str, cwd: Path, timeout: float = 300) -> Result:
+        return apppot_cli(cache_home, *args, cwd=cwd, timeout=timeout)
+
+    return run
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_guest_kernel_is_fetched_from_debian_and_the_fetch_is_announced(tmp_path: Path, tiny_image: Path) -> None:
+    cache = tmp_path / "cache"
+    job = tmp_path / "job"
+    job.mkdir()
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache), "APPPOT_KVM": "0"}
+    r = subprocess.run(
+        [APPPOT, "start", "--backend", "qemu", "--image", str(tiny_image), "--", "uname", "-r"],
+        cwd=job,
+        env=env,
+        capture_output=True,
+        timeout=600,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    record = json.loads(next((cache / "apppot" / "guest-kernel").glob("*/kernel.json")).read_text())
+    assert f"fetching Debian's kernel package {record['package']} {record['version']}".encode() in r.stderr
+    assert r.stdout.decode().strip() == record["release"]  # the guest runs Debian's kernel, not the host's
+    assert record["package"].startswith("linux-image-") and "virtio_blk" in record["direct"]
+
+
+def test_the_base_is_never_written_and_a_dying_guest_is_reported(qemu, tiny_image: Path, tmp_path: Path) -> None:
+    before = sha(tiny_image)
+    job = tmp_path / "job"
+    job.mkdir()
+    r = qemu("start", "--user", "root", "--", "sh", "-c", "echo x > /etc/written; sync; echo c > /proc/sysrq-trigger", cwd=job)
+    assert r.returncode == 122, r.err  # AppPot's code for a guest that ended without reporting
+    assert "the guest ended without reporting the job's status (QEMU exited with status 0)" in r.err
+    assert "Kernel panic" in r.err and "console log kept at" in r.err
+    assert sha(tiny_image) == before
+    r = qemu("start", "--", "sh", "-c", "test -e /etc/written || echo pristine", cwd=job)
+    assert (r.returncode, r.stdout) == (0, b"pristine\n")
+
+
+ESCAPES_9P = """
+mkdir -p /mnt/job /mnt/ctl /mnt/other
+mount -t 9p -o trans=virtio,version=9p2000.L apppot_job /mnt/job && ls -a /mnt/job/.. /mnt/job/../..
+mount -t 9p -o trans=virtio,version=9p2000.L,aname=/ apppot_job /mnt/other && ls -a /mnt/other
+mount -t 9p -o trans=virtio,version=9p2000.L,aname=.. apppot_job /mnt/other && ls -a /mnt/other
+mount -t 9p -o trans=virtio hostroot /mnt/other && echo MOUNTED-HOSTROOT
+ln -s /etc/../../../ /home/user/job/up 2>/dev/null; ls /home/user/job/up/
+cat /home/user/job/../next-to-job.txt /mnt/job/../next-to-job.txt
+mount -t 9p -o trans=virtio apppot_ctl /mnt/ctl && ls -a /mnt/ctl
+true
+"""
+
+
+def test_guest_root_sees_only_the_job_directory_of_the_host(qemu, tmp_path: Path) -> None:
+    job = tmp_path / "job"
+    job.mkdir()
+    (tmp_path / "next-to-job.txt").write_text("HOST-SECRET-NEXT-TO-JOB")
+    r = qemu("start", "--user", "root", "--", "sh", "-c", ESCAPES_9P, cwd=job)
+    out = r.stdout.decode(errors="replace")
+    assert r.returncode == 0, r.err
+    assert "HOST-SECRET" not in out and "MOUNTED-HOSTROOT" not in out
+    assert "next-to-job.txt" not in out
+    assert "hostname" not in out.split() or "passwd" not in out.split()  # whatever lists, it is the guest's own /
+    # The link the job made points into the guest's own tree, never the host's.
+    assert os.readlink(job / "up") == "/etc/../../../"
+
+
+def test_a_debian_appliance_runs_under_qemu_with_its_changes_merged(
+    cache_home: Path, guest_kernel_cache: Path, debian_dev: dict[str, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("APPPOT_KVM", "0")
+    archive = hand_made_archive(
+        tmp_path / "changes.tar.gz", str(debian_dev["base_id"]), [("usr/local/bin/greet", b"#!/bin/sh\necho merged-$1\n")]
+    )
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "in.txt").write_text("3 4\n")
+    script = "sh /usr/local/bin/greet qemu; awk '{print $1*$2}' in.txt > out.txt; cat /etc/debian_version >/dev/null; exit 6"
+    r = apppot_cli(
+        cache_home,
+        "start",
+        "--backend",
+        "qemu",
+        "--image",
+        "debian-dev",
+        "--changes",
+        str(archive),
+        "--",
+        "sh",
+        "-c",
+        script,
+        cwd=job,
+    )
+    assert (r.returncode, r.stdout) == (6, b"merged-qemu\n"), r.err
+    assert (job / "out.txt").read_text() == "12\n"
+
+
+def test_bad_input_under_qemu_gets_one_clear_line(qemu, tmp_path: Path, cache_home: Path, tiny_image: Path) -> None:
+    job = tmp_path / "job"
+    job.mkdir()
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache_home), "PATH": str(empty)}
+    r = subprocess.run([APPPOT, "start", "--", "true"], cwd=job, env=env, capture_output=True, check=False)
+    assert r.returncode == 125
+    assert r.stderr.decode() == ("apppot: error: qemu-system-x86_64 is not installed: sudo apt-get install qemu-system-x86\n")
+    r = subprocess.run(
+        [APPPOT, "image", "export", str(tiny_image), "-o", str(tmp_path / "x.qcow2")], env=env, capture_output=True, check=False
+    )
+    assert r.returncode == 125 and "qemu-img (qemu-utils)" in r.stderr.decode() and r.stderr.count(b"\n") == 1
+    # A --cow that is no QEMU overlay, or one of another image.
+    other = tmp_path / "other.cow"
+    other.write_bytes(b"not a qcow2")
+    r = qemu("start", "--cow", str(other), "--", "true", cwd=job)
+    assert r.returncode == 125 and "is not a QEMU overlay" in r.err
+    r = qemu("start", "--backend", "uml", "--kvm", "--", "true", cwd=job)
+    assert r.returncode == 125 and "--kvm needs --backend qemu or auto" in r.err
+
+
+def test_kvm_is_probed_by_booting_a_guest_and_auto_follows_the_probe(
+    cache_home: Path, guest_kernel_cache: Path, tmp_path: Path
+) -> None:
+    job = tmp_path / "job"
+    job.mkdir()
+    r = apppot_cli(cache_home, "doctor", "--json", cwd=job)
+    assert r.returncode == 0, r.err
+    checks = {c["name"]: c for c in json.loads(r.stdout)}
+    kvm = checks["kvm"]
+    assert kvm["detail"]  # says why, either way
+    r = apppot_cli(cache_home, "start", "-v", "--backend", "auto", "--", "cat", "/proc/version", cwd=job)
+    assert r.returncode == 0, r.err
+    if kvm["ok"]:
+        assert "KVM works" in r.err and b"Debian" in r.stdout
+    else:
+        assert "uml, because KVM does not work" in r.err
+        r = apppot_cli(cache_home, "start", "--backend", "qemu", "--kvm", "--", "true", cwd=job)
+        assert r.returncode == 125 and f"KVM does not work on this host: {kvm['detail']}" in r.err
+        # Without --kvm, QEMU emulates, and says it is slow.
+        r = apppot_cli(cache_home, "start", "--backend", "qemu", "--", "echo", "emulated", cwd=job)
+        assert (r.returncode, r.stdout) == (0, b"emulated\n") and "several times slower" in r.err
+    assert "backend auto" in checks and checks["guest kernel"]["detail"].startswith("linux-image-")
+
+
+# --- exported images and cloud seeds ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory, cache_home: Path, guest_kernel_cache: Path, tiny_image: Path) -> Path:
+    out = tmp_path_factory.mktemp("export") / "tiny.qcow2"
+    r = apppot_cli(cache_home, "image", "export", str(tiny_image), "-o", str(out), "--json", cwd=out.parent)
+    assert r.returncode == 0, r.err
+    assert json.loads(r.stdout)["format"] == "qcow2"
+    return out
+
+
+def firmware_boot(disk: Path, tmp_path: Path, seed: Path | None = None, disk_format: str = "qcow2") -> tuple[str, float]:
+    """Boot disk by firmware alone, as another hypervisor would; (console text, seconds). The guest
+    must power off by itself."""
+    console = tmp_path / "console.log"
+    argv = firmware_boot_argv(
+        "qemu-system-x86_64", str(disk), Accel.TCG, 512 << 20, str(console), seed and str(seed), disk_format
+    )
+    started = time.monotonic()
+    subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=FIRMWARE_BOOT_TIMEOUT, check=True)
+    return console.read_text(errors="replace"), time.monotonic() - started
+
+
+def test_export_writes_every_format(cache_home: Path, guest_kernel_cache: Path, tiny_image: Path, tmp_path: Path) -> None:
+    for fmt, name in (("vmdk", "a.vmdk"), ("vdi", "a.vdi"), ("raw", "a.img")):
+        out = tmp_path / name
+        r = apppot_cli(cache_home, "image", "export", "tiny", "-o", str(out), cwd=tmp_path)
+        assert r.returncode == 0, r.err
+        assert "[4/4]" in r.err  # progress
+        info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(out)], capture_output=True, check=True).stdout)
+        assert info["format"] == fmt
+    # Never over an existing file without --force; never in an unknown format.
+    r = apppot_cli(cache_home, "image", "export", "tiny", "-o", str(tmp_path / "a.vdi"), cwd=tmp_path)
+    assert r.returncode == 125 and "exists; choose another -o or pass --force" in r.err
+    r = apppot_cli(cache_home, "image", "export", "tiny", "-o", str(tmp_path / "b"), "--format", "ova", cwd=tmp_path)
+    assert r.returncode == 125 and "invalid choice: 'ova'" in r.err and r.err.count("\n") == 1
+    # The raw disk boots too: the agent comes up and, with no job anywhere, says so and powers off.
+    text, _ = firmware_boot(tmp_path / "a.img", tmp_path, disk_format="raw")
+    assert "apppot-agent: no job found: no apppot_ctl on the kernel command line, no cidata volume" in text
+
+
+def test_an_exported_image_boots_by_firmware_and_powers_off_without_a_job(exported: Path, tmp_path: Path) -> None:
+    text, seconds = firmware_boot(exported, tmp_path)
+    assert "apppot-agent: no job found" in text
+    assert "apppot-agent: job finished with status 125, powering off" in text
+    assert seconds < FIRMWARE_BOOT_TIMEOUT
+
+
+def test_a_cloud_seed_carries_the_job_to_an_exported_image(cache_home: Path, exported: Path, tmp_path: Path) -> None:
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "data.txt").write_text("one\ntwo\nthree\n")
+    (job / "run.sh").write_text(
+        '#!/bin/sh\nprintf "<%s>" "$@"; echo; echo "lines=$(wc -l < data.txt)"; echo to-stderr >&2; exit 4\n'
+    )
+    (job / "run.sh").chmod(0o755)
+    seed = tmp_path / "seed.iso"
+    r = apppot_cli(cache_home, "cloud-seed", "--image", "tiny", "-o", str(seed), "--json", "--", "./run.sh", "a b", "$x", cwd=job)
+    assert r.returncode == 0, r.err
+    assert json.loads(r.stdout)["files"] == 2
+    r = apppot_cli(cache_home, "cloud-seed", "-o", str(seed), "--", "true", cwd=job)
+    assert r.returncode == 125 and "exists" in r.err
+    text, _ = firmware_boot(exported, tmp_path, seed=seed)
+    assert "apppot-boot: job source: NoCloud volume" in text
+    assert "<a b><$x>\nlines=3\n" in text.replace("\r", "")
+    assert "to-stderr" in text
+    assert "apppot-agent: job finished with status 4, powering off" in text
+
+
+def test_malformed_user_data_is_reported_by_the_agent_at_boot(exported: Path, tmp_path: Path) -> None:
+    content = tmp_path / "seed"
+    content.mkdir()
+    (content / "user-data").write_text("#apppot-job\nA_V='3\nset -- 'true'\n")
+    (content / "meta-data").write_text("instance-id: broken\n")
+    seed = tmp_path / "broken.iso"
+    subprocess.run(["xorriso", "-as", "mkisofs", "-quiet", "-V", "cidata", "-J", "-r", "-o", str(seed), str(content)], check=True)
+    text, _ = firmware_boot(exported, tmp_path, seed=seed)
+    assert "the user-data from the cidata volume" in text and "is malformed:" in text
+    assert "job finished with status 125, powering off" in text
