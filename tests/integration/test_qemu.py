@@ -203,7 +203,7 @@ def firmware_boot(disk: Path, tmp_path: Path, seed: Path | None = None, disk_for
     must power off by itself."""
     console = tmp_path / "console.log"
     argv = firmware_boot_argv(
-        "qemu-system-x86_64", str(disk), Accel.TCG, 512 << 20, str(console), seed and str(seed), disk_format
+        "qemu-system-x86_64", str(disk), Accel.TCG, 512 << 20, str(console), str(seed) if seed else None, disk_format
     )
     started = time.monotonic()
     subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=FIRMWARE_BOOT_TIMEOUT, check=True)
