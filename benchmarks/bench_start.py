@@ -12,7 +12,11 @@ Configurations (the table's columns; `--configs` picks a comma-separated subset)
 - `apppot-ptrace`: `apppot start --extra seccomp=off` on AppPot's own kernel (`apppot kernel build`):
   the later seccomp= parameter wins, so the kernel runs in ptrace mode;
 - `apppot-seccomp`: `apppot start` on AppPot's own kernel as AppPot runs it by default (seccomp mode
-  where the host allows it).
+  where the host allows it);
+- `qemu-tcg`: `apppot start --backend qemu --no-kvm`: the same image and agent under QEMU, Debian's
+  kernel, the CPU emulated (TCG);
+- `qemu-kvm`: `apppot start --backend qemu --kvm`, only where a guest boots with KVM (`apppot doctor`
+  says); otherwise the column is left out with the probe's reason.
 
 The two AppPot-kernel columns are left out, with a note, when AppPot's own kernel is not built.
 
@@ -88,7 +92,10 @@ NATIVE = "native"
 DEBIAN = "debian"
 PTRACE = "apppot-ptrace"
 SECCOMP = "apppot-seccomp"
-CONFIGS = (NATIVE, DEBIAN, PTRACE, SECCOMP)
+QEMU_TCG = "qemu-tcg"
+QEMU_KVM = "qemu-kvm"
+CONFIGS = (NATIVE, DEBIAN, PTRACE, SECCOMP, QEMU_TCG, QEMU_KVM)
+QEMU_OPTIONS = {QEMU_TCG: ["--backend", "qemu", "--no-kvm"], QEMU_KVM: ["--backend", "qemu", "--kvm"]}
 BARE = "bare"
 
 
@@ -299,6 +306,29 @@ def prepare_uml(name: str, kernel: str, private_env: dict[str, str], job: Path, 
     return uml
 
 
+def prepare_qemu(
+    wanted: list[str], real_env: dict[str, str], private_env: dict[str, str], job: Path, notes: list[str]
+) -> list[str]:
+    """The QEMU columns that can run here: the user's guest kernel copied into the private cache (else
+    fetched there), KVM's column only where the probe boots a guest with it."""
+    user_cache = Path(real_env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "apppot" / "guest-kernel"
+    private = Path(private_env["XDG_CACHE_HOME"]) / "apppot" / "guest-kernel"
+    if (user_cache / "current").exists() and not private.exists():
+        shutil.copytree(user_cache, private, ignore=shutil.ignore_patterns("apt", "*.tmp"))
+    try:
+        check([str(APPPOT), "start", *QEMU_OPTIONS[QEMU_TCG], "--", "true"], cwd=job, env=private_env)
+    except BenchError as e:
+        notes.append(f"QEMU columns skipped: {e}")
+        return []
+    if QEMU_KVM in wanted:
+        doctor = json.loads(check([str(APPPOT), "doctor", "--json"], env=real_env).stdout)
+        kvm = next(c for c in doctor if c["name"] == "kvm")
+        if not kvm["ok"]:
+            notes.append(f"{QEMU_KVM} column skipped: {kvm['detail']}")
+            wanted = [c for c in wanted if c != QEMU_KVM]
+    return wanted
+
+
 def bench(runs: int, configs: list[str], tmp: Path, progress: Callable[[str], None]) -> Report:
     notes: list[str] = []
     real_env = {k: v for k, v in os.environ.items() if k not in ("APPPOT_KERNEL", "APPPOT_IMAGE")}
@@ -319,7 +349,10 @@ def bench(runs: int, configs: list[str], tmp: Path, progress: Callable[[str], No
         own = own_kernel(real_env, notes)
         if own is not None:
             kernels |= {c: own for c in (PTRACE, SECCOMP) if c in configs}
-    configs = [c for c in configs if c == NATIVE or c in kernels]
+    qemus = [c for c in configs if c in QEMU_OPTIONS]
+    if qemus:
+        qemus = prepare_qemu(qemus, real_env, private_env, job, notes)
+    configs = [c for c in configs if c == NATIVE or c in kernels or c in qemus]
     workloads: tuple[Workload, ...] = WORKLOADS
     if not build_sha_mem([job, native_dir], notes):
         workloads = tuple(w for w in WORKLOADS if w.guest[0] != f"./{SHA_MEM}")
@@ -340,8 +373,11 @@ def bench(runs: int, configs: list[str], tmp: Path, progress: Callable[[str], No
     if kernels:
         progress("building the tiny image and measuring the kernels (untimed) ...")
         image = json.loads(check([str(APPPOT), "image", "build-tiny", "--json"], env=private_env).stdout)["path"]
+    for name in qemus:
+        for w in workloads:
+            cells.append(Cell(name, w.name, [str(APPPOT), "start", *QEMU_OPTIONS[name], "--", *w.guest], job, private_env))
     for name in configs:
-        if name == NATIVE:
+        if name == NATIVE or name in qemus:
             continue
         uml = prepare_uml(name, kernels[name], private_env, job, notes)
         umls.append(uml)

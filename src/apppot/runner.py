@@ -501,10 +501,12 @@ class Job:
         try:
             if p.cpu is not None:  # inherited by UML and all its processes; this thread's is restored below
                 os.sched_setaffinity(0, {p.cpu})
+            # An interactive QEMU guest has the terminal as QEMU's own stdin and stdout.
+            on_terminal = p.qemu is not None and terminal is not None
             self.proc = subprocess.Popen(
                 argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log_fd,
+                stdin=terminal[0] if on_terminal and terminal else subprocess.DEVNULL,
+                stdout=terminal[1] if on_terminal and terminal else log_fd,
                 stderr=log_fd,
                 pass_fds=pass_fds,
                 start_new_session=True,
@@ -587,7 +589,8 @@ class Job:
             log_fd=log_fd,
             stdout_fd=out_w,
             stderr_fd=err_w,
-            terminal_fds=terminal,
+            terminal=terminal is not None,
+            name=p.umid,
             overlay=str(cow_path) if self.spec.cow is not None else None,
             writable=self.spec.writable_image,
             net=p.qemu_net,

@@ -266,3 +266,89 @@ def test_malformed_user_data_is_reported_by_the_agent_at_boot(exported: Path, tm
     text, _ = firmware_boot(exported, tmp_path, seed=seed)
     assert "the user-data from the cidata volume" in text and "is malformed:" in text
     assert "job finished with status 125, powering off" in text
+
+
+# --- sessions: a terminal, signals, a guest that stops running --------------------------------------
+
+
+def test_interactive_shell_under_qemu(qemu, cache_home: Path, tmp_path: Path) -> None:
+    from tests.integration.test_session import COLS, GUEST_TERM, ROWS, pane_command, read_exit, tmux_session, wait_for
+
+    job = tmp_path / "job"
+    job.mkdir()
+    exit_file = tmp_path / "exit-status"
+    name = f"apppot-test-{os.getpid()}-tty"
+    env = {
+        "XDG_CACHE_HOME": str(cache_home),
+        "TERM": GUEST_TERM,
+        "APPPOT_BACKEND": "qemu",
+        "APPPOT_KVM": "0",
+    }
+    with tmux_session(
+        tmp_path / "tmux.sock", job, pane_command(["start", "--id", name, "--", "/bin/sh"], env, exit_file), name
+    ) as tmux:
+        tmux.wait_prompt()
+        tmux.type("echo $((6*7))")
+        tmux.wait_line("42")
+        tmux.type("stty size; tty")
+        tmux.wait_line(f"{ROWS} {COLS}")
+        tmux.wait_line("/dev/ttyS3")
+        tmux.type("sleep 100")
+        time.sleep(2.0)
+        tmux.key("C-c")  # to the guest's shell, not to apppot
+        tmux.type("echo after-ctrl-c")
+        tmux.wait_line("after-ctrl-c", timeout=15)
+        tmux.type("exit 5")
+        wait_for(lambda: read_exit(exit_file), 30, lambda: f"apppot to end; {tmux.dump()}")
+    assert read_exit(exit_file) == "EXIT=5"
+
+
+def test_a_signal_stops_qemu_and_leaves_nothing_behind(qemu, cache_home: Path, tmp_path: Path) -> None:
+    import signal
+
+    from tests.integration.test_session import assert_all_gone, background, descendants
+
+    job = tmp_path / "job"
+    job.mkdir()
+    run_tmp = tmp_path / "run-tmp"
+    run_tmp.mkdir()
+    name = f"apppot-test-{os.getpid()}-sig"
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache_home), "TMPDIR": str(run_tmp)}
+    with background(["start", "--id", name, "--", "sh", "-c", "touch started; sleep 100"], cwd=job, env=env) as bg:
+        bg.wait_started()
+        tree = descendants(bg.proc.pid)
+        assert any("qemu-system" in p.argv0 and name in p.cmdline for p in tree), tree
+        bg.proc.send_signal(signal.SIGTERM)
+        rc, took = bg.wait(timeout=15)
+    assert rc == 128 + signal.SIGTERM and took < 15, bg.stderr()
+    assert list(run_tmp.iterdir()) == []
+    assert_all_gone(tree, [name, str(run_tmp)])
+
+
+def test_a_guest_that_stops_running_is_ended_by_the_watchdog(qemu, tmp_path: Path) -> None:
+    job = tmp_path / "job"
+    job.mkdir()
+    started = time.monotonic()
+    # The job freezes the boot stage's watchdog feeder, as a hung guest would stop feeding it.
+    freeze = "kill -STOP $(pidof watchdog) && touch frozen && sleep 600"
+    r = qemu("start", "--user", "root", "--extra", "apppot_watchdog=8", "--", "sh", "-c", freeze, cwd=job, timeout=200)
+    assert (job / "frozen").exists()
+    assert r.returncode == 122 and "QEMU exited" in r.err, r.err
+    assert time.monotonic() - started < 120
+
+
+def test_user_data_from_a_metadata_service(exported: Path, tmp_path: Path) -> None:
+    """No cidata volume: the boot stage asks 169.254.169.254 over HTTP. QEMU's user network forwards
+    each connection to that address to a command, here one that answers with the user-data."""
+    from apppot.protocol import GuestJob, render_user_data
+
+    user_data = render_user_data(GuestJob(argv=("sh", "-c", "echo from-metadata; exit 9")))
+    response = tmp_path / "response.http"
+    response.write_bytes(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(user_data) + user_data)
+    netdev = f"user,id=net0,net=169.254.169.0/24,host=169.254.169.2,guestfwd=tcp:169.254.169.254:80-cmd:cat {response}"
+    console = tmp_path / "console.log"
+    argv = firmware_boot_argv("qemu-system-x86_64", str(exported), Accel.TCG, 512 << 20, str(console), netdev=netdev)
+    subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=FIRMWARE_BOOT_TIMEOUT, check=True)
+    text = console.read_text(errors="replace")
+    assert "apppot-boot: job source: metadata service" in text
+    assert "from-metadata" in text and "job finished with status 9, powering off" in text

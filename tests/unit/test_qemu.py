@@ -90,7 +90,8 @@ def test_golden_argv_of_a_batch_job() -> None:
 def test_golden_argv_of_an_interactive_kvm_job_with_network_and_overlay() -> None:
     launch = BASE._replace(
         accel=Accel.KVM,
-        terminal_fds=(8, 9),
+        terminal=True,
+        name="job-7",
         overlay="/home/me/mine.qcow2",
         net=True,
         stdout_port=False,
@@ -104,7 +105,8 @@ def test_golden_argv_of_an_interactive_kvm_job_with_network_and_overlay() -> Non
     assert argv[argv.index("-drive") + 1] == "file=/home/me/mine.qcow2,format=qcow2,if=virtio,cache=unsafe"
     serials = [argv[i + 1] for i, a in enumerate(argv) if a == "-serial"]
     assert serials == ["chardev:out", "chardev:err", "chardev:log", "chardev:term"]  # ttyS0..ttyS3
-    assert "file,id=term,path=/dev/fd/9,input-path=/dev/fd/8" in argv
+    assert "stdio,id=term,signal=off" in argv
+    assert argv[argv.index("-name") + 1] == "job-7"
     assert "virtio-serial-pci" not in argv
     assert argv[argv.index("-netdev") + 1] == "user,id=net0"
     assert argv[-1] == (

@@ -52,7 +52,8 @@ class QemuLaunch(NamedTuple):
     log_fd: int
     stdout_fd: int
     stderr_fd: int
-    terminal_fds: tuple[int, int] | None = None  # (input, output) of an interactive session
+    terminal: bool = False  # an interactive session on QEMU's own stdin and stdout (ttyS3 in the guest)
+    name: str = ""  # the instance name (--id), shown in QEMU's command line
     overlay: str | None = None  # a qcow2 file over the image that keeps the job's writes (--cow)
     writable: bool = False  # --writable-image: the job writes the image itself
     net: bool = False
@@ -99,6 +100,8 @@ def qemu_argv(launch: QemuLaunch, guest_params: list[str]) -> list[str]:
     else:
         drive = f"file={launch.image},format=raw,if=virtio,snapshot=on,cache=unsafe"
     argv = _machine(launch.qemu, launch.accel, launch.mem_bytes)
+    if launch.name:
+        argv += ["-name", launch.name]
     argv += ["-drive", drive]
     for tag, path in ((CTL_TAG, launch.ctl_dir), (JOB_TAG, launch.job_dir)):
         argv += [
@@ -122,14 +125,9 @@ def qemu_argv(launch: QemuLaunch, guest_params: list[str]) -> list[str]:
     if ports:
         argv += ["-device", "virtio-serial-pci", *ports]
     tty_params: list[str] = []
-    if launch.terminal_fds is not None:
-        tin, tout = launch.terminal_fds
-        argv += [
-            "-chardev",
-            f"file,id=term,path=/dev/fd/{tout},input-path=/dev/fd/{tin}",
-            "-serial",
-            "chardev:term",
-        ]
+    if launch.terminal:
+        # QEMU puts the terminal in raw mode (and back); Ctrl-C goes to the guest, as under UML.
+        argv += ["-chardev", "stdio,id=term,signal=off", "-serial", "chardev:term"]
         tty_params = [f"apppot_tty={TERMINAL}"]
     if launch.net:
         argv += ["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0"]
@@ -149,15 +147,23 @@ def qemu_argv(launch: QemuLaunch, guest_params: list[str]) -> list[str]:
 
 
 def firmware_boot_argv(
-    qemu: str, disk: str, accel: Accel, mem_bytes: int, console: str, seed: str | None = None, disk_format: str = "qcow2"
+    qemu: str,
+    disk: str,
+    accel: Accel,
+    mem_bytes: int,
+    console: str,
+    seed: str | None = None,
+    disk_format: str = "qcow2",
+    netdev: str = "user,id=net0",
 ) -> list[str]:
     """QEMU booting a disk by its firmware, as a hypervisor that knows nothing of AppPot would:
-    no -kernel, no -append. The console (ttyS0) goes to the file `console`."""
+    no -kernel, no -append. The console (ttyS0) goes to the file `console`; ``netdev`` is the
+    NIC's back end (an id of net0)."""
     argv = _machine(qemu, accel, mem_bytes)
     argv += ["-drive", f"file={disk},format={disk_format},if=virtio,snapshot=on"]
     if seed is not None:
         argv += ["-drive", f"file={seed},format=raw,media=cdrom,readonly=on"]
-    argv += ["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0"]
+    argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0"]
     argv += _serial("console", console)
     return argv
 
