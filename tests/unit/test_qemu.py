@@ -311,3 +311,16 @@ def test_malformed_user_data_is_reported_by_the_agent(user_data: bytes, message:
         assert r.returncode == 125 and message in r.stdout.decode(), r.stdout
     else:
         assert r.returncode == 0 and r.stdout.split(b"\0")[0] == b""
+
+
+def test_the_config_file_names_a_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from apppot.backends.choice import config_path, read_config
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    assert read_config() == {}
+    config_path().parent.mkdir(parents=True)
+    config_path().write_text('backend = "qemu"\n')
+    assert requested(None, {}, read_config()) == (Backend.QEMU, "config")
+    config_path().write_text("backend = qemu\n")
+    with pytest.raises(UsageError, match="config.toml is not valid TOML"):
+        read_config()
