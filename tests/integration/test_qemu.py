@@ -140,6 +140,23 @@ def test_a_debian_appliance_runs_under_qemu_with_its_changes_merged(
     assert (job / "out.txt").read_text() == "12\n"
 
 
+def test_full_boot_under_qemu_runs_the_images_systemd_then_the_job(
+    cache_home: Path,
+    guest_kernel_cache: Path,
+    debian_services: dict[str, object],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("APPPOT_KVM", "0")
+    job = tmp_path / "job"
+    job.mkdir()
+    r = apppot_cli(
+        cache_home, "start", "--backend", "qemu", "--image", "debian-services", "--full-boot", "--", "sh", "-c",
+        "cat /proc/1/comm; exit 7", cwd=job,
+    )  # fmt: skip
+    assert (r.returncode, r.stdout) == (7, b"systemd\n"), r.err
+
+
 def test_bad_input_under_qemu_gets_one_clear_line(qemu, tmp_path: Path, cache_home: Path, tiny_image: Path) -> None:
     job = tmp_path / "job"
     job.mkdir()

@@ -322,5 +322,5 @@ def test_the_config_file_names_a_backend(tmp_path: Path, monkeypatch: pytest.Mon
     config_path().write_text('backend = "qemu"\n')
     assert requested(None, {}, read_config()) == (Backend.QEMU, "config")
     config_path().write_text("backend = qemu\n")
-    with pytest.raises(UsageError, match="config.toml is not valid TOML"):
+    with pytest.raises(UsageError, match=r"config\.toml is not valid TOML"):
         read_config()
