@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 from apppot.errors import HostError
 from apppot.images.store import cache_dir
-from apppot.proc import remove_tree, run
+from apppot.proc import remove_tree
 
 Say = Callable[[str], None]
 
@@ -244,16 +244,10 @@ def fetch(say: Say) -> GuestKernel:
     release = package.removeprefix("linux-image-")
     say(f"fetching Debian's kernel package {package} {version} (once, into {root})")
     with tempfile.TemporaryDirectory(dir=root) as tmp:
-        work = Path(tmp)
         try:
-            apt.query(["apt-get", "download", f"{package}={version}"], cwd=work)
+            unpacked = apt.fetch_package(package, version, Path(tmp))
         except HostError as e:
             raise HostError(f"downloading {package} failed ({e}); check the network or set APPPOT_DEBIAN_MIRROR") from None
-        debs = list(work.glob("*.deb"))
-        if len(debs) != 1:
-            raise HostError(f"downloading {package} gave {len(debs)} packages, expected one")
-        unpacked = work / "x"
-        run(["dpkg-deb", "-x", str(debs[0]), str(unpacked)])
         return _keep(unpacked, root, package, version, release)
 
 

@@ -225,20 +225,25 @@ class PrivateApt:
         version = origs[0].name.removeprefix(f"{package}_").removesuffix(".orig.tar.gz")
         return origs[0].rename(into / f"{package}-{version}.tar.gz")
 
-    def download(self, package: kernel_source.SourcePackage, work: Path, say: Say) -> Path:
-        say(f"downloading {package.name} {package.version}")
+    def fetch_package(self, name: str, version: str, work: Path) -> Path:
+        """Download one package into WORK and unpack it there (the .deb is removed); the unpacked tree."""
         dl = work / "download"
         dl.mkdir()
-        try:
-            run(["apt-get", *self._options(), "download", f"{package.name}={package.version}"], cwd=dl)
-        except HostError as e:
-            raise KernelBuildError(f"downloading {package.name} failed: {e}") from None
+        run(["apt-get", *self._options(), "download", f"{name}={version}"], cwd=dl)
         debs = list(dl.glob("*.deb"))
         if len(debs) != 1:
-            raise KernelBuildError(f"downloading {package.name} gave {len(debs)} packages, expected one")
+            raise HostError(f"apt-get download gave {len(debs)} packages, expected one")
         unpacked = work / "deb"
         run(["dpkg-deb", "-x", str(debs[0]), str(unpacked)])
         debs[0].unlink()
+        return unpacked
+
+    def download(self, package: kernel_source.SourcePackage, work: Path, say: Say) -> Path:
+        say(f"downloading {package.name} {package.version}")
+        try:
+            unpacked = self.fetch_package(package.name, package.version, work)
+        except HostError as e:
+            raise KernelBuildError(f"downloading {package.name} failed: {e}") from None
         tarballs = list((unpacked / "usr" / "src").glob("linux-source-*.tar.*"))
         if len(tarballs) != 1:
             raise KernelBuildError(f"{package.name} does not hold one linux-source tarball under /usr/src")
