@@ -54,7 +54,7 @@ def cmd_cloud_seed(argv: Sequence[str]) -> int:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     ns = p.parse_args(before)
     from apppot.protocol import GuestJob
-    from apppot.runner import _guest_identity
+    from apppot.runner import guest_identity
     from apppot.submit import cloud
 
     if ns.image:
@@ -66,7 +66,7 @@ def cmd_cloud_seed(argv: Sequence[str]) -> int:
     jobdir = None if ns.no_jobdir else ns.jobdir
     if jobdir is not None and not jobdir.is_dir():
         raise UsageError(f"job directory {jobdir} does not exist; create it, pass --jobdir DIR or --no-jobdir")
-    uid, gid, user, group = _guest_identity(ns.user, None)
+    uid, gid, user, group = guest_identity(ns.user, None)
     job = GuestJob(argv=tuple(command) if command is not None else None, uid=uid, gid=gid, user=user, group=group)
     seed = cloud.make_seed(job, ns.output, jobdir, force=ns.force)
     record = {

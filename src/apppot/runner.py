@@ -174,7 +174,6 @@ def prepare(spec: JobSpec, say: Say, decision: Decision | None = None) -> Prepar
     fs_uuid = ext4.filesystem_uuid(image)  # also says when the image is missing or unreadable
     decision = decision or choose_backend(spec, say)
     if decision.backend is Backend.QEMU:
-        assert decision.accel is not None
         return _prepare_qemu(spec, say, decision, jobdir, image, fs_uuid)
     kernel = find_kernel(spec.kernel)
     traits = kernel_traits(kernel.path, say if spec.verbose else None)
@@ -184,9 +183,7 @@ def prepare(spec: JobSpec, say: Say, decision: Decision | None = None) -> Prepar
         say(f"kernel: {kernel.path} (chosen by {kernel.source.value}), {mode} mode{why}")
     mem = choose_mem(spec.mem_bytes, _read_max_map_count())
     net = choose_network(traits, spec.net)
-    umid = spec.instance_id or f"apppot-{os.getpid()}"
-    if not _UMID.fullmatch(umid):
-        raise UsageError(f"invalid --id {umid!r}: use letters, digits, '.', '_' and '-'")
+    umid = _instance_id(spec)
     bwrap = find_bwrap()
     warning = require_or_warn(spec.isolation, probe(bwrap))
     warnings = (warning,) if warning else ()
@@ -208,9 +205,7 @@ def prepare(spec: JobSpec, say: Say, decision: Decision | None = None) -> Prepar
 def _prepare_qemu(spec: JobSpec, say: Say, decision: Decision, jobdir: Path, image: Path, fs_uuid: str) -> Prepared:
     assert decision.accel is not None
     setup = _qemu_setup(decision.accel, say)
-    umid = spec.instance_id or f"apppot-{os.getpid()}"
-    if not _UMID.fullmatch(umid):
-        raise UsageError(f"invalid --id {umid!r}: use letters, digits, '.', '_' and '-'")
+    umid = _instance_id(spec)
     for path, what in ((jobdir, "job directory"), (image, "image")):
         if "," in str(path):
             raise UsageError(f"the {what} path {path} has a comma, which QEMU cannot take; rename or move it")
@@ -227,13 +222,19 @@ def _prepare_qemu(spec: JobSpec, say: Say, decision: Decision, jobdir: Path, ima
     return prepared
 
 
+def _instance_id(spec: JobSpec) -> str:
+    """--id, checked, or a name made of apppot's pid: UML's umid, QEMU's -name."""
+    umid = spec.instance_id or f"apppot-{os.getpid()}"
+    if not _UMID.fullmatch(umid):
+        raise UsageError(f"invalid --id {umid!r}: use letters, digits, '.', '_' and '-'")
+    return umid
+
+
 def _check_overlay(overlay: Path, image: Path) -> None:
     """A --cow file for QEMU must be a qcow2 overlay of this very image."""
     import json
 
-    if which(QEMU_IMG) is None:
-        raise HostError(f"{QEMU_IMG} is not installed: sudo apt-get install {QEMU_IMG_PACKAGE}")
-    result = run([QEMU_IMG, "info", "--output=json", "-U", str(overlay)], check=False)
+    result = run([QEMU_IMG, "info", "--output=json", "-U", str(overlay)], check=False, package=QEMU_IMG_PACKAGE)
     try:
         info = json.loads(result.stdout)
     except ValueError:
@@ -444,9 +445,11 @@ class Job:
             if self.spec.cow is None:
                 return p.image.resolve()
             if not self.spec.cow.exists():
-                if which(QEMU_IMG) is None:
-                    raise HostError(f"{QEMU_IMG} is not installed: sudo apt-get install {QEMU_IMG_PACKAGE}")
-                run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(p.image.resolve()), str(self.spec.cow)])
+                image = str(p.image.resolve())
+                run(
+                    [QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", image, str(self.spec.cow)],
+                    package=QEMU_IMG_PACKAGE,
+                )
             return self.spec.cow.resolve()
         target = self.spec.cow if self.spec.cow is not None else temp_cow
         if not target.exists():
@@ -502,11 +505,11 @@ class Job:
             if p.cpu is not None:  # inherited by UML and all its processes; this thread's is restored below
                 os.sched_setaffinity(0, {p.cpu})
             # An interactive QEMU guest has the terminal as QEMU's own stdin and stdout.
-            on_terminal = p.qemu is not None and terminal is not None
+            qemu_terminal = terminal if p.qemu is not None else None
             self.proc = subprocess.Popen(
                 argv,
-                stdin=terminal[0] if on_terminal and terminal else subprocess.DEVNULL,
-                stdout=terminal[1] if on_terminal and terminal else log_fd,
+                stdin=qemu_terminal[0] if qemu_terminal else subprocess.DEVNULL,
+                stdout=qemu_terminal[1] if qemu_terminal else log_fd,
                 stderr=log_fd,
                 pass_fds=pass_fds,
                 start_new_session=True,
@@ -540,7 +543,7 @@ class Job:
 
     def _guest_job(self, streams: Streams) -> GuestJob:
         p = self.prepared
-        uid, gid, user, group = _guest_identity(self.spec.user, self.spec.group)
+        uid, gid, user, group = guest_identity(self.spec.user, self.spec.group)
         rows, cols = _terminal_size()
         if p.qemu is not None:
             net, net_configured = ("eth0" if p.qemu_net else None), False
@@ -771,7 +774,7 @@ def _discard_log(path: Path, keep: bool) -> None:
             path.unlink()
 
 
-def _guest_identity(user: str | None, group: str | None) -> tuple[int, int, str, str]:
+def guest_identity(user: str | None, group: str | None) -> tuple[int, int, str, str]:
     """uid, gid, user and group of the job inside: the host user's ids, or root for host root and --user root."""
     uid, gid = os.getuid(), os.getgid()
     if user == "root" or (user is None and uid == 0):
