@@ -103,7 +103,7 @@ def _check(name: str, probe: Callable[[], str]) -> Check:
 
 def doctor_checks(say: Say, reprobe: bool) -> list[Check]:
     from apppot import guest_kernel, kvm
-    from apppot.backends.choice import Backend, decide, read_config, requested
+    from apppot.backends.choice import Backend, decide, requested
     from apppot.backends.qemu import QEMU_IMG, QEMU_IMG_PACKAGE, QEMU_PACKAGE, QEMU_SYSTEM
     from apppot.images import export
     from apppot.kernel import find_kernel, kernel_traits
@@ -157,7 +157,7 @@ def doctor_checks(say: Say, reprobe: bool) -> list[Check]:
     state = kvm.state(say, reprobe=reprobe)
     checks.append(Check("kvm", state.works, state.reason))
     try:
-        backend, where = requested(None, os.environ, read_config())
+        backend, where = requested(None, os.environ)
         checks.append(Check("backend", None, f"{backend.value} ({where})"))
         auto = decide(Backend.AUTO, "--backend auto", None, lambda: state)
         checks.append(Check("backend auto", None, auto.why))

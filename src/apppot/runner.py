@@ -22,7 +22,7 @@ from types import FrameType
 from typing import Any, NamedTuple
 
 from apppot import cow, cpu
-from apppot.backends.choice import Backend, Decision, KvmState, decide, read_config, requested
+from apppot.backends.choice import Backend, Decision, KvmState, decide, requested
 from apppot.backends.qemu import (
     CTL_TAG,
     JOB_TAG,
@@ -143,8 +143,7 @@ def _default_image(say: Say) -> Path:
 
 def choose_backend(spec: JobSpec, say: Say) -> Decision:
     """--backend, $APPPOT_BACKEND, the config file, else UML; KVM probed where it matters."""
-    config = read_config() if spec.backend is None and not os.environ.get("APPPOT_BACKEND") else {}
-    backend, where = requested(spec.backend, os.environ, config)
+    backend, where = requested(spec.backend, os.environ)
     decision = decide(backend, where, spec.kvm, lambda: kvm_state(say))
     if spec.verbose:
         say(f"backend: {decision.why}")

@@ -144,13 +144,19 @@ def test_ninep_tags_are_checked() -> None:
 
 def test_backend_request_order_is_flag_env_config_default() -> None:
     env = {"APPPOT_BACKEND": "qemu"}
-    config = {"backend": "auto"}
-    assert requested("uml", env, config) == (Backend.UML, "--backend")
-    assert requested(None, env, config) == (Backend.QEMU, "$APPPOT_BACKEND")
+
+    def config() -> dict[str, str]:
+        return {"backend": "auto"}
+
+    def unread() -> dict[str, str]:
+        raise AssertionError("the config file was read although the flag or the environment decided")
+
+    assert requested("uml", env, unread) == (Backend.UML, "--backend")
+    assert requested(None, env, unread) == (Backend.QEMU, "$APPPOT_BACKEND")
     assert requested(None, {}, config) == (Backend.AUTO, "config")
-    assert requested(None, {}, {}) == (Backend.UML, "default")
+    assert requested(None, {}, dict) == (Backend.UML, "default")
     with pytest.raises(UsageError, match="unknown backend 'xen' from config"):
-        requested(None, {}, {"backend": "xen"})
+        requested(None, {}, lambda: {"backend": "xen"})
 
 
 WORKS = KvmState(True, "booted")
@@ -320,7 +326,7 @@ def test_the_config_file_names_a_backend(tmp_path: Path, monkeypatch: pytest.Mon
     assert read_config() == {}
     config_path().parent.mkdir(parents=True)
     config_path().write_text('backend = "qemu"\n')
-    assert requested(None, {}, read_config()) == (Backend.QEMU, "config")
+    assert requested(None, {}) == (Backend.QEMU, "config")
     config_path().write_text("backend = qemu\n")
     with pytest.raises(UsageError, match=r"config\.toml is not valid TOML"):
         read_config()

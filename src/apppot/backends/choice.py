@@ -64,9 +64,18 @@ def read_config(path: Path | None = None) -> dict[str, Any]:
         raise UsageError(f"{path} is not valid TOML ({e}); fix or remove it") from None
 
 
-def requested(flag: str | None, env: Mapping[str, str], config: Mapping[str, Any]) -> tuple[Backend, str]:
-    """The backend asked for, and where: --backend, then $APPPOT_BACKEND, then the config file, else UML."""
-    for value, where in ((flag, "--backend"), (env.get(BACKEND_ENV), f"${BACKEND_ENV}"), (config.get("backend"), "config")):
+def requested(
+    flag: str | None, env: Mapping[str, str], config: Callable[[], Mapping[str, Any]] = read_config
+) -> tuple[Backend, str]:
+    """The backend asked for, and where: --backend, then $APPPOT_BACKEND, then the config file (read
+    only when neither said), else UML."""
+    sources: list[tuple[Callable[[], Any], str]] = [
+        (lambda: flag, "--backend"),
+        (lambda: env.get(BACKEND_ENV), f"${BACKEND_ENV}"),
+        (lambda: config().get("backend"), "config"),
+    ]
+    for source, where in sources:
+        value = source()
         if value:
             try:
                 return Backend(value), where
