@@ -52,6 +52,14 @@ def debian_kernel() -> Path:
     return Path(found).resolve()
 
 
+@pytest.fixture
+def own_kernel_only(own_kernel: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A module that says `uml_kernel = own_kernel_only` runs on AppPot's kernel only, not on both
+    (the kernel matrix is the `apppot start` suite's)."""
+    monkeypatch.setenv("APPPOT_KERNEL", str(own_kernel))
+    yield own_kernel
+
+
 @pytest.fixture(scope="session")
 def guest_kernel_cache(cache_home: Path) -> Path:
     """Debian's kernel for QEMU guests in the session's cache: a copy of the user's if fetched before,

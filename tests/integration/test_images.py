@@ -10,22 +10,17 @@ import re
 import shutil
 import subprocess
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import APPPOT, chown_to
-from tests.integration.conftest import EXAMPLES, apppot_cli
+from tests.integration.conftest import EXAMPLES, apppot_cli, own_kernel_only
 
 pytestmark = pytest.mark.uml
 
 
-@pytest.fixture(autouse=True)
-def uml_kernel(own_kernel: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """Appliance tests run on AppPot's kernel only: the kernel matrix is the `apppot start` suite's."""
-    monkeypatch.setenv("APPPOT_KERNEL", str(own_kernel))
-    yield own_kernel
+uml_kernel = own_kernel_only  # AppPot's UML kernel only
 
 
 # --- building and the cache ----------------------------------------------------------------------

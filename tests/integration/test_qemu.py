@@ -12,14 +12,13 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from apppot.backends.qemu import Accel, firmware_boot_argv
 from tests.conftest import APPPOT, Result
-from tests.integration.conftest import apppot_cli
+from tests.integration.conftest import apppot_cli, own_kernel_only
 from tests.integration.test_snap import hand_made_archive
 
 pytestmark = pytest.mark.qemu
@@ -27,11 +26,7 @@ pytestmark = pytest.mark.qemu
 FIRMWARE_BOOT_TIMEOUT = 180
 
 
-@pytest.fixture(autouse=True)
-def uml_kernel(own_kernel: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """One UML kernel is enough here (some tests compare with UML)."""
-    monkeypatch.setenv("APPPOT_KERNEL", str(own_kernel))
-    yield own_kernel
+uml_kernel = own_kernel_only  # AppPot's UML kernel only
 
 
 @pytest.fixture

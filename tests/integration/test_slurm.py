@@ -16,17 +16,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import APPPOT, TEST_USER, chown_to, open_to_all
-from tests.integration.conftest import SiteUser, apppot_cli
+from tests.integration.conftest import SiteUser, apppot_cli, own_kernel_only
 
 pytestmark = pytest.mark.uml
 
 SCRIPT = '#!/bin/sh\n# added by a changes archive\nwc -w < "$1" > result.txt\necho "counted $1"\n'
 
 
-@pytest.fixture(autouse=True)
-def uml_kernel(own_kernel: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    monkeypatch.setenv("APPPOT_KERNEL", str(own_kernel))
-    yield own_kernel
+uml_kernel = own_kernel_only  # AppPot's UML kernel only
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,13 @@ import re
 import subprocess
 import tarfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from apppot import snap
 from apppot.images import tiny
-from tests.integration.conftest import apppot_cli
+from tests.integration.conftest import apppot_cli, own_kernel_only
 
 pytestmark = pytest.mark.uml
 
@@ -33,10 +32,7 @@ apppot-snap manifest /home/user/job/modified.manifest.gz
 CHECK = "cat /etc/motd; id -u alice; ls /usr/share/doc/mawk/copyright 2>/dev/null || echo deleted; stat -c %a /etc/debian_version"
 
 
-@pytest.fixture(autouse=True)
-def uml_kernel(own_kernel: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    monkeypatch.setenv("APPPOT_KERNEL", str(own_kernel))
-    yield own_kernel
+uml_kernel = own_kernel_only  # AppPot's UML kernel only
 
 
 @pytest.fixture(scope="module")
