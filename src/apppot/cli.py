@@ -499,22 +499,21 @@ def cmd_fetch(argv: Sequence[str]) -> int:
 
 
 def cmd_clean(argv: Sequence[str]) -> int:
-    p = _parser_class()(prog="apppot clean", description="Forget a finished job: its files on the CE and here.")
-    p.add_argument("job_id", metavar="JOBID")
-    ns = p.parse_args(argv)
-    from apppot.submit import jobs
-
-    jobs.clean(ns.job_id)
-    return 0
+    return _on_job(argv, "clean", "Forget a finished job: its files on the CE and here.")
 
 
 def cmd_cancel(argv: Sequence[str]) -> int:
-    p = _parser_class()(prog="apppot cancel", description="Cancel a submitted job.")
+    return _on_job(argv, "cancel", "Cancel a submitted job.")
+
+
+def _on_job(argv: Sequence[str], action: str, description: str) -> int:
+    """`apppot clean|cancel JOBID`: apppot.submit.jobs.clean or .cancel, which say nothing on success."""
+    p = _parser_class()(prog=f"apppot {action}", description=description)
     p.add_argument("job_id", metavar="JOBID")
     ns = p.parse_args(argv)
     from apppot.submit import jobs
 
-    jobs.cancel(ns.job_id)
+    {"clean": jobs.clean, "cancel": jobs.cancel}[action](ns.job_id)
     return 0
 
 

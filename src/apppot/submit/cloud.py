@@ -50,8 +50,8 @@ def job_tar(jobdir: Path, skip: set[Path]) -> tuple[bytes, int]:
     count = 0
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for root, dirs, files in os.walk(jobdir):
-            dirs.sort()
-            for name in sorted(dirs) + sorted(files):
+            dirs.sort()  # in place: os.walk descends in this order
+            for name in dirs + sorted(files):
                 path = Path(root) / name
                 if path.resolve() in skip:
                     continue
