@@ -3,6 +3,7 @@ says otherwise); appliances built from the example recipes are shared by the who
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from apppot.kernel_build import PrivateApt
-from tests.conftest import APPPOT, ROOT, TEST_USER, Result
+from tests.conftest import APPPOT, ROOT, TEST_USER, Result, open_to_all
 
 OWN_KERNEL_ENV = "APPPOT_TEST_KERNEL"  # a kernel built by `apppot kernel build`; default: the user's cache
 REQUIRE_ENV = "APPPOT_TEST_REQUIRE_OWN_KERNEL"  # set by `make test`: a missing kernel fails instead of skipping
@@ -50,6 +51,23 @@ def debian_kernel() -> Path:
     if found is None:
         pytest.skip("Debian's user-mode-linux is not installed")
     return Path(found).resolve()
+
+
+@contextlib.contextmanager
+def running_testbed(directory: Path, env: dict[str, str], up_args: list[str], stops: str) -> Iterator[str]:
+    """`apppot testbed up UP_ARGS` in directory (open to the test user), its stdout; `down` at the end,
+    which must say it stopped `stops`."""
+    started = time.monotonic()
+    up = subprocess.run([APPPOT, "testbed", "up", *up_args], env=env, capture_output=True, text=True, check=False)
+    assert up.returncode == 0, up.stderr
+    print(f"testbed {' '.join(up_args)} up in {time.monotonic() - started:.1f} s")
+    open_to_all(directory)
+    try:
+        yield up.stdout
+    finally:
+        down = subprocess.run([APPPOT, "testbed", "down"], env=env, capture_output=True, text=True, check=False)
+        assert down.returncode == 0, down.stderr
+        assert stops in down.stderr
 
 
 @pytest.fixture

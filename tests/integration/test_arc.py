@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import APPPOT, TEST_USER, chown_to, open_to_all
-from tests.integration.conftest import SiteUser, apppot_cli, own_kernel_only
+from tests.conftest import TEST_USER, chown_to
+from tests.integration.conftest import SiteUser, apppot_cli, own_kernel_only, running_testbed
 
 pytestmark = pytest.mark.uml
 
@@ -37,17 +37,8 @@ def grid(tmp_path_factory: pytest.TempPathFactory, cache_home: Path) -> Iterator
         pytest.skip(f"no user {TEST_USER}: run the tests through 'make test' as root")
     directory = tmp_path_factory.mktemp("grid")
     env = {**os.environ, "APPPOT_TESTBED_DIR": str(directory), "XDG_CACHE_HOME": str(cache_home)}
-    started = time.monotonic()
-    up = subprocess.run([APPPOT, "testbed", "up", "--arc", TEST_USER], env=env, capture_output=True, text=True, check=False)
-    assert up.returncode == 0, up.stderr
-    print(f"testbed with ARC up in {time.monotonic() - started:.1f} s")
-    open_to_all(directory)
-    try:
+    with running_testbed(directory, env, ["--arc", TEST_USER], stops="arex"):
         yield directory
-    finally:
-        down = subprocess.run([APPPOT, "testbed", "down"], env=env, capture_output=True, text=True, check=False)
-        assert down.returncode == 0, down.stderr
-        assert "arex" in down.stderr
 
 
 def grid_user(directory: Path) -> SiteUser:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import APPPOT, TEST_USER, chown_to, open_to_all
-from tests.integration.conftest import SiteUser, apppot_cli, own_kernel_only
+from tests.conftest import TEST_USER, chown_to, open_to_all
+from tests.integration.conftest import SiteUser, apppot_cli, own_kernel_only, running_testbed
 
 pytestmark = pytest.mark.uml
 
@@ -33,19 +33,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         pytest.skip("the Slurm test cluster needs root and slurm-wlm (make test installs it)")
     directory = tmp_path_factory.mktemp("testbed")
     env = {**os.environ, "APPPOT_TESTBED_DIR": str(directory)}
-    started = time.monotonic()
-    up = subprocess.run([APPPOT, "testbed", "up", "--nodes", "2"], env=env, capture_output=True, text=True, check=False)
-    assert up.returncode == 0, up.stderr
-    print(f"testbed up in {time.monotonic() - started:.1f} s")
-    conf = directory / "etc" / "slurm.conf"
-    assert up.stdout.strip() == f"export SLURM_CONF={conf}"
-    open_to_all(directory)
-    try:
+    with running_testbed(directory, env, ["--nodes", "2"], stops="slurmctld") as stdout:
+        conf = directory / "etc" / "slurm.conf"
+        assert stdout.strip() == f"export SLURM_CONF={conf}"
         yield conf
-    finally:
-        down = subprocess.run([APPPOT, "testbed", "down"], env=env, capture_output=True, text=True, check=False)
-        assert down.returncode == 0, down.stderr
-        assert "slurmctld" in down.stderr
 
 
 @pytest.fixture
