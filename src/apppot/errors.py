@@ -37,3 +37,13 @@ class GuestDied(AppPotError):
     """The guest ended without reporting the job's exit status."""
 
     exit_code = EXIT_GUEST_DIED
+
+
+class Interrupted(AppPotError):
+    """AppPot was stopped by a signal before the job started."""
+
+    def __init__(self, signum: int, during: str) -> None:
+        import signal
+
+        super().__init__(f"stopped by {signal.Signals(signum).name} {during}; no job ran")
+        self.exit_code = 128 + signum

@@ -5,6 +5,11 @@ answers, but no guest boots). So the probe boots the tiny appliance under QEMU w
 KVM and runs `true` in it, within PROBE_TIMEOUT_S. The result is cached per host,
 QEMU binary, host kernel and guest kernel; `apppot doctor` shows it, and
 `apppot doctor --reprobe` probes again.
+
+Only a verdict is cached: a probe guest that ran `true` with KVM (works), or one that
+QEMU started but that did not boot or finish with it (does not work). A probe that
+could not be made (no guest kernel offline, no busybox for the tiny appliance) says
+why without caching it, and a probe stopped by a signal stops AppPot.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pathlib import Path
 
 from apppot.backends.choice import KvmState
 from apppot.backends.qemu import QEMU_PACKAGE, QEMU_SYSTEM
-from apppot.errors import AppPotError
+from apppot.errors import AppPotError, GuestDied, Interrupted
 from apppot.hostcache import cached, file_identity
 from apppot.proc import which
 
@@ -61,16 +66,30 @@ def state(say: Say, reprobe: bool = False) -> KvmState:
         return early
     from apppot import guest_kernel
 
-    guest_kernel.find(say)  # the probe boots the guest kernel; fetch it before the key names it
+    try:
+        guest_kernel.find(say)  # the probe boots the guest kernel; fetch it before the key names it
+    except AppPotError as e:
+        return KvmState(False, f"not probed: no guest kernel to probe with ({e})")
     key = _key()
     if reprobe:
         key.append(f"probe at {time.time()}")
-    result = cached("kvm-probe", key, lambda: _probe(say)._asdict())
+    try:
+        result = cached("kvm-probe", key, lambda: _probe(say)._asdict())
+    except _NoVerdict as e:
+        return e.state
     return KvmState(bool(result["works"]), str(result["reason"]))
 
 
+class _NoVerdict(Exception):
+    """The probe could not be made for a reason that is not KVM's: said, never cached."""
+
+    def __init__(self, state: KvmState) -> None:
+        super().__init__(state.reason)
+        self.state = state
+
+
 def _probe(say: Say) -> KvmState:
-    """Boot the tiny appliance with KVM and run `true`."""
+    """Boot the tiny appliance with KVM and run `true`: the verdict, or _NoVerdict."""
     from apppot import runner
     from apppot.backends.choice import Backend, Decision
     from apppot.backends.qemu import Accel
@@ -84,9 +103,17 @@ def _probe(say: Say) -> KvmState:
         quiet: Say = lambda _message: None  # noqa: E731
         try:
             prepared = runner.prepare(spec, quiet, decision)
-            code = runner.Job(spec, prepared, quiet, deadline_s=PROBE_TIMEOUT_S).run()
         except AppPotError as e:
+            raise _NoVerdict(KvmState(False, f"not probed: {e}")) from None
+        job = runner.Job(spec, prepared, quiet, deadline_s=PROBE_TIMEOUT_S)
+        try:
+            code = job.run()
+        except GuestDied as e:
             return KvmState(False, f"a probe guest did not boot with KVM: {e}")
+        except AppPotError as e:
+            raise _NoVerdict(KvmState(False, f"not probed: {e}")) from None
+        if job.signal_received is not None:
+            raise Interrupted(job.signal_received, "while probing KVM")
     took = time.monotonic() - started
     if code != 0:
         return KvmState(False, f"a probe guest under KVM ran `true` with status {code}")

@@ -40,7 +40,7 @@ from apppot.images import ext4, tiny
 from apppot.images.store import cache_dir, resolve_image
 from apppot.kernel import FoundKernel, KernelTraits, find_kernel, kernel_traits, shared_libraries
 from apppot.network import Network, choose_network
-from apppot.proc import remove_tree, run, which
+from apppot.proc import parent_death_signal, remove_tree, run, which
 from apppot.protocol import (
     CHANGES_ARCHIVE,
     CHANGES_BASE,
@@ -513,6 +513,8 @@ class Job:
                 pass_fds=pass_fds,
                 start_new_session=True,
                 env=_uml_env(self.rundir),
+                # bubblewrap ends UML when AppPot dies (--die-with-parent); QEMU, and UML without it, end so.
+                preexec_fn=parent_death_signal(signal.SIGTERM) if p.qemu is not None or p.bwrap is None else None,
             )
         except OSError as e:
             raise HostError(f"cannot start {argv[0]}: {e.strerror}") from e

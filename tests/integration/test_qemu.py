@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -49,6 +50,20 @@ def test_the_guest_kernel_is_fetched_from_debian_and_the_fetch_is_announced(tmp_
     cache = tmp_path / "cache"
     job = tmp_path / "job"
     job.mkdir()
+    # Offline (a mirror that refuses), auto cannot probe KVM without a guest kernel: it says so, runs the
+    # job under UML, and caches no verdict.
+    offline = {**os.environ, "XDG_CACHE_HOME": str(cache), "APPPOT_DEBIAN_MIRROR": "http://127.0.0.1:9/debian"}
+    r = subprocess.run(
+        [APPPOT, "start", "-v", "--backend", "auto", "--image", str(tiny_image), "--", "echo", "ran"],
+        cwd=job,
+        env=offline,
+        capture_output=True,
+        timeout=600,
+        check=False,
+    )
+    assert (r.returncode, r.stdout) == (0, b"ran\n"), r.stderr
+    assert b"uml, because KVM does not work (not probed: no guest kernel to probe with (cannot look up" in r.stderr
+    assert not list((cache / "apppot" / "host").glob("kvm-probe-*"))
     env = {**os.environ, "XDG_CACHE_HOME": str(cache), "APPPOT_KVM": "0"}
     r = subprocess.run(
         [APPPOT, "start", "--backend", "qemu", "--image", str(tiny_image), "--", "uname", "-r"],
@@ -315,23 +330,28 @@ def test_interactive_shell_under_qemu(qemu, cache_home: Path, tmp_path: Path) ->
     assert read_exit(exit_file) == "EXIT=5"
 
 
-def test_a_signal_stops_qemu_and_leaves_nothing_behind(qemu, cache_home: Path, tmp_path: Path) -> None:
-    import signal
-
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_signal_stops_qemu_and_leaves_nothing_behind(qemu, signum: int, cache_home: Path, tmp_path: Path) -> None:
+    """SIGTERM: AppPot stops QEMU and cleans up. SIGKILL: AppPot cannot, but QEMU gets the parent-death
+    signal AppPot asked for and ends too."""
     from tests.integration.test_session import assert_all_gone, background, descendants
 
     job = tmp_path / "job"
     job.mkdir()
     run_tmp = tmp_path / "run-tmp"
     run_tmp.mkdir()
-    name = f"apppot-test-{os.getpid()}-sig"
+    name = f"apppot-test-{os.getpid()}-sig{signum}"
     env = {**os.environ, "XDG_CACHE_HOME": str(cache_home), "TMPDIR": str(run_tmp)}
     with background(["start", "--id", name, "--", "sh", "-c", "touch started; sleep 100"], cwd=job, env=env) as bg:
         bg.wait_started()
         tree = descendants(bg.proc.pid)
         assert any("qemu-system" in p.argv0 and name in p.cmdline for p in tree), tree
-        bg.proc.send_signal(signal.SIGTERM)
+        bg.proc.send_signal(signum)
         rc, took = bg.wait(timeout=15)
+    if signum == signal.SIGKILL:
+        assert rc == -signal.SIGKILL
+        assert_all_gone(tree, [name], settle=10)
+        return
     assert rc == 128 + signal.SIGTERM and took < 15, bg.stderr()
     assert list(run_tmp.iterdir()) == []
     assert_all_gone(tree, [name, str(run_tmp)])
