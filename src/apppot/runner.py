@@ -35,7 +35,7 @@ from apppot.backends.qemu import (
     qemu_argv,
 )
 from apppot.backends.uml import AGENT_SERVICE, SYSTEMD_PATH, UmlLaunch, cmdline_length, personality_prefix, uml_argv
-from apppot.errors import GuestDied, HostError, JobDirError, UsageError
+from apppot.errors import CowError, GuestDied, HostError, JobDirError, UsageError
 from apppot.images import ext4, tiny
 from apppot.images.store import cache_dir, resolve_image
 from apppot.kernel import FoundKernel, KernelTraits, find_kernel, kernel_traits, shared_libraries
@@ -230,19 +230,28 @@ def _instance_id(spec: JobSpec) -> str:
 
 
 def _check_overlay(overlay: Path, image: Path) -> None:
-    """A --cow file for QEMU must be a qcow2 overlay of this very image."""
+    """A --cow file for QEMU must be a qcow2 overlay of this very image, made or last used since the image
+    last changed (qcow2 records no mtime of its base, as UML's COW header does), and not in use."""
     import json
 
-    result = run([QEMU_IMG, "info", "--output=json", "-U", str(overlay)], check=False, package=QEMU_IMG_PACKAGE)
+    result = run([QEMU_IMG, "info", "--output=json", str(overlay)], check=False, package=QEMU_IMG_PACKAGE)
+    if b"lock" in result.stderr:  # QEMU holds a write lock on the overlay of a running job
+        raise CowError(f"--cow {overlay} is in use by another running job; wait for it, or use another --cow")
     try:
         info = json.loads(result.stdout)
     except ValueError:
         info = {}
     backing = info.get("full-backing-filename") or info.get("backing-filename")
     if info.get("format") != "qcow2" or not backing:
-        raise UsageError(f"--cow {overlay} is not a QEMU overlay (qcow2 with a backing image); give a new file name")
+        raise CowError(f"--cow {overlay} is not a QEMU overlay (qcow2 with a backing image); give a new file name")
     if Path(backing).resolve() != image.resolve():
-        raise UsageError(f"--cow {overlay} belongs to the image {backing}, not {image}; use it with that image")
+        raise CowError(f"--cow {overlay} belongs to the image {backing}, not {image}; use it with that image")
+    base = image.stat()
+    if info.get("virtual-size") != base.st_size or base.st_mtime_ns > overlay.stat().st_mtime_ns:
+        raise CowError(
+            f"--cow {overlay} was made against {image} before the image changed (size or mtime); "
+            "use the unchanged base image, or give a new --cow file"
+        )
 
 
 def _check_image_use(spec: JobSpec, image: Path, fs_uuid: str, qemu: bool = False) -> None:

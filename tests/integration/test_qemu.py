@@ -189,6 +189,31 @@ def test_bad_input_under_qemu_gets_one_clear_line(qemu, tmp_path: Path, cache_ho
     assert r.returncode == 125 and "--kvm needs --backend qemu or auto" in r.err
 
 
+def test_a_kept_overlay_is_refused_while_in_use_and_against_another_or_changed_image(
+    qemu, cache_home: Path, tiny_image: Path, tmp_path: Path
+) -> None:
+    from tests.integration.test_session import background
+
+    job = tmp_path / "job"
+    job.mkdir()
+    mine = tmp_path / "mine.qcow2"
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache_home)}
+    with background(["start", "--cow", str(mine), "--", "sh", "-c", "touch started; sleep 100"], cwd=job, env=env) as bg:
+        bg.wait_started()
+        r = qemu("start", "--cow", str(mine), "--", "true", cwd=job)
+        assert r.returncode == 125 and f"--cow {mine} is in use by another running job" in r.err, r.err
+    copy = tmp_path / "copy.img"
+    subprocess.run(["cp", "--sparse=always", "-p", str(tiny_image), str(copy)], check=True)
+    r = qemu("start", "--image", str(copy), "--cow", str(mine), "--", "true", cwd=job)
+    assert r.returncode == 125 and f"belongs to the image {tiny_image}, not {copy}" in r.err, r.err
+    theirs = tmp_path / "theirs.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(copy), str(theirs)], check=True)
+    later = theirs.stat().st_mtime_ns + 10**9
+    os.utime(copy, ns=(later, later))  # the image changed after the overlay was last used
+    r = qemu("start", "--image", str(copy), "--cow", str(theirs), "--", "true", cwd=job)
+    assert r.returncode == 125 and "was made against" in r.err and "before the image changed" in r.err, r.err
+
+
 def test_kvm_is_probed_by_booting_a_guest_and_auto_follows_the_probe(
     cache_home: Path, guest_kernel_cache: Path, tmp_path: Path
 ) -> None:

@@ -102,7 +102,7 @@ def test_golden_argv_of_an_interactive_kvm_job_with_network_and_overlay() -> Non
     argv = qemu_argv(launch, [*PARAMS, "apppot_changes=1"])
     assert argv[argv.index("-machine") + 1] == "pc,accel=kvm"
     assert argv[argv.index("-cpu") + 1] == "host"
-    assert argv[argv.index("-drive") + 1] == "file=/home/me/mine.qcow2,format=qcow2,if=virtio,cache=unsafe"
+    assert argv[argv.index("-drive") + 1] == "file=/home/me/mine.qcow2,format=qcow2,if=virtio"
     serials = [argv[i + 1] for i, a in enumerate(argv) if a == "-serial"]
     assert serials == ["chardev:out", "chardev:err", "chardev:log", "chardev:term"]  # ttyS0..ttyS3
     assert "stdio,id=term,signal=off" in argv

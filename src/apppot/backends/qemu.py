@@ -93,8 +93,8 @@ def _machine(qemu: str, accel: Accel, mem_bytes: int) -> list[str]:
 
 def qemu_argv(launch: QemuLaunch, guest_params: list[str]) -> list[str]:
     """QEMU's argv: machine, disk, shares, serial lines, then the kernel and its parameters."""
-    if launch.overlay is not None:
-        drive = f"file={launch.overlay},format=qcow2,if=virtio,cache=unsafe"
+    if launch.overlay is not None:  # kept: written back as the guest flushes, unlike the throw-away snapshot
+        drive = f"file={launch.overlay},format=qcow2,if=virtio"
     elif launch.writable:
         drive = f"file={launch.image},format=raw,if=virtio"
     else:
