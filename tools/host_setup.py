@@ -21,8 +21,9 @@ RUNTIME = ["user-mode-linux", "slirp", "vdeplug", "libvdeplug-slirp", "e2fsprogs
 KERNEL_BUILD = ["build-essential", "bc", "bison", "flex", "libelf-dev", "libssl-dev", "xz-utils"]
 # What `apppot image build` needs to build Debian appliances from recipes.
 IMAGE_BUILD = ["mmdebstrap", "debian-archive-keyring"]
-# The QEMU backend, image export (a partitioned disk booted by syslinux) and cloud seeds (ISO 9660).
-VM = ["qemu-system-x86", "qemu-utils", "syslinux", "syslinux-common", "mtools", "dosfstools", "fdisk", "xorriso"]
+# The QEMU backend, image export (a partitioned disk booted by syslinux) and cloud seeds (ISO 9660);
+# zstd for guest kernels whose modules are zstd-compressed.
+VM = ["qemu-system-x86", "qemu-utils", "syslinux", "syslinux-common", "mtools", "dosfstools", "fdisk", "xorriso", "zstd"]
 # glpk-utils: the application appliance's program, natively, to compare against; slurm-wlm and munge:
 # the test cluster; ARC's A-REX, clients and Python binding: the test CE, and its parser reads our xRSL.
 TESTING = [

@@ -109,9 +109,27 @@ def kernels_root() -> Path:
 # --- pure helpers --------------------------------------------------------------------------------
 
 
+MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst")  # newer Debian kernels ship compressed modules
+
+
 def module_name(filename: str) -> str:
-    """The kernel's name of a module file: no .ko, '-' read as '_'."""
-    return filename.removesuffix(".ko").replace("-", "_")
+    """The kernel's name of a module file: no .ko (nor .ko.xz, .ko.zst), '-' read as '_'."""
+    for suffix in MODULE_SUFFIXES[1:] + MODULE_SUFFIXES[:1]:
+        filename = filename.removesuffix(suffix)
+    return filename.replace("-", "_")
+
+
+def module_bytes(path: Path) -> bytes:
+    """A module file's contents, uncompressed: busybox's insmod in the initramfs takes plain modules only."""
+    if path.name.endswith(".xz"):
+        import lzma
+
+        return lzma.decompress(path.read_bytes())
+    if path.name.endswith(".zst"):
+        from apppot.proc import run
+
+        return run(["zstd", "-dcq", str(path)], package="zstd").stdout
+    return path.read_bytes()
 
 
 def modinfo(data: bytes) -> dict[str, list[str]]:
@@ -253,11 +271,11 @@ def fetch(say: Say) -> GuestKernel:
 
 def _keep(unpacked: Path, root: Path, package: str, version: str, release: str) -> GuestKernel:
     moddir = unpacked / "lib" / "modules" / release
-    files = {module_name(p.name): p for p in moddir.joinpath("kernel").rglob("*.ko")}
+    files = {module_name(p.name): p for p in moddir.joinpath("kernel").rglob("*.ko*") if p.name.endswith(MODULE_SUFFIXES)}
     builtin = {module_name(Path(line).name) for line in (moddir / "modules.builtin").read_text().split()}
     depends: dict[str, list[str]] = {}
     for name, path in files.items():
-        deps = modinfo(path.read_bytes()).get("depends", [""])[0]
+        deps = modinfo(module_bytes(path)).get("depends", [""])[0]
         depends[name] = [module_name(d) for d in deps.split(",") if d]
     order = load_order([*DIRECT_MODULES, *DISK_MODULES], depends, builtin)
     direct = load_order(DIRECT_MODULES, depends, builtin)
@@ -267,7 +285,7 @@ def _keep(unpacked: Path, root: Path, package: str, version: str, release: str) 
     (target / "modules").mkdir(parents=True)
     (unpacked / "boot" / f"vmlinuz-{release}").rename(target / "vmlinuz")
     for name in order:
-        files[name].rename(target / "modules" / f"{name}.ko")
+        (target / "modules" / f"{name}.ko").write_bytes(module_bytes(files[name]))
     record = {
         "package": package,
         "version": version,

@@ -80,6 +80,38 @@ def test_the_guest_kernel_is_fetched_from_debian_and_the_fetch_is_announced(tmp_
     assert record["package"].startswith("linux-image-") and "virtio_blk" in record["direct"]
 
 
+def test_compressed_modules_of_a_kernel_package_are_kept_uncompressed(
+    cache_home: Path, guest_kernel_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Newer Debian kernels ship modules as .ko.xz or .ko.zst: a package laid out so (made of the fetched
+    kernel's real modules) gives the same modules, uncompressed for busybox's insmod."""
+    from apppot import guest_kernel
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
+    kernel = guest_kernel.installed()
+    assert kernel is not None
+    moddir = tmp_path / "pkg" / "lib" / "modules" / kernel.release
+    (moddir / "kernel" / "drivers").mkdir(parents=True)
+    (tmp_path / "pkg" / "boot").mkdir()
+    (tmp_path / "pkg" / "boot" / f"vmlinuz-{kernel.release}").write_bytes(kernel.vmlinuz.read_bytes())
+    builtin = set()
+    for i, name in enumerate(kernel.load_order):
+        data = kernel.module(name).read_bytes()
+        deps = guest_kernel.modinfo(data).get("depends", [""])[0]
+        builtin |= {guest_kernel.module_name(d) for d in deps.split(",") if d} - set(kernel.load_order)
+        plain = moddir / "kernel" / "drivers" / f"{name}.ko"
+        plain.write_bytes(data)
+        compress = {1: ["xz", "-q"], 2: ["zstd", "-q", "--rm"]}.get(i % 3)  # a third of each kind
+        if compress:
+            subprocess.run([*compress, str(plain)], check=True)
+    (moddir / "modules.builtin").write_text("".join(f"kernel/x/{name}.ko\n" for name in sorted(builtin)))
+    kept = guest_kernel._keep(tmp_path / "pkg", tmp_path / "kept", kernel.package, kernel.version, kernel.release)
+    assert kept.load_order == kernel.load_order and kept.direct == kernel.direct
+    assert {p.suffix for p in (moddir / "kernel" / "drivers").iterdir()} == {".ko", ".xz", ".zst"}
+    for name in kernel.load_order:
+        assert kept.module(name).read_bytes() == kernel.module(name).read_bytes(), name
+
+
 def test_the_base_is_never_written_and_a_dying_guest_is_reported(qemu, tiny_image: Path, tmp_path: Path) -> None:
     before = sha(tiny_image)
     job = tmp_path / "job"
