@@ -288,7 +288,7 @@ def cmd_image(argv: Sequence[str]) -> int:
     export.add_argument(
         "--format",
         choices=["qcow2", "vmdk", "vdi", "raw"],
-        help="disk format (default: from the -o suffix, else qcow2): qcow2 for QEMU/KVM and OpenStack, "
+        help="disk format (default: from the -o suffix, .img meaning raw): qcow2 for QEMU/KVM and OpenStack, "
         "vmdk for VMware and VirtualBox, vdi for VirtualBox, raw for Xen",
     )
     export.add_argument("--force", action="store_true", help="replace the -o file if it exists")

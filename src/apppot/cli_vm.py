@@ -20,7 +20,12 @@ def image_export(ns: argparse.Namespace, say: Say, print_record: PrintRecord) ->
 
     image = store.resolve_image(ns.image)
     fmt = export.DiskFormat.from_name(ns.format) if ns.format else export.DiskFormat.from_suffix(ns.output)
-    exported = export.export(image, ns.output, fmt or export.DiskFormat.QCOW2, (lambda _m: None) if ns.json else say, ns.force)
+    if fmt is None:
+        raise UsageError(
+            f"cannot tell the disk format from the name {ns.output.name!r}: end it in .qcow2, .vmdk, .vdi, .img "
+            "or .raw, or pass --format"
+        )
+    exported = export.export(image, ns.output, fmt, (lambda _m: None) if ns.json else say, ns.force)
     print_record(
         {
             "path": str(exported.path),

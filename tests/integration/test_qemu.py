@@ -147,7 +147,7 @@ def test_guest_root_sees_only_the_job_directory_of_the_host(qemu, tmp_path: Path
     assert r.returncode == 0, r.err
     assert "HOST-SECRET" not in out and "MOUNTED-HOSTROOT" not in out
     assert "next-to-job.txt" not in out
-    assert "hostname" not in out.split() or "passwd" not in out.split()  # whatever lists, it is the guest's own /
+    assert tmp_path.name not in out  # the name the host gives the job directory's parent never shows
     # The link the job made points into the guest's own tree, never the host's.
     assert os.readlink(job / "up") == "/etc/../../../"
 
@@ -307,16 +307,17 @@ def test_export_writes_every_format(cache_home: Path, guest_kernel_cache: Path, 
     assert r.returncode == 125 and "exists; choose another -o or pass --force" in r.err
     r = apppot_cli(cache_home, "image", "export", "tiny", "-o", str(tmp_path / "b"), "--format", "ova", cwd=tmp_path)
     assert r.returncode == 125 and "invalid choice: 'ova'" in r.err and r.err.count("\n") == 1
+    r = apppot_cli(cache_home, "image", "export", "tiny", "-o", str(tmp_path / "b.iso"), cwd=tmp_path)
+    assert r.returncode == 125 and "cannot tell the disk format from the name 'b.iso'" in r.err and r.err.count("\n") == 1
     # The raw disk boots too: the agent comes up and, with no job anywhere, says so and powers off.
     text, _ = firmware_boot(tmp_path / "a.img", tmp_path, disk_format="raw")
     assert "apppot-agent: no job found: no apppot_ctl on the kernel command line, no cidata volume" in text
 
 
 def test_an_exported_image_boots_by_firmware_and_powers_off_without_a_job(exported: Path, tmp_path: Path) -> None:
-    text, seconds = firmware_boot(exported, tmp_path)
+    text, _ = firmware_boot(exported, tmp_path)
     assert "apppot-agent: no job found" in text
     assert "apppot-agent: job finished with status 125, powering off" in text
-    assert seconds < FIRMWARE_BOOT_TIMEOUT
 
 
 def test_a_cloud_seed_carries_the_job_to_an_exported_image(cache_home: Path, exported: Path, tmp_path: Path) -> None:

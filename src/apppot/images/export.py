@@ -122,6 +122,10 @@ def export(image: Path, out: Path, fmt: DiskFormat, say: Say, force: bool = Fals
         raise UsageError("-o names the image itself; give another file")
     check_tools()
     fs_uuid = ext4.filesystem_uuid(image)
+    from apppot.submit.cloud import image_reads_user_data
+
+    if not image_reads_user_data(image):  # booted on its own, such an agent could never find a job
+        raise UsageError(f"the agent in {image} predates cloud user-data; rebuild the image with this AppPot, then export it")
     image_size = image.stat().st_size
     if image_size % 512:
         raise UsageError(f"{image} is {image_size} bytes, not whole 512-byte sectors; is it a disk image?")

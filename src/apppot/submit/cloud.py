@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
-from apppot.errors import UsageError
+from apppot.errors import HostError, UsageError
 from apppot.proc import run, which
 from apppot.protocol import USER_DATA_MAGIC, GuestJob, render_user_data
 
@@ -84,7 +84,7 @@ def make_seed(job: GuestJob, out: Path, jobdir: Path | None, force: bool = False
         raise UsageError(f"{out} exists; choose another -o or pass --force to replace it")
     xorriso = which("xorriso")
     if xorriso is None:
-        raise UsageError(f"xorriso is not installed, which writes the seed volume: sudo apt-get install {XORRISO_PACKAGE}")
+        raise HostError(f"xorriso is not installed, which writes the seed volume: sudo apt-get install {XORRISO_PACKAGE}")
     user_data = render_user_data(job)
     if len(user_data) > USER_DATA_LIMIT:
         raise UsageError(
