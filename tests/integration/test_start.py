@@ -170,7 +170,8 @@ def test_cow_against_another_or_modified_base_is_refused(apppot, jobdir: Path, t
     assert not_cow.read_text() == "precious"
 
 
-def test_many_jobs_share_one_base(apppot, tmp_path: Path) -> None:
+@BOTH_BACKENDS
+def test_many_jobs_share_one_base(apppot, backend: str, tmp_path: Path) -> None:
     dirs = []
     for i in range(3):
         d = tmp_path / f"job{i}"
@@ -323,7 +324,8 @@ class _Hello(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_outbound_network_through_slirp(apppot, jobdir: Path) -> None:
+@BOTH_BACKENDS
+def test_outbound_network_through_slirp(apppot, backend: str, jobdir: Path) -> None:
     server = http.server.HTTPServer(("127.0.0.1", 0), _Hello)
     port = server.server_address[1]
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -337,7 +339,8 @@ def test_outbound_network_through_slirp(apppot, jobdir: Path) -> None:
         server.shutdown()
 
 
-def test_names_resolve_through_the_nat_and_loopback_is_up(apppot, jobdir: Path) -> None:
+@BOTH_BACKENDS
+def test_names_resolve_through_the_nat_and_loopback_is_up(apppot, backend: str, jobdir: Path) -> None:
     # DNS goes to 10.0.2.3, which the user-space NAT forwards to the host's resolver.
     script = (
         "cat /etc/resolv.conf; nslookup deb.debian.org >/dev/null && echo resolved; "
