@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from apppot.backends.qemu import Accel, firmware_boot_argv
+from apppot.backends.qemu import Accel, DiskBus, firmware_boot_argv
 from tests.conftest import APPPOT, Result
 from tests.integration.conftest import apppot_cli, own_kernel_only
 from tests.integration.test_snap import hand_made_archive
@@ -282,12 +282,14 @@ def exported(tmp_path_factory: pytest.TempPathFactory, cache_home: Path, guest_k
     return out
 
 
-def firmware_boot(disk: Path, tmp_path: Path, seed: Path | None = None, disk_format: str = "qcow2") -> tuple[str, float]:
+def firmware_boot(
+    disk: Path, tmp_path: Path, seed: Path | None = None, disk_format: str = "qcow2", bus: DiskBus = DiskBus.VIRTIO
+) -> tuple[str, float]:
     """Boot disk by firmware alone, as another hypervisor would; (console text, seconds). The guest
     must power off by itself."""
     console = tmp_path / "console.log"
     argv = firmware_boot_argv(
-        "qemu-system-x86_64", str(disk), Accel.TCG, 512 << 20, str(console), str(seed) if seed else None, disk_format
+        "qemu-system-x86_64", str(disk), Accel.TCG, 512 << 20, str(console), str(seed) if seed else None, disk_format, bus=bus
     )
     started = time.monotonic()
     subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=FIRMWARE_BOOT_TIMEOUT, check=True)
@@ -309,9 +311,11 @@ def test_export_writes_every_format(cache_home: Path, guest_kernel_cache: Path, 
     assert r.returncode == 125 and "invalid choice: 'ova'" in r.err and r.err.count("\n") == 1
     r = apppot_cli(cache_home, "image", "export", "tiny", "-o", str(tmp_path / "b.iso"), cwd=tmp_path)
     assert r.returncode == 125 and "cannot tell the disk format from the name 'b.iso'" in r.err and r.err.count("\n") == 1
-    # The raw disk boots too: the agent comes up and, with no job anywhere, says so and powers off.
-    text, _ = firmware_boot(tmp_path / "a.img", tmp_path, disk_format="raw")
-    assert "apppot-agent: no job found: no apppot_ctl on the kernel command line, no cidata volume" in text
+    # The other formats boot too, from the disks other hypervisors emulate: raw from IDE (Xen HVM), vdi
+    # from SATA (VirtualBox); the agent comes up and, with no job anywhere, says so and powers off.
+    for name, fmt, bus in (("a.img", "raw", DiskBus.IDE), ("a.vdi", "vdi", DiskBus.AHCI)):
+        text, _ = firmware_boot(tmp_path / name, tmp_path, disk_format=fmt, bus=bus)
+        assert "apppot-agent: no job found: no apppot_ctl on the kernel command line, no cidata volume" in text, text
 
 
 def test_an_exported_image_boots_by_firmware_and_powers_off_without_a_job(exported: Path, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from apppot.backends.choice import Backend, KvmState, decide, requested
-from apppot.backends.qemu import Accel, QemuLaunch, firmware_boot_argv, qemu_argv
+from apppot.backends.qemu import Accel, DiskBus, QemuLaunch, firmware_boot_argv, qemu_argv
 from apppot.errors import HostError, UsageError
 from apppot.guest_kernel import CpioEntry, cpio_newc, load_order, module_name, parse_depends, vmlinux_from_bzimage
 from apppot.images.export import DiskFormat, layout, sfdisk_script, syslinux_cfg
@@ -125,7 +125,19 @@ def test_firmware_boot_passes_no_kernel_and_no_command_line() -> None:
     argv = firmware_boot_argv("qemu", "app.qcow2", Accel.TCG, 256 << 20, "/tmp/console.log", seed="seed.iso")
     assert "-kernel" not in argv and "-append" not in argv and "-initrd" not in argv
     assert "file=seed.iso,format=raw,media=cdrom,readonly=on" in argv
-    assert "file=app.qcow2,format=qcow2,if=virtio,snapshot=on" in argv
+    assert "file=app.qcow2,format=qcow2,snapshot=on,if=virtio" in argv
+    ide = firmware_boot_argv("qemu", "a.img", Accel.TCG, 256 << 20, "c.log", disk_format="raw", bus=DiskBus.IDE)
+    assert "file=a.img,format=raw,snapshot=on,if=ide" in ide
+    sata = firmware_boot_argv("qemu", "a.vdi", Accel.TCG, 256 << 20, "c.log", disk_format="vdi", bus=DiskBus.AHCI)
+    disk = sata.index("file=a.vdi,format=vdi,snapshot=on,if=none,id=disk0")
+    assert sata[disk - 3 : disk + 3] == [
+        "-device",
+        "ahci,id=sata",
+        "-drive",
+        sata[disk],
+        "-device",
+        "ide-hd,drive=disk0,bus=sata.0",
+    ]
 
 
 def test_ninep_tags_are_checked() -> None:

@@ -38,6 +38,14 @@ class Accel(StrEnum):
         return "host" if self is Accel.KVM else "max"
 
 
+class DiskBus(StrEnum):
+    """How a disk is attached: what the guest's drivers must know."""
+
+    VIRTIO = "virtio"  # QEMU/KVM, clouds
+    IDE = "ide"  # the emulated disk of Xen HVM and older hypervisors (ata_piix)
+    AHCI = "ahci"  # SATA: VirtualBox's and VMware's default controller
+
+
 class QemuLaunch(NamedTuple):
     """Everything a QEMU job's command line is made of."""
 
@@ -155,12 +163,17 @@ def firmware_boot_argv(
     seed: str | None = None,
     disk_format: str = "qcow2",
     netdev: str = "user,id=net0",
+    bus: DiskBus = DiskBus.VIRTIO,
 ) -> list[str]:
     """QEMU booting a disk by its firmware, as a hypervisor that knows nothing of AppPot would:
-    no -kernel, no -append. The console (ttyS0) goes to the file `console`; ``netdev`` is the
-    NIC's back end (an id of net0)."""
+    no -kernel, no -append. The disk sits on ``bus``; the console (ttyS0) goes to the file
+    `console`; ``netdev`` is the NIC's back end (an id of net0)."""
     argv = _machine(qemu, accel, mem_bytes)
-    argv += ["-drive", f"file={disk},format={disk_format},if=virtio,snapshot=on"]
+    drive = f"file={disk},format={disk_format},snapshot=on"
+    if bus is DiskBus.AHCI:
+        argv += ["-device", "ahci,id=sata", "-drive", f"{drive},if=none,id=disk0", "-device", "ide-hd,drive=disk0,bus=sata.0"]
+    else:
+        argv += ["-drive", f"{drive},if={bus.value}"]
     if seed is not None:
         argv += ["-drive", f"file={seed},format=raw,media=cdrom,readonly=on"]
     argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0"]
@@ -168,4 +181,4 @@ def firmware_boot_argv(
     return argv
 
 
-__all__ = ["AGENT_PATH", "Accel", "QemuLaunch", "firmware_boot_argv", "qemu_argv"]
+__all__ = ["AGENT_PATH", "Accel", "DiskBus", "QemuLaunch", "firmware_boot_argv", "qemu_argv"]
