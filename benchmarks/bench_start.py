@@ -321,10 +321,14 @@ def prepare_qemu(
         notes.append(f"QEMU columns skipped: {e}")
         return []
     if QEMU_KVM in wanted:
-        doctor = json.loads(check([str(APPPOT), "doctor", "--json"], env=real_env).stdout)
-        kvm = next(c for c in doctor if c["name"] == "kvm")
-        if not kvm["ok"]:
-            notes.append(f"{QEMU_KVM} column skipped: {kvm['detail']}")
+        try:  # in the private cache too: the probe boots a guest there, once
+            doctor = json.loads(check([str(APPPOT), "doctor", "--json"], env=private_env).stdout)
+            kvm = next(c for c in doctor if c["name"] == "kvm")
+            works, why = bool(kvm["ok"]), str(kvm["detail"])
+        except (BenchError, ValueError, StopIteration) as e:
+            works, why = False, f"apppot doctor failed: {e}"
+        if not works:
+            notes.append(f"{QEMU_KVM} column skipped: {why}")
             wanted = [c for c in wanted if c != QEMU_KVM]
     return wanted
 
