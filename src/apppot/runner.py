@@ -491,14 +491,14 @@ class Job:
             _put_changes(ctl, p, self.say if self.spec.verbose else None)
         cow_path = self._cow(temp_cow)
         streams = detect_streams()
+        # The job file first: a job it refuses leaves no console log and no open descriptor behind.
+        (ctl / JOB_FILE).write_bytes(render_job_file(self._guest_job(streams)))
         log_fd, log_path, keep_log = self._log()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         terminal: tuple[int, int] | None = None
         if streams.interactive:
             terminal = (os.dup(0), os.dup(1))
-        guest = self._guest_job(streams)
-        (ctl / JOB_FILE).write_bytes(render_job_file(guest))
         if p.qemu is not None:
             argv = self._qemu_argv(p.qemu, ctl, cow_path, log_fd, out_w, err_w, terminal, streams)
         else:

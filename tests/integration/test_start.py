@@ -361,13 +361,17 @@ def test_names_resolve_through_the_nat_and_loopback_is_up(apppot, backend: str, 
         (["--frobnicate"], "unrecognized arguments"),
         (["--mem", "lots"], "invalid memory size"),
         (["--jobdir", "/nonexistent/dir"], "does not exist"),
+        (["--user", "two words"], "invalid user name 'two words'"),
     ],
 )
-def test_bad_input_gets_one_clear_line(apppot, jobdir: Path, args: list[str], message: str) -> None:
+def test_bad_input_gets_one_clear_line(apppot, cache_home: Path, jobdir: Path, args: list[str], message: str) -> None:
+    logs = cache_home / "apppot" / "logs"
+    before = set(logs.iterdir()) if logs.exists() else set()
     r = apppot(["start", *args, "--", "true"], cwd=jobdir)
     assert r.returncode == 125
     lines = r.err.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and lines[0].startswith("apppot: error:")
+    assert len(lines) == 1 and message in lines[0] and lines[0].startswith("apppot: error:"), lines
+    assert (set(logs.iterdir()) if logs.exists() else set()) == before  # no console log left behind
 
 
 def test_missing_linux_names_the_package(apppot, jobdir: Path, tmp_path: Path) -> None:
