@@ -283,13 +283,26 @@ def exported(tmp_path_factory: pytest.TempPathFactory, cache_home: Path, guest_k
 
 
 def firmware_boot(
-    disk: Path, tmp_path: Path, seed: Path | None = None, disk_format: str = "qcow2", bus: DiskBus = DiskBus.VIRTIO
+    disk: Path,
+    tmp_path: Path,
+    seed: Path | None = None,
+    disk_format: str = "qcow2",
+    bus: DiskBus = DiskBus.VIRTIO,
+    snapshot: bool = True,
 ) -> tuple[str, float]:
     """Boot disk by firmware alone, as another hypervisor would; (console text, seconds). The guest
-    must power off by itself."""
+    must power off by itself (or reboot: QEMU's -no-reboot ends it then)."""
     console = tmp_path / "console.log"
     argv = firmware_boot_argv(
-        "qemu-system-x86_64", str(disk), Accel.TCG, 512 << 20, str(console), str(seed) if seed else None, disk_format, bus=bus
+        "qemu-system-x86_64",
+        str(disk),
+        Accel.TCG,
+        512 << 20,
+        str(console),
+        str(seed) if seed else None,
+        disk_format,
+        bus=bus,
+        snapshot=snapshot,
     )
     started = time.monotonic()
     subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=FIRMWARE_BOOT_TIMEOUT, check=True)
@@ -343,6 +356,30 @@ def test_a_cloud_seed_carries_the_job_to_an_exported_image(cache_home: Path, exp
     assert "<a b><$x>\nlines=3\n" in text.replace("\r", "")
     assert "to-stderr" in text
     assert "apppot-agent: job finished with status 4, powering off" in text
+
+
+def test_a_cloud_job_keeps_its_files_and_a_crashed_one_is_not_rerun_at_every_boot(
+    cache_home: Path, exported: Path, tmp_path: Path
+) -> None:
+    """On a VM's own disk (no snapshot): what a job writes is there at the next boot; a job whose boot
+    crashed (panic=-1 reboots where a hypervisor restarts the VM) is not run again by the next boot."""
+    disk = tmp_path / "vm.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(exported), str(disk)], check=True)
+
+    def seed(name: str, script: str) -> Path:
+        out = tmp_path / f"{name}.iso"
+        r = apppot_cli(cache_home, "cloud-seed", "--no-jobdir", "--user", "root", "-o", str(out), "--", "sh", "-c", script)
+        assert r.returncode == 0, r.err
+        return out
+
+    text, _ = firmware_boot(disk, tmp_path, seed=seed("write", "echo kept-on-disk > /root/kept"), snapshot=False)
+    assert "job finished with status 0, powering off" in text
+    crash = seed("crash", "cat /root/kept; echo c > /proc/sysrq-trigger")
+    text, _ = firmware_boot(disk, tmp_path, seed=crash, snapshot=False)
+    assert "kept-on-disk" in text and "Kernel panic" in text
+    text, _ = firmware_boot(disk, tmp_path, seed=crash, snapshot=False)
+    assert "this job's previous boot ended before the job did" in text and "status 125, powering off" in text
+    assert "kept-on-disk" not in text
 
 
 def test_malformed_user_data_is_reported_by_the_agent_at_boot(exported: Path, tmp_path: Path) -> None:

@@ -164,12 +164,13 @@ def firmware_boot_argv(
     disk_format: str = "qcow2",
     netdev: str = "user,id=net0",
     bus: DiskBus = DiskBus.VIRTIO,
+    snapshot: bool = True,
 ) -> list[str]:
     """QEMU booting a disk by its firmware, as a hypervisor that knows nothing of AppPot would:
-    no -kernel, no -append. The disk sits on ``bus``; the console (ttyS0) goes to the file
-    `console`; ``netdev`` is the NIC's back end (an id of net0)."""
+    no -kernel, no -append. The disk sits on ``bus`` (written only without ``snapshot``); the
+    console (ttyS0) goes to the file `console`; ``netdev`` is the NIC's back end (an id of net0)."""
     argv = _machine(qemu, accel, mem_bytes)
-    drive = f"file={disk},format={disk_format},snapshot=on"
+    drive = f"file={disk},format={disk_format}" + (",snapshot=on" if snapshot else "")
     if bus is DiskBus.AHCI:
         argv += ["-device", "ahci,id=sata", "-drive", f"{drive},if=none,id=disk0", "-device", "ide-hd,drive=disk0,bus=sata.0"]
     else:
