@@ -235,7 +235,7 @@ def _check_overlay(overlay: Path, image: Path) -> None:
     import json
 
     result = run([QEMU_IMG, "info", "--output=json", str(overlay)], check=False, package=QEMU_IMG_PACKAGE)
-    if b"lock" in result.stderr:  # QEMU holds a write lock on the overlay of a running job
+    if b"Is another process using the image" in result.stderr:  # the write lock QEMU holds while a job runs
         raise CowError(f"--cow {overlay} is in use by another running job; wait for it, or use another --cow")
     try:
         info = json.loads(result.stdout)
