@@ -109,14 +109,19 @@ def kernels_root() -> Path:
 # --- pure helpers --------------------------------------------------------------------------------
 
 
-MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst")  # newer Debian kernels ship compressed modules
+MODULE_SUFFIXES = (".ko.xz", ".ko.zst", ".ko")  # newer Debian kernels ship compressed modules
 
 
 def module_name(filename: str) -> str:
     """The kernel's name of a module file: no .ko (nor .ko.xz, .ko.zst), '-' read as '_'."""
-    for suffix in MODULE_SUFFIXES[1:] + MODULE_SUFFIXES[:1]:
-        filename = filename.removesuffix(suffix)
-    return filename.replace("-", "_")
+    suffix = next((s for s in MODULE_SUFFIXES if filename.endswith(s)), "")
+    return filename.removesuffix(suffix).replace("-", "_")
+
+
+def module_depends(data: bytes) -> list[str]:
+    """The modules a module (its uncompressed bytes) depends on, by their kernel names."""
+    deps = modinfo(data).get("depends", [""])[0]
+    return [module_name(d) for d in deps.split(",") if d]
 
 
 def module_bytes(path: Path) -> bytes:
@@ -273,10 +278,7 @@ def _keep(unpacked: Path, root: Path, package: str, version: str, release: str) 
     moddir = unpacked / "lib" / "modules" / release
     files = {module_name(p.name): p for p in moddir.joinpath("kernel").rglob("*.ko*") if p.name.endswith(MODULE_SUFFIXES)}
     builtin = {module_name(Path(line).name) for line in (moddir / "modules.builtin").read_text().split()}
-    depends: dict[str, list[str]] = {}
-    for name, path in files.items():
-        deps = modinfo(module_bytes(path)).get("depends", [""])[0]
-        depends[name] = [module_name(d) for d in deps.split(",") if d]
+    depends = {name: module_depends(module_bytes(path)) for name, path in files.items()}
     order = load_order([*DIRECT_MODULES, *DISK_MODULES], depends, builtin)
     direct = load_order(DIRECT_MODULES, depends, builtin)
     target = root / f"{release}_{re.sub(r'[^A-Za-z0-9.+-]', '_', version)}"

@@ -102,15 +102,11 @@ def _probe(say: Say) -> KvmState:
         decision = Decision(Backend.QEMU, Accel.KVM, "KVM probe")
         quiet: Say = lambda _message: None  # noqa: E731
         try:
-            prepared = runner.prepare(spec, quiet, decision)
-        except AppPotError as e:
-            raise _NoVerdict(KvmState(False, f"not probed: {e}")) from None
-        job = runner.Job(spec, prepared, quiet, deadline_s=PROBE_TIMEOUT_S)
-        try:
+            job = runner.Job(spec, runner.prepare(spec, quiet, decision), quiet, deadline_s=PROBE_TIMEOUT_S)
             code = job.run()
-        except GuestDied as e:
+        except GuestDied as e:  # QEMU ran, the guest did not boot or finish with KVM: a verdict
             return KvmState(False, f"a probe guest did not boot with KVM: {e}")
-        except AppPotError as e:
+        except AppPotError as e:  # anything else kept the probe from being made
             raise _NoVerdict(KvmState(False, f"not probed: {e}")) from None
         if job.signal_received is not None:
             raise Interrupted(job.signal_received, "while probing KVM")

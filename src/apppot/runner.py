@@ -215,8 +215,6 @@ def _prepare_qemu(spec: JobSpec, say: Say, decision: Decision, jobdir: Path, ima
     mem = spec.mem_bytes or DEFAULT_MEM
     net = spec.net is not False
     prepared = Prepared(None, None, image, fs_uuid, jobdir, mem, None, None, umid, pin, changes, warnings, setup, net)
-    if spec.cow is not None and spec.cow.exists():
-        _check_overlay(spec.cow, image)
     _check_image_use(spec, image, fs_uuid, qemu=True)
     return prepared
 
@@ -269,7 +267,9 @@ def _check_image_use(spec: JobSpec, image: Path, fs_uuid: str, qemu: bool = Fals
     if spec.cow is not None:
         if spec.cow.resolve() == image.resolve():
             raise UsageError("--cow names the base image itself; give a separate file for the COW")
-        if spec.cow.exists() and not qemu:
+        if spec.cow.exists() and qemu:
+            _check_overlay(spec.cow, image)
+        elif spec.cow.exists():
             cow.check_matches(spec.cow, image, fs_uuid)
             cow.check_writable_without_privilege(spec.cow)
             cow.check_unlocked(spec.cow)

@@ -97,8 +97,7 @@ def test_compressed_modules_of_a_kernel_package_are_kept_uncompressed(
     builtin = set()
     for i, name in enumerate(kernel.load_order):
         data = kernel.module(name).read_bytes()
-        deps = guest_kernel.modinfo(data).get("depends", [""])[0]
-        builtin |= {guest_kernel.module_name(d) for d in deps.split(",") if d} - set(kernel.load_order)
+        builtin |= set(guest_kernel.module_depends(data)) - set(kernel.load_order)
         plain = moddir / "kernel" / "drivers" / f"{name}.ko"
         plain.write_bytes(data)
         compress = {1: ["xz", "-q"], 2: ["zstd", "-q", "--rm"]}.get(i % 3)  # a third of each kind
