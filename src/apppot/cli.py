@@ -14,7 +14,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, NamedTuple, NoReturn
 
 from apppot import __version__
-from apppot.errors import EXIT_APPPOT_ERROR, EXIT_GUEST_DIED, AppPotError, UsageError
+from apppot.errors import EXIT_APPPOT_ERROR, EXIT_GUEST_DIED, AppPotError, JobDirError, UsageError
 from apppot.sandbox import Isolation
 from apppot.spec import JobSpec, parse_mem
 
@@ -74,6 +74,13 @@ START_OPTIONS = (
     ),
     _Option(("--changes",), "changes", "path", "TAR", "merge this apppot-snap changes archive before the job"),
     _Option(("--jobdir",), "jobdir", "path", "DIR", "shown at /home/user/job (default: .)"),
+    _Option(
+        ("--unsafe-jobdir",),
+        "unsafe_jobdir",
+        "flag",
+        None,
+        "accept /, a system directory or your whole home as job directory",
+    ),
     _Option(("--mem",), "mem", "value", "SIZE", "guest memory, e.g. 512M or 2G (default: $APPPOT_MEM, else 512M)"),
     _Option(("--net",), "net", "true", None, "outbound network through a user-space NAT"),
     _Option(("--no-net",), "net", "false", None, "no network"),
@@ -221,7 +228,8 @@ def parse_start(argv: Sequence[str], prog: str = "apppot start") -> JobSpec:
     mem_text = ns.mem or os.environ.get("APPPOT_MEM")
     return JobSpec(
         argv=tuple(command) if command is not None else None,
-        jobdir=ns.jobdir if ns.jobdir is not None else Path.cwd(),
+        jobdir=ns.jobdir if ns.jobdir is not None else _cwd(),
+        unsafe_jobdir=ns.unsafe_jobdir,
         image=image,
         cow=cow_file,
         mem_bytes=parse_mem(mem_text) if mem_text else None,
@@ -241,6 +249,15 @@ def parse_start(argv: Sequence[str], prog: str = "apppot start") -> JobSpec:
         backend=ns.backend,
         kvm=ns.kvm if ns.kvm is not None else _kvm_env(),
     )
+
+
+def _cwd() -> Path:
+    try:
+        return Path.cwd()
+    except OSError as e:
+        raise JobDirError(
+            f"the current directory cannot be used as the job directory ({e.strerror}): cd to one, or pass --jobdir DIR"
+        ) from None
 
 
 def _kvm_env() -> bool | None:

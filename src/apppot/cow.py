@@ -3,14 +3,19 @@
 A COW file (UML's "ubd COW", version 3) starts with a big-endian header that
 names its base (backing file) and records the base's mtime and size; then comes
 a bitmap of changed sectors, then the changed sectors. UML itself only compares
-mtime and size; AppPot also records the base's filesystem UUID in the recorded
-path, so a COW is refused with a clear message before the guest boots.
+mtime and size (whole seconds). AppPot also writes its own record of the base into
+the header's padding, which UML neither reads nor writes: the base's device, inode,
+size, and mtime and ctime in nanoseconds. A user can put an mtime back, but not a
+ctime or an inode, so any change to the base after the COW was made is refused
+with a clear message before the guest boots.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
+import re
 import struct
 from pathlib import Path
 from typing import NamedTuple
@@ -23,14 +28,25 @@ _HEADER = struct.Struct(">IIIQIII4096s")
 SECTOR_SIZE = 512
 ALIGNMENT = 4096
 
-# Where the base image appears to UML, also inside the sandbox; the name holds
-# the base's filesystem UUID, so the COW header identifies its base.
+# Where a base whose own path UML cannot take (blanks, commas) appears in the sandbox.
 BASE_DIR = "/apppot/base"
+_UML_SAFE = re.compile(r"/[^\s,\"]*")
+# AppPot's record of the base: in the padding between UML's header and its bitmap.
+RECORD_OFFSET = _HEADER.size
+RECORD_MAGIC = b"apppot-base-1\n"
+_RECORD_FIELDS = ("st_dev", "st_ino", "st_size", "st_mtime_ns", "st_ctime_ns")
 
 
 def base_path_for(fs_uuid: str) -> str:
     """The path under which a base with this filesystem UUID is shown to UML."""
     return f"{BASE_DIR}/{fs_uuid}.img"
+
+
+def uml_base_path(image: Path, fs_uuid: str) -> str:
+    """The base's path as UML sees it. The same with and without the sandbox where it can be: UML writes
+    it into the COW's header, and rewrites the header when it is given another path."""
+    real = str(image.resolve())
+    return real if _UML_SAFE.fullmatch(real) else base_path_for(fs_uuid)
 
 
 class CowHeader(NamedTuple):
@@ -90,12 +106,31 @@ def read_header(cow: Path) -> CowHeader:
     return header
 
 
+def render_record(st: os.stat_result) -> bytes:
+    """AppPot's record of a base: what must not change while a COW of it is in use."""
+    return RECORD_MAGIC + json.dumps({f: getattr(st, f) for f in _RECORD_FIELDS}).encode() + b"\n"
+
+
+def read_record(cow: Path) -> dict[str, int] | None:
+    """The record of the base in a COW AppPot made, or None for a COW made elsewhere or by an older AppPot."""
+    with cow.open("rb") as f:
+        f.seek(RECORD_OFFSET)
+        data = f.read(ALIGNMENT)
+    if not data.startswith(RECORD_MAGIC):
+        return None
+    try:
+        record = json.loads(data[len(RECORD_MAGIC) :].split(b"\n", 1)[0])
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def create(cow: Path, base: Path, fs_uuid: str) -> None:
     """Create an empty COW file for ``base``; never overwrites an existing file."""
     st = base.stat()
-    header = render_header(base_path_for(fs_uuid), int(st.st_mtime), st.st_size)
+    header = render_header(uml_base_path(base, fs_uuid), int(st.st_mtime), st.st_size) + render_record(st)
     try:
-        fd = os.open(cow, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(cow, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # what the job wrote is private
     except FileExistsError:
         raise CowError(f"COW file {cow} appeared while AppPot was creating it; try again") from None
     except OSError as e:
@@ -111,6 +146,15 @@ def check_matches(cow: Path, base: Path, fs_uuid: str) -> None:
     """Refuse a COW that was made against another base, or against this base before it changed."""
     header = read_header(cow)
     st = base.stat()
+    record = read_record(cow)
+    if record is not None:
+        changed = [f[3:] for f in _RECORD_FIELDS if record.get(f) != getattr(st, f)]
+        if changed:
+            raise CowError(
+                f"COW file {cow} was made against another image, or against {base} before it changed "
+                f"({', '.join(changed)} differ): use it with the unchanged base image, or give a new --cow file"
+            )
+        return
     if header.base_uuid is not None and header.base_uuid != fs_uuid:
         raise CowError(
             f"COW file {cow} belongs to another image (filesystem {header.base_uuid}, not {fs_uuid}); "

@@ -47,3 +47,9 @@ class Interrupted(AppPotError):
 
         super().__init__(f"stopped by {signal.Signals(signum).name} {during}; no job ran")
         self.exit_code = 128 + signum
+
+
+class GuestMisbehaved(AppPotError):
+    """The guest left something in the report directory that no agent writes: a link, a FIFO, a huge file."""
+
+    exit_code = EXIT_GUEST_DIED

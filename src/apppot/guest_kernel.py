@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 from apppot.errors import HostError
 from apppot.images.store import cache_dir
-from apppot.proc import remove_tree
+from apppot.rundir import remove_tree
 
 Say = Callable[[str], None]
 
@@ -317,8 +317,12 @@ def direct_kernel(kernel: GuestKernel) -> Path:
     if elf is None:
         return kernel.vmlinuz
     tmp = target.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_bytes(elf)
-    tmp.replace(target)
+    try:
+        tmp.write_bytes(elf)
+        tmp.replace(target)
+    except OSError:  # a kernel shared read-only (a site's): the compressed one boots too, only slower
+        tmp.unlink(missing_ok=True)
+        return kernel.vmlinuz
     return target
 
 

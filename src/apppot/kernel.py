@@ -20,7 +20,8 @@ from typing import NamedTuple
 from apppot.errors import HostError
 from apppot.hostcache import cached, file_identity
 from apppot.images.store import cache_dir
-from apppot.proc import remove_tree, run, which
+from apppot.proc import run, which
+from apppot.rundir import remove_tree
 
 KERNEL_ENV = "APPPOT_KERNEL"
 RECORD_NAME = "kernel.json"

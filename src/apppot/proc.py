@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
 import subprocess
@@ -39,24 +38,6 @@ def parent_death_signal(signum: int) -> Callable[[], None]:
             os.kill(os.getpid(), signum)
 
     return preexec
-
-
-def remove_tree(path: str) -> None:
-    """Remove a directory tree AppPot made, ignoring what is already gone (shutil.rmtree without shutil)."""
-    try:
-        entries = list(os.scandir(path))
-    except FileNotFoundError:
-        return
-    except NotADirectoryError:
-        entries = []
-    for entry in entries:
-        with contextlib.suppress(FileNotFoundError):
-            if entry.is_dir(follow_symlinks=False):
-                remove_tree(entry.path)
-            else:
-                os.unlink(entry.path)
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-        os.rmdir(path)
 
 
 def run(

@@ -1,14 +1,17 @@
 """The host-guest contract: what the host tells the guest agent, and how.
 
-The kernel command line carries two words for the agent, ``apppot_ctl=PATH``
-and ``apppot_job=PATH``: the host paths of the control and job directories.
-Having no dot, the kernel hands them to init as environment variables, so the
-agent needs no command to find them. The agent mounts both over hostfs and
-sources the file ``job`` in the control directory: a
-POSIX sh fragment rendered here, with every value single-quoted and the
-command as ``set -- 'word' ...``, so any bytes but NUL arrive exactly and no
-length limit of the kernel command line applies. The agent reports the job's
-exit status in the file ``status`` and reads stdin from ``stdin.N`` chunks.
+The kernel command line carries three words for the agent, ``apppot_ctl=PATH``,
+``apppot_out=PATH`` and ``apppot_job=PATH``: the host paths of the control, report
+and job directories. Having no dot, the kernel hands them to init as environment
+variables, so the agent needs no command to find them. Data flows one way in each
+of the first two: the control directory carries what the host sends and is
+read-only to the guest; the report directory carries what the guest sends back,
+which the host reads as hostile input (apppot.channel). The agent sources the file
+``job`` in the control directory: a POSIX sh fragment rendered here, with every
+value single-quoted and the command as ``set -- 'word' ...``, so any bytes but NUL
+arrive exactly and no length limit of the kernel command line applies. It reads
+stdin from ``stdin.N`` chunks, reports in ``stdin.read`` how many it consumed, and
+reports the job's exit status in the file ``status``.
 """
 
 from __future__ import annotations
@@ -20,22 +23,27 @@ from typing import NamedTuple
 
 from apppot.errors import UsageError
 
-PROTOCOL_VERSION = 3  # 3: changes archives merged at boot (apppot_changes=1)
+PROTOCOL_VERSION = 4  # 4: a read-only control directory and a separate report directory (apppot_out)
 
 # UML refuses a command line of 4096 bytes or more and appends " console=tty0"
 # itself; keep a margin for that.
 KERNEL_CMDLINE_LIMIT = 4000
 
-CTL_PARAM = "apppot_ctl"
+CTL_PARAM = "apppot_ctl"  # host -> guest, read-only to the guest
+OUT_PARAM = "apppot_out"  # guest -> host: the report directory
 JOB_PARAM = "apppot_job"
 CHANGES_PARAM = "apppot_changes"  # =1: merge the changes in the control directory before mounting the job directory
 FS_PARAM = "apppot_fs"  # =9p: apppot_ctl and apppot_job name virtio 9p tags (QEMU), not hostfs paths (UML)
 TTY_PARAM = "apppot_tty"  # the interactive terminal's device, where it is not tty1 (QEMU: ttyS3)
 USER_DATA_MAGIC = b"#apppot-job\n"  # the first line of cloud user-data carrying a job
 JOB_FILE = "job"
-STATUS_FILE = "status"
+# In the control directory (host -> guest).
 STDIN_CHUNK = "stdin.{}"
 STDIN_END = "stdin.end"
+# In the report directory (guest -> host): the only names the host reads there.
+STATUS_FILE = "status"
+STDIN_READ = "stdin.read"  # how many stdin chunks the guest has consumed
+REPORT_LIMIT = 64  # bytes: a report is one small number; more is the guest misbehaving
 # A changes archive to merge at boot, checked by the host: the archive, its deletions (one path
 # per line, relative to /) and the base id it needs.
 CHANGES_ARCHIVE = "changes.tar"  # uncompressed, only the checked members (apppot.snap.repack)
@@ -110,13 +118,14 @@ def _check(value: str, pattern: re.Pattern[str], what: str) -> str:
     return value
 
 
-def render_kernel_params(ctl_path: str, job_path: str, changes: bool = False, ninep: bool = False) -> list[str]:
-    """The kernel parameters the agent reads: where the control and job directories are (host paths
-    as UML sees them, or with ``ninep`` the tags of QEMU's 9p shares), and whether a changes archive
-    waits in the control directory."""
+def render_kernel_params(ctl_path: str, out_path: str, job_path: str, changes: bool = False, ninep: bool = False) -> list[str]:
+    """The kernel parameters the agent reads: where the control, report and job directories are (host
+    paths as UML sees them, or with ``ninep`` the tags of QEMU's 9p shares), and whether a changes
+    archive waits in the control directory."""
     pattern, what = (_TAG, "9p tag") if ninep else (_PATH, "path")
     params = [
         f"{CTL_PARAM}={_check(ctl_path, pattern, f'control {what}')}",
+        f"{OUT_PARAM}={_check(out_path, pattern, f'report {what}')}",
         f"{JOB_PARAM}={_check(job_path, pattern, f'job {what}')}",
     ]
     if ninep:
@@ -159,10 +168,15 @@ def render_user_data(job: GuestJob) -> bytes:
     return USER_DATA_MAGIC + render_job_file(job._replace(stdin=StdinMode.NULL, interactive=False, term=None))
 
 
-def parse_status(text: str) -> int | None:
-    """The job's exit status from the agent's status file, or None if malformed."""
-    text = text.strip()
-    if not text.isdigit():
+def parse_count(data: bytes, limit: int) -> int | None:
+    """A number 0..limit the agent reported (digits and a newline), or None if malformed."""
+    text = data.strip(b"\n")
+    if not text.isdigit() or len(text) > len(str(limit)):  # isdigit on bytes: ASCII digits only
         return None
     value = int(text)
-    return value if 0 <= value <= 255 else None
+    return value if value <= limit else None
+
+
+def parse_status(data: bytes) -> int | None:
+    """The job's exit status from the agent's status file, or None if malformed."""
+    return parse_count(data, 255)

@@ -11,7 +11,6 @@ import os
 import re
 import shlex
 import signal
-import stat
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ from apppot.backends.choice import Backend, Decision, KvmState, decide, requeste
 from apppot.backends.qemu import (
     CTL_TAG,
     JOB_TAG,
+    OUT_TAG,
     QEMU_IMG,
     QEMU_IMG_PACKAGE,
     QEMU_PACKAGE,
@@ -35,12 +35,14 @@ from apppot.backends.qemu import (
     qemu_argv,
 )
 from apppot.backends.uml import AGENT_SERVICE, SYSTEMD_PATH, UmlLaunch, cmdline_length, personality_prefix, uml_argv
-from apppot.errors import CowError, GuestDied, HostError, JobDirError, UsageError
+from apppot.channel import Channel
+from apppot.errors import AppPotError, CowError, GuestDied, GuestMisbehaved, HostError, UsageError
 from apppot.images import ext4, tiny
 from apppot.images.store import cache_dir, resolve_image
+from apppot.jobdir import check_jobdir, check_outside
 from apppot.kernel import FoundKernel, KernelTraits, find_kernel, kernel_traits, shared_libraries
 from apppot.network import Network, choose_network
-from apppot.proc import parent_death_signal, remove_tree, run, which
+from apppot.proc import parent_death_signal, run, which
 from apppot.protocol import (
     CHANGES_ARCHIVE,
     CHANGES_BASE,
@@ -48,8 +50,6 @@ from apppot.protocol import (
     JOB_FILE,
     KERNEL_CMDLINE_LIMIT,
     STATUS_FILE,
-    STDIN_CHUNK,
-    STDIN_END,
     GuestJob,
     StdinMode,
     StreamMode,
@@ -57,20 +57,21 @@ from apppot.protocol import (
     render_job_file,
     render_kernel_params,
 )
+from apppot.rundir import RunDir, sweep_stale
 from apppot.sandbox import Bind, bwrap_argv, find_bwrap, is_setuid, probe, require_or_warn
 from apppot.spec import DEFAULT_MEM, JobSpec, choose_mem
+from apppot.streams import Relay, StdinSpool, Streams, detect_streams
 
 # Paths inside the sandbox.
 SANDBOX_KERNEL = "/apppot/linux"
 SANDBOX_COW = "/apppot/cow"
 SANDBOX_CTL = "/apppot/ctl"
+SANDBOX_OUT = "/apppot/out"
 SANDBOX_JOB = "/apppot/job"
 SANDBOX_UML_DIR = "/apppot/uml"
 
-STOP_GRACE_S = 3.0  # after SIGTERM, before SIGKILL
+STOP_GRACE_S = 2.0  # after SIGTERM, before SIGKILL
 POWEROFF_GRACE_S = 10.0  # after the job reported, for the guest to power off
-SPOOL_WINDOW = 4  # stdin chunks the host may have written ahead of the guest
-SPOOL_CHUNK = 1 << 20
 
 AUTO_CHANGES = "apppot-changes.tar.gz"  # merged at boot when found in the job directory
 _UMID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -119,20 +120,6 @@ def _read_max_map_count() -> int:
         return 65530
 
 
-def _check_jobdir(path: Path) -> Path:
-    try:
-        is_dir = stat.S_ISDIR(path.stat().st_mode)
-    except FileNotFoundError:
-        is_dir = False
-    except PermissionError:
-        raise JobDirError(f"job directory {path} is not reachable by you; fix the permissions of its parents") from None
-    if not is_dir:
-        raise JobDirError(f"job directory {path} does not exist or is not a directory; create it or pass --jobdir DIR")
-    if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
-        raise JobDirError(f"job directory {path} is not writable by you; fix its permissions or pass another --jobdir")
-    return path.resolve()
-
-
 def _default_image(say: Say) -> Path:
     target = tiny.image_path()
     if not target.exists():
@@ -168,13 +155,17 @@ def _qemu_setup(accel: Accel, say: Say) -> QemuSetup:
 
 def prepare(spec: JobSpec, say: Say, decision: Decision | None = None) -> Prepared:
     """Check everything about the job that can be checked before booting."""
-    jobdir = _check_jobdir(spec.jobdir)
+    jobdir = check_jobdir(spec.jobdir, spec.unsafe_jobdir)
+    fix = "set XDG_CACHE_HOME and TMPDIR to places outside it, or use another --jobdir"
+    check_outside(jobdir, cache_dir(), "AppPot's cache", fix)
+    check_outside(jobdir, run_base(), "the directory for AppPot's run files (TMPDIR)", fix)
     image = resolve_image(str(spec.image)) if spec.image is not None else _default_image(say)
     fs_uuid = ext4.filesystem_uuid(image)  # also says when the image is missing or unreadable
     decision = decision or choose_backend(spec, say)
     if decision.backend is Backend.QEMU:
         return _prepare_qemu(spec, say, decision, jobdir, image, fs_uuid)
     kernel = find_kernel(spec.kernel)
+    check_outside(jobdir, kernel.path, "the kernel", "keep kernels outside the job directory")
     traits = kernel_traits(kernel.path, say if spec.verbose else None)
     if spec.verbose:
         mode = "seccomp" if traits.seccomp_works else "ptrace"
@@ -290,107 +281,6 @@ def _check_full_boot(image: Path) -> None:
         )
 
 
-class Streams(NamedTuple):
-    """How the host's standard streams map into the guest."""
-
-    stdin: StdinMode
-    stdout: StreamMode
-    stderr: StreamMode
-    interactive: bool
-
-
-def _is_null_device(fd: int) -> bool:
-    try:
-        st = os.fstat(fd)
-    except OSError:
-        return True  # a closed stream reads as empty
-    try:
-        null = os.stat("/dev/null")
-    except OSError:
-        return False
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == null.st_rdev
-
-
-def detect_streams() -> Streams:
-    interactive = os.isatty(0) and os.isatty(1)
-
-    def mode(fd: int) -> StreamMode:
-        return StreamMode.TTY if os.isatty(fd) else StreamMode.PIPE
-
-    if interactive:
-        stdin = StdinMode.TTY
-    elif _is_null_device(0):
-        stdin = StdinMode.NULL
-    else:
-        stdin = StdinMode.SPOOL
-    return Streams(stdin, mode(1), mode(2), interactive)
-
-
-class StdinSpool(threading.Thread):
-    """Copies the host's stdin into numbered chunk files the guest agent consumes."""
-
-    def __init__(self, ctl: Path) -> None:
-        super().__init__(name="apppot-stdin", daemon=True)
-        self.ctl = ctl
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        written = 0
-        while not self.stop.is_set():
-            # Keep at most SPOOL_WINDOW chunks ahead of the guest.
-            while written >= SPOOL_WINDOW and (self.ctl / STDIN_CHUNK.format(written - SPOOL_WINDOW)).exists():
-                if self.stop.wait(0.005):
-                    return
-            try:
-                data = os.read(0, SPOOL_CHUNK)
-            except OSError:
-                data = b""
-            if not data:
-                break
-            self._write(STDIN_CHUNK.format(written), data)
-            written += 1
-        self._write(STDIN_END, f"{written}\n".encode())
-
-    def _write(self, name: str, data: bytes) -> None:
-        tmp = self.ctl / f".{name}.tmp"
-        with contextlib.suppress(FileNotFoundError):  # the run is over and its directory gone
-            tmp.write_bytes(data)
-            tmp.rename(self.ctl / name)
-
-
-class Relay(threading.Thread):
-    """Copies one of the guest's output channels to the host's stream."""
-
-    def __init__(self, src: int, dst: int, on_broken: Callable[[], None]) -> None:
-        super().__init__(name=f"apppot-relay-{dst}", daemon=True)
-        self.src = src
-        self.dst = dst
-        self.on_broken = on_broken
-
-    def run(self) -> None:
-        broken = False
-        while True:
-            try:
-                data = os.read(self.src, 1 << 16)
-            except OSError:
-                break
-            if not data:
-                break
-            if broken:
-                continue  # keep draining, so the guest never blocks on a full pipe
-            try:
-                view = memoryview(data)
-                while view:
-                    n = os.write(self.dst, view)
-                    view = view[n:]
-            except BrokenPipeError:
-                broken = True
-                self.on_broken()
-            except OSError:
-                broken = True
-        os.close(self.src)
-
-
 class Job:
     """The running state of one job; ``run`` drives it to its end."""
 
@@ -405,6 +295,7 @@ class Job:
         self.signal_received: int | None = None
         self.stdout_broken = False
         self.timed_out = False
+        self.failure: AppPotError | None = None  # what ended the job early (the guest misbehaving)
         self.exited = threading.Event()
         self.wake = threading.Event()
 
@@ -414,16 +305,17 @@ class Job:
 
     @contextlib.contextmanager
     def _rundir(self) -> Iterator[None]:
-        base = os.environ.get("TMPDIR") or "/tmp"
-        if not _HOSTFS_SAFE.fullmatch(base):
-            base = "/tmp"
-        self.rundir = _make_rundir(Path(base))
+        base = run_base()
+        for name in sweep_stale(base):
+            if self.spec.verbose:
+                self.say(f"removed {base / name}, left by an AppPot that was killed")
+        held = RunDir(base)
+        self.rundir = held.path
         try:
             yield
         finally:
             self._stop_guest()
-            with contextlib.suppress(OSError):
-                remove_tree(str(self.rundir))
+            held.release()
 
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:
@@ -438,12 +330,10 @@ class Job:
             for s, h in old.items():
                 signal.signal(s, h)
 
-    def _paths(self) -> tuple[Path, Path, Path]:
-        ctl = self.rundir / "ctl"
+    def _paths(self) -> tuple[Path, Path]:
         uml_dir = self.rundir / "uml"
-        ctl.mkdir()
         uml_dir.mkdir()
-        return ctl, uml_dir, self.rundir / "job.cow"
+        return uml_dir, self.rundir / "job.cow"
 
     def _cow(self, temp_cow: Path) -> Path:
         p = self.prepared
@@ -453,11 +343,7 @@ class Job:
             if self.spec.cow is None:
                 return p.image.resolve()
             if not self.spec.cow.exists():
-                image = str(p.image.resolve())
-                run(
-                    [QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", image, str(self.spec.cow)],
-                    package=QEMU_IMG_PACKAGE,
-                )
+                _create_overlay(self.spec.cow, p.image.resolve())
             return self.spec.cow.resolve()
         target = self.spec.cow if self.spec.cow is not None else temp_cow
         if not target.exists():
@@ -471,11 +357,11 @@ class Job:
             keep = True
         else:
             logs = cache_dir() / "logs"
-            logs.mkdir(parents=True, exist_ok=True)
+            logs.mkdir(mode=0o700, parents=True, exist_ok=True)
             path = logs / f"{self.prepared.umid}-{self.rundir.name}.log"
             keep = self.spec.verbose
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         except OSError as e:
             raise HostError(f"cannot write the console log {path}: {e.strerror}") from e
         if self.spec.verbose:
@@ -486,13 +372,22 @@ class Job:
         p = self.prepared
         for warning in p.warnings:
             self.say(warning)
-        ctl, uml_dir, temp_cow = self._paths()
+        uml_dir, temp_cow = self._paths()
+        channel = Channel(self.rundir)
+        try:
+            return self._run_with(channel, uml_dir, temp_cow)
+        finally:
+            channel.close()
+
+    def _run_with(self, channel: Channel, uml_dir: Path, temp_cow: Path) -> int:
+        p = self.prepared
+        ctl = channel.ctl
         if p.changes is not None:  # first: a refused archive stops the job before anything is opened
             _put_changes(ctl, p, self.say if self.spec.verbose else None)
         cow_path = self._cow(temp_cow)
         streams = detect_streams()
         # The job file first: a job it refuses leaves no console log and no open descriptor behind.
-        (ctl / JOB_FILE).write_bytes(render_job_file(self._guest_job(streams)))
+        channel.send(JOB_FILE, render_job_file(self._guest_job(streams)))
         log_fd, log_path, keep_log = self._log()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
@@ -500,9 +395,9 @@ class Job:
         if streams.interactive:
             terminal = (os.dup(0), os.dup(1))
         if p.qemu is not None:
-            argv = self._qemu_argv(p.qemu, ctl, cow_path, log_fd, out_w, err_w, terminal, streams)
+            argv = self._qemu_argv(p.qemu, channel, cow_path, log_fd, out_w, err_w, terminal, streams)
         else:
-            argv = self._uml_argv(ctl, uml_dir, cow_path, log_fd, out_w, err_w, terminal)
+            argv = self._uml_argv(channel, uml_dir, cow_path, log_fd, out_w, err_w, terminal)
         if self.spec.verbose:
             self.say(f"running: {shlex.join(argv)}")
 
@@ -536,11 +431,11 @@ class Job:
         relays = [Relay(out_r, 1, self._broken_stdout), Relay(err_r, 2, lambda: None)]
         for relay in relays:
             relay.start()
-        spool = StdinSpool(ctl) if streams.stdin is StdinMode.SPOOL else None
+        spool = StdinSpool(channel, self.wake.set) if streams.stdin is StdinMode.SPOOL else None
         if spool:
             spool.start()
         try:
-            status = self._supervise(ctl)
+            status = self._supervise(channel, spool)
         finally:
             if spool:
                 spool.stop.set()
@@ -581,7 +476,7 @@ class Job:
     def _qemu_argv(
         self,
         q: QemuSetup,
-        ctl: Path,
+        channel: Channel,
         cow_path: Path,
         log_fd: int,
         out_w: int,
@@ -597,7 +492,8 @@ class Job:
             image=str(p.image.resolve()),
             accel=q.accel,
             mem_bytes=p.mem_bytes,
-            ctl_dir=str(ctl),
+            ctl_dir=str(channel.ctl),
+            out_dir=str(channel.out),
             job_dir=str(p.jobdir),
             log_fd=log_fd,
             stdout_fd=out_w,
@@ -612,10 +508,18 @@ class Job:
             stdout_port=streams.stdout is not StreamMode.TTY,
             stderr_port=streams.stderr is not StreamMode.TTY,
         )
-        return qemu_argv(launch, render_kernel_params(CTL_TAG, JOB_TAG, changes=p.changes is not None, ninep=True))
+        params = render_kernel_params(CTL_TAG, OUT_TAG, JOB_TAG, changes=p.changes is not None, ninep=True)
+        return qemu_argv(launch, params)
 
     def _uml_argv(
-        self, ctl: Path, uml_dir: Path, cow_path: Path, log_fd: int, out_w: int, err_w: int, terminal: tuple[int, int] | None
+        self,
+        channel: Channel,
+        uml_dir: Path,
+        cow_path: Path,
+        log_fd: int,
+        out_w: int,
+        err_w: int,
+        terminal: tuple[int, int] | None,
     ) -> list[str]:
         p = self.prepared
         assert p.kernel is not None and p.traits is not None
@@ -625,7 +529,7 @@ class Job:
             net_params = (p.net.uml_param(), *([p.net.kernel_ip_param()] if p.traits.ip_autoconfig else []))
         launch = UmlLaunch(
             kernel=SANDBOX_KERNEL if sandboxed else str(p.kernel.path),
-            base="" if self.spec.writable_image else cow.base_path_for(p.fs_uuid) if sandboxed else str(p.image.resolve()),
+            base="" if self.spec.writable_image else cow.uml_base_path(p.image, p.fs_uuid),
             cow=SANDBOX_COW if sandboxed else str(cow_path),
             mem_bytes=p.mem_bytes,
             umid=p.umid,
@@ -640,7 +544,10 @@ class Job:
             full_boot=self.spec.full_boot,
         )
         agent_params = render_kernel_params(
-            SANDBOX_CTL if sandboxed else str(ctl), SANDBOX_JOB if sandboxed else str(p.jobdir), changes=p.changes is not None
+            SANDBOX_CTL if sandboxed else str(channel.ctl),
+            SANDBOX_OUT if sandboxed else str(channel.out),
+            SANDBOX_JOB if sandboxed else str(p.jobdir),
+            changes=p.changes is not None,
         )
         argv = uml_argv(launch, agent_params)
         if cmdline_length(argv) > KERNEL_CMDLINE_LIMIT:
@@ -648,12 +555,12 @@ class Job:
         if sandboxed:
             assert p.bwrap is not None
             setarch = which("setarch")
-            binds = self._binds(cow_path, ctl, uml_dir)
+            binds = self._binds(cow_path, channel, uml_dir)
             argv = bwrap_argv(p.bwrap, binds, share_net=p.net is not None, proc=setarch is None or is_setuid(p.bwrap)) + argv
             argv = personality_prefix(setarch) + argv
         return argv
 
-    def _binds(self, cow_path: Path, ctl: Path, uml_dir: Path) -> list[Bind]:
+    def _binds(self, cow_path: Path, channel: Channel, uml_dir: Path) -> list[Bind]:
         p = self.prepared
         assert p.kernel is not None
         binds = [Bind(str(p.kernel.path), SANDBOX_KERNEL)]
@@ -661,10 +568,11 @@ class Job:
         if p.net is not None:
             binds += [Bind(str(src), str(dst)) for src, dst in p.net.sandbox_files(shared_libraries)]
         if not self.spec.writable_image:
-            binds.append(Bind(str(p.image.resolve()), cow.base_path_for(p.fs_uuid)))
+            binds.append(Bind(str(p.image.resolve()), cow.uml_base_path(p.image, p.fs_uuid)))
         binds += [
             Bind(str(cow_path), SANDBOX_COW, writable=True),
-            Bind(str(ctl), SANDBOX_CTL, writable=True),
+            Bind(str(channel.ctl), SANDBOX_CTL),  # read-only: even guest root cannot plant anything there
+            Bind(str(channel.out), SANDBOX_OUT, writable=True),
             Bind(str(p.jobdir), SANDBOX_JOB, writable=True),
             Bind(str(uml_dir), SANDBOX_UML_DIR, writable=True),
         ]
@@ -680,9 +588,15 @@ class Job:
         self.stdout_broken = True
         self.wake.set()
 
-    def _supervise(self, ctl: Path) -> int | None:
+    def _supervise(self, channel: Channel, spool: StdinSpool | None) -> int | None:
         """Wait for the guest to end; returns the job's status if it reported one."""
-        status_file = ctl / STATUS_FILE
+        try:
+            return self._await_status(channel, spool)
+        except AppPotError as e:
+            self.failure = e
+            return None
+
+    def _await_status(self, channel: Channel, spool: StdinSpool | None) -> int | None:
         reported_at: float | None = None
         deadline = time.monotonic() + self.deadline_s if self.deadline_s is not None else None
         while not self.exited.is_set():
@@ -693,14 +607,20 @@ class Job:
             self.wake.clear()
             if self.signal_received is not None or self.stdout_broken:
                 return None
-            if reported_at is None and status_file.exists():
+            if spool is not None and spool.error is not None:
+                raise spool.error
+            if reported_at is None and channel.has_report(STATUS_FILE):
                 reported_at = time.monotonic()
             if reported_at is not None and time.monotonic() - reported_at > POWEROFF_GRACE_S:
                 self.say("the guest did not power off after the job ended; stopping it")
                 break
-        with contextlib.suppress(OSError):
-            return parse_status(status_file.read_text())
-        return None
+        data = channel.read_report(STATUS_FILE)
+        if data is None:
+            return None
+        status = parse_status(data)
+        if status is None:
+            raise GuestMisbehaved(f"the guest reported {data[:20]!r} as the job's status, not a number 0-255")
+        return status
 
     def _stop_guest(self) -> None:
         """Stop UML and every helper it started: SIGTERM to the group, then SIGKILL."""
@@ -723,6 +643,8 @@ class Job:
             self.say(f"stopped by {signal.Signals(self.signal_received).name}; the job was ended")
             _discard_log(log_path, keep_log)
             return 128 + self.signal_received
+        if self.failure is not None:
+            raise self.failure
         if self.stdout_broken:
             _discard_log(log_path, keep_log)
             return 128 + signal.SIGPIPE
@@ -756,16 +678,23 @@ def _put_changes(ctl: Path, p: Prepared, say: Say | None) -> None:
         say(f"merging {p.changes} (base {info.base[:16]}) before the job")
 
 
-def _make_rundir(base: Path) -> Path:
-    """A new private directory for one job (tempfile's randomness is not needed: the name is checked)."""
-    for attempt in range(100):
-        path = base / f"apppot-{os.getpid()}-{time.monotonic_ns() % 1_000_000_000:09d}-{attempt}"
-        try:
-            path.mkdir(mode=0o700)
-            return path
-        except FileExistsError:
-            continue
-    raise HostError(f"cannot make a job directory under {base}; clean it up or set TMPDIR")
+def _create_overlay(overlay: Path, image: Path) -> None:
+    """A new qcow2 overlay of ``image``, private like UML's COW (qemu-img keeps the mode of the file it fills)."""
+    try:
+        os.close(os.open(overlay, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    except OSError as e:
+        raise CowError(f"cannot create the overlay {overlay}: {e.strerror}; choose a writable place for --cow") from e
+    try:
+        run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image), str(overlay)], package=QEMU_IMG_PACKAGE)
+    except BaseException:
+        overlay.unlink(missing_ok=True)
+        raise
+
+
+def run_base() -> Path:
+    """Where run directories go: $TMPDIR, or /tmp where its path could not be given to UML."""
+    base = os.environ.get("TMPDIR") or "/tmp"
+    return Path(base if _HOSTFS_SAFE.fullmatch(base) else "/tmp")
 
 
 def _panic_hint(log_path: Path) -> str:

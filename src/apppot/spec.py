@@ -25,6 +25,7 @@ class JobSpec(NamedTuple):
 
     argv: tuple[str, ...] | None
     jobdir: Path
+    unsafe_jobdir: bool = False  # accept /, a system directory or the whole home as the job directory
     image: Path | None = None  # None: the tiny default appliance
     cow: Path | None = None  # None: a private temporary COW
     mem_bytes: int | None = None  # None: DEFAULT_MEM where the host allows it

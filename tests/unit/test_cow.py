@@ -59,11 +59,62 @@ def test_create_never_overwrites(tmp_path: Path) -> None:
 
 
 def test_other_image_is_refused(tmp_path: Path) -> None:
+    # Same size and mtime (every tiny image has them), another file.
+    base = make_base(tmp_path / "base.img")
+    other = make_base(tmp_path / "other.img")
+    c = tmp_path / "job.cow"
+    cow.create(c, base, "uuid-1")
+    with pytest.raises(CowError, match=r"another image.*ino"):
+        cow.check_matches(c, other, "uuid-2")
+
+
+def test_a_legacy_cow_is_checked_by_its_header(tmp_path: Path) -> None:
+    base = make_base(tmp_path / "base.img")
+    c = tmp_path / "job.cow"
+    st = base.stat()
+    c.write_bytes(cow.render_header(cow.base_path_for("uuid-1"), int(st.st_mtime), st.st_size).ljust(8192, b"\0"))
+    cow.check_matches(c, base, "uuid-1")
+    with pytest.raises(CowError, match="another image"):
+        cow.check_matches(c, base, "uuid-2")
+    os.utime(base, (1_700_000_001, 1_700_000_001))
+    with pytest.raises(CowError, match="different or modified base"):
+        cow.check_matches(c, base, "uuid-1")
+
+
+def test_a_change_put_back_is_still_refused(tmp_path: Path) -> None:
+    # UML compares size and whole-second mtime: a change within the second, or with the mtime put back, passed.
     base = make_base(tmp_path / "base.img")
     c = tmp_path / "job.cow"
     cow.create(c, base, "uuid-1")
-    with pytest.raises(CowError, match="another image"):
-        cow.check_matches(c, base, "uuid-2")
+    with base.open("r+b") as f:
+        f.write(b"changed")
+    os.utime(base, (1_700_000_000, 1_700_000_000))
+    with pytest.raises(CowError, match="ctime_ns differ"):
+        cow.check_matches(c, base, "uuid-1")
+
+
+def test_the_record_survives_uml_rewriting_the_header(tmp_path: Path) -> None:
+    # UML writes only its header struct when it switches the backing path: the padding keeps the record.
+    base = make_base(tmp_path / "base.img")
+    c = tmp_path / "job.cow"
+    cow.create(c, base, "uuid-1")
+    st = base.stat()
+    with c.open("r+b") as f:
+        f.write(cow.render_header("/elsewhere/base.img", int(st.st_mtime), st.st_size))
+    cow.check_matches(c, base, "uuid-1")
+
+
+def test_the_base_path_is_the_same_with_and_without_the_sandbox(tmp_path: Path) -> None:
+    base = make_base(tmp_path / "base.img")
+    assert cow.uml_base_path(base, "u") == str(base.resolve())
+    odd = make_base(tmp_path / "with, comma.img")
+    assert cow.uml_base_path(odd, "u") == cow.base_path_for("u")
+
+
+def test_new_cows_are_private(tmp_path: Path) -> None:
+    base = make_base(tmp_path / "base.img")
+    cow.create(tmp_path / "job.cow", base, "uuid-1")
+    assert (tmp_path / "job.cow").stat().st_mode & 0o777 == 0o600
 
 
 def test_modified_base_is_refused(tmp_path: Path) -> None:
@@ -71,7 +122,7 @@ def test_modified_base_is_refused(tmp_path: Path) -> None:
     c = tmp_path / "job.cow"
     cow.create(c, base, "uuid-1")
     os.utime(base, (1_700_000_001, 1_700_000_001))
-    with pytest.raises(CowError, match="different or modified base"):
+    with pytest.raises(CowError, match="before it changed"):
         cow.check_matches(c, base, "uuid-1")
 
 

@@ -14,13 +14,24 @@ from hypothesis import strategies as st
 
 from apppot.errors import UsageError
 from apppot.protocol import (
+    CHANGES_ARCHIVE,
+    CHANGES_BASE,
+    CHANGES_DELETE,
+    CHANGES_PARAM,
     CTL_PARAM,
+    FS_PARAM,
     JOB_FILE,
     JOB_PARAM,
+    OUT_PARAM,
     PROTOCOL_VERSION,
+    STATUS_FILE,
+    STDIN_CHUNK,
+    STDIN_END,
+    STDIN_READ,
     GuestJob,
     StdinMode,
     StreamMode,
+    parse_count,
     parse_status,
     render_job_file,
     render_kernel_params,
@@ -129,13 +140,29 @@ def test_without_a_command_the_arguments_stay_empty(shell: str, tmp_path: Path) 
     assert values[15] == b"0" and args == []
 
 
-def test_the_kernel_gets_two_words_without_a_dot() -> None:
+def test_the_kernel_gets_three_words_without_a_dot() -> None:
     # No dot: the kernel passes them to init's environment instead of treating them as module parameters.
-    assert render_kernel_params("/apppot/ctl", "/apppot/job") == [f"{CTL_PARAM}=/apppot/ctl", f"{JOB_PARAM}=/apppot/job"]
-    assert "." not in CTL_PARAM + JOB_PARAM
+    assert render_kernel_params("/apppot/ctl", "/apppot/out", "/apppot/job") == [
+        f"{CTL_PARAM}=/apppot/ctl",
+        f"{OUT_PARAM}=/apppot/out",
+        f"{JOB_PARAM}=/apppot/job",
+    ]
+    assert "." not in CTL_PARAM + OUT_PARAM + JOB_PARAM
     for ctl, job_path in (("/with space", "/apppot/job"), ("/apppot/ctl", '/a"b')):
         with pytest.raises(UsageError):
-            render_kernel_params(ctl, job_path)
+            render_kernel_params(ctl, "/apppot/out", job_path)
+
+
+def test_the_agent_uses_the_hosts_names() -> None:
+    # The names are defined once, in protocol.py; the agent must spell every one of them the same.
+    agent = AGENT.read_text()
+    for param in (CTL_PARAM, OUT_PARAM, JOB_PARAM, CHANGES_PARAM, FS_PARAM):
+        assert f"{param}=*) {param}=" in agent, param
+    for name in (STATUS_FILE, STDIN_READ):
+        assert f'"$OUT/{name}"' in agent, name
+    for name in (JOB_FILE, STDIN_END, STDIN_CHUNK.format("$i"), CHANGES_ARCHIVE, CHANGES_DELETE, CHANGES_BASE):
+        assert f"$CTL/{name}" in agent, name
+    assert f"APPPOT_PROTOCOL={PROTOCOL_VERSION}\n" in agent
 
 
 @pytest.mark.parametrize(
@@ -155,6 +182,27 @@ def test_nul_bytes_and_empty_commands_are_refused() -> None:
         render_job_file(job(()))
 
 
-@pytest.mark.parametrize("text,expected", [("0\n", 0), ("255", 255), ("7\n", 7), ("256", None), ("", None), ("x", None)])
-def test_parse_status(text: str, expected: int | None) -> None:
-    assert parse_status(text) == expected
+@pytest.mark.parametrize(
+    "data,expected",
+    [
+        (b"0\n", 0),
+        (b"255", 255),
+        (b"7\n", 7),
+        (b"256", None),
+        (b"", None),
+        (b"x", None),
+        (b" 7", None),
+        (b"\xff\xfe", None),
+        (b"\xd9\xa3", None),  # an Arabic-Indic digit: str.isdigit would take it
+        (b"00000000000000000000007", None),
+        (b"-1", None),
+    ],
+)
+def test_parse_status(data: bytes, expected: int | None) -> None:
+    assert parse_status(data) == expected
+
+
+def test_parse_count_is_bounded() -> None:
+    assert parse_count(b"4\n", 4) == 4
+    assert parse_count(b"5\n", 4) is None
+    assert parse_count(b"9" * 40, 10**30) is None

@@ -15,7 +15,7 @@ from apppot.backends.qemu import Accel, DiskBus, QemuLaunch, firmware_boot_argv,
 from apppot.errors import HostError, UsageError
 from apppot.guest_kernel import CpioEntry, cpio_newc, load_order, module_name, parse_depends, vmlinux_from_bzimage
 from apppot.images.export import DiskFormat, layout, sfdisk_script, syslinux_cfg
-from apppot.protocol import USER_DATA_MAGIC, GuestJob, StdinMode, render_kernel_params, render_user_data
+from apppot.protocol import PROTOCOL_VERSION, USER_DATA_MAGIC, GuestJob, StdinMode, render_kernel_params, render_user_data
 from apppot.submit.cloud import job_tar, meta_data
 
 AGENT = resources.files("apppot.guest").joinpath("apppot-init")
@@ -29,12 +29,13 @@ BASE = QemuLaunch(
     accel=Accel.TCG,
     mem_bytes=512 << 20,
     ctl_dir="/run/ctl",
+    out_dir="/run/out",
     job_dir="/home/me/job",
     log_fd=3,
     stdout_fd=5,
     stderr_fd=7,
 )
-PARAMS = render_kernel_params("apppot_ctl", "apppot_job", ninep=True)
+PARAMS = render_kernel_params("apppot_ctl", "apppot_out", "apppot_job", ninep=True)
 MACHINE = [
     "/usr/bin/qemu-system-x86_64",
     "-nodefaults",
@@ -57,9 +58,13 @@ MACHINE = [
 ]
 SHARES = [
     "-fsdev",
-    "local,id=apppot_ctl,path=/run/ctl,security_model=none",
+    "local,id=apppot_ctl,path=/run/ctl,security_model=none,readonly=on",
     "-device",
     "virtio-9p-pci,fsdev=apppot_ctl,mount_tag=apppot_ctl",
+    "-fsdev",
+    "local,id=apppot_out,path=/run/out,security_model=none",
+    "-device",
+    "virtio-9p-pci,fsdev=apppot_out,mount_tag=apppot_out",
     "-fsdev",
     "local,id=apppot_job,path=/home/me/job,security_model=none",
     "-device",
@@ -67,7 +72,7 @@ SHARES = [
 ]
 APPEND = (
     "console=ttyS2 quiet panic=-1 apppot_root=/dev/vda apppot_modules=direct "
-    "apppot_ctl=apppot_ctl apppot_job=apppot_job apppot_fs=9p"
+    "apppot_ctl=apppot_ctl apppot_out=apppot_out apppot_job=apppot_job apppot_fs=9p"
 )
 
 
@@ -112,7 +117,7 @@ def test_golden_argv_of_an_interactive_kvm_job_with_network_and_overlay() -> Non
     assert argv[-1] == (
         "console=ttyS2 quiet panic=-1 apppot_root=/dev/vda apppot_modules=direct "
         "apppot_init=/usr/lib/systemd/systemd apppot_tty=ttyS3 loglevel=3 "
-        "apppot_ctl=apppot_ctl apppot_job=apppot_job apppot_fs=9p apppot_changes=1"
+        "apppot_ctl=apppot_ctl apppot_out=apppot_out apppot_job=apppot_job apppot_fs=9p apppot_changes=1"
     )
 
 
@@ -141,14 +146,15 @@ def test_firmware_boot_passes_no_kernel_and_no_command_line() -> None:
 
 
 def test_ninep_tags_are_checked() -> None:
-    assert render_kernel_params("apppot_ctl", "apppot_job", changes=True, ninep=True) == [
+    assert render_kernel_params("apppot_ctl", "apppot_out", "apppot_job", changes=True, ninep=True) == [
         "apppot_ctl=apppot_ctl",
+        "apppot_out=apppot_out",
         "apppot_job=apppot_job",
         "apppot_fs=9p",
         "apppot_changes=1",
     ]
     with pytest.raises(UsageError):
-        render_kernel_params("/a/path", "apppot_job", ninep=True)
+        render_kernel_params("/a/path", "apppot_out", "apppot_job", ninep=True)
 
 
 # --- backend choice ---------------------------------------------------------------------------------
@@ -311,7 +317,7 @@ def test_user_data_round_trips_through_the_agents_parser(shell: str, tmp_path: P
     assert r.returncode == 0, r.stdout + r.stderr
     values = r.stdout.split(b"\0")[:-1]
     # In a cloud there is no host stdin or terminal: the user-data never asks for them.
-    assert values[:6] == [b"3", b"1000", b"alice", b"null", b"0", b"1"]
+    assert values[:6] == [str(PROTOCOL_VERSION).encode(), b"1000", b"alice", b"null", b"0", b"1"]
     assert values[6:] == [a.encode() for a in argv]
 
 

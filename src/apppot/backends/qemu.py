@@ -18,6 +18,7 @@ from apppot.backends.uml import AGENT_PATH, SYSTEMD_PATH
 
 MIB = 1024 * 1024
 CTL_TAG = "apppot_ctl"
+OUT_TAG = "apppot_out"
 JOB_TAG = "apppot_job"
 CONSOLE = "ttyS2"
 TERMINAL = "ttyS3"
@@ -56,6 +57,7 @@ class QemuLaunch(NamedTuple):
     accel: Accel
     mem_bytes: int
     ctl_dir: str
+    out_dir: str
     job_dir: str
     log_fd: int
     stdout_fd: int
@@ -111,10 +113,12 @@ def qemu_argv(launch: QemuLaunch, guest_params: list[str]) -> list[str]:
     if launch.name:
         argv += ["-name", launch.name]
     argv += ["-drive", drive]
-    for tag, path in ((CTL_TAG, launch.ctl_dir), (JOB_TAG, launch.job_dir)):
+    # The control directory is read-only to the guest: QEMU refuses its writes, whatever root inside does.
+    shares = ((CTL_TAG, launch.ctl_dir, ",readonly=on"), (OUT_TAG, launch.out_dir, ""), (JOB_TAG, launch.job_dir, ""))
+    for tag, path, mode in shares:
         argv += [
             "-fsdev",
-            f"local,id={tag},path={path},security_model=none",
+            f"local,id={tag},path={path},security_model=none{mode}",
             "-device",
             f"virtio-9p-pci,fsdev={tag},mount_tag={tag}",
         ]

@@ -16,8 +16,11 @@ RECORD_SUFFIX = ".json"
 
 
 def cache_dir() -> Path:
-    """$XDG_CACHE_HOME/apppot, or ~/.cache/apppot."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    """$XDG_CACHE_HOME/apppot, or ~/.cache/apppot. A relative $XDG_CACHE_HOME is ignored, as the XDG
+    specification says: it would put the cache wherever the job runs."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):
+        base = str(Path.home() / ".cache")
     return Path(base) / "apppot"
 
 
