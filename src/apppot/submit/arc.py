@@ -124,7 +124,7 @@ def download(url: str, into: Path) -> Path:
     if out.returncode != 0:
         raise HostError(f"arcget {url} failed: {_tail(out)}")
     landed = into / url.rstrip("/").rsplit("/", 1)[-1]
-    return landed if landed.is_dir() else into
+    return landed if landed.is_dir() and not landed.is_symlink() else into
 
 
 def clean(url: str) -> None:

@@ -8,6 +8,8 @@ The user-facing job id is TARGET-ID, e.g. slurm-42.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import secrets
@@ -19,8 +21,8 @@ from typing import NamedTuple
 
 from apppot.errors import EXIT_APPPOT_ERROR, EXIT_GUEST_DIED, UsageError
 from apppot.images.store import cache_dir
-from apppot.submit import arc, slurm
-from apppot.submit.job import BatchJob
+from apppot.submit import arc, results, slurm
+from apppot.submit.job import BatchJob, check_output_name
 
 TARGETS = ("slurm", "arc")
 
@@ -199,25 +201,53 @@ def clean(job_id: str) -> None:
     shutil.rmtree(record.stage, ignore_errors=True)
 
 
-def fetch(job_id: str, into: Path, force: bool) -> tuple[Path, list[str], list[str]]:
-    """Copy stdout, stderr and the declared outputs into INTO/JOBID; returns it, what was copied and what is missing."""
+def _open_fetch_target(into: Path, job_id: str, force: bool) -> int:
+    """INTO/JOBID, made new, or (with force) the existing directory, never through a link."""
+    if "/" in job_id or job_id in ("", ".", ".."):
+        raise UsageError(f"job id {job_id!r} cannot name a directory; clean the job (apppot clean)")
+    with contextlib.ExitStack() as stack:
+        parent = os.open(into, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        stack.callback(os.close, parent)
+        try:
+            os.mkdir(job_id, 0o777, dir_fd=parent)
+        except FileExistsError:
+            if not force:
+                raise UsageError(f"{into / job_id} exists; move it away or pass --force to overwrite what is in it") from None
+        try:
+            return os.open(job_id, results.DIR_FLAGS, dir_fd=parent)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise UsageError(f"{into / job_id} is not a directory of its own (a link?); move it away") from None
+            raise
+
+
+def fetch(job_id: str, into: Path, force: bool, limit: int = results.DEFAULT_LIMIT) -> tuple[Path, results.CopyReport]:
+    """Copy stdout, stderr and the declared outputs into INTO/JOBID (only regular files, never
+    through a link the job left); returns it and what was copied, missing and refused."""
     record = find(job_id)
-    target = into / job_id
-    if target.exists() and not force:
-        raise UsageError(f"{target} exists; move it away or pass --force to overwrite what is in it")
-    target.mkdir(parents=True, exist_ok=True)
-    where = Path(record.stage)
-    outputs = where / "job"
-    if record.target == "arc":  # stdout, stderr and the outputs come back from the CE's session directory
-        where = outputs = arc.download(record.native_id, where / "downloaded")
-    copied, missing = [], []
-    for name, source in [(n, where / n) for n in (slurm.STDOUT, slurm.STDERR)] + [(o, outputs / o) for o in record.outputs]:
-        if source.is_file():
-            destination = target / name
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, destination)
-            copied.append(name)
+    outputs = [check_output_name(o) for o in record.outputs]
+    with contextlib.ExitStack() as stack:
+        target = _open_fetch_target(into, job_id, force)
+        stack.callback(os.close, target)
+        stage_dir = Path(record.stage)
+        if record.target == "arc":  # stdout, stderr and the outputs come back from the CE's session directory
+            stage_dir = arc.download(record.native_id, stage_dir / "downloaded")
+        stage_fd = os.open(stage_dir, results.DIR_FLAGS)
+        stack.callback(os.close, stage_fd)
+        report = results.copy_results(stage_fd, [slurm.STDOUT, slurm.STDERR], target, limit=limit, replace=force)
+        if record.target == "arc":
+            job_fd = os.dup(stage_fd)
         else:
-            missing.append(name)
-    os.utime(target)
-    return target, copied, missing
+            try:
+                job_fd = results.open_directory(stage_fd, "job")
+            except (results.Refusal, results.Missing) as e:
+                why = str(e) or "gone"
+                raise UsageError(
+                    f"the staged job directory {stage_dir / 'job'} is unusable ({why}); clean the job: apppot clean {job_id}"
+                ) from None
+        stack.callback(os.close, job_fd)
+        more = results.copy_results(job_fd, outputs, target, limit=limit, replace=force)
+        os.utime(target)
+    return into / job_id, results.CopyReport(
+        report.copied + more.copied, report.missing + more.missing, report.refused + more.refused
+    )
