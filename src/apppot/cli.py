@@ -427,7 +427,7 @@ def cmd_submit(argv: Sequence[str]) -> int:
     from apppot.images.store import resolve_image
     from apppot.runner import _default_image
     from apppot.submit import jobs
-    from apppot.submit.job import BatchJob, check_output_name, parse_wall_time
+    from apppot.submit.job import BatchJob, check_job_name, check_output_name, parse_wall_time
 
     image: Path | None = None  # ARC without --image: the site's image (its APPPOT runtime environment names it)
     if ns.image or ns.target != "arc":
@@ -445,7 +445,7 @@ def cmd_submit(argv: Sequence[str]) -> int:
         changes=ns.changes.resolve() if ns.changes else None,
         inputs=tuple(i.resolve() for i in ns.inputs),
         outputs=tuple(check_output_name(o) for o in ns.outputs),
-        name=ns.name,
+        name=check_job_name(ns.name),
     )
     if job.changes is not None:
         from apppot import snap
@@ -456,7 +456,8 @@ def cmd_submit(argv: Sequence[str]) -> int:
             raise UsageError(str(e)) from None
     record, script = jobs.submit(job, ns.target, ns.dry_run, ce=ns.ce)
     if record is None:
-        print(script, end="")
+        sys.stdout.flush()
+        sys.stdout.buffer.write(os.fsencode(script))  # the command's bytes as they are, UTF-8 or not
     elif ns.json:
         import json
 

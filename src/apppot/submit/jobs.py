@@ -22,7 +22,7 @@ from typing import NamedTuple
 from apppot.errors import EXIT_APPPOT_ERROR, EXIT_GUEST_DIED, UsageError
 from apppot.images.store import cache_dir
 from apppot.submit import arc, results, slurm
-from apppot.submit.job import BatchJob, check_output_name
+from apppot.submit.job import STDERR, STDOUT, BatchJob, check_output_name
 
 TARGETS = ("slurm", "arc")
 
@@ -61,7 +61,7 @@ def apppot_command() -> str:
 
 def stage(job: BatchJob, changes_name: str | None = None) -> Path:
     """A new staging directory with the job directory in it: inputs and the changes archive copied
-    (under changes_name, if given)."""
+    (under changes_name, if given). Nothing is left behind if it cannot be made in full."""
     sources = [*job.inputs, *([job.changes] if job.changes else [])]
     names = set()
     for source in sources:
@@ -73,29 +73,52 @@ def stage(job: BatchJob, changes_name: str | None = None) -> Path:
     where = jobs_dir() / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
     jobdir = where / "job"
     jobdir.mkdir(parents=True)
-    for source in job.inputs:
-        shutil.copy2(source, jobdir / source.name)
-    if job.changes is not None:
-        shutil.copy2(job.changes, jobdir / (changes_name or job.changes.name))
+    try:
+        for source in job.inputs:
+            shutil.copy2(source, jobdir / source.name)
+        if job.changes is not None:
+            shutil.copy2(job.changes, jobdir / (changes_name or job.changes.name))
+    except BaseException:
+        remove_stage(where)
+        raise
     return where
 
 
+def remove_stage(where: Path) -> None:
+    """Remove a staging directory, also what the job left there unreadable (rmtree never follows links)."""
+
+    def unlock(function: object, path: str, error: object) -> None:
+        with contextlib.suppress(OSError):
+            parent = os.path.dirname(path)
+            os.chmod(parent, 0o700, follow_symlinks=False)
+            if os.path.isdir(path) and not os.path.islink(path):
+                os.chmod(path, 0o700)
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+
+    shutil.rmtree(where, onerror=unlock)
+
+
 def submit(job: BatchJob, target: str, dry_run: bool, ce: str | None = None) -> tuple[JobRecord | None, str]:
-    """Stage and submit the job; returns its record (None on a dry run) and the description submitted."""
+    """Stage and submit the job; returns its record (None on a dry run) and the description submitted.
+
+    A submission that fails leaves no staging directory behind."""
     if target not in TARGETS:
         raise UsageError(f"unknown target {target!r}: choose from {', '.join(TARGETS)}")
     if target == "arc":
         return _submit_arc(job, dry_run, ce)
     if dry_run:
         return None, slurm.render_sbatch(job, jobs_dir() / "STAGE", apppot_command())
+    slurm.render_sbatch(job, jobs_dir() / "STAGE", apppot_command())  # refuses bad names before anything is made
     where = stage(job)
-    script_text = slurm.render_sbatch(job, where, apppot_command())
-    script = where / "job.sh"
-    script.write_text(script_text)
     try:
-        native = slurm.submit(script)
-    except Exception:
-        shutil.rmtree(where, ignore_errors=True)
+        script_text = slurm.render_sbatch(job, where, apppot_command())
+        script = where / "job.sh"
+        script.write_bytes(os.fsencode(script_text))  # the command's bytes exactly, UTF-8 or not
+        native = slurm.submit(script, where / "job")
+    except BaseException:
+        remove_stage(where)
         raise
     record = JobRecord(
         f"{target}-{native}",
@@ -117,14 +140,14 @@ def _submit_arc(job: BatchJob, dry_run: bool, ce: str | None) -> tuple[JobRecord
     if not ce:
         raise UsageError("give the compute element with --ce URL, e.g. --ce https://ce.example.org:443/arex")
     where = stage(job, changes_name=arc.CHANGES)
-    wrapper = where / "job" / arc.WRAPPER
-    wrapper.write_text(arc.render_wrapper(job))
-    wrapper.chmod(0o755)
-    (where / "job.xrsl").write_text(xrsl)
     try:
+        wrapper = where / "job" / arc.WRAPPER
+        wrapper.write_bytes(os.fsencode(arc.render_wrapper(job)))
+        wrapper.chmod(0o755)
+        (where / "job.xrsl").write_bytes(xrsl.encode())
         url = arc.submit(where / "job.xrsl", where / "job", ce)
-    except Exception:
-        shutil.rmtree(where, ignore_errors=True)
+    except BaseException:
+        remove_stage(where)
         raise
     submitted = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     short = url.rstrip("/").rsplit("/", 1)[-1][:12]
@@ -198,7 +221,7 @@ def clean(job_id: str) -> None:
         raise UsageError(f"{job_id} has not finished; cancel it first (apppot cancel {job_id})")
     if record.target == "arc":
         arc.clean(record.native_id)
-    shutil.rmtree(record.stage, ignore_errors=True)
+    remove_stage(Path(record.stage))
 
 
 def _open_fetch_target(into: Path, job_id: str, force: bool) -> int:
@@ -234,7 +257,7 @@ def fetch(job_id: str, into: Path, force: bool, limit: int = results.DEFAULT_LIM
             stage_dir = arc.download(record.native_id, stage_dir / "downloaded")
         stage_fd = os.open(stage_dir, results.DIR_FLAGS)
         stack.callback(os.close, stage_fd)
-        report = results.copy_results(stage_fd, [slurm.STDOUT, slurm.STDERR], target, limit=limit, replace=force)
+        report = results.copy_results(stage_fd, [STDOUT, STDERR], target, limit=limit, replace=force)
         if record.target == "arc":
             job_fd = os.dup(stage_fd)
         else:
