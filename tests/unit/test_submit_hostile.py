@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from apppot.cli import main
+from tests.conftest import open_to_all
+from tests.unit.test_results import unprivileged
 
 NOT_UTF8 = os.fsdecode(b"caf\xe9")  # Latin-1 bytes, as a shell hands them to Python
 
@@ -201,7 +203,11 @@ def test_clean_removes_what_the_job_left_unreadable(home: Path) -> None:
     (job / "locked" / "deeper").mkdir(parents=True)
     (job / "locked" / "deeper" / "f").write_text("x")
     (job / "link").symlink_to(home / "work")  # never followed: what it points at stays
+    if os.geteuid() == 0:
+        open_to_all(home)
+        for path in [home / "cache", *(home / "cache").rglob("*")]:
+            os.lchown(path, 65534, 65534)
     os.chmod(job / "locked" / "deeper", 0)
     os.chmod(job / "locked", 0)
-    jobs.remove_stage(job.parent)
+    unprivileged(lambda: jobs.remove_stage(job.parent))
     assert staged(home) == [] and (home / "work").is_dir()

@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import sys
 import time
 from pathlib import Path
@@ -85,15 +86,16 @@ def stage(job: BatchJob, changes_name: str | None = None) -> Path:
 
 
 def remove_stage(where: Path) -> None:
-    """Remove a staging directory, also what the job left there unreadable (rmtree never follows links)."""
+    """Remove a staging directory, also what the job left there unreadable (rmtree never follows
+    links, and the directories it opens up are changed without following links either)."""
 
     def unlock(function: object, path: str, error: object) -> None:
+        with contextlib.suppress(OSError, NotImplementedError):
+            for directory in (os.path.dirname(path), path):
+                os.chmod(directory, 0o700, follow_symlinks=False)
         with contextlib.suppress(OSError):
-            parent = os.path.dirname(path)
-            os.chmod(parent, 0o700, follow_symlinks=False)
-            if os.path.isdir(path) and not os.path.islink(path):
-                os.chmod(path, 0o700)
-                shutil.rmtree(path, ignore_errors=True)
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                shutil.rmtree(path, onerror=unlock)
             else:
                 os.unlink(path)
 
