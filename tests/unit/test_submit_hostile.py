@@ -211,3 +211,20 @@ def test_clean_removes_what_the_job_left_unreadable(home: Path) -> None:
     os.chmod(job / "locked", 0)
     unprivileged(lambda: jobs.remove_stage(job.parent))
     assert staged(home) == [] and (home / "work").is_dir()
+
+
+@pytest.mark.parametrize("cache", ["cache%j", "cache\\x", "cache\nx", os.fsdecode(b"caf\xe9")])
+def test_a_staging_path_slurm_would_expand_is_refused_before_staging(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], cache: str
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / cache))
+    code = main(["submit", "--to", "slurm", "--image", str(home / "app.img"), "--", "true"])
+    err = capsys.readouterr().err
+    assert code == 125 and "set XDG_CACHE_HOME to a path without it" in err and err.count("\n") == 1
+    assert not (home / cache).exists()
+
+
+def test_a_staging_path_with_blanks_is_fine(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / "my cache"))
+    assert main(["submit", "--to", "slurm", "--image", str(home / "app.img"), "--", "true"]) == 0
+    assert len(list((home / "my cache" / "apppot" / "jobs").iterdir())) == 1

@@ -110,9 +110,10 @@ def submit(job: BatchJob, target: str, dry_run: bool, ce: str | None = None) -> 
         raise UsageError(f"unknown target {target!r}: choose from {', '.join(TARGETS)}")
     if target == "arc":
         return _submit_arc(job, dry_run, ce)
+    slurm.check_stage_path(jobs_dir())
+    text = slurm.render_sbatch(job, jobs_dir() / "STAGE", apppot_command())  # refuses bad names before staging
     if dry_run:
-        return None, slurm.render_sbatch(job, jobs_dir() / "STAGE", apppot_command())
-    slurm.render_sbatch(job, jobs_dir() / "STAGE", apppot_command())  # refuses bad names before anything is made
+        return None, text
     where = stage(job)
     try:
         script_text = slurm.render_sbatch(job, where, apppot_command())

@@ -29,8 +29,9 @@ def render_sbatch(job: BatchJob, stage: Path, apppot: str) -> str:
     stderr.txt, outside the job directory so that the job cannot clobber them. No path goes into an
     #SBATCH line: a blank splits it, a newline ends it, and Slurm expands % in --output. sbatch is
     given the job directory on its command line (sbatch_argv), and the output names are relative to
-    it, which slurmd joins to the working directory without expanding anything in it. The command
-    line is quoted for sh; the text may carry bytes that are not UTF-8 (as surrogates: os.fsencode)."""
+    it (slurmd joins them to the working directory, and Debian's Slurm 24 expands % in the whole:
+    check_stage_path refuses such directories). The command line is quoted for sh; the text may
+    carry bytes that are not UTF-8 (as surrogates: os.fsencode)."""
     if job.image is None:
         raise UsageError("a Slurm job needs an image the nodes can read: give --image")
     start = [apppot, "start", "--image", str(job.image), "--mem", f"{job.mem_bytes >> 20}M"]
@@ -51,6 +52,20 @@ def render_sbatch(job: BatchJob, stage: Path, apppot: str) -> str:
         f"exec {shlex.join(start)}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def check_stage_path(jobs: Path) -> Path:
+    """The directory jobs are staged in, if Slurm can take it as a working directory: slurmd expands
+    % (and, in some versions, \\) in the whole path of the output files, the working directory
+    included, and a control character has no business in a path Slurm logs and stores."""
+    text = str(jobs)
+    bad = next((c for c in text if c in "%\\" or not c.isprintable()), None)
+    if bad is not None:
+        raise UsageError(
+            f"the staging directory {text!r} has {bad!r}, which Slurm would expand or mangle in its output paths: "
+            "set XDG_CACHE_HOME to a path without it"
+        )
+    return jobs
 
 
 def sbatch_argv(sbatch: str, script: Path, jobdir: Path) -> list[str]:
