@@ -444,7 +444,7 @@ def cmd_submit(argv: Sequence[str]) -> int:
     from apppot.images.store import resolve_image
     from apppot.runner import _default_image
     from apppot.submit import jobs
-    from apppot.submit.job import BatchJob, check_output_name, parse_wall_time
+    from apppot.submit.job import BatchJob, check_job_name, check_output_name, parse_wall_time
 
     image: Path | None = None  # ARC without --image: the site's image (its APPPOT runtime environment names it)
     if ns.image or ns.target != "arc":
@@ -462,7 +462,7 @@ def cmd_submit(argv: Sequence[str]) -> int:
         changes=ns.changes.resolve() if ns.changes else None,
         inputs=tuple(i.resolve() for i in ns.inputs),
         outputs=tuple(check_output_name(o) for o in ns.outputs),
-        name=ns.name,
+        name=check_job_name(ns.name),
     )
     if job.changes is not None:
         from apppot import snap
@@ -473,7 +473,8 @@ def cmd_submit(argv: Sequence[str]) -> int:
             raise UsageError(str(e)) from None
     record, script = jobs.submit(job, ns.target, ns.dry_run, ce=ns.ce)
     if record is None:
-        print(script, end="")
+        sys.stdout.flush()
+        sys.stdout.buffer.write(os.fsencode(script))  # the command's bytes as they are, UTF-8 or not
     elif ns.json:
         import json
 
@@ -504,15 +505,21 @@ def cmd_status(argv: Sequence[str]) -> int:
 def cmd_fetch(argv: Sequence[str]) -> int:
     p = _parser_class()(prog="apppot fetch", description="Copy a job's stdout, stderr and outputs into ./JOBID/.")
     p.add_argument("job_id", metavar="JOBID")
-    p.add_argument("--force", action="store_true", help="write into ./JOBID/ even if it exists")
+    p.add_argument("--force", action="store_true", help="write into ./JOBID/ even if it exists, replacing files there")
+    p.add_argument("--max-size", default="16G", metavar="SIZE", help="refuse a file larger than SIZE (default 16G)")
     ns = p.parse_args(argv)
-    from apppot.submit import jobs
+    from apppot.submit import jobs, results
 
-    target, copied, missing = jobs.fetch(ns.job_id, Path.cwd(), ns.force)
-    print(f"{target}: {', '.join(copied) or 'nothing'}")
-    if missing:
-        _say(f"not there (yet): {', '.join(missing)}")
-    return 0
+    limit = results.parse_size(ns.max_size)
+    target, report = jobs.fetch(ns.job_id, Path.cwd(), ns.force, limit)
+    print(f"{target}: {', '.join(report.copied) or 'nothing'}")
+    if report.missing:
+        _say(f"not there (yet): {', '.join(report.missing)}")
+    for refused in report.refused:  # what the job left there is not the user's: never followed, never opened
+        sys.stderr.write(
+            f"apppot: error: refused {refused.name!r} from the job: {refused.reason}; copy it by hand if you trust it\n"
+        )
+    return EXIT_APPPOT_ERROR if report.refused else 0
 
 
 def cmd_clean(argv: Sequence[str]) -> int:

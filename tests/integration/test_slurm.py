@@ -176,3 +176,41 @@ def test_a_job_killed_at_its_wall_time_limit_says_so_and_keeps_its_outputs(user:
     r = user.run("fetch", job_id, cwd=d)
     assert r.returncode == 0, r.err
     assert (d / job_id / "partial.txt").read_text() == "started\n"
+
+
+def test_a_hostile_job_and_hostile_names(user: SiteUser, tiny_image: Path) -> None:
+    """The job leaves result.txt -> /etc/shadow; its staging path has a blank, its command a newline,
+    '#', '%' and quotes. The command arrives exactly, the streams land where they should, and fetch
+    refuses the link by name instead of following it (or copying it as a link). A staging path with
+    '%' is refused before anything is staged: slurmd expands it in the output paths."""
+    d = workdir(user, "hostile")
+    percent = user.home / "cache%j"
+    user.env["XDG_CACHE_HOME"] = str(percent)
+    r = user.run("submit", "--to", "slurm", "--image", str(tiny_image), "--", "true", cwd=d)
+    assert r.returncode == 125 and r.err.count("\n") == 1 and "set XDG_CACHE_HOME to a path without it" in r.err
+    assert not percent.exists()
+    cache = user.home / "ca che"
+    cache.mkdir()
+    chown_to(cache, TEST_USER)
+    user.env["XDG_CACHE_HOME"] = str(cache)
+    word = "line one\n#SBATCH --mem=1M %j 'q\""
+    job = 'ln -s /etc/shadow result.txt; printf "%s\\n" "$1" > ok.txt; echo done'
+    r = user.run(
+        "submit", "--to", "slurm", "--image", str(tiny_image), "--output", "result.txt", "--output", "ok.txt",
+        "--", "sh", "-c", job, "sh", word, cwd=d,
+    )  # fmt: skip
+    assert r.returncode == 0, r.err
+    job_id = r.stdout.decode().strip()
+    status = user.wait(job_id, d)
+    assert (status["state"], status["exit_code"]) == ("COMPLETED", 0)
+    stage = next((cache / "apppot" / "jobs").iterdir())
+    assert os.readlink(stage / "job" / "result.txt") == "/etc/shadow"  # the job did leave the link
+    r = user.run("fetch", job_id, cwd=d)
+    assert r.returncode == 125
+    refusal = "refused 'result.txt' from the job: a symbolic link; copy it by hand if you trust it"
+    assert r.err == f"apppot: error: {refusal}\n"
+    fetched = d / job_id
+    assert not (fetched / "result.txt").exists() and not (fetched / "result.txt").is_symlink()
+    assert (fetched / "ok.txt").read_text() == word + "\n"
+    assert (fetched / "stdout.txt").read_text() == "done\n"
+    assert sorted(p.name for p in fetched.iterdir()) == ["ok.txt", "stderr.txt", "stdout.txt"]

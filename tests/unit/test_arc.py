@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from apppot.errors import UsageError
 from apppot.spec import MIB
 from apppot.submit import arc
 from apppot.submit.job import BatchJob
@@ -157,3 +159,37 @@ def test_the_test_ce_configuration() -> None:
     conf = render_arc_conf(Path("/tb/arc"), Path("/tb/etc/slurm.conf"), "alice")
     assert "map_to_user = apppot alice:alice" in conf and "lrms = slurm" in conf
     assert "wsurl = https://localhost:8443/arex" in conf and "runtimedir = /tb/arc/rte" in conf
+
+
+@pytest.mark.parametrize("name", list(arc.RESERVED))
+def test_inputs_cannot_take_the_names_apppot_stages(name: str) -> None:
+    with pytest.raises(UsageError, match=f"--input '{name}' has the name of a file AppPot stages for ARC itself"):
+        arc.render_xrsl(JOB._replace(inputs=(Path("/home/u") / name,)))
+
+
+@pytest.mark.parametrize(
+    ("job", "problem"),
+    [
+        (JOB._replace(inputs=(Path(os.fsdecode(b"/home/u/caf\xe9")),)), "is not UTF-8"),
+        (JOB._replace(outputs=(os.fsdecode(b"caf\xe9"),)), "is not UTF-8"),
+        (JOB._replace(inputs=(Path("/home/u/a\nb"),)), "has a control character"),
+        (JOB._replace(name='x")(executable="/bin/sh'), "invalid --name"),
+    ],
+)
+def test_names_xrsl_cannot_carry_are_refused(job: BatchJob, problem: str) -> None:
+    with pytest.raises(UsageError, match=problem):
+        arc.render_xrsl(job)
+
+
+def test_the_wrapper_passes_hostile_arguments_exactly(tmp_path: Path) -> None:
+    words = ("x\ntouch /tmp/INJECTED #", "%j", 'it\'s "q"', "$(id)", os.fsdecode(b"caf\xe9"), "")
+    wrapper = tmp_path / "w.sh"
+    wrapper.write_bytes(os.fsencode(arc.render_wrapper(JOB._replace(argv=words, changes=None))))
+    start = tmp_path / "apppot-start"
+    start.write_text('#!/bin/sh\nprintf "%s\\0" "$@" > "$RECORD"\n')
+    start.chmod(0o755)
+    record = tmp_path / "argv"
+    env = {"PATH": "/usr/bin:/bin", "APPPOT_START": str(start), "RECORD": str(record)}
+    assert subprocess.run(["sh", str(wrapper)], env=env, check=False).returncode == 0
+    expected = ["--image", "apppot.img", "--mem", "1024M", "--", *words]
+    assert record.read_bytes().split(b"\0")[:-1] == [os.fsencode(w) for w in expected]

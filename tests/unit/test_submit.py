@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,7 @@ import pytest
 from apppot.errors import UsageError
 from apppot.spec import MIB
 from apppot.submit import jobs, slurm
-from apppot.submit.job import BatchJob, check_output_name, format_wall_time, parse_wall_time
+from apppot.submit.job import BatchJob, check_job_name, check_output_name, format_wall_time, parse_wall_time
 from apppot.testbed import LocalCluster, render_slurm_conf
 
 JOB = BatchJob(
@@ -33,13 +35,24 @@ def test_sbatch_script_golden() -> None:
         "#SBATCH --time=02:00:00\n"
         "#SBATCH --cpus-per-task=2\n"
         "#SBATCH --nodes=1\n"
-        "#SBATCH --chdir=/stage/job\n"
-        "#SBATCH --output=/stage/stdout.txt\n"
-        "#SBATCH --error=/stage/stderr.txt\n"
+        "#SBATCH --output=../stdout.txt\n"
+        "#SBATCH --error=../stderr.txt\n"
+        "# sbatch --chdir is the staged job directory; stdout and stderr go next to it.\n"
         "# The guest needs memory of its own besides the job's: see apppot.submit.job.UML_OVERHEAD.\n"
         "exec /venv/bin/apppot start --image /images/app.img --mem 1024M --changes /stage/job/mine.tar.gz -- "
         "./run.sh 'data in' '$HOME'\n"
     )
+
+
+def test_sbatch_is_given_the_job_directory_as_an_argument_of_its_own() -> None:
+    hostile = Path("/c a/%j\n#SBATCH --mem=1M/job")
+    assert slurm.sbatch_argv("sbatch", Path("/s/job.sh"), hostile) == [
+        "sbatch",
+        "--parsable",
+        "--chdir",
+        str(hostile),
+        "/s/job.sh",
+    ]
 
 
 def test_sbatch_script_without_changes() -> None:
@@ -107,3 +120,65 @@ def test_testbed_configuration_keeps_to_loopback() -> None:
     assert "NodeName=n1 NodeHostname=localhost NodeAddr=127.0.0.1 Port=17001 " in render_slurm_conf(
         LocalCluster(Path("/tb"), 1), 1, 10
     )
+
+
+# Hostile names: a newline, '#', '%', blanks, quotes and bytes that are not UTF-8, in the command,
+# the staging path (from $XDG_CACHE_HOME), the image path and the apppot path.
+HOSTILE_WORDS = ("x\ntouch /tmp/INJECTED #", "%j %x", 'it\'s "quoted"', "$(id)", os.fsdecode(b"caf\xe9"), "-", "")
+HOSTILE_STAGE = Path(os.fsdecode(b"/c a/%j\n#SBATCH --mem=1M/\xff'\""))
+
+
+def sbatch_directives(script: bytes) -> list[bytes]:
+    """The #SBATCH lines sbatch reads: those before the first line that is neither a comment nor blank."""
+    directives = []
+    for line in script.split(b"\n")[1:]:
+        if line.strip() and not line.startswith(b"#"):
+            break
+        if line.startswith(b"#SBATCH"):
+            directives.append(line)
+    return directives
+
+
+def test_hostile_names_cannot_reach_the_sbatch_directives() -> None:
+    job = JOB._replace(argv=HOSTILE_WORDS, image=HOSTILE_STAGE / "app.img", changes=HOSTILE_STAGE / "c.tar.gz")
+    script = os.fsencode(slurm.render_sbatch(job, HOSTILE_STAGE, str(HOSTILE_STAGE / "apppot")))
+    assert sbatch_directives(script) == [
+        b"#SBATCH --job-name=test",
+        b"#SBATCH --mem=1088M",
+        b"#SBATCH --time=02:00:00",
+        b"#SBATCH --cpus-per-task=2",
+        b"#SBATCH --nodes=1",
+        b"#SBATCH --output=../stdout.txt",
+        b"#SBATCH --error=../stderr.txt",
+    ]
+
+
+def test_hostile_names_reach_apppot_start_exactly(tmp_path: Path) -> None:
+    """Run the rendered script with sh, with a stand-in apppot that records its arguments."""
+    stage = tmp_path / os.fsdecode(b"c a%j\n#SBATCH \xff'\"")
+    (stage / "job").mkdir(parents=True)
+    apppot = stage / "apppot"
+    apppot.write_text('#!/bin/sh\nprintf "%s\\0" "$@" > "$RECORD"\n')
+    apppot.chmod(0o755)
+    job = JOB._replace(argv=HOSTILE_WORDS, image=stage / "app.img", changes=stage / "c.tar.gz")
+    script = stage / "job.sh"
+    script.write_bytes(os.fsencode(slurm.render_sbatch(job, stage, str(apppot))))
+    record = tmp_path / "argv"
+    r = subprocess.run(["sh", str(script)], env={"PATH": "/usr/bin:/bin", "RECORD": str(record)}, capture_output=True)
+    assert r.returncode == 0, r.stderr
+    expected = ["start", "--image", str(stage / "app.img"), "--mem", "1024M", "--changes", str(stage / "job" / "c.tar.gz")]
+    assert record.read_bytes().split(b"\0")[:-1] == [os.fsencode(w) for w in [*expected, "--", *HOSTILE_WORDS]]
+
+
+@pytest.mark.parametrize("name", ["x\ntouch /tmp/INJECTED #", "a b", "50%", "it's", os.fsdecode(b"caf\xe9"), "", "-x", "a" * 65])
+def test_job_names_that_are_not_one_word_are_refused(name: str) -> None:
+    with pytest.raises(UsageError, match="invalid --name"):
+        slurm.render_sbatch(JOB._replace(name=name), Path("/s"), "apppot")
+    with pytest.raises(UsageError, match="invalid --name"):
+        check_job_name(name)
+
+
+@pytest.mark.parametrize("name", ["stdout.txt", "./stderr.txt"])
+def test_outputs_cannot_take_the_names_of_the_jobs_streams(name: str) -> None:
+    with pytest.raises(UsageError, match="is fetched under that name"):
+        check_output_name(name)

@@ -13,21 +13,37 @@ import shlex
 import subprocess
 from pathlib import Path
 
-from apppot.errors import HostError
+from apppot.errors import HostError, UsageError
 from apppot.proc import run, which
-from apppot.submit.job import BatchJob
+from apppot.submit.job import STDERR, STDOUT, BatchJob, check_job_name
 
 RTE = "APPS/APPPOT-0"
 WRAPPER = "apppot-job.sh"
 CHANGES = "apppot-changes.tar.gz"
 IMAGE = "apppot.img"
-STDOUT = "stdout.txt"
-STDERR = "stderr.txt"
+GMLOG = "gmlog"
+# The session directory's names that are AppPot's (and ARC's): an input of the same name would be
+# overwritten by, or overwrite, the wrapper, the changes archive, the image or the job's streams.
+RESERVED = (WRAPPER, CHANGES, IMAGE, STDOUT, STDERR, GMLOG)
 
 
 def quote(value: str) -> str:
     """An xRSL string: in double quotes, a double quote doubled."""
     return '"' + value.replace('"', '""') + '"'
+
+
+def check_names(job: BatchJob) -> None:
+    """Inputs and outputs travel by name in the xRSL: UTF-8 text without control characters, and
+    no input may take one of the names AppPot stages itself."""
+    for what, name in [*(("--input", p.name) for p in job.inputs), *(("--output", o) for o in job.outputs)]:
+        try:
+            name.encode()
+        except UnicodeEncodeError:
+            raise UsageError(f"{what} {name!r} is not UTF-8, which xRSL cannot carry; rename it") from None
+        if not name.isprintable():
+            raise UsageError(f"{what} {name!r} has a control character, which xRSL cannot carry; rename it")
+        if what == "--input" and name in RESERVED:
+            raise UsageError(f"--input {name!r} has the name of a file AppPot stages for ARC itself; rename it")
 
 
 def render_wrapper(job: BatchJob) -> str:
@@ -50,6 +66,7 @@ def render_xrsl(job: BatchJob) -> str:
 
     Inputs are uploaded by the client from the submission directory (empty URLs); the image is
     staged from its path if the job names one, else the site's is used. Memory is per core in xRSL."""
+    check_names(job)
     memory_mib = -(-job.batch_mem_mib() // job.cores)
     inputs = [WRAPPER, *(p.name for p in job.inputs)]
     staged = [f"({quote(name)} {quote('')})" for name in inputs]
@@ -59,7 +76,7 @@ def render_xrsl(job: BatchJob) -> str:
         staged.append(f"({quote(IMAGE)} {quote(job.image.resolve().as_uri())})")
     lines = [
         f"&(executable={quote(WRAPPER)})",
-        f" (jobname={quote(job.name)})",
+        f" (jobname={quote(check_job_name(job.name))})",
         f" (runtimeenvironment={quote(RTE)})",
         f' (walltime="{job.wall_seconds} seconds")',
         f' (memory="{memory_mib}")',
@@ -69,7 +86,7 @@ def render_xrsl(job: BatchJob) -> str:
     if job.outputs:
         outputs = "".join(f"({quote(name)} {quote('')})" for name in job.outputs)
         lines.append(f" (outputfiles={outputs})")
-    lines += [f" (stdout={quote(STDOUT)})(stderr={quote(STDERR)})", ' (gmlog="gmlog")']
+    lines += [f" (stdout={quote(STDOUT)})(stderr={quote(STDERR)})", f" (gmlog={quote(GMLOG)})"]
     return "\n".join(lines) + "\n"
 
 
@@ -124,7 +141,7 @@ def download(url: str, into: Path) -> Path:
     if out.returncode != 0:
         raise HostError(f"arcget {url} failed: {_tail(out)}")
     landed = into / url.rstrip("/").rsplit("/", 1)[-1]
-    return landed if landed.is_dir() else into
+    return landed if landed.is_dir() and not landed.is_symlink() else into
 
 
 def clean(url: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
@@ -13,6 +14,11 @@ from apppot.spec import MIB
 # process tree, is the memory the guest touched plus 42 MiB. We ask for 64 MiB more.
 UML_OVERHEAD = 64 * MIB
 DEFAULT_WALL_SECONDS = 3600
+# Where the batch job's own stdout and stderr land, and the names `apppot fetch` gives them in ./JOBID/.
+STDOUT = "stdout.txt"
+STDERR = "stderr.txt"
+# A job name goes into #SBATCH lines and xRSL: a word, so that it can neither end a line nor be parsed.
+_JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 
 
 class BatchJob(NamedTuple):
@@ -70,8 +76,17 @@ def format_wall_time(seconds: int) -> str:
 
 
 def check_output_name(name: str) -> str:
-    """An output is a path inside the job directory."""
+    """An output is a path inside the job directory, not one of the names fetch gives stdout and stderr."""
     pure = PurePosixPath(name)
     if not name or pure.is_absolute() or ".." in pure.parts:
         raise UsageError(f"invalid --output {name!r}: name a file inside the job directory, without '..'")
+    if str(pure) in (STDOUT, STDERR):
+        raise UsageError(f"invalid --output {name!r}: the job's {pure.stem} is fetched under that name; rename the file")
     return str(pure)
+
+
+def check_job_name(name: str) -> str:
+    """A job name batch systems read as one word."""
+    if not _JOB_NAME.fullmatch(name):
+        raise UsageError(f"invalid --name {name!r}: use up to 64 letters, digits and . _ + - (starting with a letter or digit)")
+    return name

@@ -8,10 +8,13 @@ The user-facing job id is TARGET-ID, e.g. slurm-42.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import secrets
 import shutil
+import stat
 import sys
 import time
 from pathlib import Path
@@ -19,8 +22,8 @@ from typing import NamedTuple
 
 from apppot.errors import EXIT_APPPOT_ERROR, EXIT_GUEST_DIED, UsageError
 from apppot.images.store import cache_dir
-from apppot.submit import arc, slurm
-from apppot.submit.job import BatchJob
+from apppot.submit import arc, results, slurm
+from apppot.submit.job import STDERR, STDOUT, BatchJob, check_output_name
 
 TARGETS = ("slurm", "arc")
 
@@ -59,7 +62,7 @@ def apppot_command() -> str:
 
 def stage(job: BatchJob, changes_name: str | None = None) -> Path:
     """A new staging directory with the job directory in it: inputs and the changes archive copied
-    (under changes_name, if given)."""
+    (under changes_name, if given). Nothing is left behind if it cannot be made in full."""
     sources = [*job.inputs, *([job.changes] if job.changes else [])]
     names = set()
     for source in sources:
@@ -71,29 +74,54 @@ def stage(job: BatchJob, changes_name: str | None = None) -> Path:
     where = jobs_dir() / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
     jobdir = where / "job"
     jobdir.mkdir(parents=True)
-    for source in job.inputs:
-        shutil.copy2(source, jobdir / source.name)
-    if job.changes is not None:
-        shutil.copy2(job.changes, jobdir / (changes_name or job.changes.name))
+    try:
+        for source in job.inputs:
+            shutil.copy2(source, jobdir / source.name)
+        if job.changes is not None:
+            shutil.copy2(job.changes, jobdir / (changes_name or job.changes.name))
+    except BaseException:
+        remove_stage(where)
+        raise
     return where
 
 
+def remove_stage(where: Path) -> None:
+    """Remove a staging directory, also what the job left there unreadable (rmtree never follows
+    links, and the directories it opens up are changed without following links either)."""
+
+    def unlock(function: object, path: str, error: object) -> None:
+        with contextlib.suppress(OSError, NotImplementedError):
+            for directory in (os.path.dirname(path), path):
+                os.chmod(directory, 0o700, follow_symlinks=False)
+        with contextlib.suppress(OSError):
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                shutil.rmtree(path, onerror=unlock)
+            else:
+                os.unlink(path)
+
+    shutil.rmtree(where, onerror=unlock)
+
+
 def submit(job: BatchJob, target: str, dry_run: bool, ce: str | None = None) -> tuple[JobRecord | None, str]:
-    """Stage and submit the job; returns its record (None on a dry run) and the description submitted."""
+    """Stage and submit the job; returns its record (None on a dry run) and the description submitted.
+
+    A submission that fails leaves no staging directory behind."""
     if target not in TARGETS:
         raise UsageError(f"unknown target {target!r}: choose from {', '.join(TARGETS)}")
     if target == "arc":
         return _submit_arc(job, dry_run, ce)
+    slurm.check_stage_path(jobs_dir())
+    text = slurm.render_sbatch(job, jobs_dir() / "STAGE", apppot_command())  # refuses bad names before staging
     if dry_run:
-        return None, slurm.render_sbatch(job, jobs_dir() / "STAGE", apppot_command())
+        return None, text
     where = stage(job)
-    script_text = slurm.render_sbatch(job, where, apppot_command())
-    script = where / "job.sh"
-    script.write_text(script_text)
     try:
-        native = slurm.submit(script)
-    except Exception:
-        shutil.rmtree(where, ignore_errors=True)
+        script_text = slurm.render_sbatch(job, where, apppot_command())
+        script = where / "job.sh"
+        script.write_bytes(os.fsencode(script_text))  # the command's bytes exactly, UTF-8 or not
+        native = slurm.submit(script, where / "job")
+    except BaseException:
+        remove_stage(where)
         raise
     record = JobRecord(
         f"{target}-{native}",
@@ -115,14 +143,14 @@ def _submit_arc(job: BatchJob, dry_run: bool, ce: str | None) -> tuple[JobRecord
     if not ce:
         raise UsageError("give the compute element with --ce URL, e.g. --ce https://ce.example.org:443/arex")
     where = stage(job, changes_name=arc.CHANGES)
-    wrapper = where / "job" / arc.WRAPPER
-    wrapper.write_text(arc.render_wrapper(job))
-    wrapper.chmod(0o755)
-    (where / "job.xrsl").write_text(xrsl)
     try:
+        wrapper = where / "job" / arc.WRAPPER
+        wrapper.write_bytes(os.fsencode(arc.render_wrapper(job)))
+        wrapper.chmod(0o755)
+        (where / "job.xrsl").write_bytes(xrsl.encode())
         url = arc.submit(where / "job.xrsl", where / "job", ce)
-    except Exception:
-        shutil.rmtree(where, ignore_errors=True)
+    except BaseException:
+        remove_stage(where)
         raise
     submitted = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     short = url.rstrip("/").rsplit("/", 1)[-1][:12]
@@ -196,28 +224,56 @@ def clean(job_id: str) -> None:
         raise UsageError(f"{job_id} has not finished; cancel it first (apppot cancel {job_id})")
     if record.target == "arc":
         arc.clean(record.native_id)
-    shutil.rmtree(record.stage, ignore_errors=True)
+    remove_stage(Path(record.stage))
 
 
-def fetch(job_id: str, into: Path, force: bool) -> tuple[Path, list[str], list[str]]:
-    """Copy stdout, stderr and the declared outputs into INTO/JOBID; returns it, what was copied and what is missing."""
+def _open_fetch_target(into: Path, job_id: str, force: bool) -> int:
+    """INTO/JOBID, made new, or (with force) the existing directory, never through a link."""
+    if "/" in job_id or job_id in ("", ".", ".."):
+        raise UsageError(f"job id {job_id!r} cannot name a directory; clean the job (apppot clean)")
+    with contextlib.ExitStack() as stack:
+        parent = os.open(into, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        stack.callback(os.close, parent)
+        try:
+            os.mkdir(job_id, 0o777, dir_fd=parent)
+        except FileExistsError:
+            if not force:
+                raise UsageError(f"{into / job_id} exists; move it away or pass --force to overwrite what is in it") from None
+        try:
+            return os.open(job_id, results.DIR_FLAGS, dir_fd=parent)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise UsageError(f"{into / job_id} is not a directory of its own (a link?); move it away") from None
+            raise
+
+
+def fetch(job_id: str, into: Path, force: bool, limit: int = results.DEFAULT_LIMIT) -> tuple[Path, results.CopyReport]:
+    """Copy stdout, stderr and the declared outputs into INTO/JOBID (only regular files, never
+    through a link the job left); returns it and what was copied, missing and refused."""
     record = find(job_id)
-    target = into / job_id
-    if target.exists() and not force:
-        raise UsageError(f"{target} exists; move it away or pass --force to overwrite what is in it")
-    target.mkdir(parents=True, exist_ok=True)
-    where = Path(record.stage)
-    outputs = where / "job"
-    if record.target == "arc":  # stdout, stderr and the outputs come back from the CE's session directory
-        where = outputs = arc.download(record.native_id, where / "downloaded")
-    copied, missing = [], []
-    for name, source in [(n, where / n) for n in (slurm.STDOUT, slurm.STDERR)] + [(o, outputs / o) for o in record.outputs]:
-        if source.is_file():
-            destination = target / name
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, destination)
-            copied.append(name)
+    outputs = [check_output_name(o) for o in record.outputs]
+    with contextlib.ExitStack() as stack:
+        target = _open_fetch_target(into, job_id, force)
+        stack.callback(os.close, target)
+        stage_dir = Path(record.stage)
+        if record.target == "arc":  # stdout, stderr and the outputs come back from the CE's session directory
+            stage_dir = arc.download(record.native_id, stage_dir / "downloaded")
+        stage_fd = os.open(stage_dir, results.DIR_FLAGS)
+        stack.callback(os.close, stage_fd)
+        report = results.copy_results(stage_fd, [STDOUT, STDERR], target, limit=limit, replace=force)
+        if record.target == "arc":
+            job_fd = os.dup(stage_fd)
         else:
-            missing.append(name)
-    os.utime(target)
-    return target, copied, missing
+            try:
+                job_fd = results.open_directory(stage_fd, "job")
+            except (results.Refusal, results.Missing) as e:
+                why = str(e) or "gone"
+                raise UsageError(
+                    f"the staged job directory {stage_dir / 'job'} is unusable ({why}); clean the job: apppot clean {job_id}"
+                ) from None
+        stack.callback(os.close, job_fd)
+        more = results.copy_results(job_fd, outputs, target, limit=limit, replace=force)
+        os.utime(target)
+    return into / job_id, results.CopyReport(
+        report.copied + more.copied, report.missing + more.missing, report.refused + more.refused
+    )

@@ -9,10 +9,8 @@ from typing import NamedTuple
 
 from apppot.errors import HostError, UsageError
 from apppot.proc import run, which
-from apppot.submit.job import BatchJob, format_wall_time
+from apppot.submit.job import STDERR, STDOUT, BatchJob, check_job_name, format_wall_time
 
-STDOUT = "stdout.txt"
-STDERR = "stderr.txt"
 # Slurm's states that will not change any more.
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
 
@@ -28,28 +26,51 @@ def render_sbatch(job: BatchJob, stage: Path, apppot: str) -> str:
     """The batch script: Slurm runs `apppot start` in the staged job directory; its exit status is the job's.
 
     stage holds job/ (the job directory: inputs, the changes archive) and receives stdout.txt and
-    stderr.txt, outside the job directory so that the job cannot clobber them."""
-    jobdir = stage / "job"
+    stderr.txt, outside the job directory so that the job cannot clobber them. No path goes into an
+    #SBATCH line: a blank splits it, a newline ends it, and Slurm expands % in --output. sbatch is
+    given the job directory on its command line (sbatch_argv), and the output names are relative to
+    it (slurmd joins them to the working directory, and Debian's Slurm 24 expands % in the whole:
+    check_stage_path refuses such directories). The command line is quoted for sh; the text may
+    carry bytes that are not UTF-8 (as surrogates: os.fsencode)."""
     if job.image is None:
         raise UsageError("a Slurm job needs an image the nodes can read: give --image")
     start = [apppot, "start", "--image", str(job.image), "--mem", f"{job.mem_bytes >> 20}M"]
     if job.changes is not None:
-        start += ["--changes", str(jobdir / job.changes.name)]
+        start += ["--changes", str(stage / "job" / job.changes.name)]
     start += ["--", *job.argv]
     lines = [
         "#!/bin/sh",
-        f"#SBATCH --job-name={job.name}",
+        f"#SBATCH --job-name={check_job_name(job.name)}",
         f"#SBATCH --mem={job.batch_mem_mib()}M",
         f"#SBATCH --time={format_wall_time(job.wall_seconds)}",
         f"#SBATCH --cpus-per-task={job.cores}",
         "#SBATCH --nodes=1",
-        f"#SBATCH --chdir={jobdir}",
-        f"#SBATCH --output={stage / STDOUT}",
-        f"#SBATCH --error={stage / STDERR}",
+        f"#SBATCH --output=../{STDOUT}",
+        f"#SBATCH --error=../{STDERR}",
+        "# sbatch --chdir is the staged job directory; stdout and stderr go next to it.",
         "# The guest needs memory of its own besides the job's: see apppot.submit.job.UML_OVERHEAD.",
         f"exec {shlex.join(start)}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def check_stage_path(jobs: Path) -> Path:
+    """The directory jobs are staged in, if Slurm can take it as a working directory: slurmd expands
+    % (and, in some versions, \\) in the whole path of the output files, the working directory
+    included, and a control character has no business in a path Slurm logs and stores."""
+    text = str(jobs)
+    bad = next((c for c in text if c in "%\\" or not c.isprintable()), None)
+    if bad is not None:
+        raise UsageError(
+            f"the staging directory {text!r} has {bad!r}, which Slurm would expand or mangle in its output paths: "
+            "set XDG_CACHE_HOME to a path without it"
+        )
+    return jobs
+
+
+def sbatch_argv(sbatch: str, script: Path, jobdir: Path) -> list[str]:
+    """sbatch's command line: the job directory as an argument of its own, never parsed from the script."""
+    return [sbatch, "--parsable", "--chdir", str(jobdir), str(script)]
 
 
 def _require(program: str) -> str:
@@ -62,9 +83,9 @@ def _require(program: str) -> str:
     return found
 
 
-def submit(script: Path) -> str:
-    """sbatch the script; returns Slurm's job id."""
-    out = run([_require("sbatch"), "--parsable", str(script)], check=False)
+def submit(script: Path, jobdir: Path) -> str:
+    """sbatch the script to run in jobdir; returns Slurm's job id."""
+    out = run(sbatch_argv(_require("sbatch"), script, jobdir), cwd=jobdir, check=False)
     if out.returncode != 0:
         raise HostError(f"sbatch refused the job: {_last_line(out.stderr)}")
     return out.stdout.decode().strip().split(";")[0]
