@@ -403,9 +403,13 @@ class _Expanded:
 
 def _too_large(source: str, limit: int) -> SnapError:
     return SnapError(
-        f"{source} expands to more than {limit} bytes ({limit / (1 << 30):.1f} GiB), the limit: "
+        f"{source} expands to more than {limit} bytes ({_human(limit)}), the limit: "
         f"make a smaller archive, or raise {MAX_SIZE_ENV}"
     )
+
+
+def _human(size: int) -> str:
+    return f"{size / (1 << 30):.1f} GiB" if size >= 1 << 30 else f"{size / (1 << 20):.1f} MiB"
 
 
 @contextlib.contextmanager
@@ -467,8 +471,8 @@ def _scan(source: str, limit: int, room: tuple[int, str] | None = None) -> tuple
                 raise _too_large(source, limit)
             if room and total > room[0]:
                 raise SnapError(
-                    f"{source} expands to at least {total} bytes, more than the {room[0]} bytes free in {room[1]}: "
-                    "free space there, or set TMPDIR to a larger filesystem"
+                    f"{source} expands to at least {total} bytes ({_human(total)}), more than the {room[0]} bytes free "
+                    f"in {room[1]}: free space there, or set TMPDIR to a larger filesystem"
                 )
             checked.append(m)
         expanded.drain()
