@@ -524,6 +524,8 @@ def _check_member(source: str, m: tarfile.TarInfo) -> None:
         raise SnapError(f"{what} is a sparse file (apppot-snap stores files whole): refused")
     if not (0 <= m.uid < 0xFFFFFFFF and 0 <= m.gid < 0xFFFFFFFF):
         raise SnapError(f"{what} has an owner out of range ({m.uid}:{m.gid}): refused")
+    if not abs(m.mtime) < 8**11:  # a pax mtime may be any float: nan, inf
+        raise SnapError(f"{what} has a time out of range ({m.mtime}): refused")
 
 
 def _check_members(source: str, info: ArchiveInfo, members: list[tarfile.TarInfo]) -> None:

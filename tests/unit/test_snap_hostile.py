@@ -335,6 +335,12 @@ def test_an_owner_id_out_of_range_is_refused(tmp_path: Path) -> None:
         snap.check_archive(write_gz(tmp_path / "a.tar.gz", tar_bytes([regular("opt/a", uid=str(1 << 40))])))
 
 
+@pytest.mark.parametrize("mtime", ["nan", "inf", "1e30"])
+def test_a_time_out_of_range_is_refused(tmp_path: Path, mtime: str) -> None:
+    with pytest.raises(SnapError, match=r"member 'opt/a' has a time out of range"):
+        snap.check_archive(write_gz(tmp_path / "a.tar.gz", tar_bytes([regular("opt/a", mtime=mtime)])))
+
+
 def test_a_fifo_instead_of_an_archive_is_refused_without_blocking(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "fifo.tar.gz")
     with pytest.raises(SnapError, match="is not a file"):
