@@ -26,11 +26,13 @@ import io
 import json
 import os
 import posixpath
+import re
 import stat
 import sys
 import tarfile
 import time
-from collections.abc import Iterable, Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -210,7 +212,7 @@ def read_manifest(source: str) -> Manifest:
                 entries[entry.path] = entry
     except FileNotFoundError:
         raise SnapError(f"no base state at {source}: record one with 'apppot-snap base'") from None
-    except (OSError, ValueError, TypeError, EOFError) as e:
+    except (OSError, ValueError, TypeError, EOFError, zlib.error, RecursionError) as e:
         raise SnapError(f"the base state {source} is damaged ({e}); record it again with 'apppot-snap base'") from e
     return Manifest(str(header.get("id")), str(header.get("created")), entries, int(header.get("epoch", 0)))
 
@@ -306,46 +308,224 @@ def _write_archive(changes: Changes, info: ArchiveInfo, tmp: str, root: str, ver
                 tar.addfile(member)
 
 
+# --- reading archives (a job may have made them: every byte is hostile) ---------------------------
+
+MAX_SIZE_ENV = "APPPOT_CHANGES_MAX_SIZE"
+DEFAULT_MAX_SIZE = 4 << 30  # bytes of the expanded (uncompressed) tar stream
+MAX_MEMBERS = 1_000_000
+MAX_HEADER = 1 << 20  # one pax or GNU long-name header, which tarfile reads whole into memory
+MAX_MANIFEST = 64 << 20
+MAX_MANIFEST_LISTS = 64  # brackets in the manifest: it is one object of flat lists, so json never nests deep
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_CHUNK = 1 << 20
+
+
 def _clean_relative(name: str) -> bool:
     parts = name.split("/")
-    return bool(name) and not name.startswith("/") and ".." not in parts and "\n" not in name and name not in (".", "./")
+    return bool(name) and not name.startswith("/") and ".." not in parts and not _CONTROL.search(name) and name not in (".", "./")
 
 
-def check_archive(source: str) -> tuple[ArchiveInfo, list[tarfile.TarInfo]]:
-    """Read and check a changes archive without extracting anything; every problem is a SnapError
-    naming the offending member."""
-    with _checked(source) as (_, info, members):
-        return info, members
+def max_size() -> int:
+    """The largest expanded archive read: $APPPOT_CHANGES_MAX_SIZE (bytes, or a number with K, M, G, T), else 4 GiB."""
+    text = os.environ.get(MAX_SIZE_ENV, "").strip()
+    match = re.fullmatch(r"(\d+)([KMGT]?)", text, re.IGNORECASE)
+    if not text:
+        return DEFAULT_MAX_SIZE
+    if match is None:
+        raise SnapError(f"{MAX_SIZE_ENV}={text!r} is not a size; give bytes, or a number with K, M, G or T")
+    return int(match[1]) << (10 * ("KMGT".index(match[2].upper()) + 1) if match[2] else 0)
+
+
+class _Refused(Exception):
+    """A member tarfile must not go on reading; a SnapError once the archive is named."""
+
+
+class _Header(tarfile.TarInfo):
+    """Headers as tarfile reads them, except what GNU tar would read differently (sparse files: their map
+    and GNU.sparse.name) and extended headers too large to hold in memory."""
+
+    def _proc_member(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        extended = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+        if self.type in extended and self.size > MAX_HEADER:
+            raise _Refused(f"has a header of more than {MAX_HEADER} bytes: refused")
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise _Refused(f"member {self.name!r} is a sparse file (apppot-snap stores files whole): refused")
+        return super()._proc_member(archive)  # type: ignore[misc,no-any-return]
+
+    def _proc_gnusparse_00(self, member: tarfile.TarInfo, pax: dict[str, str], *_: object) -> None:
+        name = pax.get("GNU.sparse.name", pax.get("path", member.name))
+        raise _Refused(f"member {name!r} is a sparse file (apppot-snap stores files whole): refused")
+
+    _proc_gnusparse_01 = _proc_gnusparse_10 = _proc_gnusparse_00
+
+
+class _Expanded:
+    """The archive's tar stream, gunzipped if it is gzipped, as tarfile reads it: never more than limit
+    bytes. Read to its end, the gzip trailer (CRC and length) is checked."""
+
+    def __init__(self, source: str, raw: io.BufferedReader, limit: int) -> None:
+        self.source, self.limit, self.count = source, limit, 0
+        gzipped = raw.peek(2)[:2] == b"\x1f\x8b"
+        self._stream: io.BufferedIOBase = gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw
+
+    def read(self, size: int = -1, /) -> bytes:
+        try:
+            data = self._stream.read(_CHUNK if size < 0 else min(size, _CHUNK))
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            why = str(e) or type(e).__name__
+            raise SnapError(
+                f"{self.source} is damaged ({why}): copy it again, or make it again with apppot-snap changes"
+            ) from None
+        except OSError as e:
+            raise SnapError(f"cannot read {self.source}: {e.strerror}") from None
+        self.count += len(data)
+        if self.count > self.limit:
+            raise _too_large(self.source, self.limit)
+        return data
+
+    def drain(self) -> None:
+        while self.read(_CHUNK):
+            pass
+
+    def write(self, b: bytes, /) -> int:
+        raise io.UnsupportedOperation("write")
+
+    def tell(self) -> int:
+        return self.count
+
+    def seek(self, pos: int, /) -> int:
+        raise io.UnsupportedOperation("seek")
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+def _too_large(source: str, limit: int) -> SnapError:
+    return SnapError(
+        f"{source} expands to more than {limit} bytes ({_human(limit)}), the limit: "
+        f"make a smaller archive, or raise {MAX_SIZE_ENV}"
+    )
+
+
+def _human(size: int) -> str:
+    return f"{size / (1 << 30):.1f} GiB" if size >= 1 << 30 else f"{size / (1 << 20):.1f} MiB"
 
 
 @contextlib.contextmanager
-def _checked(source: str) -> Iterator[tuple[tarfile.TarFile, ArchiveInfo, list[tarfile.TarInfo]]]:
-    """The archive, open, with its checked manifest and members: what is then read from it (copied or
-    extracted) is what was checked, read once."""
-    if not os.path.isfile(source):
-        raise SnapError(f"changes archive {source} does not exist or is not a file")
+def _reading(source: str, limit: int) -> Iterator[tuple[tarfile.TarFile, _Expanded]]:
+    """The archive as a stream of members, read once and in order; problems reading it are SnapErrors
+    (those of the caller's own writing are not caught)."""
     try:
-        tar = tarfile.open(source, "r:*")  # noqa: SIM115 (closed by the with below; failing to open has its own message)
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise _unreadable(source, e) from e
-    with tar:
+        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO must not block us
+    except FileNotFoundError:
+        raise SnapError(f"changes archive {source} does not exist; give the file apppot-snap changes made") from None
+    except OSError as e:
+        raise SnapError(f"changes archive {source} cannot be read ({e.strerror}); give a file you can read") from None
+    with open(fd, "rb") as raw:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SnapError(f"changes archive {source} is not a file; give the tar.gz apppot-snap changes made")
+        expanded = _Expanded(source, raw, limit)
         try:
-            members = tar.getmembers()
-            first = members[0] if members else None
-            if first is None or first.name != MANIFEST_MEMBER or not first.isreg():
-                raise SnapError(f"{source} has no {MANIFEST_MEMBER} first: it was not made by apppot-snap changes")
-            extracted = tar.extractfile(first)
-            assert extracted is not None
-            info = _parse_manifest(source, extracted.read())
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise _unreadable(source, e) from e
-        _check_members(source, info, members[1:])
-        yield tar, info, members[1:]
+            with tarfile.open(fileobj=expanded, mode="r|", tarinfo=_Header) as tar:
+                yield tar, expanded
+        except _Refused as e:
+            raise SnapError(f"{source}: {e}") from None
+        except (tarfile.TarError, UnicodeError) as e:
+            raise _unreadable(source, e) from None
 
 
 def _unreadable(source: str, e: BaseException) -> SnapError:
     why = (str(e).splitlines() or [type(e).__name__])[0].rstrip(":")
     return SnapError(f"{source} is not a readable tar.gz archive ({why}); give an archive made by apppot-snap changes")
+
+
+def check_archive(source: str) -> tuple[ArchiveInfo, list[tarfile.TarInfo]]:
+    """Read and check a changes archive without extracting anything; every problem is a SnapError
+    naming the offending member."""
+    return _scan(source, max_size())
+
+
+def _scan(source: str, limit: int, room: tuple[int, str] | None = None) -> tuple[ArchiveInfo, list[tarfile.TarInfo]]:
+    """The first reading: the manifest and the members' headers, checked; their expanded size within
+    limit (and room: the free bytes of the directory the copy goes to); the gzip read to its end."""
+    with _reading(source, limit) as (tar, expanded):
+        members = iter(tar)
+        first = next(members, None)
+        if first is None or first.name != MANIFEST_MEMBER or not first.isreg():
+            raise SnapError(f"{source} has no {MANIFEST_MEMBER} first: it was not made by apppot-snap changes")
+        if first.size > MAX_MANIFEST:
+            raise SnapError(f"{source}: {MANIFEST_MEMBER} is larger than {MAX_MANIFEST} bytes: refused")
+        extracted = tar.extractfile(first)
+        assert extracted is not None
+        info = _parse_manifest(source, extracted.read())
+        checked: list[tarfile.TarInfo] = []
+        total = tarfile.RECORDSIZE  # the end of the archive, padded
+        for m in members:
+            if len(checked) >= MAX_MEMBERS:
+                raise SnapError(f"{source} has more than {MAX_MEMBERS} members: refused")
+            _check_member(source, m)
+            fresh = _fresh(m)
+            total += len(fresh.tobuf(tarfile.PAX_FORMAT)) + -(-fresh.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            if total > limit:
+                raise _too_large(source, limit)
+            if room and total > room[0]:
+                raise SnapError(
+                    f"{source} expands to at least {total} bytes ({_human(total)}), more than the {room[0]} bytes free "
+                    f"in {room[1]}: free space there, or set TMPDIR to a larger filesystem"
+                )
+            checked.append(m)
+        expanded.drain()
+    _check_members(source, info, checked)
+    return info, checked
+
+
+_Handler = Callable[[tarfile.TarFile, tarfile.TarInfo], None]
+
+
+def _replay(source: str, limit: int, checked: list[tarfile.TarInfo], each: _Handler) -> None:
+    """The second reading: each member again, the same as it was checked (or the file changed meanwhile:
+    refused), handed to each with the tar its data can be read from."""
+    with _reading(source, limit) as (tar, expanded):
+        members = iter(tar)
+        next(members, None)  # the manifest
+        for old in [*checked, None]:
+            m = next(members, None)
+            if (m and _fields(m)) != (old and _fields(old)):
+                raise SnapError(f"{source} changed while it was read: refused; give it again")
+            if m is not None:
+                each(tar, m)
+        expanded.drain()
+
+
+def _fields(m: tarfile.TarInfo) -> tuple[object, ...]:
+    return m.name, m.type, m.mode, m.uid, m.gid, m.size, m.mtime, m.linkname
+
+
+def _fresh(m: tarfile.TarInfo) -> tarfile.TarInfo:
+    """A new header with only the checked fields: no pax record, owner name or sparse map of the original."""
+    fresh = tarfile.TarInfo(m.name)
+    fresh.type = tarfile.REGTYPE if m.isreg() else m.type
+    fresh.mode = m.mode & 0o7777
+    fresh.uid, fresh.gid, fresh.mtime = m.uid, m.gid, int(m.mtime)
+    fresh.size = m.size if m.isreg() else 0
+    fresh.linkname = m.linkname if m.issym() else ""
+    return fresh
+
+
+def _check_member(source: str, m: tarfile.TarInfo) -> None:
+    """What one member's header alone must satisfy: checked before its data is read."""
+    what = f"{source}: member {m.name!r}"
+    if _CONTROL.search(m.name):
+        raise SnapError(f"{what} has a newline or other control character in its name: refused")
+    if m.issym() and _CONTROL.search(m.linkname):
+        raise SnapError(f"{what} is a link whose target has a newline or other control character: refused")
+    if m.sparse is not None or any(key.startswith("GNU.sparse.") for key in m.pax_headers):
+        raise SnapError(f"{what} is a sparse file (apppot-snap stores files whole): refused")
+    if not (0 <= m.uid < 0xFFFFFFFF and 0 <= m.gid < 0xFFFFFFFF):
+        raise SnapError(f"{what} has an owner out of range ({m.uid}:{m.gid}): refused")
+    if not abs(m.mtime) < 8**11:  # a pax mtime may be any float: nan, inf
+        raise SnapError(f"{what} has a time out of range ({m.mtime}): refused")
 
 
 def _check_members(source: str, info: ArchiveInfo, members: list[tarfile.TarInfo]) -> None:
@@ -412,15 +592,39 @@ def _reserved(name: str, symlink: bool) -> str | None:
 
 
 def repack(source: str, target: str) -> ArchiveInfo:
-    """Check the archive and write only what was checked, uncompressed and without the manifest, for the
-    guest's tar: what tar extracts is exactly what was checked, whatever else the original file holds."""
-    with _checked(source) as (src, info, members), tarfile.open(target, "w", format=tarfile.PAX_FORMAT) as out:
-        for m in members:
-            out.addfile(m, src.extractfile(m) if m.isreg() else None)
+    """Check the archive, then write what was checked for the guest's tar: fresh headers with only the
+    checked fields, uncompressed, without the manifest. Nothing is written unless the whole archive is
+    sound and fits in the free space; a failure leaves no target."""
+    limit = max_size()
+    directory = os.path.dirname(os.path.abspath(target))
+    try:
+        fs = os.statvfs(directory)
+    except OSError as e:
+        raise SnapError(f"cannot use {directory} for a copy of {source}: {e.strerror}") from None
+    info, checked = _scan(source, limit, (fs.f_bavail * fs.f_frsize, directory))
+    try:
+        copy = open(target, "xb")  # noqa: SIM115 (closed by the with below; an existing target is refused)
+    except OSError as e:
+        raise SnapError(f"cannot write {target}: {e.strerror}") from None
+
+    def write(tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        out.addfile(_fresh(m), tar.extractfile(m) if m.isreg() else None)
+
+    try:
+        with copy, tarfile.open(fileobj=copy, mode="w", format=tarfile.PAX_FORMAT) as out:
+            _replay(source, limit, checked, write)
+    except BaseException as e:
+        os.unlink(target)
+        if isinstance(e, OSError):
+            raise SnapError(f"cannot write {target}: {e.strerror or e}") from None
+        raise
     return info
 
 
 def _parse_manifest(source: str, data: bytes) -> ArchiveInfo:
+    lists = _JSON_STRING.sub(b"", data)
+    if lists.count(b"[") + lists.count(b"{") > MAX_MANIFEST_LISTS:
+        raise SnapError(f"{source}: {MANIFEST_MEMBER} is malformed (nested or too many lists); make the archive again")
     try:
         doc = json.loads(data)
         if doc.get("format") != "apppot-changes":
@@ -437,25 +641,29 @@ def _parse_manifest(source: str, data: bytes) -> ArchiveInfo:
 
 def merge(source: str, root: str = "/", force: bool = False, base_id: str | None = None) -> ArchiveInfo:
     """Apply a checked archive: deletions first, then the members with their modes and owners."""
-    with _checked(source) as (tar, info, members):
-        if base_id is None:
-            base_id = _read_base_id(root)
-        if info.base != base_id and not force:
-            raise SnapError(
-                f"{source} was made against base {info.base[:16]}, this system is base {base_id[:16]}: "
-                "merge it onto the system it was made for, or pass --force"
-            )
-        for path in info.deleted:
-            _remove(os.path.join(root, path.lstrip("/")))
-        for m in members:
-            target = os.path.join(root, m.name)
-            if (os.path.lexists(target) and not os.path.isdir(target)) or (os.path.isdir(target) and not m.isdir()):
-                _remove(target)
-            tar.extract(m, root, numeric_owner=True, set_attrs=True, **_TRUSTED)
-        # Directories last: extracting into them changed their times.
-        for m in members:
-            if m.isdir():
-                os.utime(os.path.join(root, m.name), (m.mtime, m.mtime))
+    limit = max_size()
+    info, checked = _scan(source, limit)
+    if base_id is None:
+        base_id = _read_base_id(root)
+    if info.base != base_id and not force:
+        raise SnapError(
+            f"{source} was made against base {info.base[:16]}, this system is base {base_id[:16]}: "
+            "merge it onto the system it was made for, or pass --force"
+        )
+    for path in info.deleted:
+        _remove(os.path.join(root, path.lstrip("/")))
+
+    def extract(tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        target = os.path.join(root, m.name)
+        if (os.path.lexists(target) and not os.path.isdir(target)) or (os.path.isdir(target) and not m.isdir()):
+            _remove(target)
+        tar.extract(m, root, numeric_owner=True, set_attrs=True, **_TRUSTED)
+
+    _replay(source, limit, checked, extract)
+    # Directories last: extracting into them changed their times.
+    for m in checked:
+        if m.isdir():
+            os.utime(os.path.join(root, m.name), (m.mtime, m.mtime))
     return info
 
 
