@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from apppot.errors import HostError
-from apppot.testbed import daemons, slurm, statedir
+from apppot.testbed import arc, daemons, slurm, statedir
 from apppot.testbed.slurm import LocalCluster
 from tests.conftest import APPPOT, chown_to
 
@@ -215,3 +215,38 @@ def test_down_refuses_a_state_directory_another_user_made(safe_tmp: Path, test_u
     r = down(bed)
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
     assert f"belongs to {test_user}, not to root" in r.stderr and "Traceback" not in r.stderr
+
+
+# --- the ARC CE's runtime environment ------------------------------------------------------------
+
+
+def arcctl_rte(arc_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    conf = arc_dir / "arc.conf"
+    conf.write_text(arc.render_arc_conf(arc_dir, Path("/tb/etc/slurm.conf"), "nobody"))
+    return subprocess.run(["arcctl", "-c", str(conf), "rte", *args], capture_output=True, text=True, check=False)
+
+
+PARAMS = {"APPPOT_START": "/tb/site/bin/apppot-start", "APPPOT_IMAGE": "/tb/site/images/tiny.img"}
+
+
+@pytest.mark.skipif(shutil.which("arcctl") is None, reason="needs ARC's arcctl (nordugrid-arc-arcctl)")
+def test_the_rte_is_enabled_and_set_as_arcctl_does_also_where_arcctl_fails(safe_tmp: Path) -> None:
+    by_arcctl = safe_tmp / "by-arcctl"
+    arc.enable_rte(by_arcctl)  # the RTE file in runtimedir; arcctl links and configures it
+    (by_arcctl / "var" / "control" / "rte" / "enabled" / arc.RTE_NAME).unlink()
+    assert arcctl_rte(by_arcctl, "enable", arc.RTE_NAME).returncode == 0
+    for name, value in PARAMS.items():
+        assert arcctl_rte(by_arcctl, "params-set", arc.RTE_NAME, name, value).returncode == 0
+    ours = safe_tmp / "Grid-APPS"  # arcctl strips the characters of runtimedir, not the prefix
+    arc.enable_rte(ours)
+    arc.set_rte_params(ours, PARAMS)
+    assert arcctl_rte(ours, "enable", arc.RTE_NAME).returncode != 0  # ARC's own bug: why arcctl is not used
+    for d in (by_arcctl, ours):
+        link = d / "var" / "control" / "rte" / "enabled" / arc.RTE_NAME
+        assert link.readlink() == arc.rte_file(d)
+    assert arc.rte_params_file(ours).read_text() == arc.rte_params_file(by_arcctl).read_text()
+    assert arc.rte_params_file(ours).read_text().startswith('APPPOT_START="/tb/site/bin/apppot-start"\n')
+    arc.set_rte_params(ours, {"APPPOT_IMAGE": "/other.img"})  # a later change keeps the others
+    assert 'APPPOT_IMAGE="/other.img"\nAPPPOT_KERNEL=""\n' in arc.rte_params_file(ours).read_text()
+    with pytest.raises(HostError, match="a shell would interpret"):
+        arc.set_rte_params(ours, {"APPPOT_IMAGE": '/x"; rm -rf /; "'})

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+from apppot.proc import which
+
 MAX_PID_FILE = 32  # bytes: a PID and a newline
 STOP_WAIT = 10.0  # seconds between TERM and KILL
 
@@ -73,13 +75,20 @@ def identity(pid: int) -> tuple[str, set[int]] | None:
     return os.path.basename(exe.removesuffix(" (deleted)")), {int(u) for u in uids}
 
 
+def executable_names(program: str) -> set[str]:
+    """The names program's executable may have: Debian installs /usr/sbin/slurmctld as a link to
+    slurmctld-wlm, for one."""
+    found = which(program) or os.path.join("/usr/sbin", program)
+    return {program, os.path.basename(os.path.realpath(found))}
+
+
 def is_daemon(pid: int, program: str, uid: int) -> str | None:
     """None if pid is the program running as uid, else what it is instead."""
     who = identity(pid)
     if who is None:
         return "no process"
     name, uids = who
-    if name != program:
+    if name not in executable_names(program):
         return f"{name}, not {program}"
     if uids != {uid}:
         return f"{program} run by uid {', '.join(map(str, sorted(uids)))}, not {uid}"
