@@ -97,6 +97,12 @@ def test_a_relative_state_directory_is_taken_from_the_current_one(safe_tmp: Path
     assert statedir.testbed_dir() == Path("/var/lib/apppot-testbed")
 
 
+def test_a_state_directory_in_a_missing_one_is_refused(safe_tmp: Path) -> None:
+    with pytest.raises(HostError, match="is not a directory: make it"):
+        statedir.prepare(safe_tmp / "missing" / "bed")
+    assert statedir.existing(safe_tmp / "missing" / "bed") is None  # down: nothing to stop
+
+
 @pytest.mark.parametrize("name", ["with space", "quote'", "per%cent", "new\nline", "dollar$"])
 def test_a_state_directory_slurm_or_arc_cannot_name_is_refused(safe_tmp: Path, name: str) -> None:
     with pytest.raises(HostError, match="letters, digits"):

@@ -199,6 +199,7 @@ def up(directory: Path, slurm_conf: Path, site: Path, user: str, timeout: float 
         capture_output=True,
         text=True,
         env={"HOME": account.pw_dir, "PATH": "/usr/bin:/bin"},
+        cwd=account.pw_dir if os.path.isdir(account.pw_dir) else "/",  # not root's, which it may not enter
         check=False,
     )
     if proc.returncode != 0:

@@ -15,7 +15,6 @@ import select
 import signal
 import socket
 import stat
-import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -122,7 +121,10 @@ def stop_pid(pid: int, program: str, uid: int) -> Outcome:
 
 def stop(daemon: Daemon, remove_pid_file: bool = True) -> Outcome:
     """Stop the daemon its pid file names, if the process is that daemon; the pid file goes too."""
-    uid = daemon.uid
+    try:
+        uid = daemon.uid
+    except KeyError:
+        return Outcome(False, f"{daemon.name}: there is no user {daemon.user} to run it; left its pid file alone")
     pid = read_pid_file(daemon.pid_file, uid)
     if pid is None:
         return Outcome(False)
@@ -153,12 +155,3 @@ def listening(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def wait_for_file(path: Path, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while not path.exists():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True

@@ -51,6 +51,8 @@ def check_ancestors(directory: Path) -> Path:
             f"and '/' (Slurm and ARC cannot carry other characters): set {ENV} to another one"
         )
     parent = Path(os.path.realpath(directory.parent))
+    if not parent.is_dir():
+        raise HostError(f"{parent}, where the test cluster's directory would be, is not a directory: make it, or set {ENV}")
     me = os.geteuid()
     for above in [parent, *parent.parents]:
         st = os.lstat(above)
@@ -80,6 +82,8 @@ def _check_own(path: Path) -> os.stat_result | None:
 
 def existing(directory: Path) -> Path | None:
     """The checked directory, or None if there is none (nothing to stop)."""
+    if not os.path.isdir(directory.parent):
+        return None
     path = check_ancestors(directory)
     return path if _check_own(path) is not None else None
 
