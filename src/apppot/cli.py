@@ -547,6 +547,9 @@ def cmd_testbed(argv: Sequence[str]) -> int:
     start = sub.add_parser("up", help="start munged, slurmctld and the nodes' slurmd")
     start.add_argument("--nodes", type=int, default=1, help="simulated nodes on this machine (default 1)")
     start.add_argument("--arc", metavar="USER", help="also an ARC CE in front of it, with USER as the grid user")
+    start.add_argument(
+        "--timeout", type=float, default=60, metavar="SECONDS", help="how long the nodes may take to be idle (default 60)"
+    )
     sub.add_parser("down", help="stop what 'up' started")
     sub.add_parser("env", help="the SLURM_CONF setting for the cluster's clients")
     ns = p.parse_args(argv)
@@ -555,7 +558,9 @@ def cmd_testbed(argv: Sequence[str]) -> int:
     if ns.action == "up":
         if ns.nodes < 1:
             raise UsageError("--nodes must be at least 1")
-        bed, took = testbed.up(ns.nodes, arc_user=ns.arc)
+        if ns.timeout <= 0:
+            raise UsageError("--timeout must be more than 0 seconds")
+        bed, took = testbed.up(ns.nodes, timeout=ns.timeout, arc_user=ns.arc)
         _say(f"test cluster up in {took:.1f} s: {bed.nodes} node(s), logs in {bed.directory / 'log'}")
         _say(f"AppPot for every user's jobs: {bed.site_apppot} (kernel: {bed.site_apppot.parent.parent / 'kernel' / 'linux'})")
         if ns.arc:
@@ -563,7 +568,10 @@ def cmd_testbed(argv: Sequence[str]) -> int:
         print(f"export SLURM_CONF={bed.conf}")
     elif ns.action == "down":
         stopped = testbed.down()
-        _say(f"stopped {', '.join(stopped) if stopped else 'nothing (no test cluster was running)'}")
+        for note in stopped.notes:
+            _say(note)
+        nothing = "nothing" if stopped.notes else "nothing (no test cluster was running)"
+        _say(f"stopped {', '.join(stopped.names) if stopped.names else nothing}")
     else:
         print(f"export SLURM_CONF={testbed.testbed_dir() / 'etc' / 'slurm.conf'}")
     return 0

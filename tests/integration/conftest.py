@@ -54,11 +54,13 @@ def debian_kernel() -> Path:
 
 
 @contextlib.contextmanager
-def running_testbed(directory: Path, env: dict[str, str], up_args: list[str], stops: str) -> Iterator[str]:
-    """`apppot testbed up UP_ARGS` in directory (open to the test user), its stdout; `down` at the end,
-    which must say it stopped `stops`."""
+def running_testbed(
+    directory: Path, env: dict[str, str], up_args: list[str], stops: str, cwd: Path | None = None
+) -> Iterator[str]:
+    """`apppot testbed up UP_ARGS` (run in cwd) in directory (open to the test user), its stdout; `down`
+    at the end, which must say it stopped `stops`."""
     started = time.monotonic()
-    up = subprocess.run([APPPOT, "testbed", "up", *up_args], env=env, capture_output=True, text=True, check=False)
+    up = subprocess.run([APPPOT, "testbed", "up", *up_args], cwd=cwd, env=env, capture_output=True, text=True, check=False)
     assert up.returncode == 0, up.stderr
     print(f"testbed {' '.join(up_args)} up in {time.monotonic() - started:.1f} s")
     open_to_all(directory)

@@ -7,13 +7,13 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from apppot.testbed.arc import set_rte_params
 from tests.conftest import TEST_USER, chown_to
 from tests.integration.conftest import SiteUser, apppot_cli, own_kernel_only, running_testbed
 
@@ -35,9 +35,10 @@ def grid(tmp_path_factory: pytest.TempPathFactory, cache_home: Path) -> Iterator
         pwd.getpwnam(TEST_USER)
     except KeyError:
         pytest.skip(f"no user {TEST_USER}: run the tests through 'make test' as root")
-    directory = tmp_path_factory.mktemp("grid")
+    directory = tmp_path_factory.mktemp("Grid-APPS")  # capitals: arcctl would fail here
     env = {**os.environ, "APPPOT_TESTBED_DIR": str(directory), "XDG_CACHE_HOME": str(cache_home)}
-    with running_testbed(directory, env, ["--arc", TEST_USER], stops="arex"):
+    elsewhere = tmp_path_factory.mktemp("Elsewhere")  # root's alone: `up` works from any directory
+    with running_testbed(directory, env, ["--arc", TEST_USER], stops="arex", cwd=elsewhere):
         yield directory
 
 
@@ -50,9 +51,9 @@ def grid_user(directory: Path) -> SiteUser:
 
 
 def site_image(directory: Path, image: str) -> None:
-    """As the site's administrator: the APPPOT runtime environment's default image."""
-    env = {**os.environ, "ARC_CONFIG": str(directory / "arc" / "arc.conf")}
-    subprocess.run(["arcctl", "rte", "params-set", "APPS/APPPOT-0", "APPPOT_IMAGE", image], env=env, check=True)
+    """As the site's administrator: the APPPOT runtime environment's default image (not with arcctl,
+    which loses RTEs under a path with capitals such as this one's; see apppot.testbed.arc)."""
+    set_rte_params(directory / "arc", {"APPPOT_IMAGE": image})
 
 
 def workdir(base: Path, name: str) -> Path:

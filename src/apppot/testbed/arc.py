@@ -1,0 +1,207 @@
+"""An ARC compute element on this machine, in front of the test Slurm cluster (apppot testbed up --arc USER).
+
+A-REX (Debian's nordugrid-arc-arex) with a test CA, a host certificate for localhost, USER as the
+grid user (certificate in ~USER/.globus, mapped to the local account USER, a proxy made for it),
+AppPot's APPPOT-0 runtime environment pointing at the testbed's copy of AppPot, and Slurm as the
+batch system. Endpoint: https://localhost:8443/arex (REST), loopback only.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import subprocess
+import time
+from pathlib import Path
+
+from apppot.errors import HostError
+from apppot.proc import run, which
+from apppot.testbed.daemons import Daemon, listening
+
+PORT = 8443
+ENDPOINT = f"https://localhost:{PORT}/arex"
+PACKAGES = "nordugrid-arc-arex nordugrid-arc-client nordugrid-arc-arcctl nordugrid-arc-plugins-arcrest"
+RTE_NAME = "APPS/APPPOT-0"
+CA_ID = "apppot-testbed"
+# How often (in tenths of a second) A-REX's information provider runs: it is where clients learn job
+# states. The packaged default, 600 (a minute), makes every status change take a minute to show.
+INFOPROVIDER_PERIOD = 50
+
+
+def render_arc_conf(directory: Path, slurm_conf: Path, user: str) -> str:
+    """arc.conf for A-REX on localhost with Slurm, one authorised grid user mapped to USER."""
+    d = directory
+    return f"""\
+# AppPot's test CE; written by apppot testbed up --arc
+[common]
+hostname = localhost
+x509_host_key = {d}/ca/host-localhost-key.pem
+x509_host_cert = {d}/ca/host-localhost-cert.pem
+x509_cert_dir = /etc/grid-security/certificates
+
+[authgroup: apppot]
+file = /etc/grid-security/testCA.allowed-subjects
+
+[mapping]
+map_to_user = apppot {user}:{user}
+
+[lrms]
+lrms = slurm
+slurm_bin_path = /usr/bin
+slurm_wakeupperiod = 2
+slurm_use_sacct = no
+defaultmemory = 512
+
+[arex]
+controldir = {d}/var/control
+sessiondir = {d}/var/session
+runtimedir = {d}/rte
+logfile = {d}/log/arex.log
+joblog = {d}/log/arex-jobs.log
+helperlog = {d}/log/job.helper.errors
+pidfile = {d}/run/arex.pid
+loglevel = 3
+wakeupperiod = 2
+
+[arex/ws]
+wsurl = {ENDPOINT}
+logfile = {d}/log/ws-interface.log
+pidfile = {d}/run/arex-ws.pid
+
+[arex/ws/jobs]
+allowaccess = apppot
+
+[infosys]
+logfile = {d}/log/infoprovider.log
+
+[infosys/glue2]
+
+[infosys/cluster]
+
+[queue:apppot]
+# slurm.conf: {slurm_conf}
+"""
+
+
+def check_host(user: str) -> pwd.struct_passwd:
+    """ARC's programs are installed and user is an account; returns it."""
+    missing = [p for p in ("arcctl", "arcsub", "arcproxy") if which(p) is None]
+    if missing or not Path("/usr/share/arc/arc-arex-start").exists():
+        raise HostError(f"ARC is not installed: sudo apt-get install {PACKAGES}")
+    try:
+        return pwd.getpwnam(user)
+    except KeyError:
+        raise HostError(f"there is no local account {user} to be the grid user; give an existing one") from None
+
+
+def set_rte_params(directory: Path, params: dict[str, str]) -> None:
+    """Set parameters of the APPPOT RTE, as `arcctl rte params-set` would (its file lists every parameter
+    the RTE declares, each NAME="value"; submit_common.sh sources it before the RTE)."""
+    declared = re.findall(r"^# param:([A-Z_]+):[^:]*:([^:]*):", rte_file(directory).read_text(), re.MULTILINE)
+    current = dict(declared)
+    current.update(_read_params(directory))
+    current.update(params)
+    for value in current.values():
+        if any(c in value for c in '"$`\\\n'):
+            raise HostError(f"the RTE parameter {value!r} holds characters a shell would interpret; give a plain path")
+    target = rte_params_file(directory)
+    target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    target.write_text("".join(f'{name}="{value}"\n' for name, value in current.items()))
+
+
+def rte_file(directory: Path) -> Path:
+    return directory / "rte" / RTE_NAME
+
+
+def rte_params_file(directory: Path) -> Path:
+    return directory / "var" / "control" / "rte" / "params" / RTE_NAME
+
+
+def _read_params(directory: Path) -> dict[str, str]:
+    try:
+        text = rte_params_file(directory).read_text()
+    except FileNotFoundError:
+        return {}
+    return dict(re.findall(r'^([A-Z_]+)="(.*)"$', text, re.MULTILINE))
+
+
+def enable_rte(directory: Path) -> None:
+    """Install and enable the APPPOT RTE, as `arcctl rte enable` would (a link in the control directory).
+    Not arcctl itself: it finds RTEs by stripping the runtime directory's characters, not its prefix,
+    from their paths, so it loses RTEs under a directory whose path holds A, P or S."""
+    source = rte_file(directory)
+    source.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    source.write_bytes((Path(__file__).parent.parent / "data" / "rte" / "APPPOT-0").read_bytes())
+    link = directory / "var" / "control" / "rte" / "enabled" / RTE_NAME
+    link.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    link.unlink(missing_ok=True)
+    link.symlink_to(source)
+
+
+def daemons(directory: Path) -> list[Daemon]:
+    """A-REX's two daemons (web service first), by their pid files."""
+    return [Daemon(name, directory / "run" / f"{name}.pid", "arched") for name in ("arex-ws", "arex")]
+
+
+def up(directory: Path, slurm_conf: Path, site: Path, user: str, timeout: float = 90) -> float:
+    """Start the CE; returns how long it took until the endpoint listened and the user had a proxy."""
+    started = time.monotonic()
+    account = check_host(user)
+    if listening(PORT):
+        raise HostError(f"port {PORT} is taken (another A-REX?); stop it first (apppot testbed down)")
+    for sub in ("ca", "rte/APPS", "var/control", "var/session", "log", "run"):
+        (directory / sub).mkdir(parents=True, exist_ok=True)
+    os.chmod(directory / "var" / "session", 0o755)
+    # A test CA of our own, named: arcctl derives the default name from the host name it finds in the
+    # configuration A-REX last ran with, so the package's own test CA is not always the one it finds.
+    test_ca = ["arcctl", "test-ca", "--ca-id", CA_ID]
+    if not Path(f"/etc/grid-security/certificates/ARC-TestCA-{CA_ID}.pem").exists():
+        run([*test_ca, "init"])
+    run([*test_ca, "hostcert", "-n", "localhost", "-f"], cwd=directory / "ca")
+    run([*test_ca, "usercert", "-i", user, "-f"])
+    conf = directory / "arc.conf"
+    conf.write_text(render_arc_conf(directory, slurm_conf, user))
+    env = {**os.environ, "ARC_CONFIG": str(conf), "SLURM_CONF": str(slurm_conf)}
+    enable_rte(directory)
+    set_rte_params(
+        directory,
+        {
+            "APPPOT_START": str(site / "bin" / "apppot-start"),
+            "APPPOT_IMAGE": str(site / "images" / "tiny.img"),
+            "APPPOT_KERNEL": str(site / "kernel" / "linux"),
+        },
+    )
+    dhparam = directory / "var" / "control" / "dhparam.pem"
+    if not dhparam.exists():  # otherwise A-REX computes 4096-bit parameters for minutes
+        run(["openssl", "genpkey", "-genparam", "-algorithm", "DH", "-pkeyopt", "group:ffdhe4096", "-out", str(dhparam)])
+    # Copies of A-REX's two start scripts: the job manager with a shorter information-provider period,
+    # the web service listening on loopback only.
+    gm_marker = "<arex:gmconfig>$ARC_RUNTIME_CONFIG</arex:gmconfig>"
+    period = f"{gm_marker}\n      <arex:InfoproviderWakeupPeriod>{INFOPROVIDER_PERIOD}</arex:InfoproviderWakeupPeriod>"
+    ws_marker = "<tcp:Listen><tcp:Port>$arex_port</tcp:Port></tcp:Listen>"
+    loopback = "<tcp:Listen><tcp:Interface>127.0.0.1</tcp:Interface><tcp:Port>$arex_port</tcp:Port></tcp:Listen>"
+    for script, marker, replacement in (("arc-arex-start", gm_marker, period), ("arc-arex-ws-start", ws_marker, loopback)):
+        packaged = Path("/usr/share/arc", script).read_text()
+        if marker not in packaged:
+            raise HostError(f"this A-REX's {script} is not the one AppPot knows (ARC 6.x); start A-REX yourself")
+        copy = directory / script
+        copy.write_text(packaged.replace(marker, replacement))
+        copy.chmod(0o755)
+        run([str(copy)], env=env)
+    while not listening(PORT):
+        if time.monotonic() - started > timeout:
+            raise HostError(f"A-REX did not listen on port {PORT} in {timeout:.0f} s; see {directory / 'log'}")
+        time.sleep(0.3)
+    # The grid user's proxy, as the user (it lands in /tmp/x509up_uUID).
+    proc = subprocess.run(
+        [which("runuser") or "/usr/sbin/runuser", "-u", user, "--", "arcproxy"],
+        capture_output=True,
+        text=True,
+        env={"HOME": account.pw_dir, "PATH": "/usr/bin:/bin"},
+        cwd=account.pw_dir if os.path.isdir(account.pw_dir) else "/",  # not root's, which it may not enter
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise HostError(f"arcproxy for {user} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return time.monotonic() - started
