@@ -89,7 +89,8 @@ def apppot(cache_home: Path, tiny_image: Path, tmp_path: Path):
             user_cache = tmp_path / f"cache-{as_user}"
             user_cache.mkdir(exist_ok=True)
             chown_to(user_cache, as_user)
-            full_env["XDG_CACHE_HOME"] = str(user_cache)
+            if "XDG_CACHE_HOME" not in (env or {}):
+                full_env["XDG_CACHE_HOME"] = str(user_cache)
             guest_kernel = cache_home / "apppot" / "guest-kernel"  # QEMU's, if the session has it
             if guest_kernel.exists() and not (user_cache / "apppot" / "guest-kernel").exists():
                 (user_cache / "apppot").mkdir(exist_ok=True)

@@ -34,14 +34,14 @@ def check_jobdir(path: Path, unsafe_ok: bool = False) -> Path:
         raise JobDirError(f"job directory {path} cannot be used ({e.strerror}); pass --jobdir DIR") from None
     if not is_dir:
         raise JobDirError(f"job directory {path} does not exist or is not a directory; create it or pass --jobdir DIR")
-    if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
-        raise JobDirError(f"job directory {path} is not writable by you; fix its permissions or pass another --jobdir")
     resolved = path.resolve()
     if not unsafe_ok and (why := _unsafe(resolved)):
         raise JobDirError(
             f"job directory {resolved} is {why}, and the job could change anything in it: "
             f"run the job in a directory of its own (--jobdir DIR), or pass {UNSAFE_FLAG} if you mean it"
         )
+    if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        raise JobDirError(f"job directory {path} is not writable by you; fix its permissions or pass another --jobdir")
     return resolved
 
 

@@ -236,9 +236,11 @@ def _check_overlay(overlay: Path, image: Path) -> None:
     if Path(backing).resolve() != image.resolve():
         raise CowError(f"--cow {overlay} belongs to the image {backing}, not {image}; use it with that image")
     base = image.stat()
-    if info.get("virtual-size") != base.st_size or base.st_mtime_ns > overlay.stat().st_mtime_ns:
+    # The ctime too: a user can put an image's mtime back, not its ctime.
+    changed_ns = max(base.st_mtime_ns, base.st_ctime_ns)
+    if info.get("virtual-size") != base.st_size or changed_ns > overlay.stat().st_mtime_ns:
         raise CowError(
-            f"--cow {overlay} was made against {image} before the image changed (size or mtime); "
+            f"--cow {overlay} was made against {image} before the image changed (size, mtime or ctime); "
             "use the unchanged base image, or give a new --cow file"
         )
 
@@ -610,6 +612,7 @@ class Job:
             if spool is not None and spool.error is not None:
                 raise spool.error
             if reported_at is None and channel.has_report(STATUS_FILE):
+                channel.read_report(STATUS_FILE)  # a link, a pipe, a directory or a huge file ends the job now
                 reported_at = time.monotonic()
             if reported_at is not None and time.monotonic() - reported_at > POWEROFF_GRACE_S:
                 self.say("the guest did not power off after the job ended; stopping it")

@@ -27,7 +27,10 @@ def test_a_job_directory_holding_the_cache_is_refused(attack: Attack) -> None:
 
 
 def test_a_job_directory_holding_tmpdir_is_refused(attack: Attack) -> None:
-    outcome = attack.run(["start", "--jobdir", str(attack.apppot.tmp.parent), "--", "true"])
+    inside = attack.jobdir / "tmp"
+    inside.mkdir()
+    inside.chmod(0o1777)
+    outcome = attack.run(["start", "--", "true"], env={"TMPDIR": str(inside)})
     assert outcome.returncode == 125
     outcome.one_line("TMPDIR", "inside the job directory")
 
@@ -95,15 +98,22 @@ def test_a_killed_apppot_leaves_nothing_after_the_next_start(attack: Attack, app
     cache.mkdir()
     chown_to(cache, attack.user)
     env = {**os.environ, "TMPDIR": str(apppot.tmp), "XDG_CACHE_HOME": str(cache), "APPPOT_IMAGE": str(tiny_image)}
+    env["HOME"] = home_of(attack.user)
     argv = ["setpriv", f"--reuid={attack.user}", f"--regid={attack.user}", "--init-groups", "--", APPPOT]
-    proc = subprocess.Popen([*argv, "start", "--id", attack.instance, "--", "sleep", "60"], cwd=attack.jobdir, env=env)
+    proc = subprocess.Popen(
+        [*argv, "start", "--id", attack.instance, "--", "sleep", "60"],
+        cwd=attack.jobdir,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 30
     while not any(p.name.startswith("apppot-") for p in apppot.tmp.iterdir()) and time.monotonic() < deadline:
         time.sleep(0.1)
     time.sleep(1)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert any(p.name.startswith("apppot-") for p in apppot.tmp.iterdir())
+    _, err = proc.communicate()
+    assert any(p.name.startswith("apppot-") for p in apppot.tmp.iterdir()), err
     deadline = time.monotonic() + 10
     while attack.processes() and time.monotonic() < deadline:
         time.sleep(0.1)
