@@ -189,11 +189,11 @@ def test_host_loopback_is_closed_unless_asked_for(
 
 
 def _children(pid: int) -> list[int]:
-    """All descendants of pid."""
+    """All descendants of pid, parents before their children."""
     found: list[int] = []
     todo = [pid]
     while todo:
-        parent = todo.pop()
+        parent = todo.pop(0)
         for task in Path(f"/proc/{parent}/task").glob("*"):
             with contextlib.suppress(OSError):
                 kids = [int(k) for k in (task / "children").read_text().split()]
@@ -220,6 +220,7 @@ class RunningJob(NamedTuple):
     apppot: subprocess.Popen[bytes]
     hypervisor: int  # UML's or QEMU's pid
     helper: int  # the NAT helper's
+    processes: list[int]  # all that AppPot started (UML starts a vde_plug of its own, in its sandbox)
 
 
 @contextlib.contextmanager
@@ -233,18 +234,17 @@ def running_job(jobdir: Path, cache: Path, backend: str) -> Iterator[RunningJob]
     try:
         hypervisor = helper = 0
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            for pid in _children(proc.pid):
-                exe = _exe(pid)
-                if "vde_plug" in exe:
-                    helper = pid
-                elif not hypervisor and (("qemu" in exe) if backend == "qemu" else "linux" in Path(_cmdline(pid)[0]).name):
-                    hypervisor = pid
-            if hypervisor and helper:
-                break
-            time.sleep(0.1)
+        while time.monotonic() < deadline and not (hypervisor and helper):
+            time.sleep(0.5)  # until the hypervisor has started, and UML its own helpers
+            processes = _children(proc.pid)
+            helpers = [p for p in processes if any(a.startswith("switch://") for a in _cmdline(p)) and "vde_plug" in _exe(p)]
+            if backend == "qemu":
+                hypervisors = [p for p in processes if "qemu-system" in _exe(p)]
+            else:  # the first UML process (the others are its threads' processes)
+                hypervisors = [p for p in processes if Path(_cmdline(p)[0]).name == "linux"]
+            hypervisor, helper = hypervisors[0] if hypervisors else 0, helpers[0] if helpers else 0
         assert hypervisor and helper, (hypervisor, helper)
-        yield RunningJob(proc, hypervisor, helper)
+        yield RunningJob(proc, hypervisor, helper, processes)
     finally:
         hold.unlink(missing_ok=True)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -286,7 +286,7 @@ def test_the_helper_ends_with_apppot_even_when_it_is_killed(apppot, backend: str
         job.apppot.wait()
 
         def alive() -> list[int]:  # a zombie has no exe: it has ended
-            return [p for p in (job.helper, job.hypervisor) if _exe(p)]
+            return [p for p in job.processes if _exe(p)]
 
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and alive():
