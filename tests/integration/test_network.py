@@ -298,3 +298,16 @@ def test_host_loopback_needs_the_network(apppot, jobdir: Path) -> None:
     r = apppot(["start", "--no-net", "--host-loopback", "--", "true"], cwd=jobdir)
     assert r.returncode == 125
     assert r.err.count("\n") == 1 and "--host-loopback" in r.err and "--no-net" in r.err, r.err
+
+
+@BOTH_BACKENDS
+def test_without_namespaces_the_loopback_stays_closed_and_the_warning_says_what_is_lost(
+    apppot, backend: str, loopback_server: int, jobdir: Path
+) -> None:
+    env = {"APPPOT_BWRAP": "/nonexistent/bwrap"}
+    closed = f"{FETCH.format(f'10.0.2.2:{loopback_server}')} || echo closed"
+    r = apppot(["start", "--net", "--", "sh", "-c", closed], cwd=jobdir, env=env)
+    assert (r.returncode, r.stdout) == (0, b"closed\n"), r.err
+    assert "reduced isolation" in r.err and "abstract sockets and loopback services" in r.err
+    r = apppot(["start", "--isolation", "strict", "--net", "--", "true"], cwd=jobdir, env=env)
+    assert r.returncode == 125 and "--isolation strict" in r.err
