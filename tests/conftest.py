@@ -81,6 +81,7 @@ def apppot(cache_home: Path, tiny_image: Path, tmp_path: Path):
         env: dict[str, str] | None = None,
         timeout: float = 120,
         as_user: str | None = None,
+        prefix: Sequence[str] = (),
     ) -> Result:
         full_env = {**os.environ, "XDG_CACHE_HOME": str(cache_home), "TMPDIR": str(run_tmp), **(env or {})}
         argv = [APPPOT, *args]
@@ -99,6 +100,7 @@ def apppot(cache_home: Path, tiny_image: Path, tmp_path: Path):
             full_env.setdefault("APPPOT_IMAGE", str(tiny_image))
             argv = ["setpriv", f"--reuid={as_user}", f"--regid={as_user}", "--init-groups", "--", *argv]
             full_env["HOME"] = pwd.getpwnam(as_user).pw_dir
+        argv = [*prefix, *argv]  # e.g. a private mount namespace made as root, before dropping to the user
         input_bytes = stdin if isinstance(stdin, bytes) else None
         stdin_arg = stdin if isinstance(stdin, int) else (None if input_bytes is not None else subprocess.DEVNULL)
         proc = subprocess.run(

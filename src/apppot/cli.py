@@ -38,7 +38,7 @@ exit status:
   128+N if apppot start itself was stopped by signal N (SIGINT, SIGTERM).
 
 environment: APPPOT_IMAGE (--image), APPPOT_MEM (--mem), APPPOT_KERNEL (--kernel), APPPOT_CPU (--cpu),
-APPPOT_BACKEND (--backend), APPPOT_KVM (1: --kvm, 0: --no-kvm).
+APPPOT_BACKEND (--backend), APPPOT_KVM (1: --kvm, 0: --no-kvm), APPPOT_HOST_LOOPBACK (1: --host-loopback).
 """
 
 
@@ -84,6 +84,13 @@ START_OPTIONS = (
     _Option(("--mem",), "mem", "value", "SIZE", "guest memory, e.g. 512M or 2G (default: $APPPOT_MEM, else 512M)"),
     _Option(("--net",), "net", "true", None, "outbound network through a user-space NAT"),
     _Option(("--no-net",), "net", "false", None, "no network"),
+    _Option(
+        ("--host-loopback",),
+        "host_loopback",
+        "flag",
+        None,
+        "let the guest reach services on the host's 127.0.0.1 as 10.0.2.2 (implies --net; $APPPOT_HOST_LOOPBACK=1)",
+    ),
     _Option(("--kernel", "--uml", "--linux"), "kernel", "value", "PATH", "UML kernel ($APPPOT_KERNEL)"),
     _Option(("--id",), "instance_id", "value", "NAME", "instance name (UML umid)"),
     _Option(("--extra",), "extra", "append", "ARG", "extra kernel parameter (repeatable)"),
@@ -218,6 +225,15 @@ def _image_and_cow(ns: argparse.Namespace | SimpleNamespace) -> tuple[Path | Non
     return (Path(image) if image else None), cow_file
 
 
+HOST_LOOPBACK_ENV = "APPPOT_HOST_LOOPBACK"
+
+
+def _net(net: bool | None, host_loopback: bool) -> bool | None:
+    if host_loopback and net is False:
+        raise UsageError("--host-loopback needs the network: drop --no-net (or unset APPPOT_HOST_LOOPBACK)")
+    return True if host_loopback else net
+
+
 def parse_start(argv: Sequence[str], prog: str = "apppot start") -> JobSpec:
     before, after = _split_command(argv)
     ns = _fast_parse(before) or _start_parser(prog).parse_args(before)
@@ -226,6 +242,7 @@ def parse_start(argv: Sequence[str], prog: str = "apppot start") -> JobSpec:
         raise UsageError(f"unexpected arguments before --: {' '.join(ns.command)}")
     image, cow_file = _image_and_cow(ns)
     mem_text = ns.mem or os.environ.get("APPPOT_MEM")
+    host_loopback = ns.host_loopback or os.environ.get(HOST_LOOPBACK_ENV) == "1"
     return JobSpec(
         argv=tuple(command) if command is not None else None,
         jobdir=ns.jobdir if ns.jobdir is not None else _cwd(),
@@ -233,7 +250,8 @@ def parse_start(argv: Sequence[str], prog: str = "apppot start") -> JobSpec:
         image=image,
         cow=cow_file,
         mem_bytes=parse_mem(mem_text) if mem_text else None,
-        net=ns.net,
+        net=_net(ns.net, host_loopback),
+        host_loopback=host_loopback,
         kernel=ns.kernel,
         instance_id=ns.instance_id,
         extra=tuple(ns.extra),
@@ -595,7 +613,7 @@ def cmd_kernel(argv: Sequence[str]) -> int:
         record: dict[str, object] = {"path": str(built.directory / "linux"), "reused": built.reused, **built.record._asdict()}
     else:
         from apppot.kernel import KernelRecord, find_kernel, kernel_traits
-        from apppot.network import NetKind, choose_network
+        from apppot.network import choose_network
 
         found = find_kernel(ns.kernel)
         own = KernelRecord.read(found.path)
@@ -609,7 +627,7 @@ def cmd_kernel(argv: Sequence[str]) -> int:
             "seccomp_on_this_host": traits.seccomp_works,
             "lpj": traits.lpj,
             # What `apppot start` would pick here, not only what the kernel could drive.
-            "network": {None: "none", NetKind.SLIRP: "slirp", NetKind.VDE_SLIRP: "vde slirp plugin"}[net.kind if net else None],
+            "network": "vde slirp plugin" if net else "none",  # a NAT helper outside UML's namespace
         }
     _print_record(record, ns.json)
     return 0

@@ -41,7 +41,8 @@ from apppot.images import ext4, tiny
 from apppot.images.store import cache_dir, resolve_image
 from apppot.jobdir import check_jobdir, check_outside
 from apppot.kernel import FoundKernel, KernelTraits, find_kernel, kernel_traits, shared_libraries
-from apppot.network import Network, choose_network
+from apppot.nat import NatHelper
+from apppot.network import Network, choose_network, choose_qemu_network
 from apppot.proc import parent_death_signal, run, which
 from apppot.protocol import (
     CHANGES_ARCHIVE,
@@ -58,7 +59,7 @@ from apppot.protocol import (
     render_kernel_params,
 )
 from apppot.rundir import RunDir, sweep_stale
-from apppot.sandbox import Bind, bwrap_argv, find_bwrap, is_setuid, probe, require_or_warn
+from apppot.sandbox import Bind, bwrap_argv, find_bwrap, is_setuid, netns_argv, probe, require_netns_or_warn, require_or_warn
 from apppot.spec import DEFAULT_MEM, JobSpec, choose_mem
 from apppot.streams import Relay, StdinSpool, Streams, detect_streams
 
@@ -103,14 +104,13 @@ class Prepared(NamedTuple):
     fs_uuid: str
     jobdir: Path
     mem_bytes: int
-    net: Network | None
+    net: Network | None  # the NAT helper the guest's network goes through
     bwrap: str | None
     umid: str
     cpu: int | None = None  # the host CPU the guest is pinned to
     changes: Path | None = None  # a changes archive to merge at boot (checked as it is copied, before the boot)
     warnings: tuple[str, ...] = ()
     qemu: QemuSetup | None = None  # set when the job runs under QEMU
-    qemu_net: bool = False
 
 
 def _read_max_map_count() -> int:
@@ -172,7 +172,7 @@ def prepare(spec: JobSpec, say: Say, decision: Decision | None = None) -> Prepar
         why = "" if traits.seccomp_works else (" (seccomp mode refused by this host)" if traits.seccomp_option else "")
         say(f"kernel: {kernel.path} (chosen by {kernel.source.value}), {mode} mode{why}")
     mem = choose_mem(spec.mem_bytes, _read_max_map_count())
-    net = choose_network(traits, spec.net)
+    net = choose_network(traits, spec.net, spec.host_loopback)
     umid = _instance_id(spec)
     bwrap = find_bwrap()
     warning = require_or_warn(spec.isolation, probe(bwrap))
@@ -202,10 +202,13 @@ def _prepare_qemu(spec: JobSpec, say: Say, decision: Decision, jobdir: Path, ima
     # QEMU's emulation runs on several host threads: it is pinned only when asked for a CPU.
     pin = cpu.choose_cpu(spec.cpu, os.sched_getaffinity(0), cpu.current_cpu()) if spec.cpu not in (None, "auto") else None
     changes = spec.changes if spec.changes is not None else _auto_changes(jobdir)
-    warnings = (decision.warning,) if decision.warning else ()
+    bwrap = find_bwrap()
+    netns_warning = require_netns_or_warn(spec.isolation, probe(bwrap))
+    warnings = tuple(w for w in (decision.warning, netns_warning) if w)
     mem = spec.mem_bytes or DEFAULT_MEM
-    net = spec.net is not False
-    prepared = Prepared(None, None, image, fs_uuid, jobdir, mem, None, None, umid, pin, changes, warnings, setup, net)
+    net = choose_qemu_network(spec.net, spec.host_loopback)
+    bwrap = None if netns_warning else bwrap
+    prepared = Prepared(None, None, image, fs_uuid, jobdir, mem, net, bwrap, umid, pin, changes, warnings, setup)
     _check_image_use(spec, image, fs_uuid, qemu=True)
     return prepared
 
@@ -294,6 +297,7 @@ class Job:
         self.prepared = prepared
         self.say = say
         self.proc: subprocess.Popen[bytes] | None = None
+        self.nat: NatHelper | None = None
         self.signal_received: int | None = None
         self.stdout_broken = False
         self.timed_out = False
@@ -407,6 +411,8 @@ class Job:
         pass_fds = [log_fd, out_w, err_w, *(terminal or ())]
         affinity = os.sched_getaffinity(0)
         try:
+            if p.net is not None:  # first, on no pinned CPU; the hypervisor joins its switch as it boots
+                self.nat = NatHelper.start(p.net, self._switch(), log_fd, self.spec.verbose)
             if p.cpu is not None:  # inherited by UML and all its processes; this thread's is restored below
                 os.sched_setaffinity(0, {p.cpu})
             # An interactive QEMU guest has the terminal as QEMU's own stdin and stdout.
@@ -453,7 +459,7 @@ class Job:
         uid, gid, user, group = guest_identity(self.spec.user, self.spec.group)
         rows, cols = _terminal_size()
         if p.qemu is not None:
-            net, net_configured = ("eth0" if p.qemu_net else None), False
+            net, net_configured = ("eth0" if p.net else None), False
         else:
             assert p.traits is not None
             net, net_configured = (p.net.interface if p.net else None), p.net is not None and p.traits.ip_autoconfig
@@ -504,14 +510,15 @@ class Job:
             name=p.umid,
             overlay=str(cow_path) if self.spec.cow is not None else None,
             writable=self.spec.writable_image,
-            net=p.qemu_net,
+            netdev=p.net.qemu_netdev(str(self._switch())) if p.net else None,
             extra=self.spec.extra,
             full_boot=self.spec.full_boot,
             stdout_port=streams.stdout is not StreamMode.TTY,
             stderr_port=streams.stderr is not StreamMode.TTY,
         )
         params = render_kernel_params(CTL_TAG, OUT_TAG, JOB_TAG, changes=p.changes is not None, ninep=True)
-        return qemu_argv(launch, params)
+        argv = qemu_argv(launch, params)
+        return netns_argv(p.bwrap) + argv if p.bwrap else argv  # in a network namespace of its own
 
     def _uml_argv(
         self,
@@ -528,7 +535,7 @@ class Job:
         sandboxed = p.bwrap is not None
         net_params: tuple[str, ...] = ()
         if p.net is not None:
-            net_params = (p.net.uml_param(), *([p.net.kernel_ip_param()] if p.traits.ip_autoconfig else []))
+            net_params = (p.net.uml_param(str(self._switch())), *([p.net.kernel_ip_param()] if p.traits.ip_autoconfig else []))
         launch = UmlLaunch(
             kernel=SANDBOX_KERNEL if sandboxed else str(p.kernel.path),
             base="" if self.spec.writable_image else cow.uml_base_path(p.image, p.fs_uuid),
@@ -558,7 +565,7 @@ class Job:
             assert p.bwrap is not None
             setarch = which("setarch")
             binds = self._binds(cow_path, channel, uml_dir)
-            argv = bwrap_argv(p.bwrap, binds, share_net=p.net is not None, proc=setarch is None or is_setuid(p.bwrap)) + argv
+            argv = bwrap_argv(p.bwrap, binds, proc=setarch is None or is_setuid(p.bwrap)) + argv
             argv = personality_prefix(setarch) + argv
         return argv
 
@@ -567,8 +574,9 @@ class Job:
         assert p.kernel is not None
         binds = [Bind(str(p.kernel.path), SANDBOX_KERNEL)]
         binds += [Bind(str(lib), str(lib)) for lib in shared_libraries(p.kernel.path)]
-        if p.net is not None:
+        if p.net is not None:  # the switch, which the helper makes before UML starts, at its own path
             binds += [Bind(str(src), str(dst)) for src, dst in p.net.sandbox_files(shared_libraries)]
+            binds.append(Bind(str(self._switch()), str(self._switch()), writable=True))
         if not self.spec.writable_image:
             binds.append(Bind(str(p.image.resolve()), cow.uml_base_path(p.image, p.fs_uuid)))
         binds += [
@@ -579,6 +587,9 @@ class Job:
             Bind(str(uml_dir), SANDBOX_UML_DIR, writable=True),
         ]
         return binds
+
+    def _switch(self) -> Path:
+        return self.rundir / "net"
 
     def _wait_uml(self) -> None:
         assert self.proc is not None
@@ -626,7 +637,14 @@ class Job:
         return status
 
     def _stop_guest(self) -> None:
-        """Stop UML and every helper it started: SIGTERM to the group, then SIGKILL."""
+        """Stop UML and every helper it started: SIGTERM to the group, then SIGKILL; then the NAT helper."""
+        try:
+            self._stop_hypervisor()
+        finally:
+            if self.nat is not None:
+                self.nat.stop()
+
+    def _stop_hypervisor(self) -> None:
         proc = self.proc
         if proc is None:
             return

@@ -1,8 +1,11 @@
-"""The restricted view of the host that the UML process runs in (bubblewrap).
+"""The restricted view of the host that the hypervisor runs in (bubblewrap).
 
 UML's hostfs lets guest root mount any host path the UML process can reach, so
 the process runs in new user and mount namespaces where only the kernel, its
 libraries, the base image, the COW file and the job and control directories exist.
+Both UML and QEMU run in a network namespace of their own: code that takes over the
+hypervisor reaches neither the host's loopback services nor its abstract Unix sockets
+(session buses, X11); the NAT helper on the host (apppot.nat) is the only way out.
 """
 
 from __future__ import annotations
@@ -39,11 +42,9 @@ class Bind(NamedTuple):
     writable: bool = False
 
 
-def bwrap_argv(bwrap: str, binds: list[Bind], *, share_net: bool, proc: bool = False) -> list[str]:
-    """The bubblewrap command line that shows the process only ``binds`` (and /proc if asked)."""
+def bwrap_argv(bwrap: str, binds: list[Bind], *, proc: bool = False) -> list[str]:
+    """The bubblewrap command line that shows the process only ``binds`` (and /proc if asked), with no network."""
     argv = [bwrap, "--unshare-all", "--die-with-parent", "--cap-drop", "ALL"]
-    if share_net:
-        argv.append("--share-net")
     argv += ["--dev", "/dev", *(["--proc", "/proc"] if proc else []), "--tmpfs", "/tmp"]
     argv += ["--clearenv", "--setenv", "TMPDIR", "/tmp"]
     # slirp refuses to start without HOME.
@@ -55,6 +56,12 @@ def bwrap_argv(bwrap: str, binds: list[Bind], *, share_net: bool, proc: bool = F
             argv += ["--bind" if bind.writable else "--ro-bind", bind.source, bind.target]
     argv.append("--")
     return argv
+
+
+def netns_argv(bwrap: str) -> list[str]:
+    """The bubblewrap command line that takes only the network away: the process sees the host's files, devices
+    (/dev/kvm) and processes as before, and a network namespace with nothing but its own loopback."""
+    return [bwrap, "--unshare-net", "--die-with-parent", "--dev-bind", "/", "/", "--"]
 
 
 def is_setuid(program: str) -> bool:
@@ -107,4 +114,19 @@ def require_or_warn(isolation: Isolation, reason: str | None) -> str | None:
         return None
     if isolation is Isolation.STRICT:
         raise HostError(f"cannot isolate the guest from the host: {reason}; --isolation strict refuses to run without it")
-    return f"warning: reduced isolation, guest root can reach host files through hostfs: {reason}"
+    return (
+        "warning: reduced isolation, guest root can reach host files through hostfs, and a guest that takes over "
+        f"the hypervisor reaches the host's abstract sockets and loopback services: {reason}"
+    )
+
+
+def require_netns_or_warn(isolation: Isolation, reason: str | None) -> str | None:
+    """The isolation policy for QEMU, which needs namespaces only to keep off the host's network."""
+    if reason is None:
+        return None
+    if isolation is Isolation.STRICT:
+        raise HostError(f"cannot isolate QEMU from the host's network: {reason}; --isolation strict refuses to run without it")
+    return (
+        "warning: reduced isolation, QEMU shares the host's network namespace (a guest that takes over QEMU reaches the "
+        f"host's abstract sockets and loopback services): {reason}"
+    )

@@ -29,7 +29,8 @@ class JobSpec(NamedTuple):
     image: Path | None = None  # None: the tiny default appliance
     cow: Path | None = None  # None: a private temporary COW
     mem_bytes: int | None = None  # None: DEFAULT_MEM where the host allows it
-    net: bool | None = None  # None: on when slirp is installed
+    net: bool | None = None  # None: on when the NAT helper (vdeplug4's slirp plugin) is installed
+    host_loopback: bool = False  # the guest reaches the host's 127.0.0.1 as 10.0.2.2 (--host-loopback)
     kernel: str | None = None
     instance_id: str | None = None
     extra: tuple[str, ...] = ()

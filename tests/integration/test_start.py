@@ -271,7 +271,7 @@ def test_guest_root_cannot_reach_host_files(apppot, tmp_path: Path) -> None:
     assert "passwd" not in out and "hostname" not in out  # nothing of the host's /etc
     assert "next-to-job" not in out
     assert "home" not in out.split() and "root" not in out.split() and "proc" not in out.split()
-    # The sandbox's /etc holds only the resolver configuration the user-space NAT forwards DNS to.
+    # The sandbox has no /etc of the host (the NAT, which reads resolv.conf, runs outside it).
     etc = out.split("ETC-BEGIN")[1].split("ETC-END")[0].split()
     assert set(etc) <= {".", "..", "resolv.conf"}
 
@@ -330,8 +330,8 @@ def test_outbound_network_through_slirp(apppot, backend: str, jobdir: Path) -> N
     port = server.server_address[1]
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        # 10.0.2.2 is the host's loopback as slirp shows it to the guest.
-        r = apppot(["start", "--net", "--", "wget", "-q", "-O", "-", f"http://10.0.2.2:{port}/"], cwd=jobdir)
+        # 10.0.2.2 is the host's loopback as slirp shows it to the guest, when asked for (test_network: closed by default).
+        r = apppot(["start", "--host-loopback", "--", "wget", "-q", "-O", "-", f"http://10.0.2.2:{port}/"], cwd=jobdir)
         assert (r.returncode, r.stdout) == (0, b"hello-from-the-host\n"), r.err
         r = apppot(["start", "--no-net", "--", "wget", "-q", "-T", "3", "-O", "-", f"http://10.0.2.2:{port}/"], cwd=jobdir)
         assert r.returncode != 0

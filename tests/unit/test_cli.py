@@ -100,3 +100,14 @@ def test_too_small_max_map_count_names_the_fix() -> None:
     with pytest.raises(HostError, match=r"sudo sysctl -w vm.max_map_count=\d+"):
         choose_mem(2048 * MIB, 65530)
     assert choose_mem(2048 * MIB, map_count_needed(2048 * MIB)) == 2048 * MIB
+
+
+def test_host_loopback_implies_the_network_and_refuses_no_net(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("APPPOT_HOST_LOOPBACK", raising=False)
+    spec = parse_start(["--host-loopback", "--", "true"])
+    assert (spec.net, spec.host_loopback) == (True, True)
+    assert (parse_start(["--", "true"]).net, parse_start(["--", "true"]).host_loopback) == (None, False)
+    monkeypatch.setenv("APPPOT_HOST_LOOPBACK", "1")
+    assert parse_start(["--net", "--", "true"]).host_loopback is True
+    with pytest.raises(UsageError, match="--host-loopback needs the network: drop --no-net"):
+        parse_start(["--no-net", "--", "true"])

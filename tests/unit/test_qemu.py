@@ -98,7 +98,7 @@ def test_golden_argv_of_an_interactive_kvm_job_with_network_and_overlay() -> Non
         terminal=True,
         name="job-7",
         overlay="/home/me/mine.qcow2",
-        net=True,
+        netdev="vde,id=net0,sock=/run/j/net",
         stdout_port=False,
         stderr_port=False,
         extra=("loglevel=3",),
@@ -113,7 +113,7 @@ def test_golden_argv_of_an_interactive_kvm_job_with_network_and_overlay() -> Non
     assert "stdio,id=term,signal=off" in argv
     assert argv[argv.index("-name") + 1] == "job-7"
     assert "virtio-serial-pci" not in argv
-    assert argv[argv.index("-netdev") + 1] == "user,id=net0"
+    assert argv[argv.index("-netdev") + 1] == "vde,id=net0,sock=/run/j/net"
     assert argv[-1] == (
         "console=ttyS2 quiet panic=-1 apppot_root=/dev/vda apppot_modules=direct "
         "apppot_init=/usr/lib/systemd/systemd apppot_tty=ttyS3 loglevel=3 "

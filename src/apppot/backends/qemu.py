@@ -66,7 +66,7 @@ class QemuLaunch(NamedTuple):
     name: str = ""  # the instance name (--id), shown in QEMU's command line
     overlay: str | None = None  # a qcow2 file over the image that keeps the job's writes (--cow)
     writable: bool = False  # --writable-image: the job writes the image itself
-    net: bool = False
+    netdev: str | None = None  # the NIC's back end (e.g. vde,id=net0,sock=...); None: no network
     extra: tuple[str, ...] = ()  # more kernel parameters
     stdout_port: bool = True  # stdout over a virtio port; False: over a serial line (the host's stdout is a terminal)
     stderr_port: bool = True
@@ -141,8 +141,8 @@ def qemu_argv(launch: QemuLaunch, guest_params: list[str]) -> list[str]:
         # QEMU puts the terminal in raw mode (and back); Ctrl-C goes to the guest, as under UML.
         argv += ["-chardev", "stdio,id=term,signal=off", "-serial", "chardev:term"]
         tty_params = [f"apppot_tty={TERMINAL}"]
-    if launch.net:
-        argv += ["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0"]
+    if launch.netdev is not None:
+        argv += ["-netdev", launch.netdev, "-device", "virtio-net-pci,netdev=net0"]
     params = [
         f"console={CONSOLE}",
         "quiet",
