@@ -460,13 +460,13 @@ def cmd_submit(argv: Sequence[str]) -> int:
     if not after:
         raise UsageError("give the command to run after --, e.g. apppot submit --to slurm -- ./run.sh")
     from apppot.images.store import resolve_image
-    from apppot.runner import _default_image
+    from apppot.prepare import default_image
     from apppot.submit import jobs
     from apppot.submit.job import BatchJob, check_job_name, check_output_name, parse_wall_time
 
     image: Path | None = None  # ARC without --image: the site's image (its APPPOT runtime environment names it)
     if ns.image or ns.target != "arc":
-        image = resolve_image(ns.image) if ns.image else _default_image(_say)
+        image = resolve_image(ns.image) if ns.image else default_image(_say)
         if not image.is_file():
             raise UsageError(f"image {image} does not exist; give an image file or a name from 'apppot image list'")
     if ns.cores < 1:

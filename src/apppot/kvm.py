@@ -93,6 +93,7 @@ def _probe(say: Say) -> KvmState:
     from apppot import runner
     from apppot.backends.choice import Backend, Decision
     from apppot.backends.qemu import Accel
+    from apppot.prepare import prepare
     from apppot.spec import JobSpec
 
     say(f"probing KVM: booting a guest with it (at most {PROBE_TIMEOUT_S:g} s, once per host)")
@@ -102,7 +103,7 @@ def _probe(say: Say) -> KvmState:
         decision = Decision(Backend.QEMU, Accel.KVM, "KVM probe")
         quiet: Say = lambda _message: None  # noqa: E731
         try:
-            job = runner.Job(spec, runner.prepare(spec, quiet, decision), quiet, deadline_s=PROBE_TIMEOUT_S)
+            job = runner.Job(spec, prepare(spec, quiet, decision), quiet, deadline_s=PROBE_TIMEOUT_S)
             code = job.run()
         except GuestDied as e:  # QEMU ran, the guest did not boot or finish with KVM: a verdict
             return KvmState(False, f"a probe guest did not boot with KVM: {e}")

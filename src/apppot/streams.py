@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import threading
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from apppot.channel import Channel, ChannelClosed
 from apppot.errors import AppPotError, GuestMisbehaved, HostError
@@ -140,3 +141,28 @@ class Relay(threading.Thread):
             except OSError:
                 broken = True
         os.close(self.src)
+
+
+def terminal_size() -> tuple[int | None, int | None]:
+    for fd in (1, 0, 2):
+        with contextlib.suppress(OSError):
+            size = os.get_terminal_size(fd)
+            return size.lines, size.columns
+    return None, None
+
+
+def save_termios(fd: int) -> tuple[int, list[Any]] | None:
+    import termios  # only interactive jobs need it; loading it costs a millisecond
+
+    try:
+        return fd, termios.tcgetattr(fd)
+    except termios.error:
+        return None
+
+
+def restore_termios(saved: tuple[int, list[Any]]) -> None:
+    import termios
+
+    fd, attrs = saved
+    with contextlib.suppress(termios.error, OSError):
+        termios.tcsetattr(fd, termios.TCSADRAIN, attrs)
