@@ -34,7 +34,8 @@ which command runs (first match wins):
 exit status:
   the job's own exit status (128+N if the job was killed by signal N);
   {EXIT_APPPOT_ERROR} if AppPot could not start or run the job (the reason is printed);
-  {EXIT_GUEST_DIED} if the guest ended without reporting a status (kernel panic, killed UML);
+  {EXIT_GUEST_DIED} if the guest ended without reporting a status (kernel panic, killed UML or QEMU),
+      or left something no agent writes where the host reads its reports (the line says what);
   128+N if apppot start itself was stopped by signal N (SIGINT, SIGTERM).
 
 environment: APPPOT_IMAGE (--image), APPPOT_MEM (--mem), APPPOT_KERNEL (--kernel), APPPOT_CPU (--cpu),
@@ -141,9 +142,9 @@ def _start_parser(prog: str) -> argparse.ArgumentParser:
     for o in START_OPTIONS:
         if o.kind in ("true", "false"):
             action = "store_true" if o.kind == "true" else "store_false"
-            groups.setdefault(o.dest, p.add_mutually_exclusive_group()).add_argument(
-                *o.flags, dest=o.dest, action=action, default=None, help=o.help
-            )
+            if o.dest not in groups:  # one group per pair (--net/--no-net): an empty group breaks --help
+                groups[o.dest] = p.add_mutually_exclusive_group()
+            groups[o.dest].add_argument(*o.flags, dest=o.dest, action=action, default=None, help=o.help)
         elif o.kind == "flag":
             p.add_argument(*o.flags, dest=o.dest, action="store_true", help=o.help)
         elif o.kind == "append":

@@ -10,6 +10,7 @@ not hand to an untrusted program (/, a system directory, the whole home) needs
 from __future__ import annotations
 
 import os
+import pwd
 import stat
 from pathlib import Path
 
@@ -51,14 +52,47 @@ def _unsafe(jobdir: Path) -> str | None:
         return "the root directory" if text == "/" else "a system directory shared by all users"
     if any(text == tree or text.startswith(tree + "/") for tree in _SYSTEM_TREES):
         return "a system directory"
-    homes = {Path.home().resolve()} if Path.home().is_absolute() else set()
-    if jobdir in homes:
-        return "your whole home directory"
+    for home in _homes():
+        if jobdir == home:
+            return "your whole home directory"
+        if home.is_relative_to(jobdir):
+            return f"a directory holding your home directory {home}"
     return None
 
 
+def _homes() -> set[Path]:
+    """$HOME, and the home the password database names (a batch system may set HOME elsewhere)."""
+    homes = set()
+    for home in (os.environ.get("HOME", ""), _passwd_home()):
+        if os.path.isabs(home):
+            homes.add(Path(home).resolve())
+    return homes
+
+
+def _passwd_home() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_dir
+    except KeyError:
+        return ""
+
+
 def check_outside(jobdir: Path, path: Path, what: str, fix: str) -> None:
-    """Refuse ``path`` (something the host reads or runs) inside the job directory, or the job directory inside it."""
+    """Refuse ``path`` (something the host reads or runs) inside the job directory."""
     resolved = path.resolve()
-    if resolved == jobdir or resolved.is_relative_to(jobdir):
+    if resolved.is_relative_to(jobdir):
         raise JobDirError(f"{what} {resolved} is inside the job directory {jobdir}, where the job could change it: {fix}")
+
+
+def check_not_in_cache(jobdir: Path, cache: Path) -> None:
+    """Refuse a job directory inside AppPot's cache, but for the job directory of a submitted job (jobs/ID/job):
+    the cache holds what the next job's sandbox is made of."""
+    cache = cache.resolve()
+    if not jobdir.is_relative_to(cache):
+        return
+    parts = jobdir.relative_to(cache).parts
+    if len(parts) >= 3 and parts[0] == "jobs" and parts[2] == "job":
+        return
+    raise JobDirError(
+        f"job directory {jobdir} is inside AppPot's cache {cache}, whose files decide what later jobs see: "
+        "run the job in a directory of its own (--jobdir DIR)"
+    )

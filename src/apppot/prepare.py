@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ from apppot.backends.uml import AGENT_SERVICE, SYSTEMD_PATH
 from apppot.errors import CowError, HostError, UsageError
 from apppot.images import ext4, tiny
 from apppot.images.store import cache_dir, resolve_image
-from apppot.jobdir import check_jobdir, check_outside
+from apppot.jobdir import check_jobdir, check_not_in_cache, check_outside
 from apppot.kernel import FoundKernel, KernelTraits, find_kernel, kernel_traits
 from apppot.network import Network, choose_network, choose_qemu_network
 from apppot.proc import run, which
@@ -110,9 +111,9 @@ def _qemu_setup(accel: Accel, say: Say) -> QemuSetup:
 def prepare(spec: JobSpec, say: Say, decision: Decision | None = None) -> Prepared:
     """Check everything about the job that can be checked before booting."""
     jobdir = check_jobdir(spec.jobdir, spec.unsafe_jobdir)
-    fix = "set XDG_CACHE_HOME and TMPDIR to places outside it, or use another --jobdir"
-    check_outside(jobdir, cache_dir(), "AppPot's cache", fix)
-    check_outside(jobdir, run_base(), "the directory for AppPot's run files (TMPDIR)", fix)
+    check_outside(jobdir, cache_dir(), "AppPot's cache", "set XDG_CACHE_HOME to a place outside it, or use another --jobdir")
+    check_outside(jobdir, run_base(), "the directory for AppPot's run files (TMPDIR)", "set TMPDIR elsewhere")
+    check_not_in_cache(jobdir, cache_dir())
     image = resolve_image(str(spec.image)) if spec.image is not None else default_image(say)
     fs_uuid = ext4.filesystem_uuid(image)  # also says when the image is missing or unreadable
     decision = decision or choose_backend(spec, say)
@@ -188,6 +189,9 @@ def _check_overlay(overlay: Path, image: Path) -> None:
     except ValueError:
         info = {}
     backing = info.get("full-backing-filename") or info.get("backing-filename")
+    specific = info.get("format-specific", {}).get("data", {})
+    if isinstance(specific, dict) and specific.get("data-file"):  # QEMU would write the guest's sectors there
+        raise CowError(f"--cow {overlay} keeps its data in another file ({specific['data-file']}); give a new file name")
     if info.get("format") != "qcow2" or not backing:
         raise CowError(f"--cow {overlay} is not a QEMU overlay (qcow2 with a backing image); give a new file name")
     if Path(backing).resolve() != image.resolve():
@@ -215,6 +219,8 @@ def _check_image_use(spec: JobSpec, image: Path, fs_uuid: str, qemu: bool = Fals
                 f"--writable-image: {image} is not writable by you; make it writable (chmod u+w) to change it on purpose"
             )
     if spec.cow is not None:
+        if spec.cow.is_symlink():  # a job may have left it: UML and QEMU would write where it points
+            raise CowError(f"--cow {spec.cow} is a symbolic link; give the COW file itself, or a new file name")
         if spec.cow.resolve() == image.resolve():
             raise UsageError("--cow names the base image itself; give a separate file for the COW")
         if spec.cow.exists() and qemu:
@@ -226,9 +232,19 @@ def _check_image_use(spec: JobSpec, image: Path, fs_uuid: str, qemu: bool = Fals
 
 
 def _auto_changes(jobdir: Path) -> Path | None:
-    """apppot-changes.tar.gz in the job directory, merged without being asked for (checked in _put_changes)."""
+    """apppot-changes.tar.gz in the job directory, merged without being asked for (checked in _put_changes).
+    An earlier job may have left it: a link is refused, never followed to a file outside."""
     path = jobdir / AUTO_CHANGES
-    return path if path.is_file() else None
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(mode):
+        raise UsageError(
+            f"{path} is a symbolic link, which AppPot does not follow out of the job directory: "
+            "replace it by the archive itself, or pass --changes FILE"
+        )
+    return path if stat.S_ISREG(mode) else None
 
 
 def _check_full_boot(image: Path) -> None:

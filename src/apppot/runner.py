@@ -8,6 +8,7 @@ calls), the files the host and guest exchange in channel.py.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shlex
 import signal
@@ -74,6 +75,8 @@ class Job:
     def _rundir(self) -> Iterator[None]:
         base = run_base()
         for name in sweep_stale(base):
+            for log in (cache_dir() / "logs").glob(f"*-{name}.log"):  # its console log, which no one was told of
+                log.unlink(missing_ok=True)
             if self.spec.verbose:
                 self.say(f"removed {base / name}, left by an AppPot that was killed")
         held = RunDir(base)
@@ -128,8 +131,11 @@ class Job:
             path = logs / f"{self.prepared.umid}-{self.rundir.name}.log"
             keep = self.spec.verbose
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            # A job may have left a link under the name: never written through.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise HostError(f"the console log {path} is a symbolic link; remove it, or choose another file") from e
             raise HostError(f"cannot write the console log {path}: {e.strerror}") from e
         if self.spec.verbose:
             self.say(f"console log: {path}")
@@ -389,7 +395,7 @@ def guest_identity(user: str | None, group: str | None) -> tuple[int, int, str, 
 def _uml_env(home: Path) -> dict[str, str]:
     # slirp refuses to start without HOME. UML keeps the guest's memory in a file under TMPDIR; without
     # it UML picks /dev/shm, where AppPot's 7.x kernel was seen to fail to start its processes.
-    return {"PATH": "/usr/bin:/bin", "HOME": str(home), "TMPDIR": os.environ.get("TMPDIR") or "/tmp"}
+    return {"PATH": "/usr/bin:/bin", "HOME": str(home), "TMPDIR": str(run_base())}
 
 
 def start(spec: JobSpec, say: Say = say_stderr) -> int:

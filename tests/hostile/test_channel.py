@@ -7,7 +7,7 @@ import pytest
 from tests.hostile.conftest import BOTH_BACKENDS, EXIT_GUEST_MISBEHAVED, Attack
 
 CTL = "/run/apppot"
-OUT = "/run/apppot-out"
+OUT = "/run/apppot-agent/out"  # the agent's alone: only root inside can reach it
 
 
 @BOTH_BACKENDS
@@ -28,9 +28,19 @@ def test_guest_root_cannot_make_the_control_directory_writable(attack: Attack) -
 
 
 @BOTH_BACKENDS
-def test_a_status_linked_to_a_host_file_is_refused(backend: str, attack: Attack, inside: list[str]) -> None:
+def test_the_jobs_user_cannot_forge_the_status(backend: str, attack: Attack) -> None:
+    # The report directory's files belong to the host user, whose uid the job's user has inside.
+    script = f"echo 0 > {OUT}/status && echo FORGED; ln -s {attack.canary} {OUT}/stdin.read && echo LINKED; exit 3"
+    outcome = attack.run(["start", "--", "sh", "-c", script], stdin=b"x" * (6 << 20))
+    assert outcome.returncode == 3, outcome.err
+    assert b"FORGED" not in outcome.result.stdout and b"LINKED" not in outcome.result.stdout
+
+
+@BOTH_BACKENDS
+def test_a_status_linked_to_a_host_file_is_refused(backend: str, attack: Attack) -> None:
     # The canary holds "IN-HOME 7": the exit code must never come from a host file.
-    outcome = attack.run(["start", *inside, "--", "sh", "-c", f"ln -s {attack.canary} {OUT}/status; sleep 30; exit 0"])
+    script = f"ln -s {attack.canary} {OUT}/status; sleep 30; exit 0"
+    outcome = attack.run(["start", "--user", "root", "--", "sh", "-c", script])
     assert outcome.returncode == EXIT_GUEST_MISBEHAVED
     outcome.one_line("symbolic link as status")
 
@@ -48,10 +58,10 @@ def test_a_status_linked_to_a_host_file_is_refused(backend: str, attack: Attack,
     ],
     ids=["link-to-dev-zero", "fifo", "directory", "sparse-2G", "100k-zeros", "binary", "out-of-range"],
 )
-def test_whatever_the_guest_leaves_as_status_is_one_line(attack: Attack, inside: list[str], make: str, says: str) -> None:
+def test_whatever_the_guest_leaves_as_status_is_one_line(attack: Attack, make: str, says: str) -> None:
     # The agent writes the status after the job: the job's own status file must survive until the guest stops,
     # so it waits for the host to see it (the host stops a guest 10 s after a status appears).
-    outcome = attack.run(["start", *inside, "--", "sh", "-c", f"{make}; sleep 30"])
+    outcome = attack.run(["start", "--user", "root", "--", "sh", "-c", f"{make}; sleep 30"])
     assert outcome.returncode == EXIT_GUEST_MISBEHAVED, outcome.err
     outcome.one_line(says)
     assert outcome.seconds < 20
@@ -78,17 +88,17 @@ def test_a_fifo_as_status_at_the_end_does_not_hang(backend: str, attack: Attack)
 )
 def test_a_hostile_stdin_report_ends_the_job(attack: Attack, make: str, says: str) -> None:
     script = make.format(canary=attack.canary, out=OUT) + "; sleep 30"
-    outcome = attack.run(["start", "--", "sh", "-c", script], stdin=b"x" * (12 << 20))
+    outcome = attack.run(["start", "--user", "root", "--", "sh", "-c", script], stdin=b"x" * (12 << 20))
     assert outcome.returncode == EXIT_GUEST_MISBEHAVED, outcome.err
     outcome.one_line(says)
     assert outcome.seconds < 20
 
 
-def test_what_the_guest_leaves_in_the_report_directory_is_removed(attack: Attack, inside: list[str]) -> None:
+def test_what_the_guest_leaves_in_the_report_directory_is_removed(attack: Attack) -> None:
     script = f"""cd {OUT}
 i=0; while [ $i -lt 300 ]; do mkdir d; cd d; i=$((i + 1)); done; touch f
 cd {OUT}; mkdir -p locked/inner; touch locked/inner/f; chmod 0 locked/inner; chmod 500 locked
 ln -s {attack.canary} link; ln -s / root; mkfifo pipe
 exit 4"""
-    outcome = attack.run(["start", *inside, "--", "sh", "-c", script])
+    outcome = attack.run(["start", "--user", "root", "--", "sh", "-c", script])
     assert outcome.returncode == 4, outcome.err  # check_host: no run directory left

@@ -8,8 +8,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.conftest import APPPOT, chown_to
-from tests.hostile.conftest import Attack, home_of
+import pytest
+
+from tests.conftest import APPPOT, Result, chown_to
+from tests.hostile.conftest import Attack, Outcome, home_of
 
 
 def test_a_relative_cache_home_is_ignored(attack: Attack) -> None:
@@ -117,5 +119,68 @@ def test_a_killed_apppot_leaves_nothing_after_the_next_start(attack: Attack, app
     deadline = time.monotonic() + 10
     while attack.processes() and time.monotonic() < deadline:
         time.sleep(0.1)
-    outcome = attack.run(["start", "--", "true"])  # check_host: the killed run's directory is gone too
+    logs = cache / "apppot" / "logs"
+    assert len(list(logs.iterdir())) == 1  # the killed run's console log
+    env["TMPDIR"] = str(apppot.tmp)
+    result = subprocess.run([*argv, "start", "--", "true"], cwd=attack.jobdir, env=env, capture_output=True, check=False)
+    assert result.returncode == 0, result.stderr
+    attack.check_host(Outcome(Result(result.returncode, result.stdout, result.stderr), 0))  # its run directory is gone
+    assert list(logs.iterdir()) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_apppot_within_3_seconds_whatever_the_guest_does(
+    attack: Attack, apppot, tiny_image: Path, signum: signal.Signals
+) -> None:
+    # Root inside ignores the signals and keeps the guest's CPU busy: the host must not wait for it.
+    cache = attack.jobdir.parent / "signal-cache"
+    cache.mkdir()
+    chown_to(cache, attack.user)
+    env = {**os.environ, "TMPDIR": str(apppot.tmp), "XDG_CACHE_HOME": str(cache), "APPPOT_IMAGE": str(tiny_image)}
+    env["HOME"] = home_of(attack.user)
+    argv = ["setpriv", f"--reuid={attack.user}", f"--regid={attack.user}", "--init-groups", "--", APPPOT]
+    script = "trap '' TERM INT HUP; while :; do :; done"
+    proc = subprocess.Popen(
+        [*argv, "start", "--user", "root", "--id", attack.instance, "--", "sh", "-c", script],
+        cwd=attack.jobdir,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(3)  # booted, the pipe made
+    started = time.monotonic()
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=30)
+    assert time.monotonic() - started < 3, err
+    assert proc.returncode == 128 + signum, err
+    assert b"Traceback" not in err
+    outcome = attack.run(["start", "--", "true"])  # check_host: nothing left behind
+    assert outcome.returncode == 0
+
+
+def test_a_job_directory_inside_the_cache_is_refused(attack: Attack) -> None:
+    # A job run in the cache could rewrite the list of host files the next job's sandbox binds.
+    cache = attack.jobdir / "c"
+    host = cache / "apppot" / "host"
+    host.mkdir(parents=True)
+    for path in (cache, cache / "apppot", host):
+        chown_to(path, attack.user)
+    outcome = attack.run(["start", "--jobdir", str(host), "--", "true"], env={"XDG_CACHE_HOME": str(cache)})
+    assert outcome.returncode == 125
+    outcome.one_line("inside AppPot's cache")
+
+
+def test_links_a_job_left_in_its_directory_are_not_followed(attack: Attack) -> None:
+    # An earlier job left links where the next one's console log, COW and changes archive go.
+    outcome = attack.run(["start", "--", "sh", "-c", f"ln -s {attack.canary} log; ln -s {attack.canary} c.cow; exit 0"])
     assert outcome.returncode == 0, outcome.err
+    outcome = attack.run(["start", "--console-log", "log", "--", "true"])
+    assert outcome.returncode == 125
+    outcome.one_line("console log", "symbolic link")
+    outcome = attack.run(["start", "--cow", "c.cow", "--", "true"])
+    assert outcome.returncode == 125
+    outcome.one_line("--cow", "symbolic link")
+    outcome = attack.run(["start", "--", "sh", "-c", f"ln -s {attack.canary} apppot-changes.tar.gz"])
+    outcome = attack.run(["start", "--", "true"])
+    assert outcome.returncode == 125
+    outcome.one_line("apppot-changes.tar.gz", "symbolic link")

@@ -111,3 +111,10 @@ def test_host_loopback_implies_the_network_and_refuses_no_net(monkeypatch: pytes
     assert parse_start(["--net", "--", "true"]).host_loopback is True
     with pytest.raises(UsageError, match="--host-loopback needs the network: drop --no-net"):
         parse_start(["--no-net", "--", "true"])
+
+
+def test_help_lists_every_option() -> None:
+    # An empty mutually exclusive group made argparse's usage line raise ValueError.
+    text = _start_parser("apppot start").format_help()
+    for flag in ("--unsafe-jobdir", "--host-loopback", "--net", "--no-net", "--kvm", "--no-kvm", "--cow"):
+        assert flag in text, flag

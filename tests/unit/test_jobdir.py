@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from apppot.cli import parse_start
 from apppot.errors import JobDirError
 from apppot.images.store import cache_dir
-from apppot.jobdir import check_jobdir, check_outside
+from apppot.jobdir import check_jobdir, check_not_in_cache, check_outside
 
 
 @pytest.mark.parametrize("path", ["/", "/etc", "/usr/lib", "/tmp", "/home", "/var"])
@@ -60,3 +61,30 @@ def test_a_relative_cache_home_is_ignored(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "abs"))
     assert cache_dir() == tmp_path / "abs" / "apppot"
     assert os.path.isabs(cache_dir())
+
+
+def test_a_directory_holding_the_home_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "users" / "me"))
+    (tmp_path / "users" / "me").mkdir(parents=True)
+    with pytest.raises(JobDirError, match="holding your home directory"):
+        check_jobdir(tmp_path / "users")
+    assert check_jobdir(tmp_path / "users", unsafe_ok=True) == (tmp_path / "users").resolve()
+
+
+def test_a_job_directory_inside_the_cache_is_refused_but_a_submitted_jobs(tmp_path: Path) -> None:
+    cache = tmp_path / "cache" / "apppot"
+    with pytest.raises(JobDirError, match="inside AppPot's cache"):
+        check_not_in_cache(cache / "host", cache)
+    with pytest.raises(JobDirError):
+        check_not_in_cache(cache / "jobs", cache)
+    check_not_in_cache(cache / "jobs" / "slurm-1" / "job", cache)
+    check_not_in_cache(tmp_path / "job", cache)
+
+
+def test_the_deleted_current_directory_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    with pytest.raises(JobDirError, match="current directory cannot be used"):
+        parse_start(["--", "true"])

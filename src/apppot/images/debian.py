@@ -87,9 +87,10 @@ def _check_host() -> None:
 
 def _agent_dirs(root: Path) -> None:
     """The agent's mount points and stream pipes (mmdebstrap empties /run when it finishes)."""
-    for directory in ("run/apppot", "run/apppot-streams", "home/user/job"):
+    for directory in ("run/apppot", "run/apppot-agent/out", "run/apppot-streams", "home/user/job"):
         (root / directory).mkdir(parents=True, exist_ok=True)
         os.chmod(root / directory, 0o755)
+    os.chmod(root / "run/apppot-agent", 0o700)  # the report directory's parent: the agent's alone
     os.chmod(root / "home/user", 0o755)
     for name in ("stdin", "stdout", "stderr"):
         with contextlib.suppress(FileExistsError):

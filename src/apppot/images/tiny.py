@@ -35,6 +35,8 @@ _DIRS = {
     "sys": 0o555,
     "run": 0o755,
     "run/apppot": 0o755,
+    "run/apppot-agent": 0o700,  # the report directory's parent: the agent's alone
+    "run/apppot-agent/out": 0o755,
     "run/apppot-streams": 0o755,
     "tmp": 0o1777,
     "var": 0o755,
