@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+import time
+
 import pytest
 
 from tests.hostile.conftest import BOTH_BACKENDS, EXIT_GUEST_MISBEHAVED, Attack
@@ -10,11 +15,31 @@ CTL = "/run/apppot"
 OUT = "/run/apppot-agent/out"  # the agent's alone: only root inside can reach it
 
 
+def slow_stdin(first: bytes, rest: bytes, delay: float) -> int:
+    """A pipe that gives ``first`` at once and ``rest`` after ``delay`` seconds, as a slow producer would."""
+    read_end, write_end = os.pipe()
+
+    def feed() -> None:
+        with os.fdopen(write_end, "wb") as pipe:
+            pipe.write(first)
+            pipe.flush()
+            time.sleep(delay)
+            with contextlib.suppress(BrokenPipeError):
+                pipe.write(rest)
+
+    threading.Thread(target=feed, daemon=True).start()
+    return read_end
+
+
 @BOTH_BACKENDS
 def test_a_link_planted_for_a_stdin_chunk_writes_nothing(backend: str, attack: Attack, inside: list[str]) -> None:
-    # The issue's reproduction: a link where the host writes its next stdin chunk.
+    # The issue's reproduction: a link where the host writes its next stdin chunk, made before the host writes it.
     script = f"ln -s {attack.canary} {CTL}/.stdin.1.tmp; ln -s {attack.canary} {CTL}/stdin.1; head -c 4; cat >/dev/null"
-    outcome = attack.run(["start", *inside, "--", "sh", "-c", script], stdin=b"line" + b"INJECTED" * 300_000)
+    stdin = slow_stdin(b"line", b"INJECTED" * 300_000, delay=4)
+    try:
+        outcome = attack.run(["start", *inside, "--", "sh", "-c", script], stdin=stdin)
+    finally:
+        os.close(stdin)
     assert outcome.returncode == 0, outcome.err
     assert outcome.result.stdout == b"line"
 
