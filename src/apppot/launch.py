@@ -1,6 +1,7 @@
 """The hypervisor's command line for a prepared job: UML in its sandbox, or QEMU in its network namespace.
 
-Pure but for looking up `setarch`: everything it needs comes in as arguments, so the
+No side effects: what it needs comes in as arguments, but for facts it looks up on the host
+(`setarch`, whether bwrap is setuid, the kernel's libraries from ldd's cached answer), so the
 runner only spawns what is built here.
 """
 

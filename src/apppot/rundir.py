@@ -57,8 +57,8 @@ def _make(base: Path) -> Path:
         except FileExistsError:
             continue
         except OSError as e:
-            raise HostError(f"cannot make a job directory under {base}: {e.strerror}; set TMPDIR to a writable place") from e
-    raise HostError(f"cannot make a job directory under {base}; clean it up or set TMPDIR")
+            raise HostError(f"cannot make a run directory under {base}: {e.strerror}; set TMPDIR to a writable place") from e
+    raise HostError(f"cannot make a run directory under {base}; clean it up or set TMPDIR")
 
 
 def sweep_stale(base: Path) -> list[str]:

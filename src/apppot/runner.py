@@ -154,9 +154,8 @@ class Job:
 
     def _run_with(self, channel: Channel, uml_dir: Path, temp_cow: Path) -> int:
         p = self.prepared
-        ctl = channel.ctl
         if p.changes is not None:  # first: a refused archive stops the job before anything is opened
-            _put_changes(ctl, p, self.say if self.spec.verbose else None)
+            _put_changes(channel, p, self.say if self.spec.verbose else None)
         cow_path = self._cow(temp_cow)
         streams = detect_streams()
         # The job file first: a job it refuses leaves no console log and no open descriptor behind.
@@ -190,7 +189,7 @@ class Job:
                 stderr=log_fd,
                 pass_fds=pass_fds,
                 start_new_session=True,
-                env=_uml_env(self.rundir),
+                env=_hypervisor_env(self.rundir),
                 # bubblewrap ends UML when AppPot dies (--die-with-parent); QEMU, and UML without it, end so.
                 preexec_fn=parent_death_signal(signal.SIGTERM) if p.qemu is not None or p.bwrap is None else None,
             )
@@ -201,7 +200,7 @@ class Job:
                 os.sched_setaffinity(0, affinity)
             for fd in pass_fds:
                 os.close(fd)
-        threading.Thread(target=self._wait_uml, name="apppot-wait", daemon=True).start()
+        threading.Thread(target=self._wait_hypervisor, name="apppot-wait", daemon=True).start()
         relays = [Relay(out_r, 1, self._broken_stdout), Relay(err_r, 2, lambda: None)]
         for relay in relays:
             relay.start()
@@ -247,7 +246,7 @@ class Job:
             keep_cow=self.spec.cow is not None or self.spec.writable_image,
         )
 
-    def _wait_uml(self) -> None:
+    def _wait_hypervisor(self) -> None:
         assert self.proc is not None
         self.proc.wait()
         self.exited.set()
@@ -293,7 +292,7 @@ class Job:
         return status
 
     def _stop_guest(self) -> None:
-        """Stop UML and every helper it started: SIGTERM to the group, then SIGKILL; then the NAT helper."""
+        """Stop UML or QEMU and every helper it started: SIGTERM to the group, then SIGKILL; then the NAT helper."""
         try:
             self._stop_hypervisor()
         finally:
@@ -337,20 +336,20 @@ class Job:
         raise GuestDied(f"the guest ended without reporting the job's status ({what} {how}){_panic_hint(log_path)}")
 
 
-def _put_changes(ctl: Path, p: Prepared, say: Say | None) -> None:
+def _put_changes(channel: Channel, p: Prepared, say: Say | None) -> None:
     """The archive's checked members, and what the agent needs besides tar, in the control directory.
 
-    The archive is checked as it is copied, in one reading: the guest gets exactly what was checked,
-    and never the user's own file."""
+    The archive is checked as it is copied: the guest gets exactly what was checked, and never the
+    user's own file. repack writes it by path (exclusively), before the guest has started."""
     from apppot import snap
 
     assert p.changes is not None
     try:
-        info = snap.repack(str(p.changes), str(ctl / CHANGES_ARCHIVE))
+        info = snap.repack(str(p.changes), str(channel.ctl / CHANGES_ARCHIVE))
     except snap.SnapError as e:
         raise UsageError(str(e)) from None
-    (ctl / CHANGES_DELETE).write_text("".join(path.lstrip("/") + "\n" for path in info.deleted))
-    (ctl / CHANGES_BASE).write_text(info.base + "\n")
+    channel.send(CHANGES_DELETE, "".join(path.lstrip("/") + "\n" for path in info.deleted).encode())
+    channel.send(CHANGES_BASE, (info.base + "\n").encode())
     if say:
         say(f"merging {p.changes} (base {info.base[:16]}) before the job")
 
@@ -392,7 +391,7 @@ def guest_identity(user: str | None, group: str | None) -> tuple[int, int, str, 
     return uid, gid, user or "user", group or ("root" if gid == 0 else "user")
 
 
-def _uml_env(home: Path) -> dict[str, str]:
+def _hypervisor_env(home: Path) -> dict[str, str]:
     # slirp refuses to start without HOME. UML keeps the guest's memory in a file under TMPDIR; without
     # it UML picks /dev/shm, where AppPot's 7.x kernel was seen to fail to start its processes.
     return {"PATH": "/usr/bin:/bin", "HOME": str(home), "TMPDIR": str(run_base())}

@@ -154,7 +154,7 @@ def test_arcstat_parsing_and_states() -> None:
 
 
 def test_the_test_ce_configuration() -> None:
-    from apppot.testbed_arc import render_arc_conf
+    from apppot.testbed.arc import render_arc_conf
 
     conf = render_arc_conf(Path("/tb/arc"), Path("/tb/etc/slurm.conf"), "alice")
     assert "map_to_user = apppot alice:alice" in conf and "lrms = slurm" in conf
