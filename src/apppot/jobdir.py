@@ -61,12 +61,10 @@ def _unsafe(jobdir: Path) -> str | None:
 
 
 def _homes() -> set[Path]:
-    """$HOME, and the home the password database names (a batch system may set HOME elsewhere)."""
-    homes = set()
-    for home in (os.environ.get("HOME", ""), _passwd_home()):
-        if os.path.isabs(home):
-            homes.add(Path(home).resolve())
-    return homes
+    """The home the password database names; $HOME only where it names none. Not $HOME besides: a
+    batch system may set it to the job's own directory (ARC sets it to the session directory)."""
+    home = _passwd_home() or os.environ.get("HOME", "")
+    return {Path(home).resolve()} if os.path.isabs(home) else set()
 
 
 def _passwd_home() -> str:

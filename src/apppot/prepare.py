@@ -7,6 +7,7 @@ here starts the guest; a refusal is one AppPotError.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
@@ -111,8 +112,9 @@ def _qemu_setup(accel: Accel, say: Say) -> QemuSetup:
 def prepare(spec: JobSpec, say: Say, decision: Decision | None = None) -> Prepared:
     """Check everything about the job that can be checked before booting."""
     jobdir = check_jobdir(spec.jobdir, spec.unsafe_jobdir)
-    check_outside(jobdir, cache_dir(), "AppPot's cache", "set XDG_CACHE_HOME to a place outside it, or use another --jobdir")
     check_outside(jobdir, run_base(), "the directory for AppPot's run files (TMPDIR)", "set TMPDIR elsewhere")
+    _keep_cache_outside(jobdir, say if spec.verbose else None)
+    check_outside(jobdir, cache_dir(), "AppPot's cache", "set XDG_CACHE_HOME to a place outside it, or use another --jobdir")
     check_not_in_cache(jobdir, cache_dir())
     image = resolve_image(str(spec.image)) if spec.image is not None else default_image(say)
     fs_uuid = ext4.filesystem_uuid(image)  # also says when the image is missing or unreadable
@@ -145,6 +147,22 @@ def prepare(spec: JobSpec, say: Say, decision: Decision | None = None) -> Prepar
                 raise UsageError(f"the {what} path {path} has blanks or commas, which AppPot can only pass with namespaces")
     _check_image_use(spec, image, fs_uuid)
     return prepared
+
+
+def _keep_cache_outside(jobdir: Path, say: Say | None) -> None:
+    """Where the cache comes from $HOME and $HOME is (or holds) the job directory, as on ARC, whose jobs get
+    their session directory as HOME: this process uses a private cache beside the run directories instead."""
+    if os.path.isabs(os.environ.get("XDG_CACHE_HOME", "")) or not cache_dir().resolve().is_relative_to(jobdir):
+        return
+    private = run_base() / f".apppot-cache-{os.geteuid()}"
+    with contextlib.suppress(FileExistsError):
+        private.mkdir(mode=0o700)
+    st = private.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise HostError(f"{private} is not a private directory of yours; remove it, or set XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(private)
+    if say:
+        say(f"$HOME holds the job directory: AppPot's cache for this job is {private / 'apppot'}")
 
 
 def _prepare_qemu(spec: JobSpec, say: Say, decision: Decision, jobdir: Path, image: Path, fs_uuid: str) -> Prepared:

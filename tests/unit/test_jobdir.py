@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from apppot import jobdir
 from apppot.cli import parse_start
 from apppot.errors import JobDirError
 from apppot.images.store import cache_dir
@@ -20,7 +21,7 @@ def test_the_root_and_system_directories_are_refused(path: str) -> None:
 
 
 def test_the_whole_home_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(jobdir, "_passwd_home", lambda: str(tmp_path))
     with pytest.raises(JobDirError, match="your whole home directory"):
         check_jobdir(tmp_path)
     (tmp_path / "job").mkdir()
@@ -28,7 +29,7 @@ def test_the_whole_home_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_the_flag_accepts_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(jobdir, "_passwd_home", lambda: str(tmp_path))
     assert check_jobdir(tmp_path, unsafe_ok=True) == tmp_path.resolve()
 
 
@@ -64,7 +65,7 @@ def test_a_relative_cache_home_is_ignored(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_a_directory_holding_the_home_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HOME", str(tmp_path / "users" / "me"))
+    monkeypatch.setattr(jobdir, "_passwd_home", lambda: str(tmp_path / "users" / "me"))
     (tmp_path / "users" / "me").mkdir(parents=True)
     with pytest.raises(JobDirError, match="holding your home directory"):
         check_jobdir(tmp_path / "users")
@@ -88,3 +89,10 @@ def test_the_deleted_current_directory_is_one_line(tmp_path: Path, monkeypatch: 
     gone.rmdir()
     with pytest.raises(JobDirError, match="current directory cannot be used"):
         parse_start(["--", "true"])
+
+
+def test_a_home_the_batch_system_set_to_the_job_directory_is_fine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # ARC runs a job with HOME set to its session directory, which is the job directory.
+    monkeypatch.setattr(jobdir, "_passwd_home", lambda: "/home/someone-else-entirely")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert check_jobdir(tmp_path) == tmp_path.resolve()
