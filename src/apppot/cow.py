@@ -106,12 +106,13 @@ def read_header(cow: Path) -> CowHeader:
     return header
 
 
-def render_record(st: os.stat_result) -> bytes:
-    """AppPot's record of a base: what must not change while a COW of it is in use."""
-    return RECORD_MAGIC + json.dumps({f: getattr(st, f) for f in _RECORD_FIELDS}).encode() + b"\n"
+def render_record(st: os.stat_result, fs_uuid: str) -> bytes:
+    """AppPot's record of a base: which filesystem it holds, and what must not change while a COW of it is in use."""
+    record: dict[str, object] = {"uuid": fs_uuid, **{f: getattr(st, f) for f in _RECORD_FIELDS}}
+    return RECORD_MAGIC + json.dumps(record).encode() + b"\n"
 
 
-def read_record(cow: Path) -> dict[str, int] | None:
+def read_record(cow: Path) -> dict[str, object] | None:
     """The record of the base in a COW AppPot made, or None for a COW made elsewhere or by an older AppPot."""
     with cow.open("rb") as f:
         f.seek(RECORD_OFFSET)
@@ -128,7 +129,7 @@ def read_record(cow: Path) -> dict[str, int] | None:
 def create(cow: Path, base: Path, fs_uuid: str) -> None:
     """Create an empty COW file for ``base``; never overwrites an existing file."""
     st = base.stat()
-    header = render_header(uml_base_path(base, fs_uuid), int(st.st_mtime), st.st_size) + render_record(st)
+    header = render_header(uml_base_path(base, fs_uuid), int(st.st_mtime), st.st_size) + render_record(st, fs_uuid)
     try:
         fd = os.open(cow, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # what the job wrote is private
     except FileExistsError:
@@ -148,10 +149,15 @@ def check_matches(cow: Path, base: Path, fs_uuid: str) -> None:
     st = base.stat()
     record = read_record(cow)
     if record is not None:
+        if record.get("uuid") != fs_uuid:
+            raise CowError(
+                f"COW file {cow} belongs to another image (filesystem {record.get('uuid')}, not {fs_uuid}); "
+                "use it with its own image, or give a new --cow file"
+            )
         changed = [f[3:] for f in _RECORD_FIELDS if record.get(f) != getattr(st, f)]
         if changed:
             raise CowError(
-                f"COW file {cow} was made against another image, or against {base} before it changed "
+                f"COW file {cow} was made against another copy of this image, or against {base} before it changed "
                 f"({', '.join(changed)} differ): use it with the unchanged base image, or give a new --cow file"
             )
         return

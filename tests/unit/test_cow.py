@@ -64,8 +64,10 @@ def test_other_image_is_refused(tmp_path: Path) -> None:
     other = make_base(tmp_path / "other.img")
     c = tmp_path / "job.cow"
     cow.create(c, base, "uuid-1")
-    with pytest.raises(CowError, match=r"another image.*ino"):
+    with pytest.raises(CowError, match=r"another image \(filesystem uuid-1, not uuid-2\)"):
         cow.check_matches(c, other, "uuid-2")
+    with pytest.raises(CowError, match=r"another copy of this image.*ino"):
+        cow.check_matches(c, other, "uuid-1")
 
 
 def test_a_legacy_cow_is_checked_by_its_header(tmp_path: Path) -> None:
