@@ -108,25 +108,29 @@ def _probe(bwrap: str) -> str | None:
     return None
 
 
-def require_or_warn(isolation: Isolation, reason: str | None) -> str | None:
-    """Apply the isolation policy: a warning to show, an error, or nothing."""
+_HOSTFS_AND_NET = (
+    "the guest from the host",
+    "guest root can reach host files through hostfs, and a guest that takes over the hypervisor reaches the host's "
+    "abstract sockets and loopback services",
+)
+_NET_ONLY = (
+    "QEMU from the host's network",
+    "QEMU shares the host's network namespace (a guest that takes over QEMU reaches the host's abstract sockets and "
+    "loopback services)",
+)
+
+
+def require_or_warn(isolation: Isolation, reason: str | None, *, lost: tuple[str, str] = _HOSTFS_AND_NET) -> str | None:
+    """Apply the isolation policy: a warning to show, an error, or nothing. ``lost`` names what is isolated
+    and what a run without namespaces gives up."""
     if reason is None:
         return None
+    what, consequence = lost
     if isolation is Isolation.STRICT:
-        raise HostError(f"cannot isolate the guest from the host: {reason}; --isolation strict refuses to run without it")
-    return (
-        "warning: reduced isolation, guest root can reach host files through hostfs, and a guest that takes over "
-        f"the hypervisor reaches the host's abstract sockets and loopback services: {reason}"
-    )
+        raise HostError(f"cannot isolate {what}: {reason}; --isolation strict refuses to run without it")
+    return f"warning: reduced isolation, {consequence}: {reason}"
 
 
 def require_netns_or_warn(isolation: Isolation, reason: str | None) -> str | None:
     """The isolation policy for QEMU, which needs namespaces only to keep off the host's network."""
-    if reason is None:
-        return None
-    if isolation is Isolation.STRICT:
-        raise HostError(f"cannot isolate QEMU from the host's network: {reason}; --isolation strict refuses to run without it")
-    return (
-        "warning: reduced isolation, QEMU shares the host's network namespace (a guest that takes over QEMU reaches the "
-        f"host's abstract sockets and loopback services): {reason}"
-    )
+    return require_or_warn(isolation, reason, lost=_NET_ONLY)
