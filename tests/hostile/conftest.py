@@ -33,6 +33,7 @@ from tests.integration.conftest import (
 
 pytestmark = pytest.mark.uml
 
+PLAIN_PATH = "/usr/local/bin:/usr/bin:/bin"  # a plain user's: no /usr/sbin
 HANG_BOUND_S = 60.0  # an attack that makes AppPot wait longer is a hang
 EXIT_GUEST_MISBEHAVED = 122
 
@@ -90,10 +91,21 @@ class Attack:
             at = args.index("--")
             args = [*args[:at], "--id", self.instance, *args[at:]]
         started = time.monotonic()
+        env = {"PATH": PLAIN_PATH, **(env or {})}
         result = self.apppot(args, cwd=self.jobdir, stdin=stdin, env=env, as_user=self.user, timeout=HANG_BOUND_S)
         outcome = Outcome(result, time.monotonic() - started)
         self.check_host(outcome)
         return outcome
+
+    def spawn(self, args: list[str], image: Path, cache_name: str) -> subprocess.Popen[bytes]:
+        """`apppot ARGS` as the user in the background, with a cache of its own, for a test that signals it."""
+        cache = self.jobdir.parent / cache_name
+        cache.mkdir()
+        chown_to(cache, self.user)
+        env = {**os.environ, "PATH": PLAIN_PATH, "TMPDIR": str(self.apppot.tmp), "XDG_CACHE_HOME": str(cache)}
+        env |= {"APPPOT_IMAGE": str(image), "HOME": home_of(self.user)}
+        argv = ["setpriv", f"--reuid={self.user}", f"--regid={self.user}", "--init-groups", "--", APPPOT, *args]
+        return subprocess.Popen(argv, cwd=self.jobdir, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def check_host(self, outcome: Outcome) -> None:
         assert "Traceback" not in outcome.err, outcome.err

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import APPPOT, Result, chown_to
-from tests.hostile.conftest import Attack, Outcome, home_of
+from tests.conftest import chown_to
+from tests.hostile.conftest import Attack, home_of
 
 
 def test_a_relative_cache_home_is_ignored(attack: Attack) -> None:
@@ -96,19 +95,7 @@ def test_the_cow_keeps_its_base_without_the_sandbox(attack: Attack, tmp_path: Pa
 
 
 def test_a_killed_apppot_leaves_nothing_after_the_next_start(attack: Attack, apppot, tiny_image: Path) -> None:
-    cache = attack.jobdir.parent / "kill-cache"
-    cache.mkdir()
-    chown_to(cache, attack.user)
-    env = {**os.environ, "TMPDIR": str(apppot.tmp), "XDG_CACHE_HOME": str(cache), "APPPOT_IMAGE": str(tiny_image)}
-    env["HOME"] = home_of(attack.user)
-    argv = ["setpriv", f"--reuid={attack.user}", f"--regid={attack.user}", "--init-groups", "--", APPPOT]
-    proc = subprocess.Popen(
-        [*argv, "start", "--id", attack.instance, "--", "sleep", "60"],
-        cwd=attack.jobdir,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    proc = attack.spawn(["start", "--id", attack.instance, "--", "sleep", "60"], tiny_image, "kill-cache")
     deadline = time.monotonic() + 30
     while not any(p.name.startswith("apppot-") for p in apppot.tmp.iterdir()) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -119,33 +106,21 @@ def test_a_killed_apppot_leaves_nothing_after_the_next_start(attack: Attack, app
     deadline = time.monotonic() + 10
     while attack.processes() and time.monotonic() < deadline:
         time.sleep(0.1)
-    logs = cache / "apppot" / "logs"
+    logs = attack.jobdir.parent / "kill-cache" / "apppot" / "logs"
     assert len(list(logs.iterdir())) == 1  # the killed run's console log
-    env["TMPDIR"] = str(apppot.tmp)
-    result = subprocess.run([*argv, "start", "--", "true"], cwd=attack.jobdir, env=env, capture_output=True, check=False)
-    assert result.returncode == 0, result.stderr
-    attack.check_host(Outcome(Result(result.returncode, result.stdout, result.stderr), 0))  # its run directory is gone
+    outcome = attack.run(["start", "--", "true"], env={"XDG_CACHE_HOME": str(attack.jobdir.parent / "kill-cache")})
+    assert outcome.returncode == 0, outcome.err  # check_host: its run directory is gone
     assert list(logs.iterdir()) == []
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_apppot_within_3_seconds_whatever_the_guest_does(
-    attack: Attack, apppot, tiny_image: Path, signum: signal.Signals
+    attack: Attack, tiny_image: Path, signum: signal.Signals
 ) -> None:
     # Root inside ignores the signals and keeps the guest's CPU busy: the host must not wait for it.
-    cache = attack.jobdir.parent / "signal-cache"
-    cache.mkdir()
-    chown_to(cache, attack.user)
-    env = {**os.environ, "TMPDIR": str(apppot.tmp), "XDG_CACHE_HOME": str(cache), "APPPOT_IMAGE": str(tiny_image)}
-    env["HOME"] = home_of(attack.user)
-    argv = ["setpriv", f"--reuid={attack.user}", f"--regid={attack.user}", "--init-groups", "--", APPPOT]
     script = "trap '' TERM INT HUP; while :; do :; done"
-    proc = subprocess.Popen(
-        [*argv, "start", "--user", "root", "--id", attack.instance, "--", "sh", "-c", script],
-        cwd=attack.jobdir,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+    proc = attack.spawn(
+        ["start", "--user", "root", "--id", attack.instance, "--", "sh", "-c", script], tiny_image, "signal-cache"
     )
     time.sleep(3)  # booted, the pipe made
     started = time.monotonic()
