@@ -15,8 +15,7 @@ from typing import TYPE_CHECKING, NamedTuple, NoReturn
 
 from apppot import __version__
 from apppot.errors import EXIT_APPPOT_ERROR, EXIT_GUEST_DIED, AppPotError, JobDirError, UsageError
-from apppot.sandbox import Isolation
-from apppot.spec import JobSpec, parse_mem
+from apppot.spec import Isolation, JobSpec, parse_mem
 
 if TYPE_CHECKING:
     import argparse
@@ -289,7 +288,7 @@ def _kvm_env() -> bool | None:
 
 
 def cmd_start(argv: Sequence[str], prog: str = "apppot start") -> int:
-    from apppot.runner import start
+    from apppot.start import start
 
     spec = parse_start(argv, prog)
     if spec.verbose:

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from apppot.errors import AppPotError, UsageError
+from apppot.say import Say
 
-Say = Callable[[str], None]
 PrintRecord = Callable[[Mapping[str, object], bool], None]
 
 

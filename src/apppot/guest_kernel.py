@@ -21,15 +21,14 @@ import os
 import re
 import struct
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
 from apppot.errors import HostError
 from apppot.images.store import cache_dir
 from apppot.rundir import remove_tree
-
-Say = Callable[[str], None]
+from apppot.say import Say
 
 METAPACKAGE = "linux-image-amd64"
 INITRAMFS_VERSION = "2"

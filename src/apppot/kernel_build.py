@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,8 +26,7 @@ from apppot import kernel_config, kernel_source
 from apppot.errors import AppPotError, HostError
 from apppot.kernel import KernelRecord, kernel_traits, kernels_dir
 from apppot.proc import run
-
-Say = Callable[[str], None]
+from apppot.say import Say
 
 BUILD_PACKAGES = "build-essential bc bison flex libelf-dev libssl-dev xz-utils"
 BUILD_COMMANDS = ("gcc", "make", "bc", "bison", "flex", "xz", "tar", "dpkg-deb", "apt-get", "apt-cache")

@@ -18,7 +18,6 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from apppot.backends.choice import KvmState
@@ -26,8 +25,8 @@ from apppot.backends.qemu import QEMU_PACKAGE, QEMU_SYSTEM
 from apppot.errors import AppPotError, GuestDied, Interrupted
 from apppot.hostcache import cached, file_identity
 from apppot.proc import which
+from apppot.say import Say
 
-Say = Callable[[str], None]
 KVM_DEVICE = "/dev/kvm"
 PROBE_TIMEOUT_S = 20.0
 
@@ -103,7 +102,7 @@ def _probe(say: Say) -> KvmState:
         decision = Decision(Backend.QEMU, Accel.KVM, "KVM probe")
         quiet: Say = lambda _message: None  # noqa: E731
         try:
-            job = runner.Job(spec, prepare(spec, quiet, decision), quiet, deadline_s=PROBE_TIMEOUT_S)
+            job = runner.Job(prepare(spec, quiet, decision), quiet, deadline_s=PROBE_TIMEOUT_S)
             code = job.run()
         except GuestDied as e:  # QEMU ran, the guest did not boot or finish with KVM: a verdict
             return KvmState(False, f"a probe guest did not boot with KVM: {e}")

@@ -1,8 +1,10 @@
 """Everything about a job that can be checked before it boots, resolved against this host.
 
-`prepare` turns a JobSpec into a Prepared: the kernel or QEMU, the image, the job
-directory (checked by apppot.jobdir), memory, network, sandbox and CPU. Nothing
-here starts the guest; a refusal is one AppPotError.
+`prepare` turns a JobSpec into a backend instance (apppot.backends.base.Instance): the
+checks every backend shares are here (the job directory, checked by apppot.jobdir, the
+image, the changes, the COW's use), then the chosen backend adds its own (UML's kernel
+and sandbox, QEMU and its accelerator). Nothing here starts the guest; a refusal is one
+AppPotError.
 """
 
 from __future__ import annotations
@@ -11,69 +13,22 @@ import contextlib
 import os
 import re
 import stat
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
-from apppot import cow, cpu
-from apppot.backends.choice import Backend, Decision, KvmState, decide, requested
-from apppot.backends.qemu import QEMU_IMG, QEMU_IMG_PACKAGE, QEMU_PACKAGE, QEMU_SYSTEM, Accel
+from apppot.backends.base import Instance, Prepared
+from apppot.backends.choice import Backend, Decision
+from apppot.backends.qemu_instance import QemuInstance
 from apppot.backends.uml import AGENT_SERVICE, SYSTEMD_PATH
+from apppot.backends.uml_instance import HOSTFS_SAFE, UmlInstance
 from apppot.errors import CowError, HostError, UsageError
 from apppot.images import ext4, tiny
 from apppot.images.store import cache_dir, resolve_image
 from apppot.jobdir import check_jobdir, check_not_in_cache, check_outside
-from apppot.kernel import FoundKernel, KernelTraits, find_kernel, kernel_traits
-from apppot.network import Network, choose_network, choose_qemu_network
-from apppot.proc import run, which
-from apppot.sandbox import find_bwrap, probe, require_netns_or_warn, require_or_warn
-from apppot.spec import DEFAULT_MEM, JobSpec, choose_mem
+from apppot.say import Say
+from apppot.spec import DEFAULT_MEM, JobSpec
 
 AUTO_CHANGES = "apppot-changes.tar.gz"  # merged at boot when found in the job directory
 _UMID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_HOSTFS_SAFE = re.compile(r"/[^\s,\"]*")
-
-Say = Callable[[str], None]
-
-
-def say_stderr(message: str) -> None:
-    sys.stderr.write(f"apppot: {message}\n")
-    sys.stderr.flush()
-
-
-class QemuSetup(NamedTuple):
-    """What a QEMU job runs: QEMU, the guest kernel and its initramfs, the accelerator."""
-
-    qemu: str
-    kernel: Path  # what QEMU boots directly (guest_kernel.direct_kernel)
-    initrd: Path
-    accel: Accel
-
-
-class Prepared(NamedTuple):
-    """The checked inputs of a job, resolved against this host."""
-
-    kernel: FoundKernel | None  # UML's; None under QEMU
-    traits: KernelTraits | None
-    image: Path
-    fs_uuid: str
-    jobdir: Path
-    mem_bytes: int
-    net: Network | None  # the NAT helper the guest's network goes through
-    bwrap: str | None
-    umid: str
-    cpu: int | None = None  # the host CPU the guest is pinned to
-    changes: Path | None = None  # a changes archive to merge at boot (checked as it is copied, before the boot)
-    warnings: tuple[str, ...] = ()
-    qemu: QemuSetup | None = None  # set when the job runs under QEMU
-
-
-def _read_max_map_count() -> int:
-    try:
-        return int(Path("/proc/sys/vm/max_map_count").read_text())
-    except (OSError, ValueError):
-        return 65530
 
 
 def default_image(say: Say) -> Path:
@@ -84,33 +39,8 @@ def default_image(say: Say) -> Path:
     return target
 
 
-def choose_backend(spec: JobSpec, say: Say) -> Decision:
-    """--backend, $APPPOT_BACKEND, the config file, else UML; KVM probed where it matters."""
-    backend, where = requested(spec.backend, os.environ)
-    decision = decide(backend, where, spec.kvm, lambda: kvm_state(say))
-    if spec.verbose:
-        say(f"backend: {decision.why}")
-    return decision
-
-
-def kvm_state(say: Say) -> KvmState:
-    from apppot import kvm
-
-    return kvm.state(say)
-
-
-def _qemu_setup(accel: Accel, say: Say) -> QemuSetup:
-    from apppot import guest_kernel
-
-    qemu = which(QEMU_SYSTEM)
-    if qemu is None:
-        raise HostError(f"{QEMU_SYSTEM} is not installed: sudo apt-get install {QEMU_PACKAGE}")
-    kernel = guest_kernel.find(say)
-    return QemuSetup(qemu, guest_kernel.direct_kernel(kernel), guest_kernel.initramfs(kernel), accel)
-
-
-def prepare(spec: JobSpec, say: Say, decision: Decision | None = None) -> Prepared:
-    """Check everything about the job that can be checked before booting."""
+def prepare(spec: JobSpec, say: Say, decision: Decision) -> Instance:
+    """Check everything about the job that can be checked before booting, for the backend decided on."""
     jobdir = check_jobdir(spec.jobdir, spec.unsafe_jobdir)
     check_outside(jobdir, run_base(), "the directory for AppPot's run files (TMPDIR)", "set TMPDIR elsewhere")
     _keep_cache_outside(jobdir, say if spec.verbose else None)
@@ -118,35 +48,12 @@ def prepare(spec: JobSpec, say: Say, decision: Decision | None = None) -> Prepar
     check_not_in_cache(jobdir, cache_dir())
     image = resolve_image(str(spec.image)) if spec.image is not None else default_image(say)
     fs_uuid = ext4.filesystem_uuid(image)  # also says when the image is missing or unreadable
-    decision = decision or choose_backend(spec, say)
-    if decision.backend is Backend.QEMU:
-        return _prepare_qemu(spec, say, decision, jobdir, image, fs_uuid)
-    kernel = find_kernel(spec.kernel)
-    check_outside(jobdir, kernel.path, "the kernel", "keep kernels outside the job directory")
-    traits = kernel_traits(kernel.path, say if spec.verbose else None)
-    if spec.verbose:
-        mode = "seccomp" if traits.seccomp_works else "ptrace"
-        why = "" if traits.seccomp_works else (" (seccomp mode refused by this host)" if traits.seccomp_option else "")
-        say(f"kernel: {kernel.path} (chosen by {kernel.source.value}), {mode} mode{why}")
-    mem = choose_mem(spec.mem_bytes, _read_max_map_count())
-    net = choose_network(traits, spec.net, spec.host_loopback)
-    umid = _instance_id(spec)
-    bwrap = find_bwrap()
-    warning = require_or_warn(spec.isolation, probe(bwrap))
-    warnings = (warning,) if warning else ()
-    pin = cpu.choose_cpu(spec.cpu, os.sched_getaffinity(0), cpu.current_cpu())
-    if spec.verbose:
-        say(f"guest pinned to host CPU {pin}" if pin is not None else "guest not pinned to a host CPU")
     changes = spec.changes if spec.changes is not None else _auto_changes(jobdir)
-    prepared = Prepared(
-        kernel, traits, image, fs_uuid, jobdir, mem, net, None if warning else bwrap, umid, pin, changes, warnings
-    )
-    if warning:
-        for path, what in ((jobdir, "job directory"), (image, "image")):
-            if not _HOSTFS_SAFE.fullmatch(str(path)):
-                raise UsageError(f"the {what} path {path} has blanks or commas, which AppPot can only pass with namespaces")
-    _check_image_use(spec, image, fs_uuid)
-    return prepared
+    common = Prepared(image, fs_uuid, jobdir, spec.mem_bytes or DEFAULT_MEM, None, _instance_id(spec), None, changes)
+    _check_image_use(spec, image)
+    if decision.backend is Backend.QEMU:
+        return QemuInstance.prepare(spec, say, common, decision)
+    return UmlInstance.prepare(spec, say, common)
 
 
 def _keep_cache_outside(jobdir: Path, say: Say | None) -> None:
@@ -165,27 +72,6 @@ def _keep_cache_outside(jobdir: Path, say: Say | None) -> None:
         say(f"$HOME holds the job directory: AppPot's cache for this job is {private / 'apppot'}")
 
 
-def _prepare_qemu(spec: JobSpec, say: Say, decision: Decision, jobdir: Path, image: Path, fs_uuid: str) -> Prepared:
-    assert decision.accel is not None
-    setup = _qemu_setup(decision.accel, say)
-    umid = _instance_id(spec)
-    for path, what in ((jobdir, "job directory"), (image, "image")):
-        if "," in str(path):
-            raise UsageError(f"the {what} path {path} has a comma, which QEMU cannot take; rename or move it")
-    # QEMU's emulation runs on several host threads: it is pinned only when asked for a CPU.
-    pin = cpu.choose_cpu(spec.cpu, os.sched_getaffinity(0), cpu.current_cpu()) if spec.cpu not in (None, "auto") else None
-    changes = spec.changes if spec.changes is not None else _auto_changes(jobdir)
-    bwrap = find_bwrap()
-    netns_warning = require_netns_or_warn(spec.isolation, probe(bwrap))
-    warnings = tuple(w for w in (decision.warning, netns_warning) if w)
-    mem = spec.mem_bytes or DEFAULT_MEM
-    net = choose_qemu_network(spec.net, spec.host_loopback)
-    bwrap = None if netns_warning else bwrap
-    prepared = Prepared(None, None, image, fs_uuid, jobdir, mem, net, bwrap, umid, pin, changes, warnings, setup)
-    _check_image_use(spec, image, fs_uuid, qemu=True)
-    return prepared
-
-
 def _instance_id(spec: JobSpec) -> str:
     """--id, checked, or a name made of apppot's pid: UML's umid, QEMU's -name."""
     umid = spec.instance_id or f"apppot-{os.getpid()}"
@@ -194,38 +80,8 @@ def _instance_id(spec: JobSpec) -> str:
     return umid
 
 
-def _check_overlay(overlay: Path, image: Path) -> None:
-    """A --cow file for QEMU must be a qcow2 overlay of this very image, made or last used since the image
-    last changed (qcow2 records no mtime of its base, as UML's COW header does), and not in use."""
-    import json
-
-    result = run([QEMU_IMG, "info", "--output=json", str(overlay)], check=False, package=QEMU_IMG_PACKAGE)
-    if b"Is another process using the image" in result.stderr:  # the write lock QEMU holds while a job runs
-        raise CowError(f"--cow {overlay} is in use by another running job; wait for it, or use another --cow")
-    try:
-        info = json.loads(result.stdout)
-    except ValueError:
-        info = {}
-    backing = info.get("full-backing-filename") or info.get("backing-filename")
-    specific = info.get("format-specific", {}).get("data", {})
-    if isinstance(specific, dict) and specific.get("data-file"):  # QEMU would write the guest's sectors there
-        raise CowError(f"--cow {overlay} keeps its data in another file ({specific['data-file']}); give a new file name")
-    if info.get("format") != "qcow2" or not backing:
-        raise CowError(f"--cow {overlay} is not a QEMU overlay (qcow2 with a backing image); give a new file name")
-    if Path(backing).resolve() != image.resolve():
-        raise CowError(f"--cow {overlay} belongs to the image {backing}, not {image}; use it with that image")
-    base = image.stat()
-    # The ctime too: a user can put an image's mtime back, not its ctime.
-    changed_ns = max(base.st_mtime_ns, base.st_ctime_ns)
-    if info.get("virtual-size") != base.st_size or changed_ns > overlay.stat().st_mtime_ns:
-        raise CowError(
-            f"--cow {overlay} was made against {image} before the image changed (size, mtime or ctime); "
-            "use the unchanged base image, or give a new --cow file"
-        )
-
-
-def _check_image_use(spec: JobSpec, image: Path, fs_uuid: str, qemu: bool = False) -> None:
-    """--full-boot, --writable-image and --cow, against the image."""
+def _check_image_use(spec: JobSpec, image: Path) -> None:
+    """--full-boot, --writable-image and --cow, against the image (each backend checks what its --cow holds)."""
     if spec.full_boot:
         _check_full_boot(image)
     if spec.writable_image:
@@ -241,12 +97,6 @@ def _check_image_use(spec: JobSpec, image: Path, fs_uuid: str, qemu: bool = Fals
             raise CowError(f"--cow {spec.cow} is a symbolic link; give the COW file itself, or a new file name")
         if spec.cow.resolve() == image.resolve():
             raise UsageError("--cow names the base image itself; give a separate file for the COW")
-        if spec.cow.exists() and qemu:
-            _check_overlay(spec.cow, image)
-        elif spec.cow.exists():
-            cow.check_matches(spec.cow, image, fs_uuid)
-            cow.check_writable_without_privilege(spec.cow)
-            cow.check_unlocked(spec.cow)
 
 
 def _auto_changes(jobdir: Path) -> Path | None:
@@ -277,4 +127,4 @@ def _check_full_boot(image: Path) -> None:
 def run_base() -> Path:
     """Where run directories go: $TMPDIR, or /tmp where its path could not be given to UML."""
     base = os.environ.get("TMPDIR") or "/tmp"
-    return Path(base if _HOSTFS_SAFE.fullmatch(base) else "/tmp")
+    return Path(base if HOSTFS_SAFE.fullmatch(base) else "/tmp")

@@ -1,8 +1,9 @@
 """The lifecycle of one job: start the hypervisor, relay streams, report, clean up.
 
-All side effects of `apppot start` live here. What is checked before the boot is in
-prepare.py, what the command lines look like in launch.py (and the pure builders it
-calls), the files the host and guest exchange in channel.py.
+All side effects of `apppot start` live here, and nothing here depends on the backend:
+what is checked before the boot is in prepare.py, what each hypervisor needs (its disk,
+command line and descriptors) in its backend instance (apppot.backends.base.Instance),
+the files the host and guest exchange in channel.py.
 """
 
 from __future__ import annotations
@@ -19,15 +20,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
-from apppot import cow
-from apppot.backends.qemu import QEMU_IMG, QEMU_IMG_PACKAGE
+from apppot.backends.base import GuestFds, Instance, RunPaths
 from apppot.channel import Channel
-from apppot.errors import AppPotError, CowError, GuestDied, GuestMisbehaved, HostError, UsageError
+from apppot.errors import AppPotError, GuestDied, GuestMisbehaved, HostError, UsageError
 from apppot.images.store import cache_dir
-from apppot.launch import GuestFds, RunPaths, qemu_command, uml_command
 from apppot.nat import NatHelper
-from apppot.prepare import Prepared, Say, prepare, run_base, say_stderr
-from apppot.proc import parent_death_signal, run
+from apppot.prepare import run_base
+from apppot.proc import parent_death_signal
 from apppot.protocol import (
     CHANGES_ARCHIVE,
     CHANGES_BASE,
@@ -41,7 +40,7 @@ from apppot.protocol import (
     render_job_file,
 )
 from apppot.rundir import RunDir, sweep_stale
-from apppot.spec import JobSpec
+from apppot.say import Say
 from apppot.streams import Relay, StdinSpool, Streams, detect_streams, restore_termios, save_termios, terminal_size
 
 STOP_GRACE_S = 2.0  # after SIGTERM, before SIGKILL
@@ -53,10 +52,11 @@ class Job:
 
     rundir: Path
 
-    def __init__(self, spec: JobSpec, prepared: Prepared, say: Say, deadline_s: float | None = None) -> None:
-        self.spec = spec
+    def __init__(self, instance: Instance, say: Say, deadline_s: float | None = None) -> None:
+        self.instance = instance
+        self.spec = instance.spec
         self.deadline_s = deadline_s  # the guest is stopped if the job has not ended by then (the KVM probe)
-        self.prepared = prepared
+        self.prepared = instance.prepared
         self.say = say
         self.proc: subprocess.Popen[bytes] | None = None
         self.nat: NatHelper | None = None
@@ -105,21 +105,6 @@ class Job:
         uml_dir.mkdir()
         return uml_dir, self.rundir / "job.cow"
 
-    def _cow(self, temp_cow: Path) -> Path:
-        p = self.prepared
-        if self.spec.writable_image:
-            return p.image.resolve()
-        if p.qemu is not None:  # the job's writes go to QEMU's snapshot, or to a qcow2 overlay the user keeps
-            if self.spec.cow is None:
-                return p.image.resolve()
-            if not self.spec.cow.exists():
-                _create_overlay(self.spec.cow, p.image.resolve())
-            return self.spec.cow.resolve()
-        target = self.spec.cow if self.spec.cow is not None else temp_cow
-        if not target.exists():
-            cow.create(target, p.image, p.fs_uuid)
-        return target.resolve()
-
     def _log(self) -> tuple[int, Path, bool]:
         """The console log: the user's --console-log, or a file kept only if needed."""
         if self.spec.console_log is not None:
@@ -155,8 +140,8 @@ class Job:
     def _run_with(self, channel: Channel, uml_dir: Path, temp_cow: Path) -> int:
         p = self.prepared
         if p.changes is not None:  # first: a refused archive stops the job before anything is opened
-            _put_changes(channel, p, self.say if self.spec.verbose else None)
-        cow_path = self._cow(temp_cow)
+            _put_changes(channel, p.changes, self.say if self.spec.verbose else None)
+        disk = self.instance.disk(temp_cow)
         streams = detect_streams()
         # The job file first: a job it refuses leaves no console log and no open descriptor behind.
         channel.send(JOB_FILE, render_job_file(self._guest_job(streams)))
@@ -166,9 +151,9 @@ class Job:
         terminal: tuple[int, int] | None = None
         if streams.interactive:
             terminal = (os.dup(0), os.dup(1))
-        paths = RunPaths(channel.ctl, channel.out, uml_dir, cow_path, self.rundir / "net")
+        paths = RunPaths(channel.ctl, channel.out, uml_dir, disk, self.rundir / "net")
         fds = GuestFds(log_fd, out_w, err_w, terminal)
-        argv = qemu_command(self.spec, p, paths, fds, streams) if p.qemu else uml_command(self.spec, p, paths, fds)
+        argv = self.instance.command(paths, fds, streams)
         if self.spec.verbose:
             self.say(f"running: {shlex.join(argv)}")
 
@@ -180,18 +165,16 @@ class Job:
                 self.nat = NatHelper.start(p.net, paths.switch, log_fd, self.spec.verbose)
             if p.cpu is not None:  # inherited by UML and all its processes; this thread's is restored below
                 os.sched_setaffinity(0, {p.cpu})
-            # An interactive QEMU guest has the terminal as QEMU's own stdin and stdout.
-            qemu_terminal = terminal if p.qemu is not None else None
+            stdin, stdout = self.instance.stdio(fds)
             self.proc = subprocess.Popen(
                 argv,
-                stdin=qemu_terminal[0] if qemu_terminal else subprocess.DEVNULL,
-                stdout=qemu_terminal[1] if qemu_terminal else log_fd,
+                stdin=stdin,
+                stdout=stdout,
                 stderr=log_fd,
                 pass_fds=pass_fds,
                 start_new_session=True,
                 env=_hypervisor_env(self.rundir),
-                # bubblewrap ends UML when AppPot dies (--die-with-parent); QEMU, and UML without it, end so.
-                preexec_fn=parent_death_signal(signal.SIGTERM) if p.qemu is not None or p.bwrap is None else None,
+                preexec_fn=parent_death_signal(signal.SIGTERM) if self.instance.needs_death_signal else None,
             )
         except OSError as e:
             raise HostError(f"cannot start {argv[0]}: {e.strerror}") from e
@@ -220,14 +203,9 @@ class Job:
         return self._outcome(status, log_path, keep_log)
 
     def _guest_job(self, streams: Streams) -> GuestJob:
-        p = self.prepared
         uid, gid, user, group = guest_identity(self.spec.user, self.spec.group)
         rows, cols = terminal_size()
-        if p.qemu is not None:
-            net, net_configured = ("eth0" if p.net else None), False
-        else:
-            assert p.traits is not None
-            net, net_configured = (p.net.interface if p.net else None), p.net is not None and p.traits.ip_autoconfig
+        net = self.instance.network()
         return GuestJob(
             argv=self.spec.argv,
             uid=uid,
@@ -241,8 +219,8 @@ class Job:
             term=os.environ.get("TERM") if streams.interactive or streams.stdout is StreamMode.TTY else None,
             rows=rows,
             cols=cols,
-            net=net,
-            net_configured=net_configured,
+            net=net.interface,
+            net_configured=net.configured,
             keep_cow=self.spec.cow is not None or self.spec.writable_image,
         )
 
@@ -332,39 +310,25 @@ class Job:
             raise GuestDied(f"the guest did not finish within {self.deadline_s:g} s and was stopped{_panic_hint(log_path)}")
         rc = self.proc.returncode
         how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with status {rc}"
-        what = "QEMU" if self.prepared.qemu is not None else "UML"
+        what = self.instance.name
         raise GuestDied(f"the guest ended without reporting the job's status ({what} {how}){_panic_hint(log_path)}")
 
 
-def _put_changes(channel: Channel, p: Prepared, say: Say | None) -> None:
+def _put_changes(channel: Channel, changes: Path, say: Say | None) -> None:
     """The archive's checked members, and what the agent needs besides tar, in the control directory.
 
     The archive is checked as it is copied: the guest gets exactly what was checked, and never the
     user's own file. repack writes it by path (exclusively), before the guest has started."""
     from apppot import snap
 
-    assert p.changes is not None
     try:
-        info = snap.repack(str(p.changes), str(channel.ctl / CHANGES_ARCHIVE))
+        info = snap.repack(str(changes), str(channel.ctl / CHANGES_ARCHIVE))
     except snap.SnapError as e:
         raise UsageError(str(e)) from None
     channel.send(CHANGES_DELETE, "".join(path.lstrip("/") + "\n" for path in info.deleted).encode())
     channel.send(CHANGES_BASE, (info.base + "\n").encode())
     if say:
-        say(f"merging {p.changes} (base {info.base[:16]}) before the job")
-
-
-def _create_overlay(overlay: Path, image: Path) -> None:
-    """A new qcow2 overlay of ``image``, private like UML's COW (qemu-img keeps the mode of the file it fills)."""
-    try:
-        os.close(os.open(overlay, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
-    except OSError as e:
-        raise CowError(f"cannot create the overlay {overlay}: {e.strerror}; choose a writable place for --cow") from e
-    try:
-        run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image), str(overlay)], package=QEMU_IMG_PACKAGE)
-    except BaseException:
-        overlay.unlink(missing_ok=True)
-        raise
+        say(f"merging {changes} (base {info.base[:16]}) before the job")
 
 
 def _panic_hint(log_path: Path) -> str:
@@ -395,12 +359,3 @@ def _hypervisor_env(home: Path) -> dict[str, str]:
     # slirp refuses to start without HOME. UML keeps the guest's memory in a file under TMPDIR; without
     # it UML picks /dev/shm, where AppPot's 7.x kernel was seen to fail to start its processes.
     return {"PATH": "/usr/bin:/bin", "HOME": str(home), "TMPDIR": str(run_base())}
-
-
-def start(spec: JobSpec, say: Say = say_stderr) -> int:
-    """Run one job; returns the exit code for `apppot start`."""
-    prepared = prepare(spec, say)
-    return Job(spec, prepared, say).run()
-
-
-__all__ = ["JobSpec", "start"]

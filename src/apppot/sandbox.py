@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-from enum import StrEnum
 from pathlib import Path
 from typing import NamedTuple
 
 from apppot.errors import HostError
 from apppot.hostcache import cached, file_identity
 from apppot.proc import which
+from apppot.spec import Isolation
 
 _USERNS_SYSCTLS = (
     "/proc/sys/kernel/unprivileged_userns_clone",
@@ -27,13 +27,6 @@ _USERNS_SYSCTLS = (
 )
 
 BWRAP_ENV = "APPPOT_BWRAP"
-
-
-class Isolation(StrEnum):
-    """How strictly the host is hidden from the guest."""
-
-    AUTO = "auto"  # a sandbox where the host allows it, else a warning
-    STRICT = "strict"  # a sandbox, or refuse to run
 
 
 class Bind(NamedTuple):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import re
+from enum import StrEnum
 from pathlib import Path
 from typing import NamedTuple
 
 from apppot.errors import HostError, UsageError
-from apppot.sandbox import Isolation
 
 MIB = 1024 * 1024
 PAGE = 4096
@@ -18,6 +18,13 @@ DEFAULT_MEM = 512 * MIB
 FALLBACK_MEM = 256 * MIB
 
 _SIZE = re.compile(r"(\d+)([KMGkmg]?)[iI]?[bB]?")
+
+
+class Isolation(StrEnum):
+    """How strictly the host is hidden from the guest."""
+
+    AUTO = "auto"  # a sandbox where the host allows it, else a warning
+    STRICT = "strict"  # a sandbox, or refuse to run
 
 
 class JobSpec(NamedTuple):

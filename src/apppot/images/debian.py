@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,6 +30,7 @@ from apppot.images.store import ImageRecord, image_stem, images_dir
 from apppot.kernel_build import MIRROR_ENV
 from apppot.proc import run, which
 from apppot.protocol import PROTOCOL_VERSION
+from apppot.say import Say
 
 BUILDER_VERSION = "1"
 # What every Debian appliance needs besides the recipe's packages: sudo for the job's user (the
@@ -38,8 +38,6 @@ BUILDER_VERSION = "1"
 ALWAYS = ("sudo", "mount", "mawk", "python3")  # python3: apppot-snap
 STEPS = 5
 COMMANDS_SCRIPT = "/root/.apppot-recipe-commands"
-
-Say = Callable[[str], None]
 
 
 class BuiltImage(NamedTuple):

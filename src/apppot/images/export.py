@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import NamedTuple
@@ -23,8 +22,7 @@ from typing import NamedTuple
 from apppot.errors import HostError, UsageError
 from apppot.images import ext4
 from apppot.proc import run, which
-
-Say = Callable[[str], None]
+from apppot.say import Say
 
 MIB = 1024 * 1024
 BOOT_START = 1 * MIB

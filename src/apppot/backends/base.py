@@ -1,0 +1,90 @@
+"""What a backend instance offers the runner: one guest on one hypervisor.
+
+The runner knows only this interface. Each backend (UML in uml_instance.py, QEMU in
+qemu_instance.py) owns its own prepared state (kernel, accelerator, sandbox), the file
+the guest writes (UML's COW, QEMU's overlay or snapshot), its command line and what
+its process inherits. Several instances under one runner is how a job with several
+guests will be built.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import NamedTuple
+
+from apppot.network import Network
+from apppot.spec import JobSpec
+from apppot.streams import Streams
+
+
+class Prepared(NamedTuple):
+    """What every backend is given: the checked inputs of a job, resolved against this host."""
+
+    image: Path
+    fs_uuid: str
+    jobdir: Path
+    mem_bytes: int
+    net: Network | None  # the NAT helper the guest's network goes through
+    umid: str  # UML's umid, QEMU's -name
+    cpu: int | None = None  # the host CPU the guest is pinned to
+    changes: Path | None = None  # a changes archive to merge at boot (checked as it is copied, before the boot)
+    warnings: tuple[str, ...] = ()
+
+
+class RunPaths(NamedTuple):
+    """Where one run keeps its files on the host."""
+
+    ctl: Path  # the control directory (host -> guest)
+    out: Path  # the report directory (guest -> host)
+    uml_dir: Path  # UML's own files (umid)
+    disk: Path  # the COW or overlay the guest writes
+    switch: Path  # the NAT helper's switch
+
+
+class GuestFds(NamedTuple):
+    """The descriptors the hypervisor inherits."""
+
+    log: int
+    stdout: int
+    stderr: int
+    terminal: tuple[int, int] | None  # (stdin, stdout) of an interactive session
+
+
+class GuestNetwork(NamedTuple):
+    """What the agent is told about the guest's network."""
+
+    interface: str | None  # None: no network
+    configured: bool  # the kernel configured it already (ip= on UML's command line)
+
+
+class Instance(ABC):
+    """One guest of a job: the runner starts ``command``, relays its streams and stops its process group."""
+
+    name: str  # for messages: "UML", "QEMU"
+
+    def __init__(self, spec: JobSpec, prepared: Prepared) -> None:
+        self.spec = spec
+        self.prepared = prepared
+
+    @abstractmethod
+    def disk(self, temp_cow: Path) -> Path:
+        """The file the guest's disk writes go to, made now if needed (``temp_cow``: a throw-away place)."""
+
+    @abstractmethod
+    def command(self, paths: RunPaths, fds: GuestFds, streams: Streams) -> list[str]:
+        """The hypervisor's argv (pure but for facts looked up on the host)."""
+
+    @abstractmethod
+    def network(self) -> GuestNetwork:
+        """The network as the agent sees it."""
+
+    def stdio(self, fds: GuestFds) -> tuple[int, int]:
+        """The hypervisor process's own stdin and stdout."""
+        return subprocess.DEVNULL, fds.log
+
+    @property
+    def needs_death_signal(self) -> bool:
+        """True when nothing else (bubblewrap's --die-with-parent) ends the hypervisor if AppPot dies."""
+        return True

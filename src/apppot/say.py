@@ -1,0 +1,13 @@
+"""How library code tells the user something while it works: a callable that takes one line."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+Say = Callable[[str], None]
+
+
+def say_stderr(message: str) -> None:
+    sys.stderr.write(f"apppot: {message}\n")
+    sys.stderr.flush()

@@ -1,0 +1,35 @@
+"""`apppot start`: decide the backend, prepare the job for it, run it.
+
+The KVM probe (apppot.kvm) boots a job of its own through prepare and the runner,
+so the decision is made here, above all three.
+"""
+
+from __future__ import annotations
+
+import os
+
+from apppot.backends.choice import Decision, KvmState, decide, requested
+from apppot.prepare import prepare
+from apppot.runner import Job
+from apppot.say import Say, say_stderr
+from apppot.spec import JobSpec
+
+
+def choose_backend(spec: JobSpec, say: Say) -> Decision:
+    """--backend, $APPPOT_BACKEND, the config file, else UML; KVM probed where it matters."""
+    backend, where = requested(spec.backend, os.environ)
+
+    def probe() -> KvmState:
+        from apppot import kvm  # only when QEMU may be used: it is not needed for UML
+
+        return kvm.state(say)
+
+    decision = decide(backend, where, spec.kvm, probe)
+    if spec.verbose:
+        say(f"backend: {decision.why}")
+    return decision
+
+
+def start(spec: JobSpec, say: Say = say_stderr) -> int:
+    """Run one job; returns the exit code for `apppot start`."""
+    return Job(prepare(spec, say, choose_backend(spec, say)), say).run()
