@@ -14,6 +14,7 @@ import errno
 import fcntl
 import itertools
 import os
+import re
 import stat
 import time
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ from pathlib import Path
 from apppot.errors import HostError
 
 PREFIX = "apppot-"
+# A run directory's whole name: PREFIX, the pid of its AppPot, a time stamp, an attempt. Nothing else is swept.
+_NAME = re.compile(re.escape(PREFIX) + r"([0-9]{1,10})-[0-9]{9}-[0-9]{1,2}")
 LOCK = "lock"  # held (flock) by the AppPot that made the directory, as long as it runs
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -65,7 +68,7 @@ def sweep_stale(base: Path) -> list[str]:
     """Remove this user's run directories under ``base`` whose AppPot is gone; returns their names."""
     removed: list[str] = []
     try:
-        entries = [e for e in os.scandir(base) if e.name.startswith(PREFIX)]
+        entries = [e for e in os.scandir(base) if _NAME.fullmatch(e.name)]
     except OSError:
         return removed
     for entry in entries:
@@ -96,9 +99,10 @@ def _abandoned(path: str) -> bool:
 
 def _pid_alive(path: str) -> bool:
     try:
-        pid = int(os.path.basename(path)[len(PREFIX) :].split("-")[0])
-        os.kill(pid, 0)
-    except (ValueError, ProcessLookupError):
+        match = _NAME.fullmatch(os.path.basename(path))
+        assert match is not None
+        os.kill(int(match[1]), 0)
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True

@@ -132,3 +132,15 @@ def test_other_names_and_links_are_left_alone(tmp_path: Path, canary: Path) -> N
     (tmp_path / "mine").mkdir()
     assert sweep_stale(tmp_path) == []
     assert untouched(canary) and (tmp_path / "mine").exists()
+
+
+def test_a_users_own_directories_named_apppot_are_left_alone(tmp_path: Path) -> None:
+    # Only a run directory's own name (apppot-PID-NNNNNNNNN-N) is ever swept: a benchmark's or the
+    # user's directory that merely starts with "apppot-" is theirs.
+    for name in ("apppot-bench-x1y2", "apppot-notes", "apppot-123", "apppot-99999999-1-2-extra"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "data").write_text("keep")
+    assert sweep_stale(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["apppot-bench-x1y2", "apppot-notes", "apppot-123", "apppot-99999999-1-2-extra"]
+    )
