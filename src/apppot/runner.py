@@ -42,7 +42,8 @@ from apppot.protocol import (
 )
 from apppot.rundir import RunDir, sweep_stale
 from apppot.spec import JobSpec
-from apppot.streams import Relay, StdinSpool, Streams, detect_streams, restore_termios, save_termios, terminal_size
+from apppot.stdin import StdinSpool
+from apppot.streams import Relay, Streams, detect_streams, restore_termios, save_termios, terminal_size
 
 STOP_GRACE_S = 2.0  # after SIGTERM, before SIGKILL
 POWEROFF_GRACE_S = 10.0  # after the job reported, for the guest to power off
@@ -157,7 +158,7 @@ class Job:
         if p.changes is not None:  # first: a refused archive stops the job before anything is opened
             _put_changes(channel, p, self.say if self.spec.verbose else None)
         cow_path = self._cow(temp_cow)
-        streams = detect_streams()
+        streams = detect_streams(self.spec.no_stdin)
         # The job file first: a job it refuses leaves no console log and no open descriptor behind.
         channel.send(JOB_FILE, render_job_file(self._guest_job(streams)))
         log_fd, log_path, keep_log = self._log()
@@ -217,6 +218,8 @@ class Job:
                 relay.join(timeout=5)
             if saved_tty is not None:
                 restore_termios(saved_tty)
+        if spool:
+            spool.settle()  # the host's stdin is left just past what the job read
         return self._outcome(status, log_path, keep_log)
 
     def _guest_job(self, streams: Streams) -> GuestJob:
