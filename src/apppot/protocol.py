@@ -40,11 +40,13 @@ USER_DATA_MAGIC = b"#apppot-job\n"  # the first line of cloud user-data carrying
 JOB_FILE = "job"
 # In the control directory (host -> guest).
 STDIN_CHUNK = "stdin.{}"
-STDIN_END = "stdin.end"
+STDIN_END = "stdin.end"  # the number of stdin chunks; with stdin.file, its size in bytes
+STDIN_FILE = "stdin.file"  # the rest of a host stdin that is a regular file: the job's stdin, seekable
 # In the report directory (guest -> host): the only names the host reads there.
 STATUS_FILE = "status"
 STDIN_READ = "stdin.read"  # how many stdin chunks the guest has written in full into the job's stdin pipe
 STDIN_LEFT = "stdin.left"  # after the job: how many bytes of those chunks the job left unread
+STDIN_POS = "stdin.pos"  # after the job: where in stdin.file the job stopped reading
 REPORT_LIMIT = 64  # bytes: a report is one small number; more is the guest misbehaving
 # A changes archive to merge at boot, checked by the host: the archive, its deletions (one path
 # per line, relative to /) and the base id it needs.
@@ -65,6 +67,7 @@ class StdinMode(StrEnum):
     NULL = "null"  # /dev/null
     SPOOL = "spool"  # a pipe fed from chunk files the host writes into the control directory
     TTY = "tty"  # the interactive terminal (tty1)
+    FILE = "file"  # a regular file in the control directory, the rest of the host's stdin file
 
 
 class StreamMode(StrEnum):

@@ -35,14 +35,13 @@ from apppot.protocol import (
     JOB_FILE,
     STATUS_FILE,
     GuestJob,
-    StdinMode,
     StreamMode,
     parse_status,
     render_job_file,
 )
 from apppot.rundir import RunDir, sweep_stale
 from apppot.spec import JobSpec
-from apppot.stdin import StdinSpool
+from apppot.stdin import StdinFeed, open_stdin
 from apppot.streams import Relay, Streams, detect_streams, restore_termios, save_termios, terminal_size
 
 STOP_GRACE_S = 2.0  # after SIGTERM, before SIGKILL
@@ -205,7 +204,7 @@ class Job:
         relays = [Relay(out_r, 1, self._broken_stdout), Relay(err_r, 2, lambda: None)]
         for relay in relays:
             relay.start()
-        spool = StdinSpool(channel, self.wake.set) if streams.stdin is StdinMode.SPOOL else None
+        spool = open_stdin(streams.stdin, channel, self.wake.set)
         if spool:
             spool.start()
         try:
@@ -259,7 +258,7 @@ class Job:
         self.stdout_broken = True
         self.wake.set()
 
-    def _supervise(self, channel: Channel, spool: StdinSpool | None) -> int | None:
+    def _supervise(self, channel: Channel, spool: StdinFeed | None) -> int | None:
         """Wait for the guest to end; returns the job's status if it reported one."""
         try:
             return self._await_status(channel, spool)
@@ -267,7 +266,7 @@ class Job:
             self.failure = e
             return None
 
-    def _await_status(self, channel: Channel, spool: StdinSpool | None) -> int | None:
+    def _await_status(self, channel: Channel, spool: StdinFeed | None) -> int | None:
         reported_at: float | None = None
         deadline = time.monotonic() + self.deadline_s if self.deadline_s is not None else None
         while not self.exited.is_set():

@@ -33,8 +33,9 @@ from enum import Enum
 
 from apppot.channel import Channel, ChannelClosed
 from apppot.errors import AppPotError, GuestMisbehaved, HostError
-from apppot.protocol import STDIN_CHUNK, STDIN_END, STDIN_LEFT, STDIN_READ, parse_count
+from apppot.protocol import STDIN_CHUNK, STDIN_END, STDIN_FILE, STDIN_LEFT, STDIN_POS, STDIN_READ, StdinMode, parse_count
 
+FILE_LIMIT = 64 << 20  # a regular file up to this size is copied whole, so the job can seek in it
 SPOOL_WINDOW = 4  # chunks the host may have sent ahead of the guest (files and other streams)
 SPOOL_CHUNK = 1 << 20
 GUEST_PIPE = 1 << 16  # what the job's stdin pipe in the guest holds at most (16 pages)
@@ -126,7 +127,25 @@ class ChunkLedger:
         return left
 
 
-class StdinSpool(threading.Thread):
+def file_rest(fd: int) -> int | None:
+    """Bytes from the offset of a regular file ``fd`` to its end, or None if it is no regular file."""
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return max(st.st_size - os.lseek(fd, 0, os.SEEK_CUR), 0)
+    except OSError:
+        return None
+
+
+def stdin_mode(fd: int = 0) -> StdinMode:
+    """How a stdin that is neither /dev/null nor a terminal session reaches the job: a regular file of
+    up to FILE_LIMIT bytes as a file (seekable, as on the host), anything else through a pipe."""
+    rest = file_rest(fd)
+    return StdinMode.FILE if rest is not None and rest <= FILE_LIMIT else StdinMode.SPOOL
+
+
+class StdinFeed(threading.Thread):
     """Passes the host's stdin (fd 0) to the guest; ``settle`` leaves the rest for whoever reads next."""
 
     def __init__(self, channel: Channel, on_error: Callable[[], None], fd: int = 0) -> None:
@@ -134,22 +153,12 @@ class StdinSpool(threading.Thread):
         self.channel = channel
         self.on_error = on_error
         self.fd = fd
-        self.source = source_of(fd)
         self.stop = threading.Event()
         self.error: AppPotError | None = None
-        self.ledger = ChunkLedger()
-        self.consumed = 0  # bytes of a pipe read and dropped (PIPE)
-        self.start_offset = os.lseek(fd, 0, os.SEEK_CUR) if self.source is Source.FILE else 0
-        self._peek: tuple[int, int] | None = None
-        self._peek_chunk = SPOOL_CHUNK  # a pipe: a few chunks fit in what can be peeked at, so the guest never waits
-        self._lag = GUEST_PIPE  # a pipe is consumed up to this much behind what the guest fed
-        self._idle = 0
 
     def run(self) -> None:
         try:
-            if self.source is Source.PIPE:
-                self._open_peek()
-            self._spool()
+            self._feed()
         except ChannelClosed:
             pass  # the job is over
         except AppPotError as e:
@@ -158,6 +167,82 @@ class StdinSpool(threading.Thread):
         except OSError as e:
             self.error = HostError(f"cannot pass stdin to the guest: {e.strerror}; check the space in TMPDIR")
             self.on_error()
+
+    def _feed(self) -> None:
+        raise NotImplementedError
+
+    def settle(self) -> None:
+        raise NotImplementedError
+
+
+def open_stdin(mode: StdinMode, channel: Channel, on_error: Callable[[], None]) -> StdinFeed | None:
+    """The thread that passes the host's stdin, for the modes that read it (started by the caller)."""
+    if mode is StdinMode.FILE:
+        return StdinFile(channel, on_error)
+    if mode is StdinMode.SPOOL:
+        return StdinSpool(channel, on_error)
+    return None
+
+
+class StdinFile(StdinFeed):
+    """The rest of a regular file, copied whole as the job's stdin.file; at the end the host's offset
+    is where the job's is."""
+
+    def __init__(self, channel: Channel, on_error: Callable[[], None], fd: int = 0) -> None:
+        super().__init__(channel, on_error, fd)
+        self.start_offset = os.lseek(fd, 0, os.SEEK_CUR)
+        self.size = file_rest(fd) or 0
+
+    def _feed(self) -> None:
+        try:
+            self.channel.send_copy(STDIN_FILE, self.fd, self.start_offset, self.size)
+        except OSError as e:
+            raise HostError(f"cannot pass stdin to the guest: {e.strerror}; check stdin and the space in TMPDIR") from None
+        # The copy is shorter if the file shrank meanwhile: the guest gets the size it holds.
+        self.size = min(self.size, os.fstat(self.fd).st_size - self.start_offset)
+        self.channel.send(STDIN_END, f"{max(self.size, 0)}\n".encode())
+
+    def settle(self) -> None:
+        """Without the guest's report (the job was stopped, or the guest died) the offset stays."""
+        self.stop.set()
+        self.join(JOIN_S)
+        if self.is_alive():
+            return
+        data = self.channel.read_report(STDIN_POS)
+        if data is None:
+            return
+        pos = parse_count(data, self.size)
+        if pos is None:
+            raise GuestMisbehaved(f"the guest reported {data[:20]!r} as {STDIN_POS}, not an offset of at most {self.size}")
+        _seek(self.fd, self.start_offset + pos)
+
+
+def _seek(fd: int, offset: int) -> None:
+    try:
+        os.lseek(fd, offset, os.SEEK_SET)
+    except OSError as e:
+        raise HostError(f"cannot move stdin to where the job stopped reading: {e.strerror}") from None
+
+
+class StdinSpool(StdinFeed):
+    """Passes the host's stdin through the guest's pipe (see the module's docstring)."""
+
+    def __init__(self, channel: Channel, on_error: Callable[[], None], fd: int = 0) -> None:
+        super().__init__(channel, on_error, fd)
+        self.source = source_of(fd)
+        self.ledger = ChunkLedger()
+        self.consumed = 0  # bytes of a pipe read and dropped (PIPE)
+        self.start_offset = os.lseek(fd, 0, os.SEEK_CUR) if self.source is Source.FILE else 0
+        self._peek: tuple[int, int] | None = None
+        self._peek_chunk = SPOOL_CHUNK  # a pipe: a few chunks fit in what can be peeked at, so the guest never waits
+        self._lag = GUEST_PIPE  # a pipe is consumed up to this much behind what the guest fed
+        self._idle = 0
+
+    def _feed(self) -> None:
+        try:
+            if self.source is Source.PIPE:
+                self._open_peek()
+            self._spool()
         finally:
             if self._peek is not None:
                 for pipe_fd in self._peek:
@@ -287,10 +372,7 @@ class StdinSpool(threading.Thread):
         if self.source is Source.PIPE:
             self._consume_to(job_read)
         else:
-            try:
-                os.lseek(self.fd, self.start_offset + max(job_read, 0), os.SEEK_SET)
-            except OSError as e:
-                raise HostError(f"cannot move stdin to where the job stopped reading: {e.strerror}") from None
+            _seek(self.fd, self.start_offset + job_read)
 
 
 def _pipe_bytes(fd: int) -> int:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from apppot.protocol import StdinMode, StreamMode
+from apppot.stdin import stdin_mode
 
 
 class Streams(NamedTuple):
@@ -45,7 +46,7 @@ def detect_streams(no_stdin: bool = False) -> Streams:
     elif no_stdin or _is_null_device(0):
         stdin = StdinMode.NULL
     else:
-        stdin = StdinMode.SPOOL
+        stdin = stdin_mode(0)
     return Streams(stdin, mode(1), mode(2), interactive)
 
 
