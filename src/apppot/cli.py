@@ -112,6 +112,9 @@ START_OPTIONS = (
     _Option(("--no-kvm",), "kvm", "false", None, "QEMU: emulate the CPU (TCG) even where KVM works"),
     _Option(("--cpu",), "cpu", "value", "N", "host CPU for the guest: a number, auto (default, $APPPOT_CPU) or all"),
     _Option(("--full-boot",), "full_boot", "flag", None, "boot the image's own init (systemd) with its services, then the job"),
+    _Option(
+        ("-n", "--no-stdin"), "no_stdin", "flag", None, "the job's stdin is /dev/null: AppPot never reads its own (as ssh -n)"
+    ),
     _Option(("--console-log",), "console_log", "path", "FILE", "write the guest's console here"),
     _Option(("-v", "--verbose"), "verbose", "flag", None, "say what AppPot does"),
 )
@@ -266,6 +269,7 @@ def parse_start(argv: Sequence[str], prog: str = "apppot start") -> JobSpec:
         cpu=ns.cpu or os.environ.get("APPPOT_CPU") or None,
         backend=ns.backend,
         kvm=ns.kvm if ns.kvm is not None else _kvm_env(),
+        no_stdin=ns.no_stdin,
     )
 
 

@@ -10,8 +10,9 @@ which the host reads as hostile input (apppot.channel). The agent sources the fi
 ``job`` in the control directory: a POSIX sh fragment rendered here, with every
 value single-quoted and the command as ``set -- 'word' ...``, so any bytes but NUL
 arrive exactly and no length limit of the kernel command line applies. It reads
-stdin from ``stdin.N`` chunks, reports in ``stdin.read`` how many it consumed, and
-reports the job's exit status in the file ``status``.
+stdin from ``stdin.N`` chunks, reports in ``stdin.read`` how many it has written into
+the job's stdin pipe and, after the job, in ``stdin.left`` how many of those bytes the job
+left unread (apppot.stdin); and it reports the job's exit status in the file ``status``.
 """
 
 from __future__ import annotations
@@ -39,10 +40,13 @@ USER_DATA_MAGIC = b"#apppot-job\n"  # the first line of cloud user-data carrying
 JOB_FILE = "job"
 # In the control directory (host -> guest).
 STDIN_CHUNK = "stdin.{}"
-STDIN_END = "stdin.end"
+STDIN_END = "stdin.end"  # the number of stdin chunks; with stdin.file, its size in bytes
+STDIN_FILE = "stdin.file"  # the rest of a host stdin that is a regular file: the job's stdin, seekable
 # In the report directory (guest -> host): the only names the host reads there.
 STATUS_FILE = "status"
-STDIN_READ = "stdin.read"  # how many stdin chunks the guest has consumed
+STDIN_READ = "stdin.read"  # how many stdin chunks the guest has written in full into the job's stdin pipe
+STDIN_LEFT = "stdin.left"  # after the job: how many bytes of those chunks the job left unread
+STDIN_POS = "stdin.pos"  # after the job: where in stdin.file the job stopped reading
 REPORT_LIMIT = 64  # bytes: a report is one small number; more is the guest misbehaving
 # A changes archive to merge at boot, checked by the host: the archive, its deletions (one path
 # per line, relative to /) and the base id it needs.
@@ -61,8 +65,9 @@ class StdinMode(StrEnum):
     """Where the job's standard input comes from inside the guest."""
 
     NULL = "null"  # /dev/null
-    SPOOL = "spool"  # chunk files the host writes into the control directory
+    SPOOL = "spool"  # a pipe fed from chunk files the host writes into the control directory
     TTY = "tty"  # the interactive terminal (tty1)
+    FILE = "file"  # a regular file in the control directory, the rest of the host's stdin file
 
 
 class StreamMode(StrEnum):

@@ -34,14 +34,14 @@ from apppot.protocol import (
     JOB_FILE,
     STATUS_FILE,
     GuestJob,
-    StdinMode,
     StreamMode,
     parse_status,
     render_job_file,
 )
 from apppot.rundir import RunDir, sweep_stale
 from apppot.say import Say
-from apppot.streams import Relay, StdinSpool, Streams, detect_streams, restore_termios, save_termios, terminal_size
+from apppot.stdin import StdinFeed, open_stdin
+from apppot.streams import Relay, Streams, detect_streams, restore_termios, save_termios, terminal_size
 
 STOP_GRACE_S = 2.0  # after SIGTERM, before SIGKILL
 POWEROFF_GRACE_S = 10.0  # after the job reported, for the guest to power off
@@ -142,7 +142,7 @@ class Job:
         if p.changes is not None:  # first: a refused archive stops the job before anything is opened
             _put_changes(channel, p.changes, self.say if self.spec.verbose else None)
         disk = self.instance.disk(temp_cow)
-        streams = detect_streams()
+        streams = detect_streams(self.spec.no_stdin)
         # The job file first: a job it refuses leaves no console log and no open descriptor behind.
         channel.send(JOB_FILE, render_job_file(self._guest_job(streams)))
         log_fd, log_path, keep_log = self._log()
@@ -187,7 +187,7 @@ class Job:
         relays = [Relay(out_r, 1, self._broken_stdout), Relay(err_r, 2, lambda: None)]
         for relay in relays:
             relay.start()
-        spool = StdinSpool(channel, self.wake.set) if streams.stdin is StdinMode.SPOOL else None
+        spool = open_stdin(streams.stdin, channel, self.wake.set)
         if spool:
             spool.start()
         try:
@@ -200,6 +200,8 @@ class Job:
                 relay.join(timeout=5)
             if saved_tty is not None:
                 restore_termios(saved_tty)
+        if spool:
+            spool.settle()  # the host's stdin is left just past what the job read
         return self._outcome(status, log_path, keep_log)
 
     def _guest_job(self, streams: Streams) -> GuestJob:
@@ -234,7 +236,7 @@ class Job:
         self.stdout_broken = True
         self.wake.set()
 
-    def _supervise(self, channel: Channel, spool: StdinSpool | None) -> int | None:
+    def _supervise(self, channel: Channel, spool: StdinFeed | None) -> int | None:
         """Wait for the guest to end; returns the job's status if it reported one."""
         try:
             return self._await_status(channel, spool)
@@ -242,7 +244,7 @@ class Job:
             self.failure = e
             return None
 
-    def _await_status(self, channel: Channel, spool: StdinSpool | None) -> int | None:
+    def _await_status(self, channel: Channel, spool: StdinFeed | None) -> int | None:
         reported_at: float | None = None
         deadline = time.monotonic() + self.deadline_s if self.deadline_s is not None else None
         while not self.exited.is_set():

@@ -52,6 +52,7 @@ class JobSpec(NamedTuple):
     cpu: str | None = None  # None: auto (see apppot.cpu)
     backend: str | None = None  # uml, qemu or auto; None: $APPPOT_BACKEND, the config file, else uml
     kvm: bool | None = None  # QEMU: True requires KVM, False asks for TCG, None uses KVM where it works
+    no_stdin: bool = False  # -n: the job's stdin is /dev/null; the host's stdin is never read
 
 
 def parse_mem(text: str) -> int:

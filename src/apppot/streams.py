@@ -9,12 +9,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from apppot.channel import Channel, ChannelClosed
-from apppot.errors import AppPotError, GuestMisbehaved, HostError
-from apppot.protocol import STDIN_CHUNK, STDIN_END, STDIN_READ, StdinMode, StreamMode, parse_count
-
-SPOOL_WINDOW = 4  # stdin chunks the host may have written ahead of the guest
-SPOOL_CHUNK = 1 << 20
+from apppot.protocol import StdinMode, StreamMode
+from apppot.stdin import stdin_mode
 
 
 class Streams(NamedTuple):
@@ -38,76 +34,20 @@ def _is_null_device(fd: int) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == null.st_rdev
 
 
-def detect_streams() -> Streams:
-    interactive = os.isatty(0) and os.isatty(1)
+def detect_streams(no_stdin: bool = False) -> Streams:
+    """The host's streams; with ``no_stdin`` (-n) the job's stdin is /dev/null and the host's is never read."""
+    interactive = not no_stdin and os.isatty(0) and os.isatty(1)
 
     def mode(fd: int) -> StreamMode:
         return StreamMode.TTY if os.isatty(fd) else StreamMode.PIPE
 
     if interactive:
         stdin = StdinMode.TTY
-    elif _is_null_device(0):
+    elif no_stdin or _is_null_device(0):
         stdin = StdinMode.NULL
     else:
-        stdin = StdinMode.SPOOL
+        stdin = stdin_mode(0)
     return Streams(stdin, mode(1), mode(2), interactive)
-
-
-class StdinSpool(threading.Thread):
-    """Copies the host's stdin into numbered chunk files in the control directory.
-
-    The guest cannot remove them (the directory is read-only to it): it reports how many it
-    consumed, and the host removes those and keeps at most SPOOL_WINDOW chunks ahead."""
-
-    def __init__(self, channel: Channel, on_error: Callable[[], None]) -> None:
-        super().__init__(name="apppot-stdin", daemon=True)
-        self.channel = channel
-        self.on_error = on_error
-        self.stop = threading.Event()
-        self.error: AppPotError | None = None
-
-    def run(self) -> None:
-        try:
-            self._spool()
-        except ChannelClosed:
-            pass  # the job is over
-        except AppPotError as e:
-            self.error = e
-            self.on_error()
-        except OSError as e:
-            self.error = HostError(f"cannot pass stdin to the guest: {e.strerror}; check the space in TMPDIR")
-            self.on_error()
-
-    def _spool(self) -> None:
-        written = consumed = 0
-        while not self.stop.is_set():
-            while written - consumed >= SPOOL_WINDOW:
-                consumed = self._consumed(consumed, written)
-                if written - consumed < SPOOL_WINDOW:
-                    break
-                if self.stop.wait(0.005):
-                    return
-            try:
-                data = os.read(0, SPOOL_CHUNK)
-            except OSError:
-                data = b""
-            if not data:
-                break
-            self.channel.send(STDIN_CHUNK.format(written), data)
-            written += 1
-        self.channel.send(STDIN_END, f"{written}\n".encode())
-
-    def _consumed(self, consumed: int, written: int) -> int:
-        """How many chunks the guest has consumed; those are removed."""
-        data = self.channel.read_report(STDIN_READ)
-        if data is None or not data.strip():  # not yet, or the agent is rewriting it
-            return consumed
-        count = parse_count(data, written)
-        if count is None:
-            raise GuestMisbehaved(f"the guest reported {data[:20]!r} as {STDIN_READ}, not a count of stdin chunks")
-        for index in range(consumed, count):
-            self.channel.discard(STDIN_CHUNK.format(index))
-        return max(consumed, count)
 
 
 class Relay(threading.Thread):

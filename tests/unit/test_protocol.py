@@ -27,6 +27,9 @@ from apppot.protocol import (
     STATUS_FILE,
     STDIN_CHUNK,
     STDIN_END,
+    STDIN_FILE,
+    STDIN_LEFT,
+    STDIN_POS,
     STDIN_READ,
     GuestJob,
     StdinMode,
@@ -158,9 +161,9 @@ def test_the_agent_uses_the_hosts_names() -> None:
     agent = AGENT.read_text()
     for param in (CTL_PARAM, OUT_PARAM, JOB_PARAM, CHANGES_PARAM, FS_PARAM):
         assert f"{param}=*) {param}=" in agent, param
-    for name in (STATUS_FILE, STDIN_READ):
+    for name in (STATUS_FILE, STDIN_READ, STDIN_LEFT, STDIN_POS):
         assert f'"$OUT/{name}"' in agent, name
-    for name in (JOB_FILE, STDIN_END, STDIN_CHUNK.format("$i"), CHANGES_ARCHIVE, CHANGES_DELETE, CHANGES_BASE):
+    for name in (JOB_FILE, STDIN_END, STDIN_FILE, STDIN_CHUNK.format("$i"), CHANGES_ARCHIVE, CHANGES_DELETE, CHANGES_BASE):
         assert f"$CTL/{name}" in agent, name
     assert f"APPPOT_PROTOCOL={PROTOCOL_VERSION}\n" in agent
 
