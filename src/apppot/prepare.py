@@ -38,8 +38,9 @@ Say = Callable[[str], None]
 
 
 def say_stderr(message: str) -> None:
-    sys.stderr.write(f"apppot: {message}\n")
-    sys.stderr.flush()
+    with contextlib.suppress(OSError, ValueError):  # a stderr that fails cannot be told; the job goes on
+        sys.stderr.write(f"apppot: {message}\n")
+        sys.stderr.flush()
 
 
 class QemuSetup(NamedTuple):

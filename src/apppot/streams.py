@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 from apppot.channel import Channel, ChannelClosed
 from apppot.errors import AppPotError, GuestMisbehaved, HostError
+from apppot.hostfds import stdout_is_stderr
 from apppot.protocol import STDIN_CHUNK, STDIN_END, STDIN_READ, StdinMode, StreamMode, parse_count
 
 SPOOL_WINDOW = 4  # stdin chunks the host may have written ahead of the guest
@@ -50,7 +51,8 @@ def detect_streams() -> Streams:
         stdin = StdinMode.NULL
     else:
         stdin = StdinMode.SPOOL
-    return Streams(stdin, mode(1), mode(2), interactive)
+    stderr = StreamMode.STDOUT if stdout_is_stderr() else mode(2)
+    return Streams(stdin, mode(1), stderr, interactive)
 
 
 class StdinSpool(threading.Thread):
@@ -108,39 +110,6 @@ class StdinSpool(threading.Thread):
         for index in range(consumed, count):
             self.channel.discard(STDIN_CHUNK.format(index))
         return max(consumed, count)
-
-
-class Relay(threading.Thread):
-    """Copies one of the guest's output channels to the host's stream."""
-
-    def __init__(self, src: int, dst: int, on_broken: Callable[[], None]) -> None:
-        super().__init__(name=f"apppot-relay-{dst}", daemon=True)
-        self.src = src
-        self.dst = dst
-        self.on_broken = on_broken
-
-    def run(self) -> None:
-        broken = False
-        while True:
-            try:
-                data = os.read(self.src, 1 << 16)
-            except OSError:
-                break
-            if not data:
-                break
-            if broken:
-                continue  # keep draining, so the guest never blocks on a full pipe
-            try:
-                view = memoryview(data)
-                while view:
-                    n = os.write(self.dst, view)
-                    view = view[n:]
-            except BrokenPipeError:
-                broken = True
-                self.on_broken()
-            except OSError:
-                broken = True
-        os.close(self.src)
 
 
 def terminal_size() -> tuple[int | None, int | None]:
