@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, NamedTuple, NoReturn
@@ -744,14 +744,21 @@ def _exit(code: int) -> NoReturn:
     os._exit(code)
 
 
+def _exit_code(run: Callable[[], int]) -> int:
+    try:
+        return run()
+    except SystemExit as e:  # --help and --version: _exit still checks that stdout took them
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_APPPOT_ERROR)
+
+
 def entry() -> None:
     hostfds.fill_closed()  # first: nothing AppPot opens may take the number of a closed 0, 1 or 2
-    _exit(main())
+    _exit(_exit_code(main))
 
 
 def start_entry() -> None:
     hostfds.fill_closed()
-    _exit(start_main())
+    _exit(_exit_code(start_main))
 
 
 __all__ = ["EXIT_GUEST_DIED", "main", "start_main"]

@@ -28,12 +28,21 @@ class ClosedStream(io.TextIOBase):
     def __init__(self, name: str) -> None:
         super().__init__()
         self._name = name
+        self._failed = False  # a write failed: flush fails too (argparse's help hides write errors)
 
     def writable(self) -> bool:
         return True
 
     def write(self, text: str) -> int:
-        raise OSError(errno.EBADF, os.strerror(errno.EBADF), f"<{self._name}, closed when apppot started>")
+        self._failed = True
+        raise self._error()
+
+    def flush(self) -> None:
+        if self._failed:
+            raise self._error()
+
+    def _error(self) -> OSError:
+        return OSError(errno.EBADF, f"{os.strerror(errno.EBADF)}, closed when apppot started", self._name)
 
     @property
     def buffer(self) -> ClosedStream:  # sys.stdout.buffer.write fails the same way
