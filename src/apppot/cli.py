@@ -8,12 +8,12 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, NamedTuple, NoReturn
 
-from apppot import __version__
+from apppot import __version__, hostfds
 from apppot.errors import EXIT_APPPOT_ERROR, EXIT_GUEST_DIED, AppPotError, JobDirError, UsageError
 from apppot.spec import Isolation, JobSpec, parse_mem
 
@@ -638,8 +638,10 @@ def cmd_kernel(argv: Sequence[str]) -> int:
 
 
 def _say(message: str) -> None:
-    sys.stderr.write(f"apppot: {message}\n")
-    sys.stderr.flush()
+    """One line on stderr; a stderr that fails (full, closed) cannot be told, and does not crash us."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        sys.stderr.write(f"apppot: {message}\n")
+        sys.stderr.flush()
 
 
 def _print_record(record: Mapping[str, object], as_json: bool) -> None:
@@ -704,7 +706,7 @@ def _run(func_argv: Sequence[str], prog: str) -> int:
             return cli_vm.cmd_cloud_seed(rest) if ns.subcommand == "cloud-seed" else cli_vm.cmd_doctor(rest)
         return cmd_image(rest)
     except AppPotError as e:
-        sys.stderr.write(f"apppot: error: {e}\n")
+        _say(f"error: {e}")
         return e.exit_code
     except KeyboardInterrupt:
         return 130
@@ -714,7 +716,7 @@ def _run(func_argv: Sequence[str], prog: str) -> int:
         return 141
     except OSError as e:  # anything not foreseen still gets one line, not a traceback
         where = f" {e.filename}" if e.filename else ""
-        sys.stderr.write(f"apppot: error:{where}: {e.strerror or e}\n")
+        _say(f"error:{where}: {e.strerror or e}")
         return EXIT_APPPOT_ERROR
 
 
@@ -731,19 +733,35 @@ def start_main(argv: Sequence[str] | None = None) -> int:
 def _exit(code: int) -> NoReturn:
     """Flush and leave at once: tearing down the interpreter would add milliseconds to every job.
 
-    Nothing is left to clean up by then: the runner has removed its files and stopped its processes."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
+    Nothing is left to clean up by then: the runner has removed its files and stopped its processes
+    and its relays have delivered the job's output. What AppPot printed itself and stdout did not
+    take is a failure too."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError) as e:
+        if code == 0:
+            _say(f"error: cannot write stdout: {getattr(e, 'strerror', None) or e}")
+            code = EXIT_APPPOT_ERROR
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
     os._exit(code)
 
 
+def _exit_code(run: Callable[[], int]) -> int:
+    try:
+        return run()
+    except SystemExit as e:  # --help and --version: _exit still checks that stdout took them
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_APPPOT_ERROR)
+
+
 def entry() -> None:
-    _exit(main())
+    hostfds.fill_closed()  # first: nothing AppPot opens may take the number of a closed 0, 1 or 2
+    _exit(_exit_code(main))
 
 
 def start_entry() -> None:
-    _exit(start_main())
+    hostfds.fill_closed()
+    _exit(_exit_code(start_main))
 
 
 __all__ = ["EXIT_GUEST_DIED", "main", "start_main"]

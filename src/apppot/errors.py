@@ -53,3 +53,7 @@ class GuestMisbehaved(AppPotError):
     """The guest left something in the report directory that no agent writes: a link, a FIFO, a huge file."""
 
     exit_code = EXIT_GUEST_DIED
+
+
+class OutputLost(AppPotError):
+    """The host's stdout or stderr did not take all the job wrote (a full disk, /dev/full, a closed stream)."""

@@ -75,6 +75,10 @@ class StreamMode(StrEnum):
 
     PIPE = "pipe"  # the host's stream is not a terminal: the job gets a pipe
     TTY = "tty"  # the host's stream is a terminal: the job gets a terminal
+    # stderr only: the host's fd 1 and 2 are one open file (`>log 2>&1`), so the job's stderr is its
+    # stdout (2>&1 inside) and both cross on the stdout channel, in the order they were written. An
+    # agent older than this value sends stderr on its own channel, to the same host file.
+    STDOUT = "stdout"
 
 
 class GuestJob(NamedTuple):

@@ -38,10 +38,11 @@ from apppot.protocol import (
     parse_status,
     render_job_file,
 )
+from apppot.relay import Relay, drain, lost_output, start_relays
 from apppot.rundir import RunDir, sweep_stale
 from apppot.say import Say
 from apppot.stdin import StdinFeed, open_stdin
-from apppot.streams import Relay, Streams, detect_streams, restore_termios, save_termios, terminal_size
+from apppot.streams import Streams, detect_streams, restore_termios, save_termios, terminal_size
 
 STOP_GRACE_S = 2.0  # after SIGTERM, before SIGKILL
 POWEROFF_GRACE_S = 10.0  # after the job reported, for the guest to power off
@@ -184,9 +185,7 @@ class Job:
             for fd in pass_fds:
                 os.close(fd)
         threading.Thread(target=self._wait_hypervisor, name="apppot-wait", daemon=True).start()
-        relays = [Relay(out_r, 1, self._broken_stdout), Relay(err_r, 2, lambda: None)]
-        for relay in relays:
-            relay.start()
+        relays = start_relays(out_r, err_r, streams.stderr is StreamMode.STDOUT, self._broken_pipe)
         spool = open_stdin(streams.stdin, channel, self.wake.set)
         if spool:
             spool.start()
@@ -196,13 +195,12 @@ class Job:
             if spool:
                 spool.stop.set()
             self._stop_guest()
-            for relay in relays:
-                relay.join(timeout=5)
+            drain(relays, lambda: self.signal_received is not None)  # the guest's write ends are closed now
             if saved_tty is not None:
                 restore_termios(saved_tty)
         if spool:
             spool.settle()  # the host's stdin is left just past what the job read
-        return self._outcome(status, log_path, keep_log)
+        return self._outcome(status, log_path, keep_log, relays)
 
     def _guest_job(self, streams: Streams) -> GuestJob:
         uid, gid, user, group = guest_identity(self.spec.user, self.spec.group)
@@ -232,8 +230,8 @@ class Job:
         self.exited.set()
         self.wake.set()
 
-    def _broken_stdout(self) -> None:
-        self.stdout_broken = True
+    def _broken_pipe(self) -> None:
+        self.stdout_broken = True  # stdout's or stderr's reader went away
         self.wake.set()
 
     def _supervise(self, channel: Channel, spool: StdinFeed | None) -> int | None:
@@ -294,7 +292,7 @@ class Job:
             os.killpg(pgid, signal.SIGKILL)
         proc.wait()
 
-    def _outcome(self, status: int | None, log_path: Path, keep_log: bool) -> int:
+    def _outcome(self, status: int | None, log_path: Path, keep_log: bool, relays: list[Relay]) -> int:
         if self.signal_received is not None:
             self.say(f"stopped by {signal.Signals(self.signal_received).name}; the job was ended")
             _discard_log(log_path, keep_log)
@@ -306,6 +304,9 @@ class Job:
             return 128 + signal.SIGPIPE
         if status is not None:
             _discard_log(log_path, keep_log)
+            lost = lost_output(relays, status)
+            if lost is not None:
+                raise lost
             return status
         assert self.proc is not None
         if self.timed_out:

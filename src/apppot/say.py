@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable
 
@@ -9,5 +10,6 @@ Say = Callable[[str], None]
 
 
 def say_stderr(message: str) -> None:
-    sys.stderr.write(f"apppot: {message}\n")
-    sys.stderr.flush()
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # a stderr that fails cannot be told; the job goes on
+        sys.stderr.write(f"apppot: {message}\n")
+        sys.stderr.flush()

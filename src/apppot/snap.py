@@ -748,6 +748,33 @@ def cmd_merge(ns: argparse.Namespace) -> int:
     return 0
 
 
+class _ClosedStdout(io.TextIOBase):
+    """sys.stdout for a stdout closed at start: printing fails as natively, with EBADF."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        raise OSError(9, os.strerror(9), "stdout (closed when apppot-snap started)")
+
+
+def _fill_closed_std_fds() -> None:
+    """/dev/null on a closed 0, 1 or 2, so that no file opened later takes its number. (apppot.hostfds
+    does this for apppot; this module carries its own, being stdlib-only in images.)"""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            if fd == 1:
+                sys.stdout = _ClosedStdout()
+            elif fd == 2:
+                sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)  # noqa: SIM115
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="apppot-snap", description="A system's base state, its changes, and merging them.")
     p.add_argument("--root", default="/", help=argparse.SUPPRESS)  # for building images and for tests
@@ -780,4 +807,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    _fill_closed_std_fds()
     sys.exit(main())

@@ -5,10 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-import threading
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from apppot.hostfds import stdout_is_stderr
 from apppot.protocol import StdinMode, StreamMode
 from apppot.stdin import stdin_mode
 
@@ -47,40 +46,8 @@ def detect_streams(no_stdin: bool = False) -> Streams:
         stdin = StdinMode.NULL
     else:
         stdin = stdin_mode(0)
-    return Streams(stdin, mode(1), mode(2), interactive)
-
-
-class Relay(threading.Thread):
-    """Copies one of the guest's output channels to the host's stream."""
-
-    def __init__(self, src: int, dst: int, on_broken: Callable[[], None]) -> None:
-        super().__init__(name=f"apppot-relay-{dst}", daemon=True)
-        self.src = src
-        self.dst = dst
-        self.on_broken = on_broken
-
-    def run(self) -> None:
-        broken = False
-        while True:
-            try:
-                data = os.read(self.src, 1 << 16)
-            except OSError:
-                break
-            if not data:
-                break
-            if broken:
-                continue  # keep draining, so the guest never blocks on a full pipe
-            try:
-                view = memoryview(data)
-                while view:
-                    n = os.write(self.dst, view)
-                    view = view[n:]
-            except BrokenPipeError:
-                broken = True
-                self.on_broken()
-            except OSError:
-                broken = True
-        os.close(self.src)
+    stderr = StreamMode.STDOUT if stdout_is_stderr() else mode(2)
+    return Streams(stdin, mode(1), stderr, interactive)
 
 
 def terminal_size() -> tuple[int | None, int | None]:
