@@ -53,3 +53,11 @@ class GuestMisbehaved(AppPotError):
     """The guest left something in the report directory that no agent writes: a link, a FIFO, a huge file."""
 
     exit_code = EXIT_GUEST_DIED
+
+
+class DiskSpaceError(AppPotError):
+    """Too little free space, before the boot, for the guest's disk or AppPot's run files."""
+
+
+class DiskFull(AppPotError):
+    """The guest's disk could not be written during the job (its host filesystem filled up): its writes may be lost."""

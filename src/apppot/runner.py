@@ -19,10 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
-from apppot import cow
+from apppot import cow, diskspace
 from apppot.backends.qemu import QEMU_IMG, QEMU_IMG_PACKAGE
 from apppot.channel import Channel
-from apppot.errors import AppPotError, CowError, GuestDied, GuestMisbehaved, HostError, UsageError
+from apppot.errors import AppPotError, GuestDied, GuestMisbehaved, HostError, UsageError
 from apppot.images.store import cache_dir
 from apppot.launch import GuestFds, RunPaths, qemu_command, uml_command
 from apppot.nat import NatHelper
@@ -66,6 +66,8 @@ class Job:
         self.failure: AppPotError | None = None  # what ended the job early (the guest misbehaving)
         self.exited = threading.Event()
         self.wake = threading.Event()
+        self.cow_fd: int | None = None  # the --cow file, locked while the job runs (cow.hold)
+        self.disk: diskspace.DiskWatch | None = None
 
     def run(self) -> int:
         with self._rundir(), self._signals():
@@ -85,6 +87,8 @@ class Job:
             yield
         finally:
             self._stop_guest()
+            if self.cow_fd is not None:  # the guest is gone: another job may have the COW
+                os.close(self.cow_fd)
             held.release()
 
     @contextlib.contextmanager
@@ -106,18 +110,26 @@ class Job:
         return uml_dir, self.rundir / "job.cow"
 
     def _cow(self, temp_cow: Path) -> Path:
+        """The guest's disk file, checked for room (diskspace) and, when it is the user's --cow, locked until the
+        job ends: made here if it does not exist."""
         p = self.prepared
+        image = p.image.resolve()
         if self.spec.writable_image:
-            return p.image.resolve()
-        if p.qemu is not None:  # the job's writes go to QEMU's snapshot, or to a qcow2 overlay the user keeps
-            if self.spec.cow is None:
-                return p.image.resolve()
-            if not self.spec.cow.exists():
-                _create_overlay(self.spec.cow, p.image.resolve())
-            return self.spec.cow.resolve()
+            self.disk = diskspace.watch(image, p.image, self.rundir, kept=True)
+            return image
+        if p.qemu is not None and self.spec.cow is None:  # the job's writes go to QEMU's temporary snapshot
+            self.disk = diskspace.watch(diskspace.qemu_snapshot_dir(run_base()), p.image, self.rundir, kept=False)
+            return image
         target = self.spec.cow if self.spec.cow is not None else temp_cow
-        if not target.exists():
+        self.disk = diskspace.watch(target, p.image, self.rundir, kept=self.spec.cow is not None)
+        if self.spec.cow is None:
             cow.create(target, p.image, p.fs_uuid)
+            return target.resolve()
+        if p.qemu is not None:
+            fill = lambda _fd, new: _create_overlay(new, image)  # noqa: E731
+        else:
+            fill = lambda fd, _new: cow.fill(fd, p.image, p.fs_uuid)  # noqa: E731
+        self.cow_fd = cow.hold(target, fill, diskspace.filesystem_of(target).fstype)
         return target.resolve()
 
     def _log(self) -> tuple[int, Path, bool]:
@@ -319,6 +331,9 @@ class Job:
             self.say(f"stopped by {signal.Signals(self.signal_received).name}; the job was ended")
             _discard_log(log_path, keep_log)
             return 128 + self.signal_received
+        disk_failure = self.disk.verdict(log_path, status) if self.disk is not None else None
+        if disk_failure is not None:  # first: a full disk is also why a guest dies or leaves no status
+            raise disk_failure
         if self.failure is not None:
             raise self.failure
         if self.stdout_broken:
@@ -355,16 +370,8 @@ def _put_changes(channel: Channel, p: Prepared, say: Say | None) -> None:
 
 
 def _create_overlay(overlay: Path, image: Path) -> None:
-    """A new qcow2 overlay of ``image``, private like UML's COW (qemu-img keeps the mode of the file it fills)."""
-    try:
-        os.close(os.open(overlay, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
-    except OSError as e:
-        raise CowError(f"cannot create the overlay {overlay}: {e.strerror}; choose a writable place for --cow") from e
-    try:
-        run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image), str(overlay)], package=QEMU_IMG_PACKAGE)
-    except BaseException:
-        overlay.unlink(missing_ok=True)
-        raise
+    """A qcow2 overlay of ``image`` in the new, private file ``overlay`` (qemu-img keeps the mode of the file it fills)."""
+    run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image), str(overlay)], package=QEMU_IMG_PACKAGE)
 
 
 def _panic_hint(log_path: Path) -> str:
