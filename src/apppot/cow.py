@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import re
+import secrets
 import stat
 import struct
 from collections.abc import Callable
@@ -196,16 +197,23 @@ def check_writable_without_privilege(cow: Path) -> None:
         )
 
 
+# struct flock on 64-bit Linux: l_type, l_whence, l_start, l_len, l_pid (32 bytes with padding).
+_FLOCK_STRUCT = struct.Struct("@hhqqi4x")
+
+
 def check_unlocked(cow: Path) -> None:
-    """Refuse a COW that a running job holds (UML locks the files it writes)."""
+    """Refuse a COW that a running job holds (UML locks the files it writes).
+
+    Only asked (F_GETLK), never taken: a lock taken here for a moment, by a job that is about to be
+    refused, could make the running job's UML fail to lock its COW as it boots."""
     try:
-        with cow.open("r+b") as f:
-            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            fcntl.lockf(f, fcntl.LOCK_UN)
-    except BlockingIOError:
-        raise CowError(f"COW file {cow} is in use by another running job; wait for it, or use another --cow") from None
+        with cow.open("rb") as f:
+            query = _FLOCK_STRUCT.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+            held = _FLOCK_STRUCT.unpack(fcntl.fcntl(f, fcntl.F_GETLK, query))[0] != fcntl.F_UNLCK
     except OSError as e:
-        raise CowError(f"cannot open COW file {cow} for writing: {e.strerror}; check its permissions") from e
+        raise CowError(f"cannot open COW file {cow}: {e.strerror}; check its permissions") from e
+    if held:
+        raise CowError(f"COW file {cow} is in use by another running job; wait for it, or use another --cow")
 
 
 # Where flock(2) is carried out as a POSIX lock on the server, so it would collide with UML's own lock.
@@ -254,7 +262,7 @@ def _open_existing(cow: Path) -> int | None:
 
 def _create_held(cow: Path, fill_new: Fill) -> int | None:
     """A new COW at ``cow``, filled and locked before it appears there; None if another job's appeared first."""
-    new = cow.with_name(f".{cow.name}.apppot-new-{os.getpid()}")
+    new = cow.with_name(f".{cow.name}.apppot-new-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         fd = os.open(new, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)  # private
     except OSError as e:

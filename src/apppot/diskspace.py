@@ -27,7 +27,7 @@ RUN_FILES_FREE = 4 * MIB  # the control and report files, when TMPDIR holds no d
 FULL_BELOW = MIB  # free space under which a filesystem that shrank during the job counts as full
 # The guest kernel's block-layer lines for its root disk (UML's ubda, QEMU's vda): "critical space
 # allocation error, dev ubda", "I/O error, dev vda", "Buffer I/O error on dev(ice) ubda".
-_DISK_ERROR = re.compile(rb"[^\n]{0,160}error,? (?:on )?dev(?:ice)? (?:ubda|vda)\b[^\n]{0,80}")
+_DISK_ERROR = re.compile(rb"[^\n]{0,160}error(?:, dev| on dev| on device) (?:ubda|vda)\b[^\n]{0,80}")
 _SCAN_CHUNK = 1 << 20
 _OVERLAP = 256
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
