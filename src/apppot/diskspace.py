@@ -27,7 +27,8 @@ RUN_FILES_FREE = 4 * MIB  # the control and report files, when TMPDIR holds no d
 FULL_BELOW = MIB  # free space under which a filesystem that shrank during the job counts as full
 # The guest kernel's block-layer lines for its root disk (UML's ubda, QEMU's vda): "critical space
 # allocation error, dev ubda", "I/O error, dev vda", "Buffer I/O error on dev(ice) ubda".
-_DISK_ERROR = re.compile(rb"[^\n]{0,160}error(?:, dev| on dev| on device) (?:ubda|vda)\b[^\n]{0,80}")
+_DISK_ERROR = re.compile(rb"error(?:, dev| on dev| on device) (?:ubda|vda)\b")
+_LINE_BEFORE, _LINE_AFTER = 160, 100  # what of the line around it the message quotes
 _SCAN_CHUNK = 1 << 20
 _OVERLAP = 256
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -134,9 +135,14 @@ def find_disk_error(console_log: Path) -> str | None:
     tail = b""
     try:
         while chunk := os.read(fd, _SCAN_CHUNK):
-            found = _DISK_ERROR.search(tail + chunk)
+            data = tail + chunk
+            found = _DISK_ERROR.search(data)
             if found is not None:
-                return _CONTROL.sub("", found[0].decode(errors="replace")).strip()
+                start = data.rfind(b"\n", max(0, found.start() - _LINE_BEFORE), found.start()) + 1
+                start = max(start, found.start() - _LINE_BEFORE)
+                end = data.find(b"\n", found.end(), found.end() + _LINE_AFTER)
+                line = data[start : end if end >= 0 else found.end() + _LINE_AFTER]
+                return _CONTROL.sub("", line.decode(errors="replace")).strip()
             tail = chunk[-_OVERLAP:]
     finally:
         os.close(fd)
