@@ -114,3 +114,17 @@ def test_of_several_jobs_started_together_on_one_cow_exactly_one_runs(apppot, ba
         for r in runs:
             if r.returncode == 125:
                 assert "in use" in one_line(r.err), r.err
+
+
+def test_a_guest_that_panics_on_its_full_disk_is_told_apart_from_a_bare_crash(apppot, jobdir: Path, tmp_path: Path) -> None:
+    digest = with_input(jobdir)
+    with small_fs(tmp_path / "small", "20m") as small:
+        cow = small / "mine.cow"
+        # Once the journal is aborted, the next change to the root filesystem is an ext4 error: a panic here.
+        job = FILL_JOB.replace("exit 0", "touch /after; sync; exit 0")
+        argv = ["start", "--extra", "rootflags=errors=panic", "--cow", str(cow), "--", "sh", "-c", job]
+        r = apppot(argv, cwd=jobdir, env={"APPPOT_MIN_FREE": "4M"})
+        line = one_line(r.err)
+        assert r.returncode == 125 and f"filesystem {small} " in line and "full" in line, line
+        assert "the guest reported no status" in line, line
+    assert hashlib.sha256((jobdir / "copy1.dat").read_bytes()).hexdigest() == digest
