@@ -86,9 +86,10 @@ def test_a_temporary_cow_that_fills_tmpdir_fails_the_job_with_the_cause(
     assert_copies_intact(jobdir, digest)
 
 
-def test_too_little_free_space_is_refused_before_the_boot(apppot, jobdir: Path, tmp_path: Path) -> None:
+@BOTH_BACKENDS
+def test_too_little_free_space_is_refused_before_the_boot(apppot, backend: str, jobdir: Path, tmp_path: Path) -> None:
     with small_fs(tmp_path / "tiny-fs", "10m") as small:
-        cow = small / "mine.cow"
+        cow = small / ("mine.qcow2" if backend == "qemu" else "mine.cow")
         r = apppot(["start", "--cow", str(cow), "--", "true"], cwd=jobdir)
         line = one_line(r.err)
         assert r.returncode == 125 and f"filesystem {small} " in line and "free" in line and "APPPOT_MIN_FREE" in line, line
