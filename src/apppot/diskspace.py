@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 from typing import NamedTuple
 
@@ -129,11 +130,13 @@ def check_room(places: list[Place]) -> None:
 def find_disk_error(console_log: Path) -> str | None:
     """The first line in which the guest's kernel says a write to its root disk failed, cleaned for a message."""
     try:
-        fd = os.open(console_log, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(console_log, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError:
         return None
     tail = b""
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # --console-log may name a pipe or a terminal: not read back
+            return None
         while chunk := os.read(fd, _SCAN_CHUNK):
             data = tail + chunk
             found = _DISK_ERROR.search(data)

@@ -76,6 +76,12 @@ def test_a_console_log_replaced_by_a_link_is_not_followed(tmp_path: Path) -> Non
     assert diskspace.find_disk_error(tmp_path / "link.log") is None
 
 
+def test_a_console_log_that_is_a_pipe_or_a_device_is_not_read_back(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo.log")  # no writer: reading it would block for ever
+    assert diskspace.find_disk_error(tmp_path / "fifo.log") is None
+    assert diskspace.find_disk_error(Path("/dev/zero")) is None
+
+
 def test_the_filesystem_of_a_path_that_does_not_exist_yet_is_its_parents(tmp_path: Path) -> None:
     fs = diskspace.filesystem_of(tmp_path / "new" / "mine.cow")
     assert tmp_path.resolve().is_relative_to(fs.mount_point) and fs.fstype != "unknown"
