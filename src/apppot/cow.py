@@ -12,11 +12,16 @@ with a clear message before the guest boots.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import json
 import os
 import re
+import secrets
+import stat
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -128,8 +133,6 @@ def read_record(cow: Path) -> dict[str, object] | None:
 
 def create(cow: Path, base: Path, fs_uuid: str) -> None:
     """Create an empty COW file for ``base``; never overwrites an existing file."""
-    st = base.stat()
-    header = render_header(uml_base_path(base, fs_uuid), int(st.st_mtime), st.st_size) + render_record(st, fs_uuid)
     try:
         fd = os.open(cow, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # what the job wrote is private
     except FileExistsError:
@@ -137,10 +140,16 @@ def create(cow: Path, base: Path, fs_uuid: str) -> None:
     except OSError as e:
         raise CowError(f"cannot create COW file {cow}: {e.strerror}; choose a writable place for --cow") from e
     try:
-        os.write(fd, header)
-        os.ftruncate(fd, data_offset(st.st_size) + st.st_size)
+        fill(fd, base, fs_uuid)
     finally:
         os.close(fd)
+
+
+def fill(fd: int, base: Path, fs_uuid: str) -> None:
+    """Write an empty COW for ``base`` into the new, empty file open at ``fd``."""
+    st = base.stat()
+    os.write(fd, render_header(uml_base_path(base, fs_uuid), int(st.st_mtime), st.st_size) + render_record(st, fs_uuid))
+    os.ftruncate(fd, data_offset(st.st_size) + st.st_size)
 
 
 def check_matches(cow: Path, base: Path, fs_uuid: str) -> None:
@@ -188,13 +197,90 @@ def check_writable_without_privilege(cow: Path) -> None:
         )
 
 
+# struct flock on 64-bit Linux: l_type, l_whence, l_start, l_len, l_pid (32 bytes with padding).
+_FLOCK_STRUCT = struct.Struct("@hhqqi4x")
+
+
 def check_unlocked(cow: Path) -> None:
-    """Refuse a COW that a running job holds (UML locks the files it writes)."""
+    """Refuse a COW that a running job holds (UML locks the files it writes).
+
+    Only asked (F_GETLK), never taken: a lock taken here for a moment, by a job that is about to be
+    refused, could make the running job's UML fail to lock its COW as it boots."""
     try:
-        with cow.open("r+b") as f:
-            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            fcntl.lockf(f, fcntl.LOCK_UN)
-    except BlockingIOError:
-        raise CowError(f"COW file {cow} is in use by another running job; wait for it, or use another --cow") from None
+        with cow.open("rb") as f:
+            query = _FLOCK_STRUCT.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+            held = _FLOCK_STRUCT.unpack(fcntl.fcntl(f, fcntl.F_GETLK, query))[0] != fcntl.F_UNLCK
     except OSError as e:
-        raise CowError(f"cannot open COW file {cow} for writing: {e.strerror}; check its permissions") from e
+        raise CowError(f"cannot open COW file {cow}: {e.strerror}; check its permissions") from e
+    if held:
+        raise CowError(f"COW file {cow} is in use by another running job; wait for it, or use another --cow")
+
+
+# Where flock(2) is carried out as a POSIX lock on the server, so it would collide with UML's own lock.
+_FLOCK_IS_POSIX = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs"})
+Fill = Callable[[int, Path], None]  # writes a new COW or overlay: its descriptor and its path
+
+
+def hold(cow: Path, fill_new: Fill, fstype: str) -> int:
+    """Open ``cow`` (made with ``fill_new`` where it does not exist) and lock it for this job; the lock lasts
+    until the returned descriptor is closed, so of several jobs started on one COW exactly one runs.
+
+    The lock is flock(2), which on local filesystems is independent of the POSIX lock UML takes and of
+    QEMU's OFD locks (a POSIX lock here would keep UML out). A new COW is filled and locked under a
+    private name, then linked into place: another job sees it only whole, and already locked."""
+    fd = _open_existing(cow)
+    if fd is None:
+        fd = _create_held(cow, fill_new)
+    if fd is None:  # another job linked it first
+        fd = _open_existing(cow)
+        if fd is None:
+            raise CowError(f"COW file {cow} vanished while AppPot was opening it; try again")
+    if fstype in _FLOCK_IS_POSIX:  # UML's and QEMU's own locks are all there is on such a filesystem
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CowError(f"COW file {cow} is in use by another running job; wait for it, or use another --cow") from None
+    return fd
+
+
+def _open_existing(cow: Path) -> int | None:
+    try:
+        fd = os.open(cow, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CowError(f"--cow {cow} is a symbolic link; give the COW file itself, or a new file name") from None
+        raise CowError(f"cannot open COW file {cow}: {e.strerror}; check its permissions") from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CowError(f"--cow {cow} is not a regular file; give a new file name")
+    return fd
+
+
+def _create_held(cow: Path, fill_new: Fill) -> int | None:
+    """A new COW at ``cow``, filled and locked before it appears there; None if another job's appeared first."""
+    new = cow.with_name(f".{cow.name}.apppot-new-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        fd = os.open(new, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)  # private
+    except OSError as e:
+        raise CowError(f"cannot create COW file {cow}: {e.strerror}; choose a writable place for --cow") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: no one else can hold it
+        fill_new(fd, new)
+        try:
+            os.link(new, cow)
+        except FileExistsError:
+            os.close(fd)
+            return None
+        except OSError as e:
+            raise CowError(f"cannot create COW file {cow}: {e.strerror}; choose another place for --cow") from e
+        return fd
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise
+    finally:
+        new.unlink(missing_ok=True)

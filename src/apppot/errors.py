@@ -57,3 +57,11 @@ class GuestMisbehaved(AppPotError):
 
 class OutputLost(AppPotError):
     """The host's stdout or stderr did not take all the job wrote (a full disk, /dev/full, a closed stream)."""
+
+
+class DiskSpaceError(AppPotError):
+    """Too little free space, before the boot, for the guest's disk or AppPot's run files."""
+
+
+class DiskFull(AppPotError):
+    """The guest's disk could not be written during the job (its host filesystem filled up): its writes may be lost."""

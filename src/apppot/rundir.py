@@ -34,8 +34,12 @@ class RunDir:
 
     def __init__(self, base: Path) -> None:
         self.path = _make(base)
-        self._lock_fd: int | None = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        # Locked before it appears under its name: another AppPot's sweep that finds it unlocked would
+        # take the directory for abandoned and remove it under this job.
+        new = self.path / f".{LOCK}.new"
+        self._lock_fd: int | None = os.open(new, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        os.rename(new, self.path / LOCK)
 
     def release(self) -> None:
         """Remove the directory and let go of its lock."""

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
+from apppot import diskspace
 from apppot.backends.base import GuestFds, Instance, RunPaths
 from apppot.channel import Channel
 from apppot.errors import AppPotError, GuestDied, GuestMisbehaved, HostError, UsageError
@@ -67,6 +68,8 @@ class Job:
         self.failure: AppPotError | None = None  # what ended the job early (the guest misbehaving)
         self.exited = threading.Event()
         self.wake = threading.Event()
+        self.cow_fd: int | None = None  # the --cow file, locked while the job runs (cow.hold)
+        self.disk: diskspace.DiskWatch | None = None
 
     def run(self) -> int:
         with self._rundir(), self._signals():
@@ -86,6 +89,8 @@ class Job:
             yield
         finally:
             self._stop_guest()
+            if self.cow_fd is not None:  # the guest is gone: another job may have the COW
+                os.close(self.cow_fd)
             held.release()
 
     @contextlib.contextmanager
@@ -101,10 +106,10 @@ class Job:
             for s, h in old.items():
                 signal.signal(s, h)
 
-    def _paths(self) -> tuple[Path, Path]:
+    def _uml_dir(self) -> Path:
         uml_dir = self.rundir / "uml"
         uml_dir.mkdir()
-        return uml_dir, self.rundir / "job.cow"
+        return uml_dir
 
     def _log(self) -> tuple[int, Path, bool]:
         """The console log: the user's --console-log, or a file kept only if needed."""
@@ -131,18 +136,19 @@ class Job:
         p = self.prepared
         for warning in p.warnings:
             self.say(warning)
-        uml_dir, temp_cow = self._paths()
+        uml_dir = self._uml_dir()
         channel = Channel(self.rundir)
         try:
-            return self._run_with(channel, uml_dir, temp_cow)
+            return self._run_with(channel, uml_dir)
         finally:
             channel.close()
 
-    def _run_with(self, channel: Channel, uml_dir: Path, temp_cow: Path) -> int:
+    def _run_with(self, channel: Channel, uml_dir: Path) -> int:
         p = self.prepared
         if p.changes is not None:  # first: a refused archive stops the job before anything is opened
             _put_changes(channel, p.changes, self.say if self.spec.verbose else None)
-        disk = self.instance.disk(temp_cow)
+        disk = self.instance.disk(self.rundir)
+        self.disk, self.cow_fd = disk.watch, disk.lock_fd
         streams = detect_streams(self.spec.no_stdin)
         # The job file first: a job it refuses leaves no console log and no open descriptor behind.
         channel.send(JOB_FILE, render_job_file(self._guest_job(streams)))
@@ -152,7 +158,7 @@ class Job:
         terminal: tuple[int, int] | None = None
         if streams.interactive:
             terminal = (os.dup(0), os.dup(1))
-        paths = RunPaths(channel.ctl, channel.out, uml_dir, disk, self.rundir / "net")
+        paths = RunPaths(channel.ctl, channel.out, uml_dir, disk.path, self.rundir / "net")
         fds = GuestFds(log_fd, out_w, err_w, terminal)
         argv = self.instance.command(paths, fds, streams)
         if self.spec.verbose:
@@ -297,6 +303,9 @@ class Job:
             self.say(f"stopped by {signal.Signals(self.signal_received).name}; the job was ended")
             _discard_log(log_path, keep_log)
             return 128 + self.signal_received
+        disk_failure = self.disk.verdict(log_path, status) if self.disk is not None else None
+        if disk_failure is not None:  # first: a full disk is also why a guest dies or leaves no status
+            raise disk_failure
         if self.failure is not None:
             raise self.failure
         if self.stdout_broken:

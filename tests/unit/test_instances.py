@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -40,6 +41,12 @@ def _paths(tmp_path: Path) -> RunPaths:
     return RunPaths(run / "ctl", run / "out", run / "uml", run / "job.cow", run / "net")
 
 
+def _rundir(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    return run
+
+
 def _pairs(argv: list[str], option: str) -> dict[str, str]:
     """bubblewrap's binds: target -> source, for one kind of bind."""
     return {argv[i + 2]: argv[i + 1] for i, word in enumerate(argv) if word == option}
@@ -73,15 +80,16 @@ def test_uml_without_a_sandbox_gets_host_paths_and_dies_with_apppot(tmp_path: Pa
     assert argv[0] == "/bin/true" and f"ubd0={paths.disk}" in argv  # the image itself, no base
     assert f"apppot_ctl={paths.ctl}" in argv and f"apppot_job={p.jobdir}" in argv
     assert inst.needs_death_signal
-    assert inst.disk(tmp_path / "unused.cow") == p.image.resolve()
+    assert inst.disk(_rundir(tmp_path)).path == p.image.resolve()
 
 
 def test_a_uml_guest_writes_a_new_private_cow(tmp_path: Path) -> None:
     spec = JobSpec(argv=("true",), jobdir=tmp_path / "job")
     p = _prepared(tmp_path)
     inst = UmlInstance(spec, p, FoundKernel(Path("/bin/true"), KernelSource.OPTION), TRAITS, None)
-    disk = inst.disk(tmp_path / "job.cow")
-    assert disk == (tmp_path / "job.cow").resolve() and disk.stat().st_mode & 0o777 == 0o600
+    disk = inst.disk(_rundir(tmp_path))
+    assert disk.path == (tmp_path / "run" / "job.cow").resolve() and disk.path.stat().st_mode & 0o777 == 0o600
+    assert disk.lock_fd is None  # a throw-away COW is this job's alone
 
 
 def test_qemu_has_the_terminal_as_its_own_stdio_and_its_network_namespace(tmp_path: Path) -> None:
@@ -93,5 +101,22 @@ def test_qemu_has_the_terminal_as_its_own_stdio_and_its_network_namespace(tmp_pa
     assert any(word.startswith(f"file={p.image.resolve()},format=raw,if=virtio,snapshot=on") for word in argv)
     assert inst.stdio(FDS) == (subprocess.DEVNULL, 7)
     assert inst.stdio(FDS._replace(terminal=(10, 11))) == (10, 11)
-    assert inst.disk(tmp_path / "unused.cow") == p.image.resolve()  # the snapshot keeps the writes
+    assert inst.disk(_rundir(tmp_path)).path == p.image.resolve()  # the snapshot keeps the writes
     assert inst.network().interface is None
+
+
+def test_a_kept_cow_is_locked_for_one_job_at_a_time(tmp_path: Path) -> None:
+    from apppot.errors import CowError
+
+    kept = tmp_path / "kept.cow"
+    spec = JobSpec(argv=("true",), jobdir=tmp_path / "job", cow=kept)
+    p = _prepared(tmp_path)
+    first = UmlInstance(spec, p, FoundKernel(Path("/bin/true"), KernelSource.OPTION), TRAITS, None)
+    disk = first.disk(_rundir(tmp_path))
+    assert disk.path == kept.resolve() and disk.lock_fd is not None
+    try:
+        with pytest.raises(CowError, match="in use by another running job"):
+            first.disk(_rundir(tmp_path))
+    finally:
+        os.close(disk.lock_fd)
+    os.close(first.disk(_rundir(tmp_path)).lock_fd or -1)  # free again once the first job let go

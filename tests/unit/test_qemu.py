@@ -80,7 +80,7 @@ def test_golden_argv_of_a_batch_job() -> None:
     assert qemu_argv(BASE, PARAMS) == [
         *MACHINE,
         "-drive",
-        "file=/img/tiny.img,format=raw,if=virtio,snapshot=on,cache=unsafe",
+        "file=/img/tiny.img,format=raw,if=virtio,snapshot=on,cache=unsafe,werror=report,rerror=report",
         *SHARES,
         *["-serial", "null", "-serial", "null"],
         *["-chardev", "file,id=log,path=/dev/fd/3", "-serial", "chardev:log"],
@@ -107,7 +107,7 @@ def test_golden_argv_of_an_interactive_kvm_job_with_network_and_overlay() -> Non
     argv = qemu_argv(launch, [*PARAMS, "apppot_changes=1"])
     assert argv[argv.index("-machine") + 1] == "pc,accel=kvm"
     assert argv[argv.index("-cpu") + 1] == "host"
-    assert argv[argv.index("-drive") + 1] == "file=/home/me/mine.qcow2,format=qcow2,if=virtio"
+    assert argv[argv.index("-drive") + 1] == "file=/home/me/mine.qcow2,format=qcow2,if=virtio,werror=report,rerror=report"
     serials = [argv[i + 1] for i, a in enumerate(argv) if a == "-serial"]
     assert serials == ["chardev:out", "chardev:err", "chardev:log", "chardev:term"]  # ttyS0..ttyS3
     assert "stdio,id=term,signal=off" in argv
@@ -123,7 +123,7 @@ def test_golden_argv_of_an_interactive_kvm_job_with_network_and_overlay() -> Non
 
 def test_writable_image_has_no_snapshot() -> None:
     argv = qemu_argv(BASE._replace(writable=True), PARAMS)
-    assert argv[argv.index("-drive") + 1] == "file=/img/tiny.img,format=raw,if=virtio"
+    assert argv[argv.index("-drive") + 1] == "file=/img/tiny.img,format=raw,if=virtio,werror=report,rerror=report"
 
 
 def test_firmware_boot_passes_no_kernel_and_no_command_line() -> None:

@@ -144,3 +144,31 @@ def test_a_users_own_directories_named_apppot_are_left_alone(tmp_path: Path) -> 
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["apppot-bench-x1y2", "apppot-notes", "apppot-123", "apppot-99999999-1-2-extra"]
     )
+
+
+SWEEP_WHILE_MAKING = """
+import sys, threading
+from pathlib import Path
+from apppot.rundir import sweep_stale
+base = Path(sys.argv[1])
+stop = threading.Event()
+def sweep():
+    while not stop.is_set():
+        sweep_stale(base)
+threading.Thread(target=sweep, daemon=True).start()
+"""
+
+
+def test_a_run_directory_being_made_is_never_swept_by_another_apppot(tmp_path: Path) -> None:
+    # Another AppPot's sweep runs all the time in a second process; each directory made here must survive it.
+    sweeper = subprocess.Popen(
+        [sys.executable, "-c", SWEEP_WHILE_MAKING + "import time; time.sleep(60)", str(tmp_path)], stdout=subprocess.DEVNULL
+    )
+    try:
+        for _ in range(600):
+            held = RunDir(tmp_path)
+            assert (held.path / LOCK).exists(), "a run directory was swept while it was being made"
+            held.release()
+    finally:
+        sweeper.kill()
+        sweeper.wait()

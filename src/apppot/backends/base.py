@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import NamedTuple
 
+from apppot.diskspace import DiskWatch
 from apppot.network import Network
 from apppot.spec import JobSpec
 from apppot.streams import Streams
@@ -52,6 +53,14 @@ class GuestFds(NamedTuple):
     terminal: tuple[int, int] | None  # (stdin, stdout) of an interactive session
 
 
+class GuestDisk(NamedTuple):
+    """The file the guest's disk writes go to, as the runner holds it while the job runs."""
+
+    path: Path  # what the hypervisor opens
+    watch: DiskWatch  # its filesystem's room, checked before the boot and after the job
+    lock_fd: int | None = None  # the user's --cow, locked (flock) until the guest is stopped
+
+
 class GuestNetwork(NamedTuple):
     """What the agent is told about the guest's network."""
 
@@ -69,8 +78,10 @@ class Instance(ABC):
         self.prepared = prepared
 
     @abstractmethod
-    def disk(self, temp_cow: Path) -> Path:
-        """The file the guest's disk writes go to, made now if needed (``temp_cow``: a throw-away place)."""
+    def disk(self, rundir: Path) -> GuestDisk:
+        """The file the guest's disk writes go to, checked for room, made now if needed and, when it is the
+        user's --cow, locked, so that of several jobs started on one COW exactly one runs. ``rundir`` is
+        this job's run directory, a throw-away place in TMPDIR."""
 
     @abstractmethod
     def command(self, paths: RunPaths, fds: GuestFds, streams: Streams) -> list[str]:

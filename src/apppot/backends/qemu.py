@@ -109,6 +109,8 @@ def qemu_argv(launch: QemuLaunch, guest_params: list[str]) -> list[str]:
         drive = f"file={launch.image},format=raw,if=virtio"
     else:
         drive = f"file={launch.image},format=raw,if=virtio,snapshot=on,cache=unsafe"
+    # A full host filesystem is an I/O error the guest sees (and logs), not a paused VM that never ends.
+    drive += ",werror=report,rerror=report"
     argv = _machine(launch.qemu, launch.accel, launch.mem_bytes)
     if launch.name:
         argv += ["-name", launch.name]

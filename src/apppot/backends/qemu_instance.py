@@ -11,8 +11,8 @@ import json
 import os
 from pathlib import Path
 
-from apppot import cpu
-from apppot.backends.base import GuestFds, GuestNetwork, Instance, Prepared, RunPaths
+from apppot import cow, cpu, diskspace
+from apppot.backends.base import GuestDisk, GuestFds, GuestNetwork, Instance, Prepared, RunPaths
 from apppot.backends.choice import Decision
 from apppot.backends.qemu import (
     CTL_TAG,
@@ -79,14 +79,20 @@ class QemuInstance(Instance):
         direct, initrd = guest_kernel.direct_kernel(kernel), guest_kernel.initramfs(kernel)
         return cls(spec, prepared, qemu, direct, initrd, decision.accel, None if netns_warning else bwrap)
 
-    def disk(self, temp_cow: Path) -> Path:
-        """The image itself (QEMU's snapshot keeps the job's writes, or --writable-image), or the --cow overlay."""
-        image = self.prepared.image.resolve()
-        if self.spec.cow is None:
-            return image
-        if not self.spec.cow.exists():
-            create_overlay(self.spec.cow, image)
-        return self.spec.cow.resolve()
+    def disk(self, rundir: Path) -> GuestDisk:
+        """The image itself (QEMU's temporary snapshot keeps the job's writes, or --writable-image), or the
+        --cow overlay."""
+        spec, p = self.spec, self.prepared
+        image = p.image.resolve()
+        if spec.writable_image:
+            return GuestDisk(image, diskspace.watch(image, p.image, rundir, kept=True))
+        if spec.cow is None:  # the snapshot goes where QEMU's TMPDIR (the runner's run base) says
+            snapshots = diskspace.qemu_snapshot_dir(rundir.parent)
+            return GuestDisk(image, diskspace.watch(snapshots, p.image, rundir, kept=False))
+        watch = diskspace.watch(spec.cow, p.image, rundir, kept=True)
+        fill = lambda _fd, new: _fill_overlay(new, image)  # noqa: E731
+        lock_fd = cow.hold(spec.cow, fill, diskspace.filesystem_of(spec.cow).fstype)
+        return GuestDisk(spec.cow.resolve(), watch, lock_fd)
 
     def network(self) -> GuestNetwork:
         return GuestNetwork("eth0" if self.prepared.net else None, False)
@@ -125,17 +131,9 @@ class QemuInstance(Instance):
         return netns_argv(self.bwrap) + argv if self.bwrap else argv  # in a network namespace of its own
 
 
-def create_overlay(overlay: Path, image: Path) -> None:
-    """A new qcow2 overlay of ``image``, private like UML's COW (qemu-img keeps the mode of the file it fills)."""
-    try:
-        os.close(os.open(overlay, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
-    except OSError as e:
-        raise CowError(f"cannot create the overlay {overlay}: {e.strerror}; choose a writable place for --cow") from e
-    try:
-        run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image), str(overlay)], package=QEMU_IMG_PACKAGE)
-    except BaseException:
-        overlay.unlink(missing_ok=True)
-        raise
+def _fill_overlay(overlay: Path, image: Path) -> None:
+    """A qcow2 overlay of ``image`` in the new, private file ``overlay`` (qemu-img keeps the mode of the file it fills)."""
+    run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image), str(overlay)], package=QEMU_IMG_PACKAGE)
 
 
 def check_overlay(overlay: Path, image: Path) -> None:

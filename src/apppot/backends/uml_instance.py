@@ -11,8 +11,8 @@ import os
 import re
 from pathlib import Path
 
-from apppot import cow, cpu
-from apppot.backends.base import GuestFds, GuestNetwork, Instance, Prepared, RunPaths
+from apppot import cow, cpu, diskspace
+from apppot.backends.base import GuestDisk, GuestFds, GuestNetwork, Instance, Prepared, RunPaths
 from apppot.backends.uml import UmlLaunch, cmdline_length, personality_prefix, uml_argv
 from apppot.errors import UsageError
 from apppot.jobdir import check_outside
@@ -32,6 +32,7 @@ SANDBOX_CTL = "/apppot/ctl"
 SANDBOX_OUT = "/apppot/out"
 SANDBOX_JOB = "/apppot/job"
 SANDBOX_UML_DIR = "/apppot/uml"
+TEMP_COW = "job.cow"  # in the run directory, when the user gave no --cow
 # Without namespaces paths reach UML through its command line, where blanks, commas and quotes break them.
 HOSTFS_SAFE = re.compile(r"/[^\s,\"]*")
 
@@ -83,14 +84,19 @@ class UmlInstance(Instance):
             cow.check_unlocked(spec.cow)
         return cls(spec, prepared, kernel, traits, None if warning else bwrap)
 
-    def disk(self, temp_cow: Path) -> Path:
-        p = self.prepared
-        if self.spec.writable_image:
-            return p.image.resolve()
-        target = self.spec.cow if self.spec.cow is not None else temp_cow
-        if not target.exists():
+    def disk(self, rundir: Path) -> GuestDisk:
+        spec, p = self.spec, self.prepared
+        if spec.writable_image:
+            image = p.image.resolve()
+            return GuestDisk(image, diskspace.watch(image, p.image, rundir, kept=True))
+        target = spec.cow if spec.cow is not None else rundir / TEMP_COW
+        watch = diskspace.watch(target, p.image, rundir, kept=spec.cow is not None)
+        if spec.cow is None:
             cow.create(target, p.image, p.fs_uuid)
-        return target.resolve()
+            return GuestDisk(target.resolve(), watch)
+        fill = lambda fd, _new: cow.fill(fd, p.image, p.fs_uuid)  # noqa: E731
+        lock_fd = cow.hold(target, fill, diskspace.filesystem_of(target).fstype)
+        return GuestDisk(target.resolve(), watch, lock_fd)
 
     def network(self) -> GuestNetwork:
         net = self.prepared.net
