@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, NamedTuple, NoReturn
 from apppot import __version__
 from apppot.errors import EXIT_APPPOT_ERROR, EXIT_GUEST_DIED, AppPotError, JobDirError, UsageError
 from apppot.sandbox import Isolation
-from apppot.spec import JobSpec, parse_mem
+from apppot.spec import DEFAULT_BOOT_TIMEOUT_S, JobSpec, parse_mem, parse_seconds
 
 if TYPE_CHECKING:
     import argparse
@@ -114,6 +114,13 @@ START_OPTIONS = (
     _Option(("--cpu",), "cpu", "value", "N", "host CPU for the guest: a number, auto (default, $APPPOT_CPU) or all"),
     _Option(("--full-boot",), "full_boot", "flag", None, "boot the image's own init (systemd) with its services, then the job"),
     _Option(("--console-log",), "console_log", "path", "FILE", "write the guest's console here"),
+    _Option(
+        ("--boot-timeout",),
+        "boot_timeout",
+        "value",
+        "SECONDS",
+        f"end the job ({EXIT_GUEST_DIED}) unless AppPot's agent starts by then (default: {DEFAULT_BOOT_TIMEOUT_S:g})",
+    ),
     _Option(("-v", "--verbose"), "verbose", "flag", None, "say what AppPot does"),
 )
 
@@ -267,6 +274,7 @@ def parse_start(argv: Sequence[str], prog: str = "apppot start") -> JobSpec:
         cpu=ns.cpu or os.environ.get("APPPOT_CPU") or None,
         backend=ns.backend,
         kvm=ns.kvm if ns.kvm is not None else _kvm_env(),
+        boot_timeout_s=parse_seconds(ns.boot_timeout, "--boot-timeout") if ns.boot_timeout else DEFAULT_BOOT_TIMEOUT_S,
     )
 
 
@@ -710,9 +718,16 @@ def _run(func_argv: Sequence[str], prog: str) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except OSError as e:  # anything not foreseen still gets one line, not a traceback
-        where = f" {e.filename}" if e.filename else ""
-        sys.stderr.write(f"apppot: error:{where}: {e.strerror or e}\n")
+        sys.stderr.write(f"apppot: error: {_unforeseen(e)}\n")
         return EXIT_APPPOT_ERROR
+
+
+def _unforeseen(e: OSError) -> str:
+    """An OSError no check foresaw, as one line: the file it names, else the error and how to learn more."""
+    why = e.strerror or str(e) or type(e).__name__
+    if e.filename is not None and not isinstance(e.filename, int):  # an int is a descriptor, which names nothing
+        return f"{os.fsdecode(e.filename)}: {why}"
+    return f"{why} (an unforeseen {type(e).__name__} naming no file: please report it with the command you ran)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from apppot import cow, cpu
+from apppot import cow, cpu, userpath
 from apppot.backends.choice import Backend, Decision, KvmState, decide, requested
 from apppot.backends.qemu import QEMU_IMG, QEMU_IMG_PACKAGE, QEMU_PACKAGE, QEMU_SYSTEM, Accel
 from apppot.backends.uml import AGENT_SERVICE, SYSTEMD_PATH
@@ -28,7 +28,7 @@ from apppot.kernel import FoundKernel, KernelTraits, find_kernel, kernel_traits
 from apppot.network import Network, choose_network, choose_qemu_network
 from apppot.proc import run, which
 from apppot.sandbox import find_bwrap, probe, require_netns_or_warn, require_or_warn
-from apppot.spec import DEFAULT_MEM, JobSpec, choose_mem
+from apppot.spec import DEFAULT_MEM, PAGE, JobSpec, choose_mem
 
 AUTO_CHANGES = "apppot-changes.tar.gz"  # merged at boot when found in the job directory
 _UMID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -128,12 +128,12 @@ def prepare(spec: JobSpec, say: Say, decision: Decision | None = None) -> Prepar
         mode = "seccomp" if traits.seccomp_works else "ptrace"
         why = "" if traits.seccomp_works else (" (seccomp mode refused by this host)" if traits.seccomp_option else "")
         say(f"kernel: {kernel.path} (chosen by {kernel.source.value}), {mode} mode{why}")
-    mem = choose_mem(spec.mem_bytes, _read_max_map_count())
+    mem, mem_warning = choose_mem(spec.mem_bytes, _read_max_map_count(), os.sysconf("SC_PHYS_PAGES") * PAGE)
     net = choose_network(traits, spec.net, spec.host_loopback)
     umid = _instance_id(spec)
     bwrap = find_bwrap()
     warning = require_or_warn(spec.isolation, probe(bwrap))
-    warnings = (warning,) if warning else ()
+    warnings = tuple(w for w in (mem_warning, warning) if w)
     pin = cpu.choose_cpu(spec.cpu, os.sched_getaffinity(0), cpu.current_cpu())
     if spec.verbose:
         say(f"guest pinned to host CPU {pin}" if pin is not None else "guest not pinned to a host CPU")
@@ -239,6 +239,7 @@ def _check_image_use(spec: JobSpec, image: Path, fs_uuid: str, qemu: bool = Fals
     if spec.cow is not None:
         if spec.cow.is_symlink():  # a job may have left it: UML and QEMU would write where it points
             raise CowError(f"--cow {spec.cow} is a symbolic link; give the COW file itself, or a new file name")
+        userpath.require_file(spec.cow, "--cow", CowError, "give the COW file itself, or a new file name")
         if spec.cow.resolve() == image.resolve():
             raise UsageError("--cow names the base image itself; give a separate file for the COW")
         if spec.cow.exists() and qemu:

@@ -23,7 +23,9 @@ from typing import NamedTuple
 
 from apppot.errors import UsageError
 
-PROTOCOL_VERSION = 4  # 4: a read-only control directory and a separate report directory (apppot_out)
+# 4: a read-only control directory and a separate report directory (apppot_out);
+# 5: the agent announces itself (AGENT_FILE) as soon as it has mounted the report directory.
+PROTOCOL_VERSION = 5
 
 # UML refuses a command line of 4096 bytes or more and appends " console=tty0"
 # itself; keep a margin for that.
@@ -42,6 +44,7 @@ STDIN_CHUNK = "stdin.{}"
 STDIN_END = "stdin.end"
 # In the report directory (guest -> host): the only names the host reads there.
 STATUS_FILE = "status"
+AGENT_FILE = "agent"  # the agent's first report, as soon as it has mounted the report directory: the boot worked
 STDIN_READ = "stdin.read"  # how many stdin chunks the guest has consumed
 REPORT_LIMIT = 64  # bytes: a report is one small number; more is the guest misbehaving
 # A changes archive to merge at boot, checked by the host: the archive, its deletions (one path
