@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from apppot import cli, snap
 
-Main = Callable[[Sequence[str]], int]
+Main = Callable[[list[str]], int]
 ENTRY_POINTS: dict[str, Main] = {"apppot": cli.main, "apppot-start": cli.start_main, "apppot-snap": snap.main}
 # README: 125 for apppot's own usage errors; apppot-snap, a tool inside images, exits 2 as argparse does.
 BAD_OPTION_STATUS = {"apppot": 125, "apppot-start": 125, "apppot-snap": 2}
