@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, NamedTuple, NoReturn
 
 from apppot import __version__, hostfds
 from apppot.errors import EXIT_APPPOT_ERROR, EXIT_GUEST_DIED, AppPotError, JobDirError, UsageError
-from apppot.spec import Isolation, JobSpec, parse_mem
+from apppot.spec import DEFAULT_BOOT_TIMEOUT_S, Isolation, JobSpec, parse_mem, parse_seconds
 
 if TYPE_CHECKING:
     import argparse
@@ -116,6 +116,13 @@ START_OPTIONS = (
         ("-n", "--no-stdin"), "no_stdin", "flag", None, "the job's stdin is /dev/null: AppPot never reads its own (as ssh -n)"
     ),
     _Option(("--console-log",), "console_log", "path", "FILE", "write the guest's console here"),
+    _Option(
+        ("--boot-timeout",),
+        "boot_timeout",
+        "value",
+        "SECONDS",
+        f"end the job ({EXIT_GUEST_DIED}) unless AppPot's agent starts by then (default: {DEFAULT_BOOT_TIMEOUT_S:g})",
+    ),
     _Option(("-v", "--verbose"), "verbose", "flag", None, "say what AppPot does"),
 )
 
@@ -270,6 +277,7 @@ def parse_start(argv: Sequence[str], prog: str = "apppot start") -> JobSpec:
         backend=ns.backend,
         kvm=ns.kvm if ns.kvm is not None else _kvm_env(),
         no_stdin=ns.no_stdin,
+        boot_timeout_s=parse_seconds(ns.boot_timeout, "--boot-timeout") if ns.boot_timeout else DEFAULT_BOOT_TIMEOUT_S,
     )
 
 
@@ -715,9 +723,16 @@ def _run(func_argv: Sequence[str], prog: str) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except OSError as e:  # anything not foreseen still gets one line, not a traceback
-        where = f" {e.filename}" if e.filename else ""
-        _say(f"error:{where}: {e.strerror or e}")
+        sys.stderr.write(f"apppot: error: {_unforeseen(e)}\n")
         return EXIT_APPPOT_ERROR
+
+
+def _unforeseen(e: OSError) -> str:
+    """An OSError no check foresaw, as one line: the file it names, else the error and how to learn more."""
+    why = e.strerror or str(e) or type(e).__name__
+    if e.filename is not None and not isinstance(e.filename, int):  # an int is a descriptor, which names nothing
+        return f"{os.fsdecode(e.filename)}: {why}"
+    return f"{why} (an unforeseen {type(e).__name__} naming no file: please report it with the command you ran)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

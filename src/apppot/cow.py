@@ -25,7 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+from apppot import userpath
 from apppot.errors import CowError
+
+_COW_FIX = "give the COW file itself, or a new file name to --cow"
 
 COW_MAGIC = 0x4F4F4F4D  # "OOOM"
 COW_VERSION = 3
@@ -101,7 +104,7 @@ def parse_header(data: bytes) -> CowHeader | None:
 
 def read_header(cow: Path) -> CowHeader:
     try:
-        with cow.open("rb") as f:
+        with userpath.open_for_reading(cow, "COW file", CowError, _COW_FIX) as f:
             data = f.read(_HEADER.size)
     except OSError as e:
         raise CowError(f"cannot read COW file {cow}: {e.strerror}; check the path and its permissions") from e
@@ -119,7 +122,7 @@ def render_record(st: os.stat_result, fs_uuid: str) -> bytes:
 
 def read_record(cow: Path) -> dict[str, object] | None:
     """The record of the base in a COW AppPot made, or None for a COW made elsewhere or by an older AppPot."""
-    with cow.open("rb") as f:
+    with userpath.open_for_reading(cow, "COW file", CowError, _COW_FIX) as f:
         f.seek(RECORD_OFFSET)
         data = f.read(ALIGNMENT)
     if not data.startswith(RECORD_MAGIC):

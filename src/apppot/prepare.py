@@ -15,6 +15,7 @@ import re
 import stat
 from pathlib import Path
 
+from apppot import userpath
 from apppot.backends.base import Instance, Prepared
 from apppot.backends.choice import Backend, Decision
 from apppot.backends.qemu_instance import QemuInstance
@@ -95,6 +96,7 @@ def _check_image_use(spec: JobSpec, image: Path) -> None:
     if spec.cow is not None:
         if spec.cow.is_symlink():  # a job may have left it: UML and QEMU would write where it points
             raise CowError(f"--cow {spec.cow} is a symbolic link; give the COW file itself, or a new file name")
+        userpath.require_file(spec.cow, "--cow", CowError, "give the COW file itself, or a new file name")
         if spec.cow.resolve() == image.resolve():
             raise UsageError("--cow names the base image itself; give a separate file for the COW")
 

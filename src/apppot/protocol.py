@@ -24,7 +24,9 @@ from typing import NamedTuple
 
 from apppot.errors import UsageError
 
-PROTOCOL_VERSION = 4  # 4: a read-only control directory and a separate report directory (apppot_out)
+# 4: a read-only control directory and a separate report directory (apppot_out);
+# 5: the agent announces itself (AGENT_FILE) as soon as it has mounted the report directory.
+PROTOCOL_VERSION = 5
 
 # UML refuses a command line of 4096 bytes or more and appends " console=tty0"
 # itself; keep a margin for that.
@@ -44,6 +46,7 @@ STDIN_END = "stdin.end"  # the number of stdin chunks; with stdin.file, its size
 STDIN_FILE = "stdin.file"  # the rest of a host stdin that is a regular file: the job's stdin, seekable
 # In the report directory (guest -> host): the only names the host reads there.
 STATUS_FILE = "status"
+AGENT_FILE = "agent"  # the agent's first report, as soon as it has mounted the report directory: the boot worked
 STDIN_READ = "stdin.read"  # how many stdin chunks the guest has written in full into the job's stdin pipe
 STDIN_LEFT = "stdin.left"  # after the job: how many bytes of those chunks the job left unread
 STDIN_POS = "stdin.pos"  # after the job: where in stdin.file the job stopped reading

@@ -9,7 +9,6 @@ the files the host and guest exchange in channel.py.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shlex
 import signal
@@ -20,7 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
-from apppot import diskspace
+from apppot import diskspace, userpath
+from apppot.agent_watch import AgentWatch
 from apppot.backends.base import GuestFds, Instance, RunPaths
 from apppot.channel import Channel
 from apppot.errors import AppPotError, GuestDied, GuestMisbehaved, HostError, UsageError
@@ -121,13 +121,7 @@ class Job:
             logs.mkdir(mode=0o700, parents=True, exist_ok=True)
             path = logs / f"{self.prepared.umid}-{self.rundir.name}.log"
             keep = self.spec.verbose
-        try:
-            # A job may have left a link under the name: never written through.
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise HostError(f"the console log {path} is a symbolic link; remove it, or choose another file") from e
-            raise HostError(f"cannot write the console log {path}: {e.strerror}") from e
+        fd = userpath.open_for_writing(path, "the console log", HostError, "choose another file for --console-log")
         if self.spec.verbose:
             self.say(f"console log: {path}")
         return fd, path, keep
@@ -146,7 +140,7 @@ class Job:
     def _run_with(self, channel: Channel, uml_dir: Path) -> int:
         p = self.prepared
         if p.changes is not None:  # first: a refused archive stops the job before anything is opened
-            _put_changes(channel, p.changes, self.say if self.spec.verbose else None)
+            _put_changes(channel, p.changes, self.say if self.spec.verbose else None, automatic=self.spec.changes is None)
         disk = self.instance.disk(self.rundir)
         self.disk, self.cow_fd = disk.watch, disk.lock_fd
         streams = detect_streams(self.spec.no_stdin)
@@ -251,6 +245,7 @@ class Job:
     def _await_status(self, channel: Channel, spool: StdinFeed | None) -> int | None:
         reported_at: float | None = None
         deadline = time.monotonic() + self.deadline_s if self.deadline_s is not None else None
+        agent_started = AgentWatch(channel, self.spec.boot_timeout_s)
         while not self.exited.is_set():
             if deadline is not None and time.monotonic() > deadline:
                 self.timed_out = True
@@ -261,6 +256,7 @@ class Job:
                 return None
             if spool is not None and spool.error is not None:
                 raise spool.error
+            agent_started.check()
             if reported_at is None and channel.has_report(STATUS_FILE):
                 channel.read_report(STATUS_FILE)  # a link, a pipe, a directory or a huge file ends the job now
                 reported_at = time.monotonic()
@@ -326,7 +322,7 @@ class Job:
         raise GuestDied(f"the guest ended without reporting the job's status ({what} {how}){_panic_hint(log_path)}")
 
 
-def _put_changes(channel: Channel, changes: Path, say: Say | None) -> None:
+def _put_changes(channel: Channel, changes: Path, say: Say | None, automatic: bool) -> None:
     """The archive's checked members, and what the agent needs besides tar, in the control directory.
 
     The archive is checked as it is copied: the guest gets exactly what was checked, and never the
@@ -336,6 +332,8 @@ def _put_changes(channel: Channel, changes: Path, say: Say | None) -> None:
     try:
         info = snap.repack(str(changes), str(channel.ctl / CHANGES_ARCHIVE))
     except snap.SnapError as e:
+        if automatic:  # found, not given: every later job in this directory would fail the same way
+            raise UsageError(f"{e} (merged because it is in the job directory: remove or rename {changes})") from None
         raise UsageError(str(e)) from None
     channel.send(CHANGES_DELETE, "".join(path.lstrip("/") + "\n" for path in info.deleted).encode())
     channel.send(CHANGES_BASE, (info.base + "\n").encode())

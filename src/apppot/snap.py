@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import gzip
 import hashlib
 import io
@@ -34,7 +35,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 VERSION = "1"
 STATE_DIR = "/var/lib/apppot"
@@ -421,10 +422,13 @@ def _reading(source: str, limit: int) -> Iterator[tuple[tarfile.TarFile, _Expand
     except FileNotFoundError:
         raise SnapError(f"changes archive {source} does not exist; give the file apppot-snap changes made") from None
     except OSError as e:
+        if e.errno == errno.ENXIO:  # what opening a socket gives
+            raise SnapError(f"changes archive {source} is a socket, not a file; give the archive apppot-snap made") from None
         raise SnapError(f"changes archive {source} cannot be read ({e.strerror}); give a file you can read") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # before open(): a directory would make it raise
+        os.close(fd)
+        raise SnapError(f"changes archive {source} is not a file; give the tar.gz apppot-snap changes made")
     with open(fd, "rb") as raw:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise SnapError(f"changes archive {source} is not a file; give the tar.gz apppot-snap changes made")
         expanded = _Expanded(source, raw, limit)
         try:
             with tarfile.open(fileobj=expanded, mode="r|", tarinfo=_Header) as tar:
@@ -775,8 +779,15 @@ def _fill_closed_std_fds() -> None:
                 sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)  # noqa: SIM115
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, as apppot's own (argparse prints the usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="apppot-snap", description="A system's base state, its changes, and merging them.")
+    p = _Parser(prog="apppot-snap", description="A system's base state, its changes, and merging them.")
     p.add_argument("--root", default="/", help=argparse.SUPPRESS)  # for building images and for tests
     sub = p.add_subparsers(dest="action", required=True)
     sub.add_parser("base", help="record the whole system's state as its base")

@@ -298,17 +298,18 @@ def test_memory_option(apppot, jobdir: Path) -> None:
     assert 112 * 1024 <= large - small <= 144 * 1024
 
 
-def test_too_small_max_map_count_is_refused(apppot, jobdir: Path) -> None:
+def test_too_small_max_map_count_is_a_warning(apppot, jobdir: Path) -> None:
     if os.getuid() != 0:
         pytest.skip("changing vm.max_map_count needs root")
     path = Path("/proc/sys/vm/max_map_count")
     old = path.read_text()
     try:
         path.write_text("20000\n")
-        r = apppot(["start", "--mem", "512M", "--", "true"], cwd=jobdir)
+        r = apppot(["start", "--mem", "512M", "--", "sh", "-c", "free -m | sed -n 2p"], cwd=jobdir)
     finally:
         path.write_text(old)
-    assert r.returncode == 125
+    assert r.returncode == 0, r.err
+    assert int(r.stdout.split()[1]) > 400  # the guest got what was asked
     assert "vm.max_map_count" in r.err and "sysctl" in r.err
 
 

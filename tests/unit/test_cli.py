@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -91,15 +92,27 @@ def test_bad_mem(text: str) -> None:
         parse_mem(text)
 
 
+HOST = 16 * 1024 * MIB
+
+
 def test_default_memory_follows_max_map_count() -> None:
-    assert choose_mem(None, 1 << 20) == DEFAULT_MEM
-    assert choose_mem(None, 65530) == FALLBACK_MEM
+    assert choose_mem(None, 1 << 20, HOST).bytes == DEFAULT_MEM
+    assert choose_mem(None, 65530, HOST).bytes == FALLBACK_MEM
 
 
-def test_too_small_max_map_count_names_the_fix() -> None:
-    with pytest.raises(HostError, match=r"sudo sysctl -w vm.max_map_count=\d+"):
-        choose_mem(2048 * MIB, 65530)
-    assert choose_mem(2048 * MIB, map_count_needed(2048 * MIB)) == 2048 * MIB
+def test_too_small_max_map_count_is_a_warning_naming_the_fix() -> None:
+    mem, warning = choose_mem(512 * MIB, 65530, HOST)  # what seed-style clients pass, on a stock host
+    assert mem == 512 * MIB and warning is not None
+    assert re.search(r"sudo sysctl -w vm.max_map_count=\d+", warning)
+    assert choose_mem(2048 * MIB, map_count_needed(2048 * MIB), HOST) == (2048 * MIB, None)
+
+
+def test_more_memory_than_the_host_has_is_refused_with_a_value_the_kernel_accepts() -> None:
+    with pytest.raises(HostError, match=r"--mem 102398976M is more than this host's memory \(16384M\)") as caught:
+        choose_mem(parse_mem("99999G"), 65530, HOST)
+    assert "max_map_count" not in str(caught.value)
+    # Anything up to the host's memory needs a vm.max_map_count the kernel takes (at most INT_MAX).
+    assert map_count_needed(1 << 40) <= 2**31 - 1
 
 
 def test_host_loopback_implies_the_network_and_refuses_no_net(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,7 +22,7 @@ from apppot.proc import which
 from apppot.protocol import KERNEL_CMDLINE_LIMIT, render_kernel_params
 from apppot.sandbox import Bind, bwrap_argv, find_bwrap, is_setuid, probe, require_or_warn
 from apppot.say import Say
-from apppot.spec import JobSpec, choose_mem
+from apppot.spec import PAGE, JobSpec, choose_mem
 from apppot.streams import Streams
 
 # Paths inside the sandbox.
@@ -72,11 +72,12 @@ class UmlInstance(Instance):
             for path, what in ((common.jobdir, "job directory"), (common.image, "image")):
                 if not HOSTFS_SAFE.fullmatch(str(path)):
                     raise UsageError(f"the {what} path {path} has blanks or commas, which AppPot can only pass with namespaces")
+        mem, mem_warning = choose_mem(spec.mem_bytes, read_max_map_count(), os.sysconf("SC_PHYS_PAGES") * PAGE)
         prepared = common._replace(
-            mem_bytes=choose_mem(spec.mem_bytes, read_max_map_count()),
+            mem_bytes=mem,
             net=choose_network(traits, spec.net, spec.host_loopback),
             cpu=pin,
-            warnings=common.warnings + ((warning,) if warning else ()),
+            warnings=common.warnings + tuple(w for w in (mem_warning, warning) if w),
         )
         if spec.cow is not None and spec.cow.exists():
             cow.check_matches(spec.cow, common.image, common.fs_uuid)

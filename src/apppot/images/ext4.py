@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from apppot import userpath
 from apppot.errors import ImageError
 
 _SUPERBLOCK_OFFSET = 1024
@@ -44,8 +45,9 @@ def format_uuid(raw: bytes) -> str:
 
 def filesystem_uuid(image: Path) -> str:
     """The UUID of an ext2/3/4 image; a clear error if the file is not one."""
+    fix = "give an AppPot appliance image file (apppot image list shows those in the cache)"
     try:
-        with image.open("rb") as f:
+        with userpath.open_for_reading(image, "image", ImageError, fix, block_device=True) as f:
             f.seek(_SUPERBLOCK_OFFSET)
             sb = f.read(0x80)
     except FileNotFoundError:
