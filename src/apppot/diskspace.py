@@ -159,15 +159,17 @@ class DiskWatch:
         self.disk = disk
         self.places = [disk, *others]
         self.before = [free_bytes(p.path) for p in self.places]
+        self.lowest = list(self.before)  # during the job: QEMU's snapshot, removed when QEMU ends, frees its space
+
+    def sample(self) -> None:
+        """Note the free space now (the runner calls it while the guest runs)."""
+        self.lowest = [min(low, _free_or(low, p.path)) for low, p in zip(self.lowest, self.places, strict=True)]
 
     def verdict(self, console_log: Path, job_status: int | None) -> DiskFull | None:
         """Why the guest's disk writes may have been lost, or None when nothing says so."""
         line = find_disk_error(console_log)
-        full = [
-            (p, free)
-            for p, was in zip(self.places, self.before, strict=True)
-            if (free := free_bytes(p.path)) < min(was, FULL_BELOW)
-        ]
+        self.sample()
+        full = [(p, low) for p, was, low in zip(self.places, self.before, self.lowest, strict=True) if low < min(was, FULL_BELOW)]
         if not full and line is None:
             return None
         status = f"the job's own status was {job_status}" if job_status is not None else "the guest reported no status"
@@ -184,6 +186,13 @@ class DiskWatch:
             f"the guest could not write its disk, {self.disk.what} {self.disk.path} on the filesystem {fs.mount_point} "
             f"(its kernel says: {line}); check that filesystem's free space and health ({status}; {log})"
         )
+
+
+def _free_or(default: int, path: Path) -> int:
+    try:
+        return free_bytes(path)
+    except OSError:
+        return default
 
 
 def _allocated(path: Path) -> int:

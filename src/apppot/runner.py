@@ -257,6 +257,8 @@ class Job:
             if spool is not None and spool.error is not None:
                 raise spool.error
             agent_started.check()
+            if self.disk is not None:
+                self.disk.sample()
             if reported_at is None and channel.has_report(STATUS_FILE):
                 channel.read_report(STATUS_FILE)  # a link, a pipe, a directory or a huge file ends the job now
                 reported_at = time.monotonic()
