@@ -284,6 +284,8 @@ class StdinSpool(StdinFeed):
         data = self.channel.read_report(STDIN_READ)
         if data is None or not data.strip():  # not yet, or the agent is rewriting it
             return
+        if self.channel.has_report(STDIN_LEFT):  # the job has ended: the agent drained its pipe, settle counts
+            return
         for index in self.ledger.fed(self.ledger.parse_fed(data)):
             self.channel.discard(STDIN_CHUNK.format(index))
         if self.source is Source.PIPE:
