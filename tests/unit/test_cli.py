@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from apppot.cli import _fast_parse, _start_parser, parse_start
+from apppot.cli.start import _fast_parse, _start_parser, parse_start
 from apppot.errors import HostError, UsageError
 from apppot.spec import DEFAULT_MEM, FALLBACK_MEM, MIB, choose_mem, map_count_needed, parse_mem
 

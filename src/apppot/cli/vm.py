@@ -9,6 +9,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from apppot.cli.common import parser_class, say
+from apppot.cli.start import split_command
 from apppot.errors import AppPotError, UsageError
 from apppot.say import Say
 
@@ -41,10 +43,9 @@ def image_export(ns: argparse.Namespace, say: Say, print_record: PrintRecord) ->
 
 
 def cmd_cloud_seed(argv: Sequence[str]) -> int:
-    from apppot.cli import _parser_class, _say, _split_command
 
-    before, command = _split_command(argv)
-    p = _parser_class()(
+    before, command = split_command(argv)
+    p = parser_class()(
         prog="apppot cloud-seed",
         description="Write a NoCloud 'cidata' volume carrying a job, for an exported image booted without AppPot. "
         "The job's output and exit status appear on the VM's console (first serial line).",
@@ -85,7 +86,7 @@ def cmd_cloud_seed(argv: Sequence[str]) -> int:
 
         print(json.dumps(record))
     else:
-        _say(
+        say(
             f"wrote {seed.path} (cidata: user-data, meta-data, {seed.files} job files); attach it to a VM of an exported "
             "image, e.g. qemu-system-x86_64 -m 512M -drive file=app.qcow2 -cdrom "
             f"{seed.path} -nographic"
@@ -172,9 +173,8 @@ def doctor_checks(say: Say, reprobe: bool) -> list[Check]:
 
 
 def cmd_doctor(argv: Sequence[str]) -> int:
-    from apppot.cli import _parser_class, _say
 
-    p = _parser_class()(
+    p = parser_class()(
         prog="apppot doctor",
         description="What AppPot found on this host: kernels, isolation, QEMU, KVM (probed by booting a guest), "
         "and which backend auto picks, with the reasons.",
@@ -182,7 +182,7 @@ def cmd_doctor(argv: Sequence[str]) -> int:
     p.add_argument("--reprobe", action="store_true", help="probe KVM again instead of using the cached result")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     ns = p.parse_args(argv)
-    checks = doctor_checks(_say, ns.reprobe)
+    checks = doctor_checks(say, ns.reprobe)
     if ns.json:
         import json
 

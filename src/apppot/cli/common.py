@@ -1,0 +1,62 @@
+"""What every command's parser and output share: one-line usage errors, records, tables."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, NoReturn
+
+from apppot.errors import UsageError
+
+if TYPE_CHECKING:
+    import argparse
+
+
+def parser_class() -> type[argparse.ArgumentParser]:
+    """argparse's parser, raising instead of exiting, so errors take the usual one-line path."""
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            raise UsageError(f"{message} (see {self.prog} --help)")
+
+    return Parser
+
+
+def say(message: str) -> None:
+    """One line on stderr; a stderr that fails (full, closed) cannot be told, and does not crash us."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        sys.stderr.write(f"apppot: {message}\n")
+        sys.stderr.flush()
+
+
+def print_record(record: Mapping[str, object], as_json: bool) -> None:
+    if as_json:
+        import json
+
+        print(json.dumps(record))
+    else:
+        for key, value in record.items():
+            print(f"{key}: {value}")
+
+
+def print_table(rows: list[dict[str, object]], columns: list[str]) -> None:
+    if not rows:
+        print("no images in the cache (apppot image build RECIPE.toml, apppot image build-tiny)")
+        return
+    cells = [[str(row.get(c) or "-") for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+
+
+def human(size: int) -> str:
+    """2147483648 -> '2.0G'."""
+    value = float(size)
+    for unit in ("B", "K", "M"):
+        if value < 1024:
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{value:.1f}G"

@@ -1,0 +1,163 @@
+"""`apppot image`, `apppot changes` and `apppot kernel`: what AppPot keeps in its cache."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from apppot.cli.common import human, parser_class, print_record, print_table, say
+from apppot.errors import UsageError
+
+if TYPE_CHECKING:
+    from apppot.images.store import StoredImage
+
+
+def cmd_image(argv: Sequence[str]) -> int:
+    p = parser_class()(prog="apppot image", description="Appliance images.")
+    sub = p.add_subparsers(dest="action", required=True)
+    build = sub.add_parser("build", help="build an appliance from a recipe (TOML) into the cache")
+    build.add_argument("recipe", type=Path, help="the recipe file, e.g. examples/debian-dev.toml")
+    build.add_argument("--force", action="store_true", help="rebuild even if built from the same inputs")
+    build.add_argument("--quiet", action="store_true", help="no progress lines")
+    build.add_argument("--json", action="store_true", help="machine-readable output")
+    tiny_build = sub.add_parser("build-tiny", help="build the tiny default appliance into the cache")
+    tiny_build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    tiny_build.add_argument("--json", action="store_true", help="machine-readable output")
+    listing = sub.add_parser("list", help="the images in the cache: names, sizes, ids")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    remove = sub.add_parser("remove", help="remove the images built under a name from the cache")
+    remove.add_argument("name", help="an image name from 'apppot image list'")
+    remove.add_argument("--old", action="store_true", help="keep the newest, remove the older ones")
+    info = sub.add_parser("info", help="an image's recipe, ids, agent and size")
+    info.add_argument("image", help="an image name from the cache, or an image file")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    export = sub.add_parser("export", help="write an image as a disk any hypervisor boots by itself (no AppPot needed)")
+    export.add_argument("image", help="an image name from the cache, or an image file")
+    export.add_argument("-o", "--output", type=Path, required=True, help="the disk file to write")
+    export.add_argument(
+        "--format",
+        choices=["qcow2", "vmdk", "vdi", "raw"],
+        help="disk format (default: from the -o suffix, .img meaning raw): qcow2 for QEMU/KVM and OpenStack, "
+        "vmdk for VMware and VirtualBox, vdi for VirtualBox, raw for Xen",
+    )
+    export.add_argument("--force", action="store_true", help="replace the -o file if it exists")
+    export.add_argument("--json", action="store_true", help="machine-readable output")
+    ns = p.parse_args(argv)
+    from apppot.images import ext4, store, tiny
+
+    if ns.action == "export":
+        from apppot.cli import vm as cli_vm
+
+        return cli_vm.image_export(ns, say, print_record)
+    if ns.action == "build":
+        from apppot.images import debian, recipe
+
+        built = debian.build(recipe.parse_recipe(ns.recipe), force=ns.force, quiet=ns.quiet or ns.json, say=say)
+        record: dict[str, object] = {"path": str(built.path), "reused": built.reused, **built.record._asdict()}
+    elif ns.action == "build-tiny":
+        made = tiny.build(force=ns.force)
+        record = {"name": made.name, "path": str(made.path), "id": tiny.image_id(made.path)}
+    elif ns.action == "remove":
+        for path in store.remove(ns.name, keep_newest=ns.old):
+            print(f"removed {path}")
+        return 0
+    elif ns.action == "list":
+        rows = [_image_row(image) for image in store.stored_images()]
+        if ns.json:
+            import json
+
+            print(json.dumps(rows))
+        else:
+            print_table(rows, ["name", "id", "size", "used", "built", "path"])
+        return 0
+    else:
+        path = store.resolve_image(ns.image)
+        stored = next((i for i in store.stored_images() if i.path == path.resolve()), None)
+        record = _image_row(stored) if stored else {"path": str(path)}
+        record |= {"uuid": ext4.filesystem_uuid(path)}
+        if not stored or stored.record is None:
+            record["id"] = tiny.image_id(path)
+    print_record(record, ns.json)
+    return 0
+
+
+def _image_row(image: StoredImage) -> dict[str, object]:
+    st = image.path.stat()
+    row: dict[str, object] = {
+        "name": image.record.name if image.record else "tiny",
+        "id": (image.record.content_id if image.record else "")[:16] or None,
+        "size": human(image.record.size_bytes if image.record else st.st_size),
+        "used": human(st.st_blocks * 512),
+        "built": image.record.built if image.record else None,
+        "path": str(image.path),
+    }
+    if image.record:
+        row |= {"content_id": image.record.content_id, **image.record._asdict()}
+    return row
+
+
+def cmd_changes(argv: Sequence[str]) -> int:
+    p = parser_class()(prog="apppot changes", description="Changes archives made by apppot-snap changes.")
+    sub = p.add_subparsers(dest="action", required=True)
+    show = sub.add_parser("show", help="what an archive adds, modifies and deletes, and the base it needs")
+    show.add_argument("archive", type=Path)
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    ns = p.parse_args(argv)
+    from apppot import snap
+
+    try:
+        info, members = snap.check_archive(str(ns.archive))
+    except snap.SnapError as e:
+        raise UsageError(str(e)) from None
+    if ns.json:
+        import json
+
+        print(json.dumps({**info._asdict(), "members": len(members), "bytes": ns.archive.stat().st_size}))
+        return 0
+    print(f"archive: {ns.archive} ({ns.archive.stat().st_size} bytes)")
+    print(f"base: {info.base}")
+    print(f"made: {info.created} by {info.tool}")
+    for label, paths in (("adds", info.added), ("modifies", info.modified), ("deletes", info.deleted)):
+        print(f"{label} ({len(paths)}):")
+        for path in paths:
+            print(f"  {path}")
+    return 0
+
+
+def cmd_kernel(argv: Sequence[str]) -> int:
+    p = parser_class()(prog="apppot kernel", description="AppPot's own User-mode Linux kernel.")
+    sub = p.add_subparsers(dest="action", required=True)
+    build = sub.add_parser("build", help="build AppPot's kernel from Debian's kernel source into the cache (~4 min)")
+    build.add_argument("--force", action="store_true", help="rebuild even if this version and config are built")
+    build.add_argument("--jobs", type=int, metavar="N", help="parallel compile jobs (default: number of CPUs)")
+    build.add_argument("--json", action="store_true", help="machine-readable output")
+    info = sub.add_parser("info", help="the kernel `apppot start` would use, and what it can do on this host")
+    info.add_argument("--kernel", metavar="PATH", help="this kernel instead")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    ns = p.parse_args(argv)
+    if ns.action == "build":
+        from apppot import kernel_build
+
+        built = kernel_build.build(force=ns.force, jobs=ns.jobs, say=say)
+        record: dict[str, object] = {"path": str(built.directory / "linux"), "reused": built.reused, **built.record._asdict()}
+    else:
+        from apppot.kernel import KernelRecord, find_kernel, kernel_traits
+        from apppot.network import choose_network
+
+        found = find_kernel(ns.kernel)
+        own = KernelRecord.read(found.path)
+        traits = kernel_traits(found.path, say)
+        net = choose_network(traits, None)
+        record = {
+            "path": str(found.path),
+            "chosen_by": found.source.value,
+            **(own._asdict() if own else {"release": None, "source_package": "user-mode-linux (Debian)"}),
+            "seccomp_supported": traits.seccomp_option,
+            "seccomp_on_this_host": traits.seccomp_works,
+            "lpj": traits.lpj,
+            # What `apppot start` would pick here, not only what the kernel could drive.
+            "network": "vde slirp plugin" if net else "none",  # a NAT helper outside UML's namespace
+        }
+    print_record(record, ns.json)
+    return 0
