@@ -18,7 +18,6 @@ import fcntl
 import json
 import os
 import re
-import secrets
 import stat
 import struct
 from collections.abc import Callable
@@ -265,7 +264,7 @@ def _open_existing(cow: Path) -> int | None:
 
 def _create_held(cow: Path, fill_new: Fill) -> int | None:
     """A new COW at ``cow``, filled and locked before it appears there; None if another job's appeared first."""
-    new = cow.with_name(f".{cow.name}.apppot-new-{os.getpid()}-{secrets.token_hex(4)}")
+    new = cow.with_name(f".{cow.name}.apppot-new-{os.getpid()}-{os.urandom(4).hex()}")
     try:
         fd = os.open(new, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)  # private
     except OSError as e:

@@ -28,7 +28,13 @@ RUN_FILES_FREE = 4 * MIB  # the control and report files, when TMPDIR holds no d
 FULL_BELOW = MIB  # free space under which a filesystem that shrank during the job counts as full
 # The guest kernel's block-layer lines for its root disk (UML's ubda, QEMU's vda): "critical space
 # allocation error, dev ubda", "I/O error, dev vda", "Buffer I/O error on dev(ice) ubda".
-_DISK_ERROR = re.compile(rb"error(?:, dev| on dev| on device) (?:ubda|vda)\b")
+# Only where the kernel's own line begins (after its time stamp and a function name such as
+# blk_update_request:): the agent's "apppot-agent: running: CMD" line must not count, whatever CMD is.
+_DISK_ERROR = re.compile(
+    rb"(?m)^(?:\[[ 0-9.]+\] ?)?(?:[a-z_]+: )?"
+    rb"(?:critical (?:space allocation|medium|target) error|I/O error|Buffer I/O error)"
+    rb"(?:, dev| on dev| on device) (?:ubda|vda)\b"
+)
 _LINE_BEFORE, _LINE_AFTER = 160, 100  # what of the line around it the message quotes
 _SCAN_CHUNK = 1 << 20
 _OVERLAP = 256

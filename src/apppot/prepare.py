@@ -18,7 +18,6 @@ from pathlib import Path
 from apppot import userpath
 from apppot.backends.base import Instance, Prepared
 from apppot.backends.choice import Backend, Decision
-from apppot.backends.qemu_instance import QemuInstance
 from apppot.backends.uml import AGENT_SERVICE, SYSTEMD_PATH
 from apppot.backends.uml_instance import HOSTFS_SAFE, UmlInstance
 from apppot.errors import CowError, HostError, UsageError
@@ -53,6 +52,8 @@ def prepare(spec: JobSpec, say: Say, decision: Decision) -> Instance:
     common = Prepared(image, fs_uuid, jobdir, spec.mem_bytes or DEFAULT_MEM, None, _instance_id(spec), None, changes)
     _check_image_use(spec, image)
     if decision.backend is Backend.QEMU:
+        from apppot.backends.qemu_instance import QemuInstance  # not loaded for UML jobs
+
         return QemuInstance.prepare(spec, say, common, decision)
     return UmlInstance.prepare(spec, say, common)
 

@@ -21,7 +21,6 @@ Every count the guest reports is checked against what was sent: more is GuestMis
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import os
@@ -64,6 +63,8 @@ def source_of(fd: int) -> Source:
 
 
 def _libc_tee() -> Callable[[int, int, int, int], int] | None:
+    import ctypes  # only for a pipe as stdin: loading it costs milliseconds
+
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         tee = libc.tee
@@ -328,6 +329,8 @@ class StdinSpool(StdinFeed):
         assert tee is not None
         copied = tee(self.fd, write_end, min(held, unsent + self._peek_chunk), SPLICE_F_NONBLOCK)
         if copied < 0:
+            import ctypes
+
             code = ctypes.get_errno()
             if code == errno.EAGAIN:
                 return None

@@ -33,6 +33,16 @@ def _is_null_device(fd: int) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == null.st_rdev
 
 
+def _readable(fd: int) -> bool:
+    """False for a descriptor open only for writing (`0>>file`): the job reads it as empty, as a closed one."""
+    import fcntl
+
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_WRONLY
+    except OSError:
+        return False
+
+
 def detect_streams(no_stdin: bool = False) -> Streams:
     """The host's streams; with ``no_stdin`` (-n) the job's stdin is /dev/null and the host's is never read."""
     interactive = not no_stdin and os.isatty(0) and os.isatty(1)
@@ -42,7 +52,7 @@ def detect_streams(no_stdin: bool = False) -> Streams:
 
     if interactive:
         stdin = StdinMode.TTY
-    elif no_stdin or _is_null_device(0):
+    elif no_stdin or _is_null_device(0) or not _readable(0):
         stdin = StdinMode.NULL
     else:
         stdin = stdin_mode(0)

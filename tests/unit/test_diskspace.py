@@ -58,14 +58,24 @@ def test_a_line_across_a_read_boundary_is_found(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    [b"", b"all fine\n", b"I/O error, dev ubdb, sector 1\n", b"I/O error, dev vdab\n", b"error dev ubda\n", b"\xff" * 5000],
+    [
+        b"apppot-agent: running: I/O error, dev ubda\n",  # a job's command line is no kernel line
+        b"[    1.000000] apppot-agent: running: error, dev ubda\n",
+        b"x I/O error, dev ubda\n",
+        b"",
+        b"all fine\n",
+        b"I/O error, dev ubdb, sector 1\n",
+        b"I/O error, dev vdab\n",
+        b"error dev ubda\n",
+        b"\xff" * 5000,
+    ],
 )
 def test_other_lines_are_not_taken_for_a_disk_error(tmp_path: Path, text: bytes) -> None:
     assert diskspace.find_disk_error(console(tmp_path, text)) is None
 
 
 def test_what_the_guest_wrote_on_the_line_is_cleaned_and_capped(tmp_path: Path) -> None:
-    hostile = b"\x1b[2J\x07" + b"A" * 10_000 + b"I/O error, dev ubda\x1b]0;pwned\x07" + b"B" * 10_000
+    hostile = b"\x1b[2J\x07" + b"A" * 10_000 + b"\nI/O error, dev ubda\x1b]0;pwned\x07" + b"B" * 10_000
     found = diskspace.find_disk_error(console(tmp_path, hostile))
     assert found is not None and len(found) < 300 and "\x1b" not in found and "\x07" not in found
 

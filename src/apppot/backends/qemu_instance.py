@@ -7,7 +7,6 @@ overlay the user keeps (--cow), which is checked against the image before each u
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -139,6 +138,8 @@ def _fill_overlay(overlay: Path, image: Path) -> None:
 def check_overlay(overlay: Path, image: Path) -> None:
     """A --cow file for QEMU must be a qcow2 overlay of this very image, made or last used since the image
     last changed (qcow2 records no mtime of its base, as UML's COW header does), and not in use."""
+    import json
+
     result = run([QEMU_IMG, "info", "--output=json", str(overlay)], check=False, package=QEMU_IMG_PACKAGE)
     if b"Is another process using the image" in result.stderr:  # the write lock QEMU holds while a job runs
         raise CowError(f"--cow {overlay} is in use by another running job; wait for it, or use another --cow")

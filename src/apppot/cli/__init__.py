@@ -14,9 +14,7 @@ from typing import NoReturn
 
 from apppot import __version__, hostfds
 from apppot.cli.common import parser_class, say
-from apppot.cli.images import cmd_changes, cmd_image, cmd_kernel
 from apppot.cli.start import cmd_start, parse_start
-from apppot.cli.submit import cmd_cancel, cmd_clean, cmd_fetch, cmd_status, cmd_submit, cmd_testbed
 from apppot.errors import EXIT_APPPOT_ERROR, EXIT_GUEST_DIED, AppPotError
 
 
@@ -52,25 +50,26 @@ def _run(func_argv: Sequence[str], prog: str) -> int:
         rest = func_argv[1:]
         if ns.subcommand == "start":
             return cmd_start(rest)
-        if ns.subcommand == "kernel":
-            return cmd_kernel(rest)
-        if ns.subcommand == "changes":
-            return cmd_changes(rest)
-        others = {
-            "submit": cmd_submit,
-            "status": cmd_status,
-            "fetch": cmd_fetch,
-            "cancel": cmd_cancel,
-            "clean": cmd_clean,
-            "testbed": cmd_testbed,
-        }
-        if ns.subcommand in others:
-            return others[ns.subcommand](rest)
-        if ns.subcommand in ("cloud-seed", "doctor"):
-            from apppot.cli import vm as cli_vm
+        # Each group's module is loaded only for its commands: `apppot start` pays for none of them.
+        if ns.subcommand in ("image", "kernel", "changes"):
+            from apppot.cli import images
 
-            return cli_vm.cmd_cloud_seed(rest) if ns.subcommand == "cloud-seed" else cli_vm.cmd_doctor(rest)
-        return cmd_image(rest)
+            return {"image": images.cmd_image, "kernel": images.cmd_kernel, "changes": images.cmd_changes}[ns.subcommand](rest)
+        if ns.subcommand in ("cloud-seed", "doctor"):
+            from apppot.cli import vm
+
+            return vm.cmd_cloud_seed(rest) if ns.subcommand == "cloud-seed" else vm.cmd_doctor(rest)
+        from apppot.cli import submit
+
+        others = {
+            "submit": submit.cmd_submit,
+            "status": submit.cmd_status,
+            "fetch": submit.cmd_fetch,
+            "cancel": submit.cmd_cancel,
+            "clean": submit.cmd_clean,
+            "testbed": submit.cmd_testbed,
+        }
+        return others[ns.subcommand](rest)
     except AppPotError as e:
         say(f"error: {e}")
         return e.exit_code
