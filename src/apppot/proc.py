@@ -15,9 +15,14 @@ PR_SET_PDEATHSIG = 1  # prctl(2)
 verbose: Callable[[str], None] | None = None
 
 
+# Debian keeps tools a plain user may run (mkfs.ext4, debugfs) here, off a plain user's PATH.
+SYSTEM_DIRS = ("/usr/sbin", "/sbin")
+
+
 def which(program: str) -> str | None:
-    """Like shutil.which, without importing shutil (and bz2, lzma) on every job start."""
-    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+    """Like shutil.which, without importing shutil (and bz2, lzma) on every job start; also looks in
+    SYSTEM_DIRS after PATH."""
+    for directory in [*os.environ.get("PATH", os.defpath).split(os.pathsep), *SYSTEM_DIRS]:
         candidate = os.path.join(directory or ".", program)
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
@@ -57,9 +62,12 @@ def run(
     """
     if verbose:
         verbose(f"running: {shlex.join(argv)}")
+    argv = list(argv)
+    if "/" not in argv[0]:
+        argv[0] = which(argv[0]) or argv[0]  # mkfs.ext4 is in /usr/sbin, not on a plain user's PATH
     try:
         result = subprocess.run(
-            list(argv),
+            argv,
             input=input,
             stdin=None if input is not None else subprocess.DEVNULL,
             capture_output=True,

@@ -43,6 +43,15 @@ def _readable(fd: int) -> bool:
         return False
 
 
+def _background_terminal(fd: int) -> bool:
+    """A terminal whose foreground is another process group (`apppot start ... > out &` in a shell with job
+    control): reading it would stop AppPot (SIGTTIN) though the job may never read; it reads as empty."""
+    try:
+        return os.isatty(fd) and os.tcgetpgrp(fd) != os.getpgrp()
+    except OSError:
+        return False
+
+
 def detect_streams(no_stdin: bool = False) -> Streams:
     """The host's streams; with ``no_stdin`` (-n) the job's stdin is /dev/null and the host's is never read."""
     interactive = not no_stdin and os.isatty(0) and os.isatty(1)
@@ -52,7 +61,7 @@ def detect_streams(no_stdin: bool = False) -> Streams:
 
     if interactive:
         stdin = StdinMode.TTY
-    elif no_stdin or _is_null_device(0) or not _readable(0):
+    elif no_stdin or _is_null_device(0) or not _readable(0) or _background_terminal(0):
         stdin = StdinMode.NULL
     else:
         stdin = stdin_mode(0)

@@ -63,3 +63,15 @@ def test_a_write_only_stdin_does_not_fail_a_job_that_never_reads_it(apppot, job:
     chown_to(target, test_user)
     r = apppot(["start", "--", "echo", "hi"], cwd=job, as_user=test_user, prefix=wrapped(f'"$@" 0>>{target}'))
     assert (r.returncode, r.stdout) == (0, b"hi\n"), r.err
+
+
+def test_a_background_job_on_a_terminal_is_not_stopped_for_stdin_it_never_reads(apppot, job: Path) -> None:
+    # `apppot start -- echo hi > out &` in a shell with job control, stdin the terminal: AppPot read the
+    # terminal from the background and was stopped (SIGTTIN) for good; natively echo runs and ends.
+    out = job / "out"
+    shell = f'set -m; "$@" > {out} & wait $!; echo "status $?"'
+    inner = ["bash", "-c", shell, "bash"]
+    prefix = ["bash", "-c", 'exec script -qec "$(printf "%q " "$@")" /dev/null', "bash", *inner]
+    r = apppot(["start", "--", "echo", "hi"], cwd=job, prefix=prefix, timeout=BOUND_S)
+    assert b"status 0" in r.stdout, (r.stdout, r.err)
+    assert out.read_bytes() == b"hi\n"

@@ -26,13 +26,18 @@ which command runs (first match wins):
 
 exit status:
   the job's own exit status (128+N if the job was killed by signal N);
-  {EXIT_APPPOT_ERROR} if AppPot could not start or run the job (the reason is printed);
-  {EXIT_GUEST_DIED} if the guest ended without reporting a status (kernel panic, killed UML or QEMU),
+  {EXIT_APPPOT_ERROR} if AppPot could not start or run the job (the reason is printed), and also, whatever
+      the job's status (the line gives it), if its stdout or stderr could not be written in full (a full
+      disk, /dev/full, a closed stream) or the guest's disk filled up its host filesystem;
+  {EXIT_GUEST_DIED} if the guest ended without reporting a status (kernel panic, killed UML or QEMU, AppPot's
+      agent not started within --boot-timeout),
       or left something no agent writes where the host reads its reports (the line says what);
-  128+N if apppot start itself was stopped by signal N (SIGINT, SIGTERM).
+  128+N if apppot start itself was stopped by signal N (SIGINT, SIGTERM);
+  141 if the reader of the job's stdout or stderr went away (as SIGPIPE ends a program).
 
 environment: APPPOT_IMAGE (--image), APPPOT_MEM (--mem), APPPOT_KERNEL (--kernel), APPPOT_CPU (--cpu),
-APPPOT_BACKEND (--backend), APPPOT_KVM (1: --kvm, 0: --no-kvm), APPPOT_HOST_LOOPBACK (1: --host-loopback).
+APPPOT_BACKEND (--backend), APPPOT_KVM (1: --kvm, 0: --no-kvm), APPPOT_HOST_LOOPBACK (1: --host-loopback),
+APPPOT_MIN_FREE (the free space the guest's disk needs before the boot; 0 skips the check).
 """
 
 
