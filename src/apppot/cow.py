@@ -215,12 +215,16 @@ def check_unlocked(cow: Path) -> None:
     except OSError as e:
         raise CowError(f"cannot open COW file {cow}: {e.strerror}; check its permissions") from e
     if held:
-        raise CowError(f"COW file {cow} is in use by another running job; wait for it, or use another --cow")
+        raise in_use(cow)
 
 
 # Where flock(2) is carried out as a POSIX lock on the server, so it would collide with UML's own lock.
 _FLOCK_IS_POSIX = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs"})
 Fill = Callable[[int, Path], None]  # writes a new COW or overlay: its descriptor and its path
+
+
+def in_use(cow: Path) -> CowError:
+    return CowError(f"--cow {cow} is in use by another running job; wait for it, or use another --cow")
 
 
 def hold(cow: Path, fill_new: Fill, fstype: str) -> int:
@@ -243,7 +247,7 @@ def hold(cow: Path, fill_new: Fill, fstype: str) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise CowError(f"COW file {cow} is in use by another running job; wait for it, or use another --cow") from None
+        raise in_use(cow) from None
     return fd
 
 

@@ -106,10 +106,11 @@ class Job:
             for s, h in old.items():
                 signal.signal(s, h)
 
-    def _uml_dir(self) -> Path:
-        uml_dir = self.rundir / "uml"
-        uml_dir.mkdir()
-        return uml_dir
+    def _own_dir(self) -> Path:
+        """An empty directory for the hypervisor's own files (UML's umid directory)."""
+        own = self.rundir / "hypervisor"
+        own.mkdir()
+        return own
 
     def _log(self) -> tuple[int, Path, bool]:
         """The console log: the user's --console-log, or a file kept only if needed."""
@@ -130,14 +131,14 @@ class Job:
         p = self.prepared
         for warning in p.warnings:
             self.say(warning)
-        uml_dir = self._uml_dir()
+        own_dir = self._own_dir()
         channel = Channel(self.rundir)
         try:
-            return self._run_with(channel, uml_dir)
+            return self._run_with(channel, own_dir)
         finally:
             channel.close()
 
-    def _run_with(self, channel: Channel, uml_dir: Path) -> int:
+    def _run_with(self, channel: Channel, own_dir: Path) -> int:
         p = self.prepared
         if p.changes is not None:  # first: a refused archive stops the job before anything is opened
             _put_changes(channel, p.changes, self.say if self.spec.verbose else None, automatic=self.spec.changes is None)
@@ -152,7 +153,7 @@ class Job:
         terminal: tuple[int, int] | None = None
         if streams.interactive:
             terminal = (os.dup(0), os.dup(1))
-        paths = RunPaths(channel.ctl, channel.out, uml_dir, disk.path, self.rundir / "net")
+        paths = RunPaths(channel.ctl, channel.out, own_dir, disk.path, self.rundir / "net")
         fds = GuestFds(log_fd, out_w, err_w, terminal)
         argv = self.instance.command(paths, fds, streams)
         if self.spec.verbose:
@@ -199,7 +200,10 @@ class Job:
             if saved_tty is not None:
                 restore_termios(saved_tty)
         if spool:
-            spool.settle()  # the host's stdin is left just past what the job read
+            try:
+                spool.settle()  # the host's stdin is left just past what the job read
+            except AppPotError as e:  # still through _outcome: a full disk is told first, the log kept
+                self.failure = self.failure or e
         return self._outcome(status, log_path, keep_log, relays)
 
     def _guest_job(self, streams: Streams) -> GuestJob:

@@ -27,6 +27,7 @@ import os
 import select
 import stat
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from enum import Enum
 
@@ -41,6 +42,7 @@ GUEST_PIPE = 1 << 16  # what the job's stdin pipe in the guest holds at most (16
 HOST_PIPE = 1 << 20  # what the host's stdin pipe is grown to, so AppPot can peek past GUEST_PIPE
 IDLE_WAIT_S = (0.001, 0.005, 0.02)  # polling back-off while neither stdin nor the guest moves
 JOIN_S = 2.0
+SPLICE_F_NONBLOCK = 2  # tee(2): fail with EAGAIN instead of waiting for data
 
 
 class Source(Enum):
@@ -74,9 +76,6 @@ def _libc_tee() -> Callable[[int, int, int, int], int] | None:
     tee.restype = ctypes.c_ssize_t
     result: Callable[[int, int, int, int], int] = tee
     return result
-
-
-SPLICE_F_NONBLOCK = 2
 
 
 def _read_error(e: OSError) -> HostError:
@@ -146,7 +145,7 @@ def stdin_mode(fd: int = 0) -> StdinMode:
     return StdinMode.FILE if rest is not None and rest <= FILE_LIMIT else StdinMode.SPOOL
 
 
-class StdinFeed(threading.Thread):
+class StdinFeed(threading.Thread, ABC):
     """Passes the host's stdin (fd 0) to the guest; ``settle`` leaves the rest for whoever reads next."""
 
     def __init__(self, channel: Channel, on_error: Callable[[], None], fd: int = 0) -> None:
@@ -169,11 +168,13 @@ class StdinFeed(threading.Thread):
             self.error = HostError(f"cannot pass stdin to the guest: {e.strerror}; check the space in TMPDIR")
             self.on_error()
 
+    @abstractmethod
     def _feed(self) -> None:
-        raise NotImplementedError
+        """Pass stdin to the guest until it ends or ``stop`` is set."""
 
+    @abstractmethod
     def settle(self) -> None:
-        raise NotImplementedError
+        """After the guest ended: leave the host's stdin just past what the job read."""
 
 
 def open_stdin(mode: StdinMode, channel: Channel, on_error: Callable[[], None]) -> StdinFeed | None:

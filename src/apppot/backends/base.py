@@ -39,7 +39,7 @@ class RunPaths(NamedTuple):
 
     ctl: Path  # the control directory (host -> guest)
     out: Path  # the report directory (guest -> host)
-    uml_dir: Path  # UML's own files (umid)
+    own: Path  # an empty directory for the hypervisor's own files (UML's uml_dir)
     disk: Path  # the COW or overlay the guest writes
     switch: Path  # the NAT helper's switch
 

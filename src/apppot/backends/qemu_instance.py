@@ -142,7 +142,7 @@ def check_overlay(overlay: Path, image: Path) -> None:
 
     result = run([QEMU_IMG, "info", "--output=json", str(overlay)], check=False, package=QEMU_IMG_PACKAGE)
     if b"Is another process using the image" in result.stderr:  # the write lock QEMU holds while a job runs
-        raise CowError(f"--cow {overlay} is in use by another running job; wait for it, or use another --cow")
+        raise cow.in_use(overlay)
     try:
         info = json.loads(result.stdout)
     except ValueError:

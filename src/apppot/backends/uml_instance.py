@@ -120,7 +120,7 @@ class UmlInstance(Instance):
             cow=SANDBOX_COW if sandboxed else str(paths.disk),
             mem_bytes=p.mem_bytes,
             umid=p.umid,
-            uml_dir=SANDBOX_UML_DIR if sandboxed else str(paths.uml_dir),
+            uml_dir=SANDBOX_UML_DIR if sandboxed else str(paths.own),
             log_fd=fds.log,
             stdout_fd=fds.stdout,
             stderr_fd=fds.stderr,
@@ -160,6 +160,6 @@ class UmlInstance(Instance):
             Bind(str(paths.ctl), SANDBOX_CTL),  # read-only: even guest root cannot plant anything there
             Bind(str(paths.out), SANDBOX_OUT, writable=True),
             Bind(str(p.jobdir), SANDBOX_JOB, writable=True),
-            Bind(str(paths.uml_dir), SANDBOX_UML_DIR, writable=True),
+            Bind(str(paths.own), SANDBOX_UML_DIR, writable=True),
         ]
         return binds
