@@ -16,6 +16,7 @@ PAGE = 4096
 GUEST_KERNEL_RESERVE = 16 * MIB
 DEFAULT_MEM = 512 * MIB
 FALLBACK_MEM = 256 * MIB
+MIN_MEM = 64 * MIB  # below this, no guest worth starting
 # How long a guest may take to start AppPot's agent: generous, for systemd (--full-boot) under QEMU's
 # emulation on a loaded host; a guest that never starts it (init=/bin/sh) ends with 122 then.
 DEFAULT_BOOT_TIMEOUT_S = 120.0
@@ -94,11 +95,12 @@ class MemChoice(NamedTuple):
 
 
 def choose_mem(requested: int | None, max_map_count: int, host_bytes: int) -> MemChoice:
-    """The guest memory: as requested, up to the host's; a warning where vm.max_map_count is below the worst case.
+    """The guest memory: as requested, up to the host's and to what vm.max_map_count lets UML map.
 
-    The worst case (one host mapping per page of a guest process) needs a guest process that fills most
-    of the memory through fragmented guest pages; measured, a process holding 120 MB in a 400M guest
-    used under 250 mappings, and ran with vm.max_map_count at 20000. So too low a value is a warning."""
+    UML may map each page of a guest process separately (a process filling fragmented memory).
+    Measured: a process that needs more mappings than vm.max_map_count allows does not fail an
+    allocation, it spins for ever (UML retries the fault). So a guest never gets more than the host
+    can map for it: less than asked is said in one warning line, with the sysctl that gives it all."""
     if requested is None:
         return MemChoice(DEFAULT_MEM if map_count_needed(DEFAULT_MEM) <= max_map_count else FALLBACK_MEM)
     if requested > host_bytes:
@@ -106,9 +108,14 @@ def choose_mem(requested: int | None, max_map_count: int, host_bytes: int) -> Me
     needed = map_count_needed(requested)
     if needed <= max_map_count:
         return MemChoice(requested)
+    fitting = (max_map_count * PAGE + GUEST_KERNEL_RESERVE) // MIB * MIB
+    fix = f"'sudo sysctl -w vm.max_map_count={needed}'"
+    if fitting < MIN_MEM:
+        raise HostError(
+            f"vm.max_map_count is {max_map_count}: UML could map no useful guest memory; {fix} allows --mem {requested // MIB}M"
+        )
     return MemChoice(
-        requested,
-        f"vm.max_map_count is {max_map_count}, below the {needed} mappings a guest of --mem {requested // MIB}M "
-        f"needs in the worst case: a job using most of its memory may fail to allocate some; "
-        f"'sudo sysctl -w vm.max_map_count={needed}' removes the risk",
+        fitting,
+        f"--mem {requested // MIB}M: the guest gets {fitting // MIB}M, what vm.max_map_count ({max_map_count}) lets UML map "
+        f"in the worst case (a guest process mapping more would hang); {fix} gives it all",
     )

@@ -298,7 +298,9 @@ def test_memory_option(apppot, jobdir: Path) -> None:
     assert 112 * 1024 <= large - small <= 144 * 1024
 
 
-def test_too_small_max_map_count_is_a_warning(apppot, jobdir: Path) -> None:
+def test_too_small_max_map_count_gives_the_guest_what_uml_can_map(apppot, jobdir: Path) -> None:
+    # A guest process that maps more pages than vm.max_map_count allows spins for ever (measured with the
+    # limit at 200: 40 MB held after fragmenting memory never returned), so the guest gets less, said once.
     if os.getuid() != 0:
         pytest.skip("changing vm.max_map_count needs root")
     path = Path("/proc/sys/vm/max_map_count")
@@ -309,8 +311,8 @@ def test_too_small_max_map_count_is_a_warning(apppot, jobdir: Path) -> None:
     finally:
         path.write_text(old)
     assert r.returncode == 0, r.err
-    assert int(r.stdout.split()[1]) > 400  # the guest got what was asked
-    assert "vm.max_map_count" in r.err and "sysctl" in r.err
+    assert 50 < int(r.stdout.split()[1]) <= 94  # (20000 pages + 16 MiB), less what the guest kernel keeps
+    assert r.err.count("\n") == 1 and "the guest gets 94M" in r.err and "sysctl -w vm.max_map_count=" in r.err
 
 
 class _Hello(http.server.BaseHTTPRequestHandler):
