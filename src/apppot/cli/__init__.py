@@ -13,9 +13,10 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from apppot import __version__, hostfds
-from apppot.cli.common import parser_class, say
+from apppot.cli.common import parser_class
 from apppot.cli.start import cmd_start, parse_start
 from apppot.errors import EXIT_APPPOT_ERROR, EXIT_GUEST_DIED, AppPotError
+from apppot.say import say_stderr as say
 
 
 def _run(func_argv: Sequence[str], prog: str) -> int:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, NoReturn
 
@@ -22,13 +20,6 @@ def parser_class() -> type[argparse.ArgumentParser]:
             raise UsageError(f"{message} (see {self.prog} --help)")
 
     return Parser
-
-
-def say(message: str) -> None:
-    """One line on stderr; a stderr that fails (full, closed) cannot be told, and does not crash us."""
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        sys.stderr.write(f"apppot: {message}\n")
-        sys.stderr.flush()
 
 
 def print_record(record: Mapping[str, object], as_json: bool) -> None:

@@ -6,8 +6,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from apppot.cli.common import human, parser_class, print_record, print_table, say
+from apppot.cli.common import human, parser_class, print_record, print_table
 from apppot.errors import UsageError
+from apppot.say import say_stderr as say
 
 if TYPE_CHECKING:
     from apppot.images.store import StoredImage

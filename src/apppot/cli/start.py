@@ -8,8 +8,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, NamedTuple
 
-from apppot.cli.common import parser_class, say
+from apppot.cli.common import parser_class
 from apppot.errors import EXIT_APPPOT_ERROR, EXIT_GUEST_DIED, JobDirError, UsageError
+from apppot.say import say_stderr as say
 from apppot.spec import DEFAULT_BOOT_TIMEOUT_S, Isolation, JobSpec, parse_mem, parse_seconds
 
 if TYPE_CHECKING:

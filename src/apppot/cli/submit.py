@@ -7,9 +7,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from apppot.cli.common import parser_class, say
+from apppot.cli.common import parser_class
 from apppot.cli.start import split_command
 from apppot.errors import EXIT_APPPOT_ERROR, UsageError
+from apppot.say import say_stderr as say
 from apppot.spec import parse_mem
 
 

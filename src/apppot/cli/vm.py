@@ -9,10 +9,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from apppot.cli.common import parser_class, say
+from apppot.cli.common import parser_class
 from apppot.cli.start import split_command
 from apppot.errors import AppPotError, UsageError
 from apppot.say import Say
+from apppot.say import say_stderr as say
 
 PrintRecord = Callable[[Mapping[str, object], bool], None]
 
