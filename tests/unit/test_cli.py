@@ -57,8 +57,8 @@ def test_repeatable_extra_and_names() -> None:
         ["--image", "a.img", "--mem", "1G", "--net", "-v"],
         ["--image=a.img", "--cow=c.cow", "--jobdir", "/tmp", "--console-log", "log"],
         ["--apppot", "c,i", "--uml", "/k", "--id", "x", "--extra", "a=1", "--extra=b", "--isolation", "strict"],
-        ["--no-net", "--user", "root", "--group", "g", "--verbose", "/bin/bash", "-l", "--image", "x"],
-        ["--linux", "/k", "prog"],
+        ["--no-net", "--user", "root", "--group", "g", "--verbose"],
+        ["--linux", "/k"],
         ["--cpu", "1", "--cpu=all"],
     ],
 )
@@ -70,7 +70,16 @@ def test_fast_parser_reads_what_argparse_reads(before: list[str]) -> None:
 
 @pytest.mark.parametrize(
     "before",
-    [["-h"], ["--ima", "x"], ["--mem"], ["--mem", "--net"], ["--net", "--no-net"], ["--isolation", "loose"], ["--net=1"]],
+    [
+        ["-h"],
+        ["--ima", "x"],
+        ["--mem"],
+        ["--mem", "--net"],
+        ["--net", "--no-net"],
+        ["--isolation", "loose"],
+        ["--net=1"],
+        ["stray"],
+    ],
 )
 def test_fast_parser_leaves_the_unusual_to_argparse(before: list[str]) -> None:
     assert _fast_parse(before) is None

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 START_EPILOG = f"""\
 which command runs (first match wins):
-  1. the command after --  (or after the options)
+  1. the command: the words after a -- that comes before it, else everything from the first word
+     that is neither an option nor an option's value (its own options and -- included)
   2. an executable apppot-run in the job directory
   3. /home/user/apppot-autorun inside the image
   4. an interactive shell, when stdin and stdout are a terminal
@@ -132,6 +133,7 @@ def _start_parser(prog: str) -> argparse.ArgumentParser:
 
     p = parser_class()(
         prog=prog,
+        usage="%(prog)s [OPTION ...] [--] [COMMAND [ARG ...]]",
         description="Boot an appliance and run one job in it, as if the command ran on the host.",
         epilog=START_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -157,28 +159,29 @@ def _start_parser(prog: str) -> argparse.ArgumentParser:
                 default=o.initial(),
                 help=o.help,
             )
-    p.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return p
 
 
+# Which flag is which option, for _fast_parse and split_start_argv.
+_BY_FLAG = {flag: o for o in START_OPTIONS for flag in o.flags}
+_TAKES_VALUE = ("value", "path", "append")
+
+
 def _fast_parse(before: list[str]) -> SimpleNamespace | None:
-    """The options before '--' as argparse would read them, or None for anything unusual
-    (help, unknown or abbreviated options, missing values, conflicts): argparse then answers."""
-    by_flag = {flag: o for o in START_OPTIONS for flag in o.flags}
+    """The options (no command: split_start_argv took it) as argparse would read them, or None for
+    anything unusual (help, unknown or abbreviated options, missing values, conflicts, a stray word):
+    argparse then answers."""
     values = {o.dest: o.initial() for o in START_OPTIONS}
     seen: set[str] = set()
     i = 0
     while i < len(before):
         arg = before[i]
-        if not arg.startswith("-") or arg == "-":
-            values["command"] = before[i:]
-            break
         flag, eq, inline = arg.partition("=") if arg.startswith("--") else (arg, "", "")
-        o = by_flag.get(flag)
+        o = _BY_FLAG.get(flag)
         if o is None or (o.kind in ("true", "false") and o.dest in seen):
             return None
         seen.add(o.dest)
-        if o.kind in ("true", "false", "flag"):
+        if o.kind not in _TAKES_VALUE:
             if eq:
                 return None
             values[o.dest] = o.kind != "false"
@@ -195,12 +198,51 @@ def _fast_parse(before: list[str]) -> SimpleNamespace | None:
             else:
                 values[o.dest] = Path(inline) if o.kind == "path" else inline
         i += 1
-    values.setdefault("command", [])
     return SimpleNamespace(**values)
 
 
+def split_start_argv(argv: Sequence[str]) -> tuple[list[str], list[str] | None]:
+    """`apppot start`'s options, and its command (None if there is none).
+
+    The command is what follows a '--' met before any command word; else, as the seed's clients
+    write it, everything from the first word that is neither an option nor an option's value, a
+    '--' of its own included (`--mem 256M grep -c -- b f.txt`)."""
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            return args[:i], args[i + 1 :]
+        if not arg.startswith("-") or arg == "-":
+            return args[:i], args[i:]
+        # A value option's value is never the command, even when it looks like a word; a '--' ends it.
+        i += 2 if _takes_next_word(arg) and args[i + 1 : i + 2] != ["--"] else 1
+    return args, None
+
+
+def _takes_next_word(arg: str) -> bool:
+    """Whether option word `arg` takes the next word as its value, as argparse reads it: a long option
+    (or a unique abbreviation) without '=value', or a cluster of short ones (-nv) ending with one."""
+    if arg.startswith("--"):
+        if "=" in arg:
+            return False
+        o = _BY_FLAG.get(arg)
+        if o is None:  # argparse takes unique abbreviations (--ima for --image)
+            matches = {id(o): o for flag, o in _BY_FLAG.items() if flag.startswith(arg)}
+            o = next(iter(matches.values())) if len(matches) == 1 else None
+        return o is not None and o.kind in _TAKES_VALUE
+    for pos in range(1, len(arg)):
+        o = _BY_FLAG.get("-" + arg[pos])
+        if o is None:
+            return False
+        if o.kind in _TAKES_VALUE:  # its value is the rest of the word, or else the next word
+            return pos == len(arg) - 1
+    return False
+
+
 def split_command(argv: Sequence[str]) -> tuple[list[str], list[str] | None]:
-    """Options before the first '--', and the command after it (None if no '--')."""
+    """Options before the first '--', and the command after it (None if no '--'): for the commands
+    whose command must follow '--' (submit, cloud-seed)."""
     args = list(argv)
     if "--" in args:
         i = args.index("--")
@@ -212,16 +254,32 @@ def _image_and_cow(ns: argparse.Namespace | SimpleNamespace) -> tuple[Path | Non
     image = ns.image or None
     cow_file = ns.cow
     if ns.apppot:
-        value = ns.apppot
-        sep = next((s for s in (",", ":") if s in value and not Path(value).exists()), None)
-        if sep:
-            cow_text, image_text = value.split(sep, 1)
-            cow_file = cow_file or Path(cow_text)
-            image = image or image_text
-        else:
-            image = image or value
+        seed_cow, seed_image = split_seed_image(ns.apppot)
+        cow_file = cow_file or seed_cow
+        image = image or seed_image
     image = image or os.environ.get("APPPOT_IMAGE") or None
     return (Path(image) if image else None), cow_file
+
+
+def split_seed_image(value: str) -> tuple[Path | None, str]:
+    """The seed's `--apppot [COW,]IMG` (or COW:IMG): the COW file, if given, and the image.
+
+    A path may hold a comma or a colon itself: a value naming an existing file is the image, and
+    of the places it could be split, the first one after which an existing image is named wins."""
+    if Path(value).exists():
+        return None, value
+    places = [i for i, c in enumerate(value) if c in ",:"]
+    if not places:
+        return None, value
+    at = next((i for i in places if Path(value[i + 1 :]).is_file()), None)
+    if at is None:  # no image there yet: split at the first comma (else colon); the image's check names it
+        at = value.index(",") if "," in value else places[0]
+    cow_text, image_text = value[:at], value[at + 1 :]
+    if not cow_text or not image_text:
+        raise UsageError(
+            f"--apppot {value}: the {'COW' if not cow_text else 'image'} is empty; give --apppot COW,IMG or --apppot IMG"
+        )
+    return Path(cow_text), image_text
 
 
 HOST_LOOPBACK_ENV = "APPPOT_HOST_LOOPBACK"
@@ -234,11 +292,8 @@ def _net(net: bool | None, host_loopback: bool) -> bool | None:
 
 
 def parse_start(argv: Sequence[str], prog: str = "apppot start") -> JobSpec:
-    before, after = split_command(argv)
-    ns = _fast_parse(before) or _start_parser(prog).parse_args(before)
-    command = after if after is not None else (ns.command or None)
-    if after is not None and ns.command:
-        raise UsageError(f"unexpected arguments before --: {' '.join(ns.command)}")
+    options, command = split_start_argv(argv)
+    ns = _fast_parse(options) or _start_parser(prog).parse_args(options)
     image, cow_file = _image_and_cow(ns)
     mem_text = ns.mem or os.environ.get("APPPOT_MEM")
     host_loopback = ns.host_loopback or os.environ.get(HOST_LOOPBACK_ENV) == "1"
