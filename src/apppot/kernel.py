@@ -164,6 +164,12 @@ def kernel_traits(kernel: Path, note: Callable[[str], None] | None = None) -> Ke
     return KernelTraits(**data)  # type: ignore[arg-type]
 
 
+def kernel_release(kernel: Path) -> str | None:
+    """The release a UML kernel reports (`linux --version` prints it and exits), or None."""
+    out = run([str(kernel), "--version"], check=False).stdout[:64].decode(errors="replace").strip()
+    return out if re.fullmatch(r"\d+\.\d+[0-9A-Za-z.+~_-]*", out) else None
+
+
 def _build_config(kernel: Path) -> str:
     """The .config AppPot's build kept next to the kernel, or '' for other kernels."""
     if KernelRecord.read(kernel) is None:

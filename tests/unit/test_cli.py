@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from apppot.cli.common import print_record, print_table
 from apppot.cli.start import _fast_parse, _start_parser, parse_start
 from apppot.errors import HostError, UsageError
 from apppot.spec import DEFAULT_MEM, FALLBACK_MEM, MIB, choose_mem, map_count_needed, parse_mem
@@ -148,3 +149,11 @@ def test_help_lists_every_option() -> None:
     text = _start_parser("apppot start").format_help()
     for flag in ("--unsafe-jobdir", "--host-loopback", "--net", "--no-net", "--kvm", "--no-kvm", "--cow"):
         assert flag in text, flag
+
+
+def test_a_record_shows_an_unknown_value_as_a_table_does(capsys: pytest.CaptureFixture[str]) -> None:
+    print_record({"built": None, "ok": False, "n": 0}, as_json=False)
+    print_table([{"name": "tiny", "built": None}], ["name", "built"])
+    assert capsys.readouterr().out.splitlines() == ["built: -", "ok: False", "n: 0", "name  built", "tiny  -"]
+    print_record({"built": None}, as_json=True)
+    assert capsys.readouterr().out == '{"built": null}\n'

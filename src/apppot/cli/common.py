@@ -23,20 +23,24 @@ def parser_class() -> type[argparse.ArgumentParser]:
 
 
 def print_record(record: Mapping[str, object], as_json: bool) -> None:
+    """One `key: value` line each, an unknown (None) value as '-' as in tables; or JSON, where it is null."""
     if as_json:
         import json
 
         print(json.dumps(record))
     else:
         for key, value in record.items():
-            print(f"{key}: {value}")
+            print(f"{key}: {UNKNOWN if value is None else value}")
+
+
+UNKNOWN = "-"  # how a record or table shows a value AppPot does not know
 
 
 def print_table(rows: list[dict[str, object]], columns: list[str]) -> None:
     if not rows:
         print("no images in the cache (apppot image build RECIPE.toml, apppot image build-tiny)")
         return
-    cells = [[str(row.get(c) or "-") for c in columns] for row in rows]
+    cells = [[str(row.get(c) or UNKNOWN) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
     for r in cells:

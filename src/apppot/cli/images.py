@@ -76,25 +76,31 @@ def cmd_image(argv: Sequence[str]) -> int:
         path = store.resolve_image(ns.image)
         stored = next((i for i in store.stored_images() if i.path == path.resolve()), None)
         record = _image_row(stored) if stored else {"path": str(path)}
+        if not stored:
+            content_id = tiny.image_id(path)
+            record |= {"id": content_id[:16], "content_id": content_id}
         record |= {"uuid": ext4.filesystem_uuid(path)}
-        if not stored or stored.record is None:
-            record["id"] = tiny.image_id(path)
     print_record(record, ns.json)
     return 0
 
 
 def _image_row(image: StoredImage) -> dict[str, object]:
+    from apppot.images import tiny
+
     st = image.path.stat()
+    # The tiny appliance has no record: its id is computed (a 64 MiB sparse file: fast).
+    content_id = image.record.content_id if image.record else tiny.image_id(image.path)
     row: dict[str, object] = {
         "name": image.record.name if image.record else "tiny",
-        "id": (image.record.content_id if image.record else "")[:16] or None,
+        "id": content_id[:16],
         "size": human(image.record.size_bytes if image.record else st.st_size),
         "used": human(st.st_blocks * 512),
         "built": image.record.built if image.record else None,
         "path": str(image.path),
     }
+    row["content_id"] = content_id
     if image.record:
-        row |= {"content_id": image.record.content_id, **image.record._asdict()}
+        row |= image.record._asdict()
     return row
 
 
@@ -143,7 +149,7 @@ def cmd_kernel(argv: Sequence[str]) -> int:
         built = kernel_build.build(force=ns.force, jobs=ns.jobs, say=say)
         record: dict[str, object] = {"path": str(built.directory / "linux"), "reused": built.reused, **built.record._asdict()}
     else:
-        from apppot.kernel import KernelRecord, find_kernel, kernel_traits
+        from apppot.kernel import KernelRecord, find_kernel, kernel_release, kernel_traits
         from apppot.network import choose_network
 
         found = find_kernel(ns.kernel)
@@ -153,7 +159,7 @@ def cmd_kernel(argv: Sequence[str]) -> int:
         record = {
             "path": str(found.path),
             "chosen_by": found.source.value,
-            **(own._asdict() if own else {"release": None, "source_package": "user-mode-linux (Debian)"}),
+            **(own._asdict() if own else {"release": kernel_release(found.path), "source_package": "user-mode-linux (Debian)"}),
             "seccomp_supported": traits.seccomp_option,
             "seccomp_on_this_host": traits.seccomp_works,
             "lpj": traits.lpj,

@@ -1,0 +1,36 @@
+"""What `apppot image info`, `image list` and `kernel info` show for what AppPot does not know: the
+same '-' in a record as in a table, null in JSON, never Python's None."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import apppot_cli
+
+
+@pytest.fixture(autouse=True)
+def uml_kernel() -> None:
+    """No job runs here: not the suite's two-kernel matrix."""
+
+
+def test_the_tiny_appliance_shows_the_same_id_and_unknowns_in_list_and_info(cache_home: Path, tiny_image: Path) -> None:
+    info = apppot_cli(cache_home, "image", "info", "tiny").stdout.decode()
+    listed = apppot_cli(cache_home, "image", "list").stdout.decode().splitlines()[1].split()
+    assert "None" not in info
+    fields = dict(line.split(": ", 1) for line in info.splitlines())
+    assert (fields["built"], fields["id"]) == ("-", listed[1])  # the list's columns: name id size used built path
+    assert listed[4] == "-"
+    as_json = json.loads(apppot_cli(cache_home, "image", "info", "--json", "tiny").stdout)
+    assert as_json["built"] is None and as_json["content_id"].startswith(as_json["id"]) and len(as_json["content_id"]) == 64
+    assert json.loads(apppot_cli(cache_home, "image", "list", "--json").stdout)[0]["id"] == as_json["id"]
+
+
+def test_debians_kernel_reports_its_release(cache_home: Path, debian_kernel: Path) -> None:
+    r = apppot_cli(cache_home, "kernel", "info", "--kernel", str(debian_kernel))
+    assert r.returncode == 0, r.err
+    release = subprocess.run([str(debian_kernel), "--version"], capture_output=True, text=True, check=True).stdout.strip()
+    assert f"\nrelease: {release}\n" in r.stdout.decode() and "None" not in r.stdout.decode()
