@@ -25,7 +25,7 @@ from pathlib import Path
 from apppot import kernel_config, kernel_source
 from apppot.errors import AppPotError, HostError
 from apppot.kernel import KernelRecord, kernel_traits, kernels_dir
-from apppot.proc import run
+from apppot.proc import run, which
 from apppot.say import Say
 
 BUILD_PACKAGES = "build-essential bc bison flex libelf-dev libssl-dev xz-utils"
@@ -60,7 +60,7 @@ def build(*, force: bool = False, jobs: int | None = None, say: Say) -> Built:
     root = kernels_dir()
     root.mkdir(parents=True, exist_ok=True)
     with _lock(root / ".build.lock", say):
-        missing = [c for c in BUILD_COMMANDS if shutil.which(c) is None]
+        missing = [c for c in BUILD_COMMANDS if which(c) is None]
         if not Path("/usr/include/gelf.h").exists():
             missing.append("libelf headers")
         if missing:
