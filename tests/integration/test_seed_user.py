@@ -82,3 +82,19 @@ def test_the_readme_first_job_as_a_new_user_with_a_plain_path(plain_home: Path, 
     assert (job / "result.txt").read_text().strip() == "10"
     assert (job / "result.txt").stat().st_uid == os.stat(plain_home).st_uid
     assert list((plain_home / ".cache" / "apppot" / "images").glob("tiny-*.img")), "the default appliance is in the user's cache"
+
+
+@pytest.mark.parametrize("command", [["--"], ["--", "echo", "ran"], ["-x"]])
+def test_a_command_named_like_an_option_is_not_found_as_natively(
+    plain_home: Path, tiny_image: Path, own_kernel: Path, test_user: str, command: list[str]
+) -> None:
+    """`apppot start -- -- echo ran`: the command is `-- echo ran`, which names no program (busybox's
+    exec took the '--' as its own, ran `echo` or nothing, and the job 'succeeded')."""
+    job = plain_home / "job"
+    job.mkdir()
+    chown_to(job, test_user)
+    env = {"APPPOT_KERNEL": str(own_kernel), "APPPOT_IMAGE": str(tiny_image)}
+    for user in ([], ["--user", "root"]):
+        r = as_plain_user(plain_home, [APPPOT, "start", *user, "--", *command], job, env)
+        assert (r.returncode, r.stdout) == (127, b""), (user, r.err)
+        assert f"{command[0]}: not found" in r.err
