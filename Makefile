@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test host host-test venv kernel lint check clean
+.PHONY: demo test host host-test venv kernel lint check clean install-site
 
 demo: host venv
 	@$(BIN)/apppot kernel build || echo "apppot: AppPot's kernel could not be built (the reason is above); jobs run on Debian's kernel"
@@ -21,6 +21,12 @@ kernel: venv
 
 host:
 	$(PYTHON) tools/host_setup.py
+
+# AppPot for every user (as root: PREFIX=/opt/apppot BINDIR=/usr/local/bin), or for yourself (PREFIX=~/.local):
+# the package under PREFIX/lib/apppot run by the system's Python, apppot, apppot-start, apppot-snap in PREFIX/bin.
+PREFIX ?= /usr/local
+install-site:
+	umask 022 && PYTHONPATH=src $(PYTHON) -m apppot.install --prefix "$(PREFIX)" $(if $(BINDIR),--bindir "$(BINDIR)")
 
 host-test:
 	$(PYTHON) tools/host_setup.py --test

@@ -83,15 +83,18 @@ def apppot(cache_home: Path, tiny_image: Path, tmp_path: Path):
         as_user: str | None = None,
         prefix: Sequence[str] = (),
     ) -> Result:
-        full_env = {**os.environ, "XDG_CACHE_HOME": str(cache_home), "TMPDIR": str(run_tmp), **(env or {})}
+        # Console logs (the XDG state directory) go beside the cache, where the tests look for them.
+        full_env = {**os.environ, "XDG_CACHE_HOME": str(cache_home), "XDG_STATE_HOME": str(cache_home), "TMPDIR": str(run_tmp)}
+        full_env |= env or {}
         argv = [APPPOT, *args]
         if as_user is not None:
             # The user's own cache; the session's image, by path.
             user_cache = tmp_path / f"cache-{as_user}"
             user_cache.mkdir(exist_ok=True)
             chown_to(user_cache, as_user)
-            if "XDG_CACHE_HOME" not in (env or {}):
-                full_env["XDG_CACHE_HOME"] = str(user_cache)
+            for variable in ("XDG_CACHE_HOME", "XDG_STATE_HOME"):
+                if variable not in (env or {}):
+                    full_env[variable] = str(user_cache)
             guest_kernel = cache_home / "apppot" / "guest-kernel"  # QEMU's, if the session has it
             if guest_kernel.exists() and not (user_cache / "apppot" / "guest-kernel").exists():
                 (user_cache / "apppot").mkdir(exist_ok=True)

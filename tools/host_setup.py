@@ -42,6 +42,7 @@ TESTING = [
     "nordugrid-arc-plugins-arcrest",
 ]
 TEST_USER = "apppot-test"
+TEST_USER_2 = "apppot-test2"  # a second user: runs by name what the first published (site images)
 
 
 def installed(package: str) -> bool:
@@ -75,11 +76,12 @@ def main() -> int:
             as_root(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing_test]), check=True, env=env
         )
     if args.test and os.geteuid() == 0:
-        try:
-            pwd.getpwnam(TEST_USER)
-        except KeyError:
-            print(f"host_setup: adding the unprivileged test user {TEST_USER}", flush=True)
-            subprocess.run(["useradd", "--create-home", "--user-group", TEST_USER], check=True)
+        for user in (TEST_USER, TEST_USER_2):
+            try:
+                pwd.getpwnam(user)
+            except KeyError:
+                print(f"host_setup: adding the unprivileged test user {user}", flush=True)
+                subprocess.run(["useradd", "--create-home", "--user-group", user], check=True)
     return 0
 
 

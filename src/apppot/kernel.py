@@ -1,6 +1,7 @@
 """Finding the User-mode Linux kernel, what it can do, and what it needs from the host.
 
-Precedence: --kernel > $APPPOT_KERNEL > AppPot's own kernel (`apppot kernel build`) > Debian's `linux`.
+Precedence: --kernel > $APPPOT_KERNEL > AppPot's own kernel (`apppot kernel build`) > the kernel published
+in a site image directory (`apppot image publish`, apppot.images.sites) > Debian's `linux`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class KernelSource(StrEnum):
     OPTION = "--kernel"
     ENV = KERNEL_ENV
     APPPOT = "apppot"  # built by `apppot kernel build`
+    SITE = "site"  # published with the site's images (DIR/kernel/linux)
     DEBIAN = "debian"  # `linux` on PATH
 
 
@@ -91,6 +93,11 @@ def find_kernel(explicit: str | None) -> FoundKernel:
     own = own_kernel()
     if own is not None:
         return FoundKernel(own, KernelSource.APPPOT)
+    from apppot.images.sites import site_kernel
+
+    published = site_kernel()
+    if published is not None:
+        return FoundKernel(published, KernelSource.SITE)
     found = which("linux")
     if found is None:
         raise HostError(MISSING_KERNEL)

@@ -22,7 +22,7 @@ from apppot.backends.uml import AGENT_SERVICE, SYSTEMD_PATH
 from apppot.backends.uml_instance import HOSTFS_SAFE, UmlInstance
 from apppot.errors import CowError, HostError, UsageError
 from apppot.images import ext4, tiny
-from apppot.images.store import cache_dir, resolve_image
+from apppot.images.store import cache_dir, find_published_tiny, resolve_image
 from apppot.jobdir import check_jobdir, check_not_in_cache, check_outside
 from apppot.say import Say
 from apppot.spec import DEFAULT_MEM, JobSpec
@@ -32,10 +32,15 @@ _UMID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def default_image(say: Say) -> Path:
+    """The tiny appliance: the user's, else the same one published in a site directory, else built now."""
     target = tiny.image_path()
-    if not target.exists():
-        say(f"building the default appliance (first use) into {target} ...")
-        tiny.build()
+    if target.exists():
+        return target
+    published = find_published_tiny(target.name)
+    if published is not None:
+        return published
+    say(f"building the default appliance (first use) into {target} ...")
+    tiny.build()
     return target
 
 

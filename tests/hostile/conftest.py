@@ -103,6 +103,7 @@ class Attack:
         cache.mkdir()
         chown_to(cache, self.user)
         env = {**os.environ, "PATH": PLAIN_PATH, "TMPDIR": str(self.apppot.tmp), "XDG_CACHE_HOME": str(cache)}
+        env["XDG_STATE_HOME"] = str(cache)  # its console log, beside the cache
         env |= {"APPPOT_IMAGE": str(image), "HOME": home_of(self.user)}
         argv = ["setpriv", f"--reuid={self.user}", f"--regid={self.user}", "--init-groups", "--", APPPOT, *args]
         return subprocess.Popen(argv, cwd=self.jobdir, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -108,7 +108,8 @@ def test_a_killed_apppot_leaves_nothing_after_the_next_start(attack: Attack, app
         time.sleep(0.1)
     logs = attack.jobdir.parent / "kill-cache" / "apppot" / "logs"
     assert len(list(logs.iterdir())) == 1  # the killed run's console log
-    outcome = attack.run(["start", "--", "true"], env={"XDG_CACHE_HOME": str(attack.jobdir.parent / "kill-cache")})
+    kill_cache = str(attack.jobdir.parent / "kill-cache")
+    outcome = attack.run(["start", "--", "true"], env={"XDG_CACHE_HOME": kill_cache, "XDG_STATE_HOME": kill_cache})
     assert outcome.returncode == 0, outcome.err  # check_host: its run directory is gone
     assert list(logs.iterdir()) == []
 

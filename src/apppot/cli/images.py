@@ -25,7 +25,20 @@ def cmd_image(argv: Sequence[str]) -> int:
     tiny_build = sub.add_parser("build-tiny", help="build the tiny default appliance into the cache")
     tiny_build.add_argument("--force", action="store_true", help="rebuild even if cached")
     tiny_build.add_argument("--json", action="store_true", help="machine-readable output")
-    listing = sub.add_parser("list", help="the images in the cache: names, sizes, ids")
+    publish = sub.add_parser(
+        "publish",
+        help="copy an image, its record and your kernel into a site image directory, read-only for every user",
+    )
+    publish.add_argument("name", help="an image name from 'apppot image list'")
+    publish.add_argument(
+        "directory", nargs="?", type=Path, help="the site image directory (default: the first of APPPOT_IMAGE_PATH)"
+    )
+    publish.add_argument("--force", action="store_true", help="replace a different image (or kernel) of that name there")
+    publish.add_argument("--kernel", metavar="PATH", help="publish this UML kernel (default: the one apppot start uses)")
+    publish.add_argument("--no-kernel", action="store_true", help="publish the image only")
+    publish.add_argument("--quiet", action="store_true", help="no progress lines")
+    publish.add_argument("--json", action="store_true", help="machine-readable output")
+    listing = sub.add_parser("list", help="the images in the cache, then in the site image directories: names, sizes, ids")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     remove = sub.add_parser("remove", help="remove the images built under a name from the cache")
     remove.add_argument("name", help="an image name from 'apppot image list'")
@@ -51,6 +64,19 @@ def cmd_image(argv: Sequence[str]) -> int:
         from apppot.cli import vm as cli_vm
 
         return cli_vm.image_export(ns, say, print_record)
+    if ns.action == "publish":
+        from apppot.images import publish as publishing
+
+        done = publishing.publish(
+            ns.name,
+            ns.directory,
+            force=ns.force,
+            kernel=ns.kernel,
+            with_kernel=not ns.no_kernel,
+            say=(lambda _: None) if ns.quiet else say,
+        )
+        print_record({k: str(v) if isinstance(v, Path) else v for k, v in done._asdict().items()}, ns.json)
+        return 0
     if ns.action == "build":
         from apppot.images import debian, recipe
 
@@ -64,17 +90,17 @@ def cmd_image(argv: Sequence[str]) -> int:
             print(f"removed {path}")
         return 0
     elif ns.action == "list":
-        rows = [_image_row(image) for image in store.stored_images()]
+        rows = [_image_row(image) for image in store.all_images()]
         if ns.json:
             import json
 
             print(json.dumps(rows))
         else:
-            print_table(rows, ["name", "id", "size", "used", "built", "path"])
+            print_table(rows, ["name", "id", "size", "used", "built", "where", "path"])
         return 0
     else:
         path = store.resolve_image(ns.image)
-        stored = next((i for i in store.stored_images() if i.path == path.resolve()), None)
+        stored = next((i for i in store.all_images() if i.path.resolve() == path.resolve()), None)
         record = _image_row(stored) if stored else {"path": str(path)}
         if not stored:
             content_id = tiny.image_id(path)
@@ -96,6 +122,7 @@ def _image_row(image: StoredImage) -> dict[str, object]:
         "size": human(image.record.size_bytes if image.record else st.st_size),
         "used": human(st.st_blocks * 512),
         "built": image.record.built if image.record else None,
+        "where": "cache" if image.site is None else f"site {image.site}",
         "path": str(image.path),
     }
     row["content_id"] = content_id

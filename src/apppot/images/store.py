@@ -1,4 +1,5 @@
-"""Where AppPot keeps its images: the user's cache (XDG), addressed by name and by content id.
+"""Where AppPot keeps its images: the user's cache (XDG), then the site image directories (apppot.images.sites),
+addressed by name and by content id.
 
 A built appliance is two files in images_dir(): NAME-RECIPEID.img and NAME-RECIPEID.json, the record
 of what went into it. The tiny default appliance is tiny-INPUTSID.img, without a record.
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from apppot.errors import ImageError
+from apppot.images import sites
 
 RECORD_SUFFIX = ".json"
 
@@ -66,26 +68,36 @@ class ImageRecord(NamedTuple):
 class StoredImage(NamedTuple):
     path: Path
     record: ImageRecord | None  # None: the tiny default appliance
+    site: Path | None = None  # the site image directory it is published in; None: the user's cache
+
+    @property
+    def name(self) -> str:
+        return self.record.name if self.record else "tiny"
 
 
 def image_stem(name: str, recipe_id: str) -> str:
     return f"{name}-{recipe_id[:16]}"
 
 
-def stored_images() -> list[StoredImage]:
-    """Every complete image in the cache, newest first."""
-    directory = images_dir()
+def stored_images(site: Path | None = None) -> list[StoredImage]:
+    """Every complete image in the user's cache, or in one site image directory, newest first. In a site
+    directory every image and record is checked (sites.check_file): one that others could change is an error."""
+    directory = images_dir() if site is None else site
     found: list[tuple[float, StoredImage]] = []
     try:
         entries = list(os.scandir(directory))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
+    except PermissionError as e:
+        raise ImageError(f"cannot read the image directory {directory}: {e.strerror}; make it readable (chmod +rx)") from None
     for entry in entries:
-        if not entry.name.endswith(".img"):
+        if not entry.name.endswith(".img") or entry.name.startswith("."):  # .NAME.tmp: a publish under way
             continue
         path = Path(entry.path)
         record_path = path.with_suffix(RECORD_SUFFIX)
         if record_path.exists():
+            if site is not None:
+                sites.check_file(record_path)
             try:
                 record: ImageRecord | None = ImageRecord.read(record_path)
             except ImageError:
@@ -94,10 +106,16 @@ def stored_images() -> list[StoredImage]:
             record = None
         else:
             continue  # no record: not one of ours, or a build that did not finish
+        st = sites.check_file(path) if site is not None else entry.stat()
         # The tiny appliance's files all carry the same fixed mtime (their content is deterministic):
         # when each was made shows in its inode's change time.
-        found.append((entry.stat().st_ctime if record is None else _built_key(record), StoredImage(path, record)))
+        found.append((st.st_ctime if record is None else _built_key(record), StoredImage(path, record, site)))
     return [image for _, image in sorted(found, key=lambda pair: pair[0], reverse=True)]
+
+
+def all_images() -> list[StoredImage]:
+    """The user's cache, then each site image directory ($APPPOT_IMAGE_PATH) in order: the search order."""
+    return [image for directory in [None, *sites.existing_site_dirs()] for image in stored_images(directory)]
 
 
 def _built_key(record: ImageRecord) -> float:
@@ -110,15 +128,27 @@ def _built_key(record: ImageRecord) -> float:
 
 
 def find_by_name(name: str) -> StoredImage | None:
-    """The newest image built under this name ("tiny": the tiny default appliance)."""
-    for image in stored_images():
-        if (image.record.name if image.record else "tiny") == name:
-            return image
+    """The image of this name ("tiny": the tiny default appliance) that comes first: the newest in the
+    user's cache, else the newest in the first site image directory that has one."""
+    return next((image for image in all_images() if image.name == name), None)
+
+
+def find_published_tiny(file_name: str) -> Path | None:
+    """The tiny appliance built from the same inputs (so the same bytes), published in a site directory.
+    For the default image only: a site directory that is not safe is passed over (the user builds it)."""
+    for directory in sites.site_dirs():
+        try:
+            sites.check_directory(directory)
+            candidate = directory / file_name
+            sites.check_file(candidate)
+        except (OSError, ImageError):
+            continue
+        return candidate
     return None
 
 
 def resolve_image(text: str) -> Path:
-    """An --image value: a path to an image file, or the name of an image in the cache."""
+    """An --image value: a path to an image file, or the name of an image in the cache or a site directory."""
     from apppot.images.recipe import NAME
 
     path = Path(text)
@@ -126,9 +156,10 @@ def resolve_image(text: str) -> Path:
         return path
     found = find_by_name(text)
     if found is None:
+        searched = ", ".join(str(d) for d in sites.site_dirs())
         raise ImageError(
-            f"no image file {text} here and no image named {text} in the cache; "
-            f"build it with 'apppot image build RECIPE.toml' (see 'apppot image list')"
+            f"no image file {text} here and no image named {text} in the cache nor in the site image directories "
+            f"({searched}; {sites.IMAGE_PATH_ENV}); build it with 'apppot image build RECIPE.toml' (see 'apppot image list')"
         )
     return found.path
 
@@ -136,8 +167,14 @@ def resolve_image(text: str) -> Path:
 def remove(name: str, keep_newest: bool) -> list[Path]:
     """Remove the cached images built under a name (all, or all but the newest); returns the removed image
     files. An image a running job uses stays readable to it until the job ends (its file is still open)."""
-    found = [image for image in stored_images() if (image.record.name if image.record else "tiny") == name]
+    found = [image for image in stored_images() if image.name == name]
     if not found:
+        published = next((image for image in all_images() if image.name == name), None)
+        if published is not None:
+            raise ImageError(
+                f"image {name} is published in the site directory {published.site}, not in your cache; "
+                f"its publisher removes it there (rm {published.path} and its .json)"
+            )
         raise ImageError(f"no image named {name} in the cache (see apppot image list)")
     removed = []
     for image in found[1:] if keep_newest else found:

@@ -150,7 +150,15 @@ def build(force: bool = False) -> TinyImage:
         return TinyImage(target, ident)
     import tempfile
 
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(target.parent, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise HostError(
+            f"cannot build the default appliance into {target.parent}: {e.strerror}; make your cache writable, "
+            "set XDG_CACHE_HOME to a writable directory, or ask for it in a site image directory (apppot image publish tiny)"
+        ) from None
     fs_uuid = ext4.format_uuid(bytes.fromhex(ident[:32]))
     with tempfile.TemporaryDirectory(prefix="apppot-tiny-", dir=target.parent) as tmp:
         root = Path(tmp) / "root"

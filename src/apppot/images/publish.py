@@ -1,0 +1,204 @@
+"""`apppot image publish`: copy an image, its record and the kernel into a site image directory, for every user.
+
+Each file is written beside its final name as .NAME.PID.tmp (which lookups pass over), made 0644 (the
+kernel 0755), synced, then renamed into place: a job never sees half a file, and a job running on a
+replaced image keeps the old one until it ends. The image goes first and its record last, as the record
+is what makes a built image visible. Sparse images stay sparse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import filecmp
+import os
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+from apppot.errors import ImageError
+from apppot.images import sites, store
+from apppot.say import Say
+
+FILE_MODE = 0o644
+EXEC_MODE = 0o755
+DIR_MODE = 0o755
+_CHUNK = 4 << 20
+PROGRESS_EVERY_S = 2.0
+KERNEL_FILES = ("linux", "kernel.json", "config")  # the binary, AppPot's build record, its .config
+
+
+class Published(NamedTuple):
+    name: str
+    directory: Path
+    image: Path
+    record: Path | None  # None: the tiny appliance, which has none
+    reused: bool  # the same image was published there already
+    replaced: list[str]  # the other images of that name it replaced (--force)
+    kernel: Path | None  # None: --no-kernel
+    kernel_reused: bool
+    copied_bytes: int
+    seconds: float
+
+
+def publish(name: str, directory: Path | None, *, force: bool, kernel: str | None, with_kernel: bool, say: Say) -> Published:
+    """Publish the image called name (as --image NAME finds it) into directory (default: the first site directory)."""
+    started = time.monotonic()
+    source = store.find_by_name(name)
+    if source is None:
+        raise ImageError(f"no image named {name} to publish; build it first (apppot image build RECIPE.toml, or build-tiny)")
+    target = _target_dir(directory if directory is not None else sites.site_dirs()[0])
+    existing = [image for image in store.stored_images(target) if image.name == name]
+    same = next((image for image in existing if _same_image(image, source)), None)
+    others = [image for image in existing if image is not same]
+    if others and not force:
+        raise ImageError(
+            f"{target} already has a different image named {name} ({others[0].path.name}); "
+            "publish with --force to replace it (jobs running on it keep it until they end)"
+        )
+    kernel_source = _kernel_to_publish(kernel, target) if with_kernel else None
+    kernel_dir = target / sites.KERNEL_DIR
+    kernel_same = kernel_source is None or _same_kernel(kernel_source, kernel_dir)
+    if not kernel_same and (kernel_dir / "linux").exists() and not force:
+        raise ImageError(
+            f"{kernel_dir / 'linux'} is a different kernel from the one yours would be ({kernel_source}); "
+            "publish with --force to replace it, or with --no-kernel to leave it"
+        )
+    copied = 0
+    image_path = target / source.path.name
+    record_path = image_path.with_suffix(store.RECORD_SUFFIX) if source.record else None
+    if same is None:
+        copied += _install(source.path, image_path, FILE_MODE, say)
+        if record_path is not None:
+            copied += _install(source.path.with_suffix(store.RECORD_SUFFIX), record_path, FILE_MODE, say)
+    for old in others:  # the record first: it is what makes an image visible
+        if old.path == image_path:
+            continue  # replaced by the rename above
+        old.path.with_suffix(store.RECORD_SUFFIX).unlink(missing_ok=True)
+        old.path.unlink(missing_ok=True)
+    if kernel_source is not None and not kernel_same:
+        _make_dir(kernel_dir)
+        for file_name in KERNEL_FILES:
+            part = kernel_source.parent / file_name if file_name != "linux" else kernel_source
+            if part.is_file():
+                copied += _install(part, kernel_dir / file_name, EXEC_MODE if file_name == "linux" else FILE_MODE, say)
+            else:
+                (kernel_dir / file_name).unlink(missing_ok=True)  # not the record of the kernel it replaced
+    _sync_dir(target)
+    return Published(
+        name=name,
+        directory=target,
+        image=image_path,
+        record=record_path,
+        reused=same is not None,
+        replaced=[old.path.name for old in others if old.path != image_path],
+        kernel=kernel_dir / "linux" if kernel_source is not None else None,
+        kernel_reused=kernel_source is not None and kernel_same,
+        copied_bytes=copied,
+        seconds=round(time.monotonic() - started, 3),
+    )
+
+
+def _target_dir(directory: Path) -> Path:
+    """The site directory, made (0755) if missing, and checked as a user's lookup will check it."""
+    if not directory.is_absolute():
+        directory = Path.cwd() / directory
+    _make_dir(directory)
+    sites.check_directory(directory)
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ImageError(f"cannot write the site image directory {directory}; publish as its owner, or into another DIR")
+    return directory
+
+
+def _make_dir(directory: Path) -> None:
+    try:
+        directory.mkdir(mode=DIR_MODE, parents=True)
+    except FileExistsError:
+        return
+    except OSError as e:
+        raise ImageError(f"cannot make the site image directory {directory}: {e.strerror}; make it as its owner") from None
+    directory.chmod(DIR_MODE)  # whatever the umask: every user reads it
+
+
+def _same_image(published: store.StoredImage, source: store.StoredImage) -> bool:
+    if published.path.name != source.path.name:
+        return False
+    if source.record is None:  # the tiny appliance: its name is the hash of its inputs, its bytes follow
+        return True
+    return published.record is not None and published.record.content_id == source.record.content_id
+
+
+def _kernel_to_publish(explicit: str | None, target: Path) -> Path | None:
+    """The kernel `apppot start` would use (or --kernel); None when it is the one published there already."""
+    from apppot.kernel import find_kernel
+
+    found = find_kernel(explicit).path
+    with contextlib.suppress(OSError):
+        if found.samefile(target / sites.KERNEL_DIR / "linux"):
+            return None
+    return found
+
+
+def _same_kernel(source: Path, kernel_dir: Path) -> bool:
+    try:
+        return filecmp.cmp(source, kernel_dir / "linux", shallow=False)
+    except OSError:
+        return False
+
+
+def _install(source: Path, final: Path, mode: int, say: Say) -> int:
+    """Copy source to final through a temporary file and a rename; returns the bytes copied."""
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    try:
+        with open(source, "rb") as src:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                copied = _copy_sparse(src.fileno(), fd, source, say)
+                os.fchmod(fd, mode)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, final)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        fix = "free space there" if e.errno == errno.ENOSPC else "check the directory's owner and space"
+        raise ImageError(f"cannot publish {source} as {final}: {e.strerror}; {fix}") from None
+    return copied
+
+
+def _copy_sparse(src: int, dst: int, name: Path, say: Say) -> int:
+    """Copy the data regions of src (holes stay holes), saying how far a long copy has got."""
+    size = os.fstat(src).st_size
+    copied = 0
+    offset = 0
+    last_said = time.monotonic()
+    while offset < size:
+        try:
+            start = os.lseek(src, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole is left
+                break
+            raise
+        end = os.lseek(src, start, os.SEEK_HOLE)
+        while start < end:
+            chunk = os.pread(src, min(_CHUNK, end - start), start)
+            if not chunk:
+                break
+            os.pwrite(dst, chunk, start)
+            start += len(chunk)
+            copied += len(chunk)
+            if time.monotonic() - last_said >= PROGRESS_EVERY_S:
+                say(f"publishing {name.name}: {start * 100 // size}% ({start >> 20} of {size >> 20} MiB)")
+                last_said = time.monotonic()
+        offset = end
+    os.ftruncate(dst, size)
+    return copied
+
+
+def _sync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

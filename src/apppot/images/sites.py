@@ -1,0 +1,93 @@
+"""Site image directories: images (and a kernel) a site or a colleague published for every user.
+
+$APPPOT_IMAGE_PATH names them, colon-separated, searched in order after the user's own cache;
+unset, the one directory /var/lib/apppot/images (missing directories are skipped, as in $PATH).
+Everything in them is used read-only: a job's writes go to its own COW or overlay, never beside them.
+
+A site directory is trusted as far as whoever can write it is: a directory, a parent of it or an
+image that others than its owner may change (group- or world-writable, without the sticky bit for a
+directory) could swap the image or the kernel under every user's job, so it is refused, naming the
+path and the fix (chmod go-w).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from apppot.errors import ImageError
+from apppot.userpath import kind
+
+IMAGE_PATH_ENV = "APPPOT_IMAGE_PATH"
+DEFAULT_SITE_DIR = Path("/var/lib/apppot/images")
+KERNEL_DIR = "kernel"  # DIR/kernel/linux (and its kernel.json, config): the kernel published with the images
+_WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
+
+
+def site_dirs() -> list[Path]:
+    """The site image directories, in search order (whether or not they exist)."""
+    value = os.environ.get(IMAGE_PATH_ENV)
+    if value is None:
+        return [DEFAULT_SITE_DIR]
+    dirs: list[Path] = []
+    for part in value.split(":"):
+        if not part:
+            continue
+        if not os.path.isabs(part):
+            raise ImageError(f"{IMAGE_PATH_ENV} holds the relative directory {part!r}; give absolute directories")
+        if Path(part) not in dirs:
+            dirs.append(Path(part))
+    return dirs
+
+
+def existing_site_dirs() -> list[Path]:
+    """The site directories that exist, each checked (check_directory): an unsafe one is an error."""
+    found = []
+    for directory in site_dirs():
+        if directory.is_dir():
+            check_directory(directory)
+            found.append(directory)
+    return found
+
+
+def check_directory(directory: Path) -> None:
+    """Refuse a site directory that others than its owner could change: itself, or a parent of it that
+    is writable by group or others without the sticky bit (in /tmp only owners rename their files)."""
+    real = directory.resolve()
+    for path in [real, *real.parents]:
+        st = path.stat()
+        if path == real and not stat.S_ISDIR(st.st_mode):
+            raise ImageError(f"site image directory {directory} is {kind(st.st_mode)}; fix {IMAGE_PATH_ENV}")
+        sticky = path != real and st.st_mode & stat.S_ISVTX
+        if st.st_mode & _WRITABLE_BY_OTHERS and not sticky:
+            raise ImageError(
+                f"site image directory {directory}: {path} is writable by others than its owner "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}), so anyone could swap the images; "
+                f"make it chmod go-w, or leave it out of {IMAGE_PATH_ENV}"
+            )
+
+
+def check_file(path: Path) -> os.stat_result:
+    """A published file (image, record, kernel): a regular file, not a link, that only its owner may write."""
+    st = path.lstat()
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(f"published file {path} is {kind(st.st_mode)}, not a file; republish it (apppot image publish)")
+    if st.st_mode & _WRITABLE_BY_OTHERS:
+        raise ImageError(
+            f"published file {path} is writable by others than its owner (mode {stat.S_IMODE(st.st_mode):04o}); "
+            "make it chmod go-w, or republish it (apppot image publish)"
+        )
+    return st
+
+
+def site_kernel() -> Path | None:
+    """The kernel published in the first site directory that has one (DIR/kernel/linux), checked."""
+    for directory in existing_site_dirs():
+        candidate = directory / KERNEL_DIR / "linux"
+        if candidate.exists() or candidate.is_symlink():
+            check_directory(candidate.parent)
+            check_file(candidate)
+            if os.access(candidate, os.X_OK):
+                return candidate.resolve()
+    return None

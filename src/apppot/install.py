@@ -1,0 +1,122 @@
+"""A site install of AppPot, for every user of a host (or, under ~/.local, for one user).
+
+PREFIX/lib/apppot holds the package, compiled, run by the system's Python (`-I`: a job's PYTHONPATH or
+user site cannot change what runs); PREFIX/bin holds `apppot`, `apppot-start` and `apppot-snap`, also
+linked into --bindir when given (e.g. /usr/local/bin for PREFIX=/opt/apppot). Files 0644, programs and
+directories 0755, whatever the umask. The package is replaced by a rename, so a job that starts during
+an upgrade runs the old or the new AppPot, never half of each.
+
+    make install-site PREFIX=/opt/apppot [BINDIR=/usr/local/bin]    # as root: for every user
+    make install-site PREFIX=~/.local                               # for yourself: ~/.local/bin/apppot
+(both run: PYTHONPATH=src python3 -m apppot.install --prefix PREFIX [--bindir DIR])
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import apppot
+from apppot.errors import AppPotError, HostError
+from apppot.proc import run
+
+PROGRAMS = {
+    "apppot": "from apppot.cli import entry\n\nentry()\n",
+    "apppot-start": "from apppot.cli import start_entry\n\nstart_entry()\n",
+    "apppot-snap": 'import runpy\n\nrunpy.run_module("apppot.snap", run_name="__main__")\n',
+}
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def system_python() -> str:
+    """The system's Python, which every user can run (the one running this may be a user's own, e.g. under /root)."""
+    return SYSTEM_PYTHON if os.access(SYSTEM_PYTHON, os.X_OK) else sys.executable
+
+
+def install(prefix: Path, bindir: Path | None = None, python: str | None = None) -> Path:
+    """Install this AppPot (the package this code is part of) under prefix; returns PREFIX/bin/apppot."""
+    prefix = prefix.expanduser().absolute()
+    python = python or system_python()
+    _check_python(python)
+    package = Path(apppot.__file__).resolve().parent
+    lib_parent = prefix / "lib"
+    lib = lib_parent / "apppot"
+    staging = lib_parent / f".apppot.{os.getpid()}.new"
+    try:
+        _make_dirs(lib_parent)
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(package, staging / "apppot", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        run([python, "-I", "-m", "compileall", "-q", str(staging)])  # job starts do not compile it again
+        _open_to_all(staging)
+        old = lib_parent / f".apppot.{os.getpid()}.old"
+        if lib.exists():
+            lib.rename(old)
+        staging.rename(lib)
+        shutil.rmtree(old, ignore_errors=True)
+        bin_dir = prefix / "bin"
+        _make_dirs(bin_dir)
+        for name, body in PROGRAMS.items():
+            launcher = f"#!{python} -I\n# AppPot, installed by apppot.install\nimport sys\n\nsys.path.insert(0, {str(lib)!r})\n"
+            _write(bin_dir / name, launcher + body)
+            if bindir is not None and bindir.expanduser().absolute() != bin_dir:
+                _link(bindir.expanduser().absolute() / name, bin_dir / name)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise HostError(f"cannot install AppPot under {prefix}: {e}; install as the owner of {prefix} (or root)") from None
+    return bin_dir / "apppot"
+
+
+def _check_python(python: str) -> None:
+    result = run([python, "-I", "-c", "import sys; sys.exit(sys.version_info < (3, 11))"], check=False)
+    if result.returncode != 0:
+        raise HostError(f"{python} cannot run AppPot, which needs Python 3.11 or newer; give another with --python")
+
+
+def _make_dirs(directory: Path) -> None:
+    if not directory.is_dir():
+        directory.mkdir(parents=True)
+        directory.chmod(0o755)
+
+
+def _open_to_all(tree: Path) -> None:
+    for path in [tree, *tree.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.chmod(0o755)
+    tmp.replace(path)
+
+
+def _link(link: Path, target: Path) -> None:
+    _make_dirs(link.parent)
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    tmp.replace(link)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python3 -m apppot.install", description="Install AppPot for every user of this host.")
+    p.add_argument("--prefix", type=Path, required=True, help="e.g. /opt/apppot, /usr/local, ~/.local")
+    p.add_argument("--bindir", type=Path, help="also link the programs here, e.g. /usr/local/bin")
+    p.add_argument("--python", help=f"the Python that runs AppPot (default: {SYSTEM_PYTHON}, else this one)")
+    ns = p.parse_args(argv)
+    try:
+        launcher = install(ns.prefix, ns.bindir, ns.python)
+    except AppPotError as e:
+        print(f"apppot install: error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(f"installed {launcher} (and apppot-start, apppot-snap beside it)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Site image directories: lookup order, name resolution, the checks on what others could change, publishing."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from apppot import logdir
+from apppot.errors import ImageError
+from apppot.images import publish, sites, store
+
+
+def fake(directory: Path, name: str, rid: str, built: str, content: str = "c") -> Path:
+    directory.mkdir(parents=True, exist_ok=True, mode=0o755)
+    path = directory / f"{store.image_stem(name, rid)}.img"
+    path.write_bytes(b"image of " + name.encode() + content.encode())
+    record = store.ImageRecord(name, "r.toml", rid, content * 64, "a" * 64, 3, "debian", "bookworm", [], 1, built, 1.0)
+    record.write(path.with_suffix(".json"))
+    for p in (path, path.with_suffix(".json")):
+        p.chmod(0o644)
+    return path
+
+
+@pytest.fixture
+def dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path, Path]:
+    tmp_path.chmod(0o755)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    site1, site2 = tmp_path / "site1", tmp_path / "site2"
+    monkeypatch.setenv(sites.IMAGE_PATH_ENV, f"{site1}::{tmp_path / 'missing'}:{site2}:{site1}")
+    return store.images_dir(), site1, site2
+
+
+def test_the_default_site_directory_and_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(sites.IMAGE_PATH_ENV, raising=False)
+    assert sites.site_dirs() == [Path("/var/lib/apppot/images")]
+    monkeypatch.setenv(sites.IMAGE_PATH_ENV, "")
+    assert sites.site_dirs() == []
+    monkeypatch.setenv(sites.IMAGE_PATH_ENV, "/a:relative/b")
+    with pytest.raises(ImageError, match="relative directory 'relative/b'"):
+        sites.site_dirs()
+
+
+def test_the_cache_comes_first_then_the_sites_in_order(dirs: tuple[Path, Path, Path]) -> None:
+    cache, site1, site2 = dirs
+    in_site2 = fake(site2, "dev", "2" * 64, "2026-03-01T00:00:00Z")
+    assert store.resolve_image("dev") == in_site2
+    in_site1 = fake(site1, "dev", "1" * 64, "2026-01-01T00:00:00Z")
+    assert store.resolve_image("dev") == in_site1  # the first site directory, although site2's is newer
+    in_cache = fake(cache, "dev", "0" * 64, "2025-01-01T00:00:00Z")
+    assert store.resolve_image("dev") == in_cache  # the user's own cache before any site
+    found = store.find_by_name("dev")
+    assert found is not None and found.site is None
+    assert [(i.path, i.site) for i in store.all_images()] == [(in_cache, None), (in_site1, site1), (in_site2, site2)]
+    only_site = fake(site2, "app", "3" * 64, "2026-01-01T00:00:00Z")
+    assert store.resolve_image("app") == only_site
+    with pytest.raises(ImageError, match=f"no image named other in the cache nor in the site image directories .*{site2}"):
+        store.resolve_image("other")
+    with pytest.raises(ImageError, match=f"published in the site directory {site2}"):
+        store.remove("app", keep_newest=False)
+    assert only_site.exists()
+
+
+def test_a_site_directory_others_can_write_is_refused(dirs: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    _, site1, _ = dirs
+    fake(site1, "dev", "1" * 64, "2026-01-01T00:00:00Z")
+    site1.chmod(0o777)
+    with pytest.raises(ImageError, match=r"site1 is writable by others than its owner \(mode 0777\).*chmod go-w"):
+        store.resolve_image("dev")
+    site1.chmod(0o775)
+    with pytest.raises(ImageError, match="writable by others"):
+        store.all_images()
+    site1.chmod(0o755)
+    tmp_path.chmod(0o777)  # a parent anyone could rename it in
+    with pytest.raises(ImageError, match=f"{tmp_path} is writable by others"):
+        store.resolve_image("dev")
+    tmp_path.chmod(0o1777)  # as /tmp: only owners rename their entries
+    assert store.resolve_image("dev").parent == site1
+    tmp_path.chmod(0o755)
+
+
+@pytest.mark.parametrize("what", ["image", "record"])
+def test_a_published_file_others_can_write_or_a_link_is_refused(dirs: tuple[Path, Path, Path], what: str) -> None:
+    _, site1, _ = dirs
+    image = fake(site1, "dev", "1" * 64, "2026-01-01T00:00:00Z")
+    target = image if what == "image" else image.with_suffix(".json")
+    target.chmod(0o666)
+    with pytest.raises(ImageError, match=f"published file {target} is writable by others"):
+        store.resolve_image("dev")
+    target.chmod(0o644)
+    moved = target.with_name("elsewhere")
+    target.rename(moved)
+    target.symlink_to(moved)
+    with pytest.raises(ImageError, match=f"published file {target} is a symbolic link"):
+        store.resolve_image("dev")
+
+
+def test_the_default_image_comes_from_a_site_only_as_the_same_tiny(dirs: tuple[Path, Path, Path]) -> None:
+    _, site1, site2 = dirs
+    site2.mkdir()
+    (site2 / "tiny-0123456789abcdef.img").write_bytes(b"x")
+    (site2 / "tiny-0123456789abcdef.img").chmod(0o644)
+    site1.mkdir(mode=0o777)
+    site1.chmod(0o777)
+    (site1 / "tiny-0123456789abcdef.img").write_bytes(b"x")
+    # An unsafe site is passed over for the default image (the user can build it), not an error.
+    assert store.find_published_tiny("tiny-0123456789abcdef.img") == site2 / "tiny-0123456789abcdef.img"
+    assert store.find_published_tiny("tiny-fedcba9876543210.img") is None
+
+
+def test_publish_copies_with_modes_and_refuses_a_different_image_of_that_name(
+    dirs: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    cache, _, _ = dirs
+    source = fake(cache, "dev", "1" * 64, "2026-01-01T00:00:00Z")
+    with open(source, "r+b") as f:  # a sparse image: a hole of 64 MiB, then data
+        f.seek(64 << 20)
+        f.write(b"end")
+    source.chmod(0o444)
+    kernel = tmp_path / "k" / "linux"
+    kernel.parent.mkdir()
+    kernel.write_bytes(b"\x7fELF kernel")
+    kernel.chmod(0o700)
+    (kernel.parent / "kernel.json").write_text("{}")
+    target = tmp_path / "pub" / "images"
+    said: list[str] = []
+    done = publish.publish("dev", target, force=False, kernel=str(kernel), with_kernel=True, say=said.append)
+    assert done.image == target / source.name and not done.reused
+    assert done.image.read_bytes() == source.read_bytes()
+    assert done.image.stat().st_blocks * 512 < 1 << 20  # the hole stayed a hole
+    modes = {p.relative_to(target): stat.S_IMODE(p.stat().st_mode) for p in [target, *target.rglob("*")]}
+    assert modes == {
+        Path("."): 0o755,
+        Path(source.name): 0o644,
+        Path(source.with_suffix(".json").name): 0o644,
+        Path("kernel"): 0o755,
+        Path("kernel/linux"): 0o755,
+        Path("kernel/kernel.json"): 0o644,
+    }
+    assert stat.S_IMODE((tmp_path / "pub").stat().st_mode) == 0o755
+    again = publish.publish("dev", target, force=False, kernel=str(kernel), with_kernel=True, say=said.append)
+    assert again.reused and again.kernel_reused and again.copied_bytes == 0
+    # A different image of the same name: refused, then replaced with --force.
+    source.with_suffix(".json").unlink()
+    source.chmod(0o644)
+    source.unlink()
+    other = fake(cache, "dev", "2" * 64, "2026-02-01T00:00:00Z", content="d")
+    with pytest.raises(ImageError, match=f"{target} already has a different image named dev .*--force"):
+        publish.publish("dev", target, force=False, kernel=str(kernel), with_kernel=True, say=said.append)
+    done = publish.publish("dev", target, force=True, kernel=str(kernel), with_kernel=True, say=said.append)
+    assert done.replaced == [source.name] and not (target / source.name).exists()
+    assert sorted(p.name for p in target.iterdir()) == sorted(["kernel", other.name, other.with_suffix(".json").name])
+    # A different kernel there: refused without --force, left alone with --no-kernel.
+    kernel.write_bytes(b"\x7fELF another kernel")
+    with pytest.raises(ImageError, match=r"different kernel .*--force .*--no-kernel"):
+        publish.publish("dev", target, force=False, kernel=str(kernel), with_kernel=True, say=said.append)
+    publish.publish("dev", target, force=False, kernel=str(kernel), with_kernel=False, say=said.append)
+    assert (target / "kernel" / "linux").read_bytes() == b"\x7fELF kernel"
+    assert not any(p.name.endswith(".tmp") for p in target.rglob("*"))
+
+
+def test_publish_into_a_directory_others_can_write_is_refused(dirs: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    cache, _, _ = dirs
+    fake(cache, "dev", "1" * 64, "2026-01-01T00:00:00Z")
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    with pytest.raises(ImageError, match="writable by others than its owner"):
+        publish.publish("dev", open_dir, force=False, kernel=None, with_kernel=False, say=print)
+    with pytest.raises(ImageError, match="no image named nothing to publish"):
+        publish.publish("nothing", tmp_path / "x", force=False, kernel=None, with_kernel=False, say=print)
+
+
+def test_a_site_kernel_is_found_after_the_users_own(dirs: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from apppot.kernel import KernelSource, find_kernel
+
+    _, site1, site2 = dirs
+    monkeypatch.delenv("APPPOT_KERNEL", raising=False)
+    (site2 / "kernel").mkdir(parents=True)
+    linux = site2 / "kernel" / "linux"
+    linux.write_bytes(b"")
+    linux.chmod(0o755)
+    site1.mkdir()
+    assert find_kernel(None) == (linux.resolve(), KernelSource.SITE)
+    linux.chmod(0o777)
+    with pytest.raises(ImageError, match="writable by others"):
+        find_kernel(None)
+
+
+def test_console_logs_go_to_the_state_directory_or_a_private_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)  # as RunDir makes it
+    fd, path = logdir.open_log("x.log", tmp_path, run_dir)
+    os.close(fd)
+    assert path == tmp_path / "state" / "apppot" / "logs" / "x.log"
+    (tmp_path / "state").chmod(0o500)
+    (tmp_path / "state" / "apppot" / "logs").chmod(0o500)
+    try:
+        if os.geteuid() == 0:  # root writes anyway: a state directory that is a file stands in
+            monkeypatch.setenv("XDG_STATE_HOME", str(path))
+        fd, fallback = logdir.open_log("y.log", tmp_path, run_dir)
+        os.close(fd)
+        assert fallback == tmp_path / f"apppot-logs-{os.geteuid()}" / "y.log"
+        assert stat.S_IMODE(fallback.parent.stat().st_mode) == 0o700
+        fallback.parent.chmod(0o755)  # no longer private (or someone else's): passed over
+        fd, last = logdir.open_log("z.log", tmp_path, run_dir)
+        os.close(fd)
+        assert last == run_dir / "z.log"
+    finally:
+        (tmp_path / "state").chmod(0o755)
+        (tmp_path / "state" / "apppot" / "logs").chmod(0o755)
