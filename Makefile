@@ -43,7 +43,7 @@ lint:
 	$(BIN)/ruff check src tests benchmarks tools
 	$(BIN)/ruff format --check src tests benchmarks tools
 	$(BIN)/mypy
-	shellcheck -s sh src/apppot/guest/apppot-init src/apppot/guest/apppot-boot src/apppot/guest/udhcpc.script examples/validate/apppot-run examples/glpk/autorun.sh examples/glpk/glpsol-apppot src/apppot/data/rte/APPPOT-0
+	shellcheck -s sh src/apppot/guest/apppot-init src/apppot/guest/apppot-boot src/apppot/guest/udhcpc.script examples/validate/apppot-run examples/glpk/autorun.sh examples/glpk/glpsol-apppot src/apppot/data/rte/APPPOT-0 examples/grid/A3D_UML examples/grid/apppot-run
 
 clean:
 	rm -rf $(VENV) demo-job

@@ -4,17 +4,23 @@ site's APPPOT runtime environment."""
 
 from __future__ import annotations
 
+import io
 import os
 import pwd
+import re
 import shutil
+import sqlite3
+import subprocess
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from apppot.testbed.arc import set_rte_params
-from tests.conftest import TEST_USER, chown_to
+from apppot.submit.arc import parse_arcstat
+from apppot.testbed.arc import publish_rte, rte_params_file, set_rte_params
+from tests.conftest import ROOT, TEST_USER, Result, chown_to
 from tests.integration.conftest import SiteUser, apppot_cli, own_kernel_only, running_testbed
 
 pytestmark = pytest.mark.uml
@@ -39,7 +45,32 @@ def grid(tmp_path_factory: pytest.TempPathFactory, cache_home: Path) -> Iterator
     env = {**os.environ, "APPPOT_TESTBED_DIR": str(directory), "XDG_CACHE_HOME": str(cache_home)}
     elsewhere = tmp_path_factory.mktemp("Elsewhere")  # root's alone: `up` works from any directory
     with running_testbed(directory, env, ["--arc", TEST_USER], stops="arex", cwd=elsewhere):
+        user = grid_user(directory)
+        stale = arc_job_list()
+        if stale:  # left by earlier runs, on CEs long gone: forgotten, so that the check below is exact
+            arc_client(user, "arcclean", "-f", *stale, cwd=directory)
+        assert arc_job_list() == []
         yield directory
+        left = arc_job_list()
+        if left:  # cleaned, so that the next run starts empty, and reported
+            arc_client(user, "arcclean", "-f", *left, cwd=directory)
+        assert left == [], f"the ARC tests left jobs in {TEST_USER}'s job list (arcget -a and arcclean -a warn)"
+
+
+def arc_job_list() -> list[str]:
+    """The jobs in the test user's ARC job list (~/.arc/jobs.dat, ARC 6's SQLite list)."""
+    jobs = Path(pwd.getpwnam(TEST_USER).pw_dir) / ".arc" / "jobs.dat"
+    if not jobs.exists():
+        return []
+    with sqlite3.connect(f"file:{jobs}?mode=ro", uri=True) as db:
+        return sorted(row[0] for row in db.execute("SELECT id FROM jobs"))
+
+
+def arc_client(user: SiteUser, *argv: str, cwd: Path) -> Result:
+    """One of ARC's own client programs, run as the grid user would (its environment, its proxy)."""
+    as_user = ["setpriv", f"--reuid={TEST_USER}", f"--regid={TEST_USER}", "--init-groups", "--", *argv]
+    proc = subprocess.run(as_user, cwd=cwd, env=user.env, capture_output=True, timeout=120, check=False)
+    return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
 def grid_user(directory: Path) -> SiteUser:
@@ -103,6 +134,7 @@ def test_the_same_job_locally_through_slurm_and_through_arc(
         assert fetch.returncode == 0, fetch.err
         print(f"{target}: submit to fetched result in {time.monotonic() - started:.1f} s")
         results[target] = ((d / job_id / "result.txt").read_text(), (d / job_id / "stdout.txt").read_text())
+        assert user.run("clean", job_id, cwd=d).returncode == 0  # nothing left on the CE nor in ARC's job list
     assert results["local"] == results["slurm"] == results["arc"] == ("5\n", "counted data.in\n")
 
 
@@ -122,3 +154,102 @@ def test_a_failing_job_shows_exit_code_3_through_arc(grid: Path, tmp_path: Path)
     assert user.run("clean", job_id, cwd=d).returncode == 0
     r = user.run("status", job_id, cwd=d)
     assert r.returncode == 125 and f"no job {job_id} was submitted" in r.err
+
+
+# --- the seed's Grid job, as the slides submit it: plain arcsub, the seed's RTE names ------------
+
+SLIDES = ROOT / "examples" / "grid"
+A3D_C = """#include <stdio.h>
+int main(int argc, char **argv) {
+    double x, total = 0; int steps = 0; FILE *f = fopen(argv[1], "r");
+    if (!f) return 2;
+    while (fscanf(f, "%lf", &x) == 1) { total += x; steps++; }
+    printf("steps=%d snow=%.1f\\n", steps, total);
+    return 0;
+}
+"""
+FINAL_ARC_STATES = ("Finished", "Failed", "Killed", "Deleted")
+
+
+def tgz(path: Path, files: dict[str, str]) -> None:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    chown_to(path, TEST_USER)
+
+
+def slides_job(base: Path, name: str, apppot_run: str) -> Path:
+    """The slides' job directory: a3d.xrsl as shipped in examples/grid, the sources, the data and apppot-run."""
+    d = workdir(base, name)
+    shutil.copy(SLIDES / "a3d.xrsl", d / "a3d.xrsl")
+    (d / "apppot-run").write_text(apppot_run)
+    (d / "apppot-run").chmod(0o755)
+    for f in ("a3d.xrsl", "apppot-run"):
+        chown_to(d / f, TEST_USER)
+    tgz(d / "A3D_source.tgz", {"a3d.c": A3D_C})
+    tgz(d / "A3D_simulation.tgz", {"meteo.txt": "1.5\n2\n3\n4\n"})
+    return d
+
+
+def round_trip(user: SiteUser, d: Path) -> tuple[str, list[tuple[float, str]], int | None]:
+    """arcsub the job, then arcstat it until it ends; returns its URL, the states seen (with the
+    seconds since arcsub) and its exit code."""
+    started = time.monotonic()
+    sub = arc_client(user, "arcsub", "-C", CE, "a3d.xrsl", cwd=d)
+    assert sub.returncode == 0, sub.err + sub.stdout.decode()
+    found = re.search(r"jobid: (\S+)", sub.stdout.decode())
+    assert found, sub.stdout
+    url = found.group(1)
+    seen: list[tuple[float, str]] = [(time.monotonic() - started, "submitted")]
+    while time.monotonic() - started < 300:
+        stat = arc_client(user, "arcstat", url, cwd=d)
+        parsed = parse_arcstat(stat.stdout.decode())
+        if parsed is not None:
+            state, code = parsed
+            if state != seen[-1][1]:
+                seen.append((time.monotonic() - started, state))
+            if state in FINAL_ARC_STATES:
+                print(f"{d.name}: " + ", ".join(f"{s} at {t:.1f} s" for t, s in seen) + f"; exit code {code}")
+                return url, seen, code
+        time.sleep(1)
+    pytest.fail(f"{url} did not end in 300 s; states seen: {seen}")
+
+
+def test_the_slides_grid_job_with_plain_arcsub_on_the_seeds_rte_names(
+    grid: Path, debian_dev: dict[str, object], tmp_path: Path
+) -> None:
+    # The site publishes the A3D appliance as the seed's sites did: an application RTE naming its image.
+    arc = grid / "arc"
+    publish_rte(arc, "TEST/A3D_UML", (SLIDES / "A3D_UML").read_text())
+    rte_params_file(arc, "TEST/A3D_UML").write_text(f'A3D_UML_IMAGE="{debian_dev["path"]}"\n')
+    time.sleep(6)  # A-REX publishes its RTEs every 5 s (testbed's infoprovider period); arcsub matches them
+    os.chmod(tmp_path, 0o755)
+    user = grid_user(grid)
+
+    d = slides_job(tmp_path, "a3d", (SLIDES / "apppot-run").read_text())
+    url, seen, code = round_trip(user, d)
+    assert (seen[-1][1], code) == ("Finished", 0), seen
+    got = arc_client(user, "arcget", "-D", str(d / "out"), url, cwd=d)  # downloads, then cleans the job
+    assert got.returncode == 0, got.err
+    (out,) = (d / "out").iterdir()
+    with tarfile.open(out / "results.tgz") as tar:
+        assert tar.getnames() == ["summary.txt"]
+        summary = tar.extractfile("summary.txt")
+        assert summary is not None and summary.read() == b"steps=4 snow=10.5\n"
+    assert "A3D: steps=4 snow=10.5\n" in (out / "a3d.stdout").read_text()
+    assert url not in arc_job_list()
+
+    failing = "#!/bin/sh\necho 'A3D: the build failed' >&2\nexit 3\n"
+    d = slides_job(tmp_path, "a3d-failing", failing)
+    url, seen, code = round_trip(user, d)
+    assert (seen[-1][1], code) == ("Failed", 3), seen
+    got = arc_client(user, "arcget", "--keep", "-D", str(d / "out"), url, cwd=d)
+    assert got.returncode == 0, got.err
+    (out,) = (d / "out").iterdir()
+    assert "A3D: the build failed\n" in (out / "a3d.stdout").read_text()  # join = yes
+    assert url in arc_job_list()
+    assert arc_client(user, "arcclean", url, cwd=d).returncode == 0
+    assert url not in arc_job_list()

@@ -114,20 +114,6 @@ def test_arcs_own_parser_reads_the_xrsl() -> None:
     }
 
 
-def test_the_runtime_environment_script_is_valid_sh() -> None:
-    rte = ROOT / "src" / "apppot" / "data" / "rte" / "APPPOT-0"
-    text = rte.read_text()
-    assert "# param:APPPOT_START:string:" in text and "# param:APPPOT_IMAGE:string:" in text
-    r = subprocess.run(
-        ["sh", "-c", f'set -- 1; . {rte}; echo "$APPPOT_START|$APPPOT_IMAGE"'],
-        capture_output=True,
-        text=True,
-        env={},
-        check=False,
-    )
-    assert r.stdout == "/usr/bin/apppot-start|/opt/apppot/apppot.img\n"
-
-
 def test_arcstat_parsing_and_states() -> None:
     from apppot.submit import jobs
 

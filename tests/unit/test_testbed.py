@@ -238,20 +238,23 @@ PARAMS = {"APPPOT_START": "/tb/site/bin/apppot-start", "APPPOT_IMAGE": "/tb/site
 @pytest.mark.skipif(shutil.which("arcctl") is None, reason="needs ARC's arcctl (nordugrid-arc-arcctl)")
 def test_the_rte_is_enabled_and_set_as_arcctl_does_also_where_arcctl_fails(safe_tmp: Path) -> None:
     by_arcctl = safe_tmp / "by-arcctl"
-    arc.enable_rte(by_arcctl)  # the RTE file in runtimedir; arcctl links and configures it
-    (by_arcctl / "var" / "control" / "rte" / "enabled" / arc.RTE_NAME).unlink()
-    assert arcctl_rte(by_arcctl, "enable", arc.RTE_NAME).returncode == 0
-    for name, value in PARAMS.items():
-        assert arcctl_rte(by_arcctl, "params-set", arc.RTE_NAME, name, value).returncode == 0
+    arc.enable_rte(by_arcctl)  # the RTE file in runtimedir (and the seed's names); arcctl links and configures them
+    for name in arc.RTE_NAMES:
+        (by_arcctl / "var" / "control" / "rte" / "enabled" / name).unlink()
+        assert arcctl_rte(by_arcctl, "enable", name).returncode == 0
+        for param, value in PARAMS.items():
+            assert arcctl_rte(by_arcctl, "params-set", name, param, value).returncode == 0
     ours = safe_tmp / "Grid-APPS"  # arcctl strips the characters of runtimedir, not the prefix
     arc.enable_rte(ours)
     arc.set_rte_params(ours, PARAMS)
     assert arcctl_rte(ours, "enable", arc.RTE_NAME).returncode != 0  # ARC's own bug: why arcctl is not used
-    for d in (by_arcctl, ours):
-        link = d / "var" / "control" / "rte" / "enabled" / arc.RTE_NAME
-        assert link.readlink() == arc.rte_file(d)
-    assert arc.rte_params_file(ours).read_text() == arc.rte_params_file(by_arcctl).read_text()
-    assert arc.rte_params_file(ours).read_text().startswith('APPPOT_START="/tb/site/bin/apppot-start"\n')
+    assert arc.RTE_NAMES == ("APPS/APPPOT-0", "TEST/APPPOT-0", "ENV/APPPOT-0.21")
+    for name in arc.RTE_NAMES:
+        for d in (by_arcctl, ours):
+            link = d / "var" / "control" / "rte" / "enabled" / name
+            assert link.readlink() == arc.rte_file(d)  # the seed's names too: arcctl follows the alias
+        assert arc.rte_params_file(ours, name).read_text() == arc.rte_params_file(by_arcctl, name).read_text()
+        assert arc.rte_params_file(ours, name).read_text().startswith('APPPOT_START="/tb/site/bin/apppot-start"\n')
     arc.set_rte_params(ours, {"APPPOT_IMAGE": "/other.img"})  # a later change keeps the others
     assert 'APPPOT_IMAGE="/other.img"\nAPPPOT_KERNEL=""\n' in arc.rte_params_file(ours).read_text()
     with pytest.raises(HostError, match="a shell would interpret"):

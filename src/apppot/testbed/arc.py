@@ -2,8 +2,9 @@
 
 A-REX (Debian's nordugrid-arc-arex) with a test CA, a host certificate for localhost, USER as the
 grid user (certificate in ~USER/.globus, mapped to the local account USER, a proxy made for it),
-AppPot's APPPOT-0 runtime environment pointing at the testbed's copy of AppPot, and Slurm as the
-batch system. Endpoint: https://localhost:8443/arex (REST), loopback only.
+AppPot's APPPOT-0 runtime environment (also under the seed's names, TEST/APPPOT-0 and
+ENV/APPPOT-0.21) pointing at the testbed's copy of AppPot, and Slurm as the batch system.
+Endpoint: https://localhost:8443/arex (REST), loopback only.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ PORT = 8443
 ENDPOINT = f"https://localhost:{PORT}/arex"
 PACKAGES = "nordugrid-arc-arex nordugrid-arc-client nordugrid-arc-arcctl nordugrid-arc-plugins-arcrest"
 RTE_NAME = "APPS/APPPOT-0"
+# The names the seed's sites published it under, which existing job descriptions name.
+SEED_RTE_NAMES = ("TEST/APPPOT-0", "ENV/APPPOT-0.21")
+RTE_NAMES = (RTE_NAME, *SEED_RTE_NAMES)
 CA_ID = "apppot-testbed"
 # How often (in tenths of a second) A-REX's information provider runs: it is where clients learn job
 # states. The packaged default, 600 (a minute), makes every status change take a minute to show.
@@ -96,47 +100,67 @@ def check_host(user: str) -> pwd.struct_passwd:
 
 
 def set_rte_params(directory: Path, params: dict[str, str]) -> None:
-    """Set parameters of the APPPOT RTE, as `arcctl rte params-set` would (its file lists every parameter
-    the RTE declares, each NAME="value"; submit_common.sh sources it before the RTE)."""
+    """Set parameters of the APPPOT RTE under each of its names, as `arcctl rte params-set` would (a
+    file per name lists every parameter the RTE declares, each NAME="value"; submit_common.sh sources
+    it before the RTE)."""
     declared = re.findall(r"^# param:([A-Z_]+):[^:]*:([^:]*):", rte_file(directory).read_text(), re.MULTILINE)
-    current = dict(declared)
-    current.update(_read_params(directory))
-    current.update(params)
-    for value in current.values():
+    for value in params.values():
         if any(c in value for c in '"$`\\\n'):
             raise HostError(f"the RTE parameter {value!r} holds characters a shell would interpret; give a plain path")
-    target = rte_params_file(directory)
-    target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    target.write_text("".join(f'{name}="{value}"\n' for name, value in current.items()))
+    for name in RTE_NAMES:
+        current = dict(declared)
+        current.update(_read_params(directory, name))
+        current.update(params)
+        target = rte_params_file(directory, name)
+        target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        target.write_text("".join(f'{key}="{value}"\n' for key, value in current.items()))
 
 
-def rte_file(directory: Path) -> Path:
-    return directory / "rte" / RTE_NAME
+def rte_file(directory: Path, name: str = RTE_NAME) -> Path:
+    return directory / "rte" / name
 
 
-def rte_params_file(directory: Path) -> Path:
-    return directory / "var" / "control" / "rte" / "params" / RTE_NAME
+def rte_params_file(directory: Path, name: str = RTE_NAME) -> Path:
+    return directory / "var" / "control" / "rte" / "params" / name
 
 
-def _read_params(directory: Path) -> dict[str, str]:
+def _read_params(directory: Path, name: str) -> dict[str, str]:
     try:
-        text = rte_params_file(directory).read_text()
+        text = rte_params_file(directory, name).read_text()
     except FileNotFoundError:
         return {}
     return dict(re.findall(r'^([A-Z_]+)="(.*)"$', text, re.MULTILINE))
 
 
 def enable_rte(directory: Path) -> None:
-    """Install and enable the APPPOT RTE, as `arcctl rte enable` would (a link in the control directory).
+    """Install the APPPOT RTE and enable it under each of its names, as `arcctl rte enable` would (a
+    link in the control directory to the file in runtimedir); the seed's names are links in runtimedir.
     Not arcctl itself: it finds RTEs by stripping the runtime directory's characters, not its prefix,
     from their paths, so it loses RTEs under a directory whose path holds A, P or S."""
-    source = rte_file(directory)
+    publish_rte(directory, RTE_NAME, (Path(__file__).parent.parent / "data" / "rte" / "APPPOT-0").read_text())
+    for alias in SEED_RTE_NAMES:
+        link = rte_file(directory, alias)
+        link.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(rte_file(directory))
+        _enable(directory, alias)
+
+
+def publish_rte(directory: Path, name: str, script: str) -> None:
+    """As the site's administrator: an RTE script NAME in runtimedir (say, an application's, which
+    exports where its image is), enabled."""
+    source = rte_file(directory, name)
     source.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    source.write_bytes((Path(__file__).parent.parent / "data" / "rte" / "APPPOT-0").read_bytes())
-    link = directory / "var" / "control" / "rte" / "enabled" / RTE_NAME
+    source.write_text(script)
+    source.chmod(0o644)
+    _enable(directory, name)
+
+
+def _enable(directory: Path, name: str) -> None:
+    link = directory / "var" / "control" / "rte" / "enabled" / name
     link.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     link.unlink(missing_ok=True)
-    link.symlink_to(source)
+    link.symlink_to(os.path.realpath(rte_file(directory, name)))
 
 
 def daemons(directory: Path) -> list[Daemon]:
@@ -150,7 +174,7 @@ def up(directory: Path, slurm_conf: Path, site: Path, user: str, timeout: float 
     account = check_host(user)
     if listening(PORT):
         raise HostError(f"port {PORT} is taken (another A-REX?); stop it first (apppot testbed down)")
-    for sub in ("ca", "rte/APPS", "var/control", "var/session", "log", "run"):
+    for sub in ("ca", "rte", "var/control", "var/session", "log", "run"):
         (directory / sub).mkdir(parents=True, exist_ok=True)
     os.chmod(directory / "var" / "session", 0o755)
     # A test CA of our own, named: arcctl derives the default name from the host name it finds in the
