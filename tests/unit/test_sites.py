@@ -71,7 +71,7 @@ def test_a_site_directory_others_can_write_is_refused(dirs: tuple[Path, Path, Pa
         store.resolve_image("dev")
     site1.chmod(0o775)
     with pytest.raises(ImageError, match="writable by others"):
-        store.all_images()
+        list(store.all_images())
     site1.chmod(0o755)
     tmp_path.chmod(0o777)  # a parent anyone could rename it in
     with pytest.raises(ImageError, match=f"{tmp_path} is writable by others"):
@@ -212,3 +212,89 @@ def test_console_logs_go_to_the_state_directory_or_a_private_fallback(tmp_path: 
     finally:
         (tmp_path / "state").chmod(0o755)
         (tmp_path / "state" / "apppot" / "logs").chmod(0o755)
+
+
+def _start(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    from apppot.cli import main
+
+    code = main(["start", *argv])
+    return code, capsys.readouterr().err
+
+
+def test_a_job_directory_holding_a_site_directory_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The publisher's job, root inside, could write the published kernel (0755, the publisher's) that
+    # every user's next job runs, or the images: a site directory is something the host runs.
+    job = tmp_path / "job"
+    site = job / "published"
+    fake(site, "dev", "1" * 64, "2026-01-01T00:00:00Z")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv(sites.IMAGE_PATH_ENV, str(site))
+    code, err = _start(["--jobdir", str(job), "--image", "dev", "--", "true"], capsys)
+    assert code == 125
+    assert err.count("\n") == 1
+    assert f"site image directory {site} is inside the job directory {job}" in err
+
+
+def test_writable_image_on_a_published_image_is_refused(
+    dirs: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The publisher may write it (0644, theirs): the job would change the image every user runs.
+    _, site1, _ = dirs
+    published = fake(site1, "dev", "1" * 64, "2026-01-01T00:00:00Z")
+    job = tmp_path / "job"
+    job.mkdir()
+    for image in ("dev", str(published)):
+        code, err = _start(["--jobdir", str(job), "--image", image, "--writable-image", "--", "true"], capsys)
+        assert code == 125
+        assert err.count("\n") == 1
+        assert f"--writable-image: {published} is published in the site image directory {site1}" in err
+
+
+def test_a_parent_owned_by_another_user_is_refused(
+    dirs: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The owner of a parent may rename the site directory away and put another in its place, sticky bit or not.
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a directory to another user")
+    _, site1, _ = dirs
+    fake(site1, "dev", "1" * 64, "2026-01-01T00:00:00Z")
+    other = tmp_path / "others"
+    other.mkdir()
+    os.chown(other, 4242, 4242)
+    other.chmod(0o1777)  # sticky: protects entries from others, not from the directory's owner
+    moved = other / "site1"
+    site1.rename(moved)
+    monkeypatch.setenv(sites.IMAGE_PATH_ENV, str(moved))
+    with pytest.raises(ImageError, match=f"site image directory {moved}: {other} belongs to uid 4242"):
+        store.resolve_image("dev")
+    other.chmod(0o755)
+    with pytest.raises(ImageError, match=f"{other} belongs to uid 4242"):
+        store.resolve_image("dev")
+    os.chown(other, 0, 0)
+    assert store.resolve_image("dev").parent == moved
+    os.chown(moved / "dev-1111111111111111.img", 4242, 4242)  # its owner could chmod it at any time
+    with pytest.raises(ImageError, match=r"published file .*dev-1111111111111111\.img belongs to uid 4242"):
+        store.resolve_image("dev")
+
+
+def test_publish_with_no_site_directory_is_one_line(
+    dirs: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache, _, _ = dirs
+    fake(cache, "dev", "1" * 64, "2026-01-01T00:00:00Z")
+    monkeypatch.setenv(sites.IMAGE_PATH_ENV, "")
+    with pytest.raises(ImageError, match=r"APPPOT_IMAGE_PATH is empty.*give the directory: apppot image publish dev DIR"):
+        publish.publish("dev", None, force=False, kernel=None, with_kernel=False, say=print)
+
+
+def test_a_site_problem_does_not_stop_an_image_of_ones_own(dirs: tuple[Path, Path, Path]) -> None:
+    cache, site1, _ = dirs
+    mine = fake(cache, "dev", "0" * 64, "2026-01-01T00:00:00Z")
+    fake(site1, "dev", "1" * 64, "2026-01-01T00:00:00Z")
+    site1.chmod(0o777)
+    assert store.resolve_image("dev") == mine  # found before any site directory is looked at
+    with pytest.raises(ImageError, match="writable by others"):
+        store.resolve_image("other")
+    site1.chmod(0o755)
