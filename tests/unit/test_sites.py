@@ -193,7 +193,7 @@ def test_console_logs_go_to_the_state_directory_or_a_private_fallback(tmp_path: 
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     run_dir = tmp_path / "run"
     run_dir.mkdir(mode=0o700)  # as RunDir makes it
-    fd, path = logdir.open_log("x.log", tmp_path, run_dir)
+    fd, path = logdir.open_log("x.log", tmp_path, run_dir, tmp_path / "job")
     os.close(fd)
     assert path == tmp_path / "state" / "apppot" / "logs" / "x.log"
     (tmp_path / "state").chmod(0o500)
@@ -201,12 +201,12 @@ def test_console_logs_go_to_the_state_directory_or_a_private_fallback(tmp_path: 
     try:
         if os.geteuid() == 0:  # root writes anyway: a state directory that is a file stands in
             monkeypatch.setenv("XDG_STATE_HOME", str(path))
-        fd, fallback = logdir.open_log("y.log", tmp_path, run_dir)
+        fd, fallback = logdir.open_log("y.log", tmp_path, run_dir, tmp_path / "job")
         os.close(fd)
         assert fallback == tmp_path / f"apppot-logs-{os.geteuid()}" / "y.log"
         assert stat.S_IMODE(fallback.parent.stat().st_mode) == 0o700
         fallback.parent.chmod(0o755)  # no longer private (or someone else's): passed over
-        fd, last = logdir.open_log("z.log", tmp_path, run_dir)
+        fd, last = logdir.open_log("z.log", tmp_path, run_dir, tmp_path / "job")
         os.close(fd)
         assert last == run_dir / "z.log"
     finally:
@@ -298,3 +298,37 @@ def test_a_site_problem_does_not_stop_an_image_of_ones_own(dirs: tuple[Path, Pat
     with pytest.raises(ImageError, match="writable by others"):
         store.resolve_image("other")
     site1.chmod(0o755)
+
+
+def test_console_logs_never_go_into_the_job_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As on ARC, whose jobs get their session directory as HOME: ~/.local/state is then the job's to
+    # shape; it made .local/state/apppot a link to a directory of the user's, where the host would write.
+    job = tmp_path / "session"
+    elsewhere = tmp_path / "users-files"
+    (job / ".local" / "state").mkdir(parents=True)
+    elsewhere.mkdir()
+    (job / ".local" / "state" / "apppot").symlink_to(elsewhere)
+    monkeypatch.setenv("HOME", str(job))
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    run_base = tmp_path / "tmp"
+    run_dir = run_base / "run"
+    run_dir.mkdir(parents=True, mode=0o700)
+    fd, path = logdir.open_log("x.log", run_base, run_dir, job)
+    os.close(fd)
+    assert path == run_base / f"apppot-logs-{os.geteuid()}" / "x.log"
+    assert list(elsewhere.iterdir()) == []
+    assert logdir.state_logs_dir() not in logdir.log_dirs(run_base, job)
+    assert logdir.state_logs_dir() in logdir.log_dirs(run_base, tmp_path / "another-job")
+
+
+def test_a_killed_jobs_log_is_swept_only_from_private_directories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # /tmp/apppot-logs-UID made first by another user, as a link to a directory of the user's own.
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes-apppot-run-x.log").write_text("the user's own file")
+    (tmp_path / f"apppot-logs-{os.geteuid()}").symlink_to(mine)
+    logs = logdir.state_logs_dir()
+    logs.mkdir(parents=True, mode=0o700)
+    (logs / "apppot-1-apppot-run-x.log").write_text("console")
+    assert logdir.stale_logs(tmp_path, tmp_path / "job", "apppot-run-x") == [logs / "apppot-1-apppot-run-x.log"]
