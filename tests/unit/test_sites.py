@@ -332,3 +332,26 @@ def test_a_killed_jobs_log_is_swept_only_from_private_directories(tmp_path: Path
     logs.mkdir(parents=True, mode=0o700)
     (logs / "apppot-1-apppot-run-x.log").write_text("console")
     assert logdir.stale_logs(tmp_path, tmp_path / "job", "apppot-run-x") == [logs / "apppot-1-apppot-run-x.log"]
+
+
+def test_publishing_over_a_link_left_in_the_site_directory_says_how(dirs: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    # "republish it" alone sent the publisher round in a circle: publishing reads the directory too.
+    cache, site1, _ = dirs
+    fake(cache, "dev", "1" * 64, "2026-01-01T00:00:00Z")
+    image = fake(site1, "dev", "1" * 64, "2026-01-01T00:00:00Z")
+    image.rename(site1 / "moved")
+    image.symlink_to(site1 / "moved")
+    with pytest.raises(ImageError, match=f"is a symbolic link, not a file; its publisher removes it \\(rm {image}\\)"):
+        publish.publish("dev", site1, force=False, kernel=None, with_kernel=False, say=print)
+    image.unlink()
+    assert publish.publish("dev", site1, force=False, kernel=None, with_kernel=False, say=print).image == image
+
+
+def test_publish_help_says_what_it_does_and_where(capsys: pytest.CaptureFixture[str]) -> None:
+    from apppot.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["image", "publish", "--help"])
+    out = capsys.readouterr().out
+    assert "every user" in out.split("positional arguments")[0]  # a description, not the usage line alone
+    assert "/var/lib/apppot/images" in out and "--image NAME" in out

@@ -86,7 +86,10 @@ def check_file(path: Path) -> os.stat_result:
     owned by root, the directory's owner or the user (any other owner could chmod it at any time)."""
     st = path.lstat()
     if not stat.S_ISREG(st.st_mode):
-        raise ImageError(f"published file {path} is {kind(st.st_mode)}, not a file; republish it (apppot image publish)")
+        raise ImageError(
+            f"published file {path} is {kind(st.st_mode)}, not a file; its publisher removes it (rm {path}) "
+            "and publishes again (apppot image publish)"
+        )
     if st.st_mode & _WRITABLE_BY_OTHERS:
         raise ImageError(
             f"published file {path} is writable by others than its owner (mode {stat.S_IMODE(st.st_mode):04o}); "
