@@ -21,7 +21,7 @@ from apppot.backends.choice import Backend, Decision
 from apppot.backends.uml import AGENT_SERVICE, SYSTEMD_PATH
 from apppot.backends.uml_instance import HOSTFS_SAFE, UmlInstance
 from apppot.errors import CowError, HostError, UsageError
-from apppot.images import ext4, tiny
+from apppot.images import ext4, sites, tiny
 from apppot.images.store import cache_dir, find_published_tiny, resolve_image
 from apppot.jobdir import check_jobdir, check_not_in_cache, check_outside
 from apppot.say import Say
@@ -51,7 +51,11 @@ def prepare(spec: JobSpec, say: Say, decision: Decision) -> Instance:
     _keep_cache_outside(jobdir, say if spec.verbose else None)
     check_outside(jobdir, cache_dir(), "AppPot's cache", "set XDG_CACHE_HOME to a place outside it, or use another --jobdir")
     check_not_in_cache(jobdir, cache_dir())
+    for site in sites.site_dirs():  # the images and the kernel every user's jobs run
+        fix = f"use another --jobdir, or leave it out of {sites.IMAGE_PATH_ENV}"
+        check_outside(jobdir, site, "the site image directory", fix)
     image = resolve_image(str(spec.image)) if spec.image is not None else default_image(say)
+    _refuse_writing_published(spec, image)
     fs_uuid = ext4.filesystem_uuid(image)  # also says when the image is missing or unreadable
     changes = spec.changes if spec.changes is not None else _auto_changes(jobdir)
     common = Prepared(image, fs_uuid, jobdir, spec.mem_bytes or DEFAULT_MEM, None, _instance_id(spec), None, changes)
@@ -85,6 +89,16 @@ def _instance_id(spec: JobSpec) -> str:
     if not _UMID.fullmatch(umid):
         raise UsageError(f"invalid --id {umid!r}: use letters, digits, '.', '_' and '-'")
     return umid
+
+
+def _refuse_writing_published(spec: JobSpec, image: Path) -> None:
+    """--writable-image on an image published for every user: its publisher could write it, on everyone."""
+    site = sites.site_holding(image) if spec.writable_image else None
+    if site is not None:
+        raise UsageError(
+            f"--writable-image: {image} is published in the site image directory {site} for every user; "
+            "change a copy of it (cp it out, --image COPY) and publish that"
+        )
 
 
 def _check_image_use(spec: JobSpec, image: Path) -> None:

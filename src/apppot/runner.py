@@ -24,7 +24,7 @@ from apppot.agent_watch import AgentWatch
 from apppot.backends.base import GuestFds, Instance, RunPaths
 from apppot.channel import Channel
 from apppot.errors import AppPotError, GuestDied, GuestMisbehaved, HostError, UsageError
-from apppot.logdir import log_dirs, open_log
+from apppot.logdir import open_log, stale_logs
 from apppot.nat import NatHelper
 from apppot.prepare import run_base
 from apppot.proc import parent_death_signal
@@ -79,9 +79,8 @@ class Job:
     def _rundir(self) -> Iterator[None]:
         base = run_base()
         for name in sweep_stale(base):
-            for logs in log_dirs(base):  # its console log, which no one was told of
-                for log in logs.glob(f"*-{name}.log"):
-                    log.unlink(missing_ok=True)
+            for log in stale_logs(base, self.prepared.jobdir, name):  # its console log, which no one was told of
+                log.unlink(missing_ok=True)
             if self.spec.verbose:
                 self.say(f"removed {base / name}, left by an AppPot that was killed")
         held = RunDir(base)
@@ -120,7 +119,7 @@ class Job:
             keep = True
             fd = userpath.open_for_writing(path, "the console log", HostError, "choose another file for --console-log")
         else:  # the user's state directory, or a safe place: never the cache, which may be read-only
-            fd, path = open_log(f"{self.prepared.umid}-{self.rundir.name}.log", run_base(), self.rundir)
+            fd, path = open_log(f"{self.prepared.umid}-{self.rundir.name}.log", run_base(), self.rundir, self.prepared.jobdir)
             keep = self.spec.verbose
         if self.spec.verbose:
             self.say(f"console log: {path}")

@@ -96,7 +96,7 @@ def test_one_user_publishes_and_another_runs_it_by_name(users: tuple[str, str], 
 
     # B cannot change what A published, neither through AppPot nor directly.
     refused = as_user(b, [apppot, "start", "--writable-image", "--image", "tiny", "--", "true"], b_env, job)
-    assert refused.returncode == 125 and "is not writable by you" in refused.err, refused.err
+    assert refused.returncode == 125 and "is published in the site image directory" in refused.err, refused.err
     for attempt in (f"echo x >> {image}", f"rm -f {image}", f"touch {site}/other.img", f"echo x > {site}/kernel/linux"):
         assert as_user(b, ["sh", "-c", attempt], {}, job).returncode != 0, attempt
     assert hashlib.sha256(image.read_bytes()).hexdigest() == digest

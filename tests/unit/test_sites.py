@@ -71,7 +71,7 @@ def test_a_site_directory_others_can_write_is_refused(dirs: tuple[Path, Path, Pa
         store.resolve_image("dev")
     site1.chmod(0o775)
     with pytest.raises(ImageError, match="writable by others"):
-        store.all_images()
+        list(store.all_images())
     site1.chmod(0o755)
     tmp_path.chmod(0o777)  # a parent anyone could rename it in
     with pytest.raises(ImageError, match=f"{tmp_path} is writable by others"):
@@ -193,7 +193,7 @@ def test_console_logs_go_to_the_state_directory_or_a_private_fallback(tmp_path: 
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     run_dir = tmp_path / "run"
     run_dir.mkdir(mode=0o700)  # as RunDir makes it
-    fd, path = logdir.open_log("x.log", tmp_path, run_dir)
+    fd, path = logdir.open_log("x.log", tmp_path, run_dir, tmp_path / "job")
     os.close(fd)
     assert path == tmp_path / "state" / "apppot" / "logs" / "x.log"
     (tmp_path / "state").chmod(0o500)
@@ -201,14 +201,157 @@ def test_console_logs_go_to_the_state_directory_or_a_private_fallback(tmp_path: 
     try:
         if os.geteuid() == 0:  # root writes anyway: a state directory that is a file stands in
             monkeypatch.setenv("XDG_STATE_HOME", str(path))
-        fd, fallback = logdir.open_log("y.log", tmp_path, run_dir)
+        fd, fallback = logdir.open_log("y.log", tmp_path, run_dir, tmp_path / "job")
         os.close(fd)
         assert fallback == tmp_path / f"apppot-logs-{os.geteuid()}" / "y.log"
         assert stat.S_IMODE(fallback.parent.stat().st_mode) == 0o700
         fallback.parent.chmod(0o755)  # no longer private (or someone else's): passed over
-        fd, last = logdir.open_log("z.log", tmp_path, run_dir)
+        fd, last = logdir.open_log("z.log", tmp_path, run_dir, tmp_path / "job")
         os.close(fd)
         assert last == run_dir / "z.log"
     finally:
         (tmp_path / "state").chmod(0o755)
         (tmp_path / "state" / "apppot" / "logs").chmod(0o755)
+
+
+def _start(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    from apppot.cli import main
+
+    code = main(["start", *argv])
+    return code, capsys.readouterr().err
+
+
+def test_a_job_directory_holding_a_site_directory_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The publisher's job, root inside, could write the published kernel (0755, the publisher's) that
+    # every user's next job runs, or the images: a site directory is something the host runs.
+    job = tmp_path / "job"
+    site = job / "published"
+    fake(site, "dev", "1" * 64, "2026-01-01T00:00:00Z")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv(sites.IMAGE_PATH_ENV, str(site))
+    code, err = _start(["--jobdir", str(job), "--image", "dev", "--", "true"], capsys)
+    assert code == 125
+    assert err.count("\n") == 1
+    assert f"site image directory {site} is inside the job directory {job}" in err
+
+
+def test_writable_image_on_a_published_image_is_refused(
+    dirs: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The publisher may write it (0644, theirs): the job would change the image every user runs.
+    _, site1, _ = dirs
+    published = fake(site1, "dev", "1" * 64, "2026-01-01T00:00:00Z")
+    job = tmp_path / "job"
+    job.mkdir()
+    for image in ("dev", str(published)):
+        code, err = _start(["--jobdir", str(job), "--image", image, "--writable-image", "--", "true"], capsys)
+        assert code == 125
+        assert err.count("\n") == 1
+        assert f"--writable-image: {published} is published in the site image directory {site1}" in err
+
+
+def test_a_parent_owned_by_another_user_is_refused(
+    dirs: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The owner of a parent may rename the site directory away and put another in its place, sticky bit or not.
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a directory to another user")
+    _, site1, _ = dirs
+    fake(site1, "dev", "1" * 64, "2026-01-01T00:00:00Z")
+    other = tmp_path / "others"
+    other.mkdir()
+    os.chown(other, 4242, 4242)
+    other.chmod(0o1777)  # sticky: protects entries from others, not from the directory's owner
+    moved = other / "site1"
+    site1.rename(moved)
+    monkeypatch.setenv(sites.IMAGE_PATH_ENV, str(moved))
+    with pytest.raises(ImageError, match=f"site image directory {moved}: {other} belongs to uid 4242"):
+        store.resolve_image("dev")
+    other.chmod(0o755)
+    with pytest.raises(ImageError, match=f"{other} belongs to uid 4242"):
+        store.resolve_image("dev")
+    os.chown(other, 0, 0)
+    assert store.resolve_image("dev").parent == moved
+    os.chown(moved / "dev-1111111111111111.img", 4242, 4242)  # its owner could chmod it at any time
+    with pytest.raises(ImageError, match=r"published file .*dev-1111111111111111\.img belongs to uid 4242"):
+        store.resolve_image("dev")
+
+
+def test_publish_with_no_site_directory_is_one_line(
+    dirs: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache, _, _ = dirs
+    fake(cache, "dev", "1" * 64, "2026-01-01T00:00:00Z")
+    monkeypatch.setenv(sites.IMAGE_PATH_ENV, "")
+    with pytest.raises(ImageError, match=r"APPPOT_IMAGE_PATH is empty.*give the directory: apppot image publish dev DIR"):
+        publish.publish("dev", None, force=False, kernel=None, with_kernel=False, say=print)
+
+
+def test_a_site_problem_does_not_stop_an_image_of_ones_own(dirs: tuple[Path, Path, Path]) -> None:
+    cache, site1, _ = dirs
+    mine = fake(cache, "dev", "0" * 64, "2026-01-01T00:00:00Z")
+    fake(site1, "dev", "1" * 64, "2026-01-01T00:00:00Z")
+    site1.chmod(0o777)
+    assert store.resolve_image("dev") == mine  # found before any site directory is looked at
+    with pytest.raises(ImageError, match="writable by others"):
+        store.resolve_image("other")
+    site1.chmod(0o755)
+
+
+def test_console_logs_never_go_into_the_job_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As on ARC, whose jobs get their session directory as HOME: ~/.local/state is then the job's to
+    # shape; it made .local/state/apppot a link to a directory of the user's, where the host would write.
+    job = tmp_path / "session"
+    elsewhere = tmp_path / "users-files"
+    (job / ".local" / "state").mkdir(parents=True)
+    elsewhere.mkdir()
+    (job / ".local" / "state" / "apppot").symlink_to(elsewhere)
+    monkeypatch.setenv("HOME", str(job))
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    run_base = tmp_path / "tmp"
+    run_dir = run_base / "run"
+    run_dir.mkdir(parents=True, mode=0o700)
+    fd, path = logdir.open_log("x.log", run_base, run_dir, job)
+    os.close(fd)
+    assert path == run_base / f"apppot-logs-{os.geteuid()}" / "x.log"
+    assert list(elsewhere.iterdir()) == []
+    assert logdir.state_logs_dir() not in logdir.log_dirs(run_base, job)
+    assert logdir.state_logs_dir() in logdir.log_dirs(run_base, tmp_path / "another-job")
+
+
+def test_a_killed_jobs_log_is_swept_only_from_private_directories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # /tmp/apppot-logs-UID made first by another user, as a link to a directory of the user's own.
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes-apppot-run-x.log").write_text("the user's own file")
+    (tmp_path / f"apppot-logs-{os.geteuid()}").symlink_to(mine)
+    logs = logdir.state_logs_dir()
+    logs.mkdir(parents=True, mode=0o700)
+    (logs / "apppot-1-apppot-run-x.log").write_text("console")
+    assert logdir.stale_logs(tmp_path, tmp_path / "job", "apppot-run-x") == [logs / "apppot-1-apppot-run-x.log"]
+
+
+def test_publishing_over_a_link_left_in_the_site_directory_says_how(dirs: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    # "republish it" alone sent the publisher round in a circle: publishing reads the directory too.
+    cache, site1, _ = dirs
+    fake(cache, "dev", "1" * 64, "2026-01-01T00:00:00Z")
+    image = fake(site1, "dev", "1" * 64, "2026-01-01T00:00:00Z")
+    image.rename(site1 / "moved")
+    image.symlink_to(site1 / "moved")
+    with pytest.raises(ImageError, match=f"is a symbolic link, not a file; its publisher removes it \\(rm {image}\\)"):
+        publish.publish("dev", site1, force=False, kernel=None, with_kernel=False, say=print)
+    image.unlink()
+    assert publish.publish("dev", site1, force=False, kernel=None, with_kernel=False, say=print).image == image
+
+
+def test_publish_help_says_what_it_does_and_where(capsys: pytest.CaptureFixture[str]) -> None:
+    from apppot.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["image", "publish", "--help"])
+    out = capsys.readouterr().out
+    assert "every user" in out.split("positional arguments")[0]  # a description, not the usage line alone
+    assert "/var/lib/apppot/images" in out and "--image NAME" in out

@@ -141,3 +141,10 @@ def test_any_options_and_any_command_holding_double_dash_give_back_the_command(
     assert got_options == options
     fast = _fast_parse(options)
     assert fast is not None and vars(fast) == vars(_start_parser("apppot start").parse_args(options))
+
+
+@pytest.mark.parametrize("argv", [["--apppot", "", "true"], ["--apppot=", "true"], ["--appot=", "--", "true"]])
+def test_an_empty_apppot_value_is_refused(argv: list[str]) -> None:
+    # Not the default image, silently: the seed's client meant an image and lost it (an unset variable).
+    with pytest.raises(UsageError, match="--apppot is empty; give --apppot COW,IMG or --apppot IMG"):
+        parse_start(argv)

@@ -28,10 +28,16 @@ def cmd_image(argv: Sequence[str]) -> int:
     publish = sub.add_parser(
         "publish",
         help="copy an image, its record and your kernel into a site image directory, read-only for every user",
+        description="Copy the image NAME (as --image NAME finds it), its record and the UML kernel apppot start "
+        "would use into a site image directory, where every user's --image NAME finds it, read-only. "
+        "Each file goes through a temporary file and a rename: running jobs keep what they have.",
     )
     publish.add_argument("name", help="an image name from 'apppot image list'")
     publish.add_argument(
-        "directory", nargs="?", type=Path, help="the site image directory (default: the first of APPPOT_IMAGE_PATH)"
+        "directory",
+        nargs="?",
+        type=Path,
+        help="the site image directory (default: the first of APPPOT_IMAGE_PATH; unset: /var/lib/apppot/images)",
     )
     publish.add_argument("--force", action="store_true", help="replace a different image (or kernel) of that name there")
     publish.add_argument("--kernel", metavar="PATH", help="publish this UML kernel (default: the one apppot start uses)")

@@ -253,6 +253,8 @@ def split_command(argv: Sequence[str]) -> tuple[list[str], list[str] | None]:
 def _image_and_cow(ns: argparse.Namespace | SimpleNamespace) -> tuple[Path | None, Path | None]:
     image = ns.image or None
     cow_file = ns.cow
+    if ns.apppot == "":
+        raise UsageError("--apppot is empty; give --apppot COW,IMG or --apppot IMG")
     if ns.apppot:
         seed_cow, seed_image = split_seed_image(ns.apppot)
         cow_file = cow_file or seed_cow

@@ -47,7 +47,15 @@ def publish(name: str, directory: Path | None, *, force: bool, kernel: str | Non
     source = store.find_by_name(name)
     if source is None:
         raise ImageError(f"no image named {name} to publish; build it first (apppot image build RECIPE.toml, or build-tiny)")
-    target = _target_dir(directory if directory is not None else sites.site_dirs()[0])
+    if directory is None:
+        candidates = sites.site_dirs()
+        if not candidates:
+            raise ImageError(
+                f"{sites.IMAGE_PATH_ENV} is empty, so there is no site image directory to publish into; "
+                f"give the directory: apppot image publish {name} DIR"
+            )
+        directory = candidates[0]
+    target = _target_dir(directory)
     existing = [image for image in store.stored_images(target) if image.name == name]
     same = next((image for image in existing if _same_image(image, source)), None)
     others = [image for image in existing if image is not same]
@@ -116,8 +124,20 @@ def _make_dir(directory: Path) -> None:
     except FileExistsError:
         return
     except OSError as e:
-        raise ImageError(f"cannot make the site image directory {directory}: {e.strerror}; make it as its owner") from None
+        raise ImageError(
+            f"cannot make the site image directory {directory}: {e.strerror}; have its administrator make it yours "
+            f"(install -d -m 0755 -o {_user()} {directory}), or give another directory (apppot image publish NAME DIR)"
+        ) from None
     directory.chmod(DIR_MODE)  # whatever the umask: every user reads it
+
+
+def _user() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
 
 
 def _same_image(published: store.StoredImage, source: store.StoredImage) -> bool:

@@ -12,8 +12,10 @@ path and the fix (chmod go-w).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from apppot.errors import ImageError
@@ -41,20 +43,21 @@ def site_dirs() -> list[Path]:
     return dirs
 
 
-def existing_site_dirs() -> list[Path]:
-    """The site directories that exist, each checked (check_directory): an unsafe one is an error."""
-    found = []
+def existing_site_dirs() -> Iterator[Path]:
+    """The site directories that exist, in order, each checked (check_directory) as it comes: an unsafe one
+    is an error, once the search gets to it."""
     for directory in site_dirs():
         if directory.is_dir():
             check_directory(directory)
-            found.append(directory)
-    return found
+            yield directory
 
 
 def check_directory(directory: Path) -> None:
     """Refuse a site directory that others than its owner could change: itself, or a parent of it that
-    is writable by group or others without the sticky bit (in /tmp only owners rename their files)."""
+    is writable by group or others without the sticky bit (in /tmp only owners rename their files), or a
+    parent that belongs to another user (its owner may rename the site directory away, sticky bit or not)."""
     real = directory.resolve()
+    owner = real.stat().st_uid
     for path in [real, *real.parents]:
         st = path.stat()
         if path == real and not stat.S_ISDIR(st.st_mode):
@@ -66,19 +69,48 @@ def check_directory(directory: Path) -> None:
                 f"(mode {stat.S_IMODE(st.st_mode):04o}), so anyone could swap the images; "
                 f"make it chmod go-w, or leave it out of {IMAGE_PATH_ENV}"
             )
+        if st.st_uid not in _trusted_owners(owner):
+            raise ImageError(
+                f"site image directory {directory}: {path} belongs to uid {st.st_uid}, who could put other images "
+                f"in its place; make it root's or the site directory's owner's, or leave it out of {IMAGE_PATH_ENV}"
+            )
+
+
+def _trusted_owners(site_owner: int) -> set[int]:
+    """Who may own a site directory's parents and files: root, the site directory's owner, the user."""
+    return {0, site_owner, os.geteuid()}
 
 
 def check_file(path: Path) -> os.stat_result:
-    """A published file (image, record, kernel): a regular file, not a link, that only its owner may write."""
+    """A published file (image, record, kernel): a regular file, not a link, that only its owner may write,
+    owned by root, the directory's owner or the user (any other owner could chmod it at any time)."""
     st = path.lstat()
     if not stat.S_ISREG(st.st_mode):
-        raise ImageError(f"published file {path} is {kind(st.st_mode)}, not a file; republish it (apppot image publish)")
+        raise ImageError(
+            f"published file {path} is {kind(st.st_mode)}, not a file; its publisher removes it (rm {path}) "
+            "and publishes again (apppot image publish)"
+        )
     if st.st_mode & _WRITABLE_BY_OTHERS:
         raise ImageError(
             f"published file {path} is writable by others than its owner (mode {stat.S_IMODE(st.st_mode):04o}); "
             "make it chmod go-w, or republish it (apppot image publish)"
         )
+    if st.st_uid not in _trusted_owners(path.parent.stat().st_uid):
+        raise ImageError(
+            f"published file {path} belongs to uid {st.st_uid}, not to the owner of {path.parent}; "
+            "republish it as the directory's owner (apppot image publish)"
+        )
     return st
+
+
+def site_holding(path: Path) -> Path | None:
+    """The site image directory (of site_dirs()) that path is in, if any: a published image."""
+    real = path.resolve()
+    for directory in site_dirs():
+        with contextlib.suppress(OSError):
+            if real.is_relative_to(directory.resolve()):
+                return directory
+    return None
 
 
 def site_kernel() -> Path | None:

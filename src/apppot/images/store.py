@@ -8,6 +8,7 @@ of what went into it. The tiny default appliance is tiny-INPUTSID.img, without a
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -113,9 +114,12 @@ def stored_images(site: Path | None = None) -> list[StoredImage]:
     return [image for _, image in sorted(found, key=lambda pair: pair[0], reverse=True)]
 
 
-def all_images() -> list[StoredImage]:
-    """The user's cache, then each site image directory ($APPPOT_IMAGE_PATH) in order: the search order."""
-    return [image for directory in [None, *sites.existing_site_dirs()] for image in stored_images(directory)]
+def all_images() -> Iterator[StoredImage]:
+    """The user's cache, then each site image directory ($APPPOT_IMAGE_PATH) in order: the search order.
+    Lazily: a name found in the cache is found without looking at (nor failing on) any site directory."""
+    yield from stored_images()
+    for directory in sites.existing_site_dirs():
+        yield from stored_images(directory)
 
 
 def _built_key(record: ImageRecord) -> float:
