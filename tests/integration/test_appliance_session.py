@@ -123,3 +123,15 @@ def test_the_job_has_a_pty_file_system(apppot, backend: str, jobdir: Path) -> No
     script = "test -c /dev/ptmx && test -e /dev/pts/ptmx && grep ' /dev/pts devpts ' /proc/mounts | wc -l"
     r = apppot(["start", "--", "sh", "-c", script], cwd=jobdir, timeout=SESSION_TIMEOUT_S)
     assert (r.returncode, r.stdout) == (0, b"1\n"), r.err
+
+
+@pytest.mark.parametrize("full_boot", [[], ["--full-boot"]], ids=["agent-as-init", "full-boot"])
+def test_a_debian_appliance_has_its_host_name_and_one_devpts(
+    apppot, full_boot: list[str], jobdir: Path, debian_services: dict[str, object]
+) -> None:
+    """With the agent as init it mounts devpts and names the host; after systemd's boot (which did both) it
+    leaves them as they are."""
+    # New terminals belong to the group tty (gid 5 in Debian), readable by nobody else.
+    script = "hostname; grep ' /dev/pts devpts ' /proc/mounts | grep -o 'gid=5,mode=620' | uniq -c"
+    r = apppot(["start", "--image", "debian-services", *full_boot, "--", "sh", "-c", script], cwd=jobdir)
+    assert (r.returncode, r.stdout) == (0, b"apppot\n      1 gid=5,mode=620\n"), r.err
