@@ -1,6 +1,7 @@
-"""The agent names the guest after the image's /etc/hostname (issue 15): its first line that is
-neither blank nor a comment, if that is a valid host name, else `apppot`. Run under both shells
-the agent must work with (busybox sh, dash), sourcing the agent as a library."""
+"""What the agent sets up before the job (issue 15): the host name, the image's /etc/hostname (its
+first line that is neither blank nor a comment, if that is a valid host name, else `apppot`), and
+which of its mounts are there. Run under both shells the agent must work with (busybox sh, dash),
+sourcing the agent as a library."""
 
 from __future__ import annotations
 
@@ -97,3 +98,25 @@ def test_any_first_line_gives_a_valid_host_name(line: str) -> None:
         assert name == stripped
     else:
         assert name == "apppot"
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_the_agent_tells_whether_its_mount_points_are_mounted(shell: str, tmp_path: Path) -> None:
+    """After `mount -a` failed, the job still runs if only devpts failed (a kernel without it)."""
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        "proc /proc proc rw 0 0\nhostfs /run/apppot hostfs ro 0 0\nhostfs /run/apppot-agent/out hostfs rw 0 0\n"
+        "hostfs /home/user/job hostfs rw 0 0\n"
+    )
+    argv = [shell, "sh"] if shell.endswith("busybox") else [shell]
+    env = {"PATH": "/usr/bin:/bin", "AGENT": str(AGENT), "APPPOT_AGENT_LIBRARY": "1"}
+    for points, expected in [
+        ("/run/apppot /run/apppot-agent/out /home/user/job", 0),
+        ("/run/apppot", 0),
+        ("/run/apppot /dev/pts", 1),
+        ("/home/user", 1),
+    ]:
+        script = f'. "$AGENT"; PROC_MOUNTS={mounts}; apppot_mounted {points}'
+        assert subprocess.run([*argv, "-c", script], env=env, timeout=10, check=False).returncode == expected, points
+    script = f'. "$AGENT"; PROC_MOUNTS={tmp_path / "none"}; apppot_mounted /run/apppot'
+    assert subprocess.run([*argv, "-c", script], env=env, timeout=10, check=False).returncode == 1
