@@ -382,6 +382,17 @@ def test_a_cloud_job_keeps_its_files_and_a_crashed_one_is_not_rerun_at_every_boo
     assert "kept-on-disk" not in text
 
 
+def test_a_cloud_job_has_the_images_host_name_and_pseudo_terminals(cache_home: Path, exported: Path, tmp_path: Path) -> None:
+    """Booted by firmware, as on a cloud (issue 15): the host name is the image's, devpts is mounted."""
+    seed = tmp_path / "seed.iso"
+    script = "echo name=$(hostname); echo pts=$(grep -c ' /dev/pts devpts ' /proc/mounts)"
+    r = apppot_cli(cache_home, "cloud-seed", "--no-jobdir", "-o", str(seed), "--", "sh", "-c", script)
+    assert r.returncode == 0, r.err
+    text, _ = firmware_boot(exported, tmp_path, seed=seed)
+    assert "name=apppot" in text and "pts=1" in text, text
+    assert "apppot-agent: job finished with status 0, powering off" in text
+
+
 def test_malformed_user_data_is_reported_by_the_agent_at_boot(exported: Path, tmp_path: Path) -> None:
     content = tmp_path / "seed"
     content.mkdir()

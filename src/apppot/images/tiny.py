@@ -53,7 +53,7 @@ _FILES = {
     "etc/group": "root:x:0:\n",
     "etc/hostname": "apppot\n",
     "etc/shells": "/bin/sh\n/bin/ash\n",
-    "etc/profile": 'export PS1="\\u@apppot:\\w\\$ "\n',
+    "etc/profile": 'export PS1="\\u@\\h:\\w\\$ "\n',
 }
 
 
