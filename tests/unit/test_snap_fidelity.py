@@ -3,6 +3,7 @@ shell histories are no change, excluded paths are never deleted, xattrs and hole
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
@@ -10,8 +11,11 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from apppot import snap
+from apppot.snap import SnapError, sparse
 
 AGENT_PASSWD = "user:x:1001:1001:AppPot user:/home/user:/bin/sh\n"
 AGENT_GROUP = "user:x:1001:\n"
@@ -181,3 +185,31 @@ def test_a_sparse_file_stays_sparse(tmp_path: Path) -> None:
     with open(extracted, "rb") as f:
         f.seek(GIB // 2)
         assert f.read(4096) == b"data" * 1024
+
+
+@st.composite
+def segment_maps(draw: st.DrawFn) -> tuple[list[tuple[int, int]], int]:
+    gaps_and_lengths = draw(st.lists(st.tuples(st.integers(0, 1 << 40), st.integers(0, 1 << 20)), max_size=50))
+    segments, pos = [], 0
+    for gap, length in gaps_and_lengths:
+        segments.append((pos + gap, length))
+        pos += gap + length
+    return segments, pos + draw(st.integers(0, 1 << 30))
+
+
+@given(segment_maps())
+def test_sparse_maps_read_back_as_written(case: tuple[list[tuple[int, int]], int]) -> None:
+    segments, realsize = case
+    encoded = io.BytesIO(sparse.encode_map(segments))
+    stored = len(encoded.getvalue()) + sum(length for _, length in segments)
+    read, blocks = sparse.read_map(lambda: encoded.read(512), stored, realsize, "member 'x'")
+    assert (read, blocks * 512) == (segments, len(encoded.getvalue()))
+
+
+@given(st.binary(max_size=2000))
+def test_any_map_bytes_are_read_or_refused_in_one_line(data: bytes) -> None:
+    padded = io.BytesIO(data + bytes(-len(data) % 512))
+    try:
+        sparse.read_map(lambda: padded.read(512), 4096, 1 << 20, "member 'x'")
+    except SnapError as e:
+        assert "\n" not in str(e) and str(e).startswith("member 'x' ")
