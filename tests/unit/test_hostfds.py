@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from apppot import hostfds
+from apppot.images import snaptool
 from apppot.protocol import GuestJob, StreamMode, render_job_file
 from tests.conftest import APPPOT
 
@@ -65,6 +66,7 @@ def test_closed_descriptors_get_dev_null_and_are_remembered(tmp_path: Path) -> N
     code = f"""
 import os, sys
 from apppot import hostfds
+from apppot.images import snaptool
 closed = hostfds.fill_closed()
 probe = os.open(os.devnull, os.O_RDONLY)  # takes none of 0-2 now
 null = os.stat(os.devnull).st_rdev
@@ -97,7 +99,8 @@ def test_entry_points_survive_closed_descriptors(program: str) -> None:
 
 
 def test_apppot_snap_survives_closed_descriptors(tmp_path: Path) -> None:
-    snap = Path(__file__).resolve().parents[2] / "src" / "apppot" / "snap.py"
+    snap = tmp_path / "apppot-snap"
+    snaptool.build(snap)  # as images carry it
     args = [PYTHON, str(snap), "--root", str(tmp_path), "manifest", str(tmp_path / "m.gz")]
     r = subprocess.run(["bash", "-c", '"$@" >&-', "bash", *args], capture_output=True, text=True, check=False)
     assert (r.returncode, r.stderr) == (

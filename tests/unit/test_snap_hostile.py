@@ -20,6 +20,10 @@ import pytest
 
 from apppot import snap
 from apppot.snap import SnapError
+from apppot.snap import archive as snap_archive
+
+# How apppot-init extracts the host's repacked archive.
+AGENT_TAR = ("--numeric-owner", "--xattrs", "--xattrs-include=user.*", "--xattrs-include=security.capability", "-xpf")
 
 BASE = "b" * 64
 
@@ -90,7 +94,7 @@ def repack_and_extract(source: str, tmp_path: Path) -> tuple[list[tarfile.TarInf
     listed = gnu_tar("-tf", target).splitlines()
     root = tmp_path / "guest"
     root.mkdir()
-    gnu_tar("-xpf", target, "-C", root, "--numeric-owner")  # as apppot-init does
+    gnu_tar(*AGENT_TAR, target, "-C", root)
     return members, listed, landed(root)
 
 
@@ -103,7 +107,7 @@ def test_a_gnu_sparse_name_pointing_at_a_reserved_path_is_refused(tmp_path: Path
         tmp_path / "a.tar.gz",
         tar_bytes([regular("opt/x", b"abc", **{"GNU.sparse.name": "var/lib/apppot/base.id", "path": "opt/x"})]),
     )
-    with pytest.raises(SnapError, match=r"member 'opt/x' is a sparse file .*: refused"):
+    with pytest.raises(SnapError, match=r"member 'opt/x' has sparse records without a PAX 1.0 map: refused"):
         snap.repack(source, str(tmp_path / "out.tar"))
     assert not (tmp_path / "out.tar").exists()
 
@@ -114,7 +118,7 @@ def test_pax_overrides_are_applied_once_and_never_copied(tmp_path: Path) -> None
     members = [
         regular("opt/x", b"over", path="opt/y"),  # the ustar name says opt/x, pax path says opt/y: opt/y it is
         regular("opt/owned", b"o", uname="root", gname="root", uid="1234", comment="hello"),
-        regular("opt/xattr", b"a", **{"SCHILY.xattr.security.capability": "x", "mtime": "1700000000.5"}),
+        regular("opt/xattr", b"a", **{"mtime": "1700000000.5"}),
         symlink("opt/l", "/ignored", linkpath="/etc/motd"),
         regular(long_name, b"long"),
         regular("opt/\u00e9t\u00e9", b"utf8"),
@@ -146,10 +150,8 @@ def test_pax_overrides_are_applied_once_and_never_copied(tmp_path: Path) -> None
         assert word not in raw
 
 
-@pytest.mark.parametrize(
-    "sparse_format", ["--format=gnu", *(f"--format=pax --sparse-version={v}" for v in ("0.0", "0.1", "1.0"))]
-)
-def test_sparse_members_are_refused(tmp_path: Path, sparse_format: str) -> None:
+@pytest.mark.parametrize("sparse_format", ["--format=gnu", *(f"--format=pax --sparse-version={v}" for v in ("0.0", "0.1"))])
+def test_sparse_members_of_old_formats_are_refused(tmp_path: Path, sparse_format: str) -> None:
     tree = tmp_path / "tree"
     (tree / "opt").mkdir(parents=True)
     (tree / snap.MANIFEST_MEMBER).write_bytes(manifest_bytes(["opt/hole"]))
@@ -159,8 +161,73 @@ def test_sparse_members_are_refused(tmp_path: Path, sparse_format: str) -> None:
     source = tmp_path / "sparse.tar.gz"
     gnu_tar("--sparse", *sparse_format.split(), "-czf", source, snap.MANIFEST_MEMBER, "opt/hole", cwd=tree)
     assert source.stat().st_size < 64 << 10
-    with pytest.raises(SnapError, match=r"member 'opt/hole' is a sparse file"):
+    with pytest.raises(SnapError, match=r"member 'opt/hole' is .*sparse file of an old format"):
         snap.check_archive(str(source))
+    assert not (tmp_path / "out.tar").exists()
+
+
+def test_gnu_tars_pax_sparse_members_stay_sparse_through_repack_and_the_agents_tar(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "opt").mkdir(parents=True)
+    (tree / snap.MANIFEST_MEMBER).write_bytes(manifest_bytes(["opt/hole"]))
+    with open(tree / "opt/hole", "wb") as f:
+        f.seek(64 << 20)
+        f.write(b"end")
+    source = tmp_path / "sparse.tar.gz"
+    gnu_tar("--sparse", "--format=pax", "--sparse-version=1.0", "-czf", source, snap.MANIFEST_MEMBER, "opt/hole", cwd=tree)
+    snap.repack(str(source), str(tmp_path / "changes.tar"))
+    assert (tmp_path / "changes.tar").stat().st_size < 64 << 10
+    (tmp_path / "guest").mkdir()
+    gnu_tar(*AGENT_TAR, tmp_path / "changes.tar", "-C", tmp_path / "guest")
+    hole = tmp_path / "guest/opt/hole"
+    assert hole.stat().st_size == (64 << 20) + 3 and hole.stat().st_blocks * 512 < 1 << 20
+    assert hole.read_bytes()[-3:] == b"end"
+
+
+@pytest.mark.parametrize(
+    ("sparse_map", "message"),
+    [
+        (b"99999999\n", "more than 65536 sparse segments"),
+        (b"2\n0\n512\n100\n512\n", "overlapping or out-of-file segments"),
+        (b"1\n0\n5000\n", "overlapping or out-of-file segments"),
+        (b"1\n0\n-1\n", "is not a number"),
+        (b"1\n0\n" + b"9" * 40 + b"\n", "is not a number"),
+        (b"1\n0\n512\n", "does not match its data"),
+        (b"1\n" + b"1" * 600, "ends inside its sparse map"),
+    ],
+)
+def test_malformed_sparse_maps_are_refused(tmp_path: Path, sparse_map: bytes, message: str) -> None:
+    data = sparse_map + bytes(-len(sparse_map) % 512) + b"x" * 100
+    pax = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "opt/s", "GNU.sparse.realsize": "4096"}
+    source = write_gz(tmp_path / "a.tar.gz", tar_bytes([regular("opt/GNUSparseFile.0/s", data, **pax)], ["opt/s"]))
+    with pytest.raises(SnapError, match=f"member 'opt/s' .*{message}"):
+        snap.repack(source, str(tmp_path / "out.tar"))
+    assert not (tmp_path / "out.tar").exists()
+
+
+def test_a_sparse_file_larger_than_the_limit_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(snap.MAX_SIZE_ENV, "1M")
+    data = b"1\n0\n1\n" + bytes(512 - 6) + b"x"
+    pax = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "opt/s", "GNU.sparse.realsize": str(1 << 40)}
+    source = write_gz(tmp_path / "a.tar.gz", tar_bytes([regular("opt/s", data, **pax)]))
+    with pytest.raises(SnapError, match="expands to more than 1048576 bytes"):
+        snap.check_archive(source)
+
+
+@pytest.mark.parametrize(
+    ("xattr", "value", "message"),
+    [
+        ("trusted.overlay.opaque", "y", "restores only user.* and security.capability"),
+        ("security.selinux", "system_u:object_r:shadow_t:s0", "restores only user.* and security.capability"),
+        ("system.posix_acl_access", "x", "restores only user.* and security.capability"),
+        ("security.capability", "x", "malformed security.capability"),
+        ("user.big", "x" * (65 << 10), "more than 65536 bytes"),
+    ],
+)
+def test_xattrs_apppot_never_restores_are_refused(tmp_path: Path, xattr: str, value: str, message: str) -> None:
+    source = write_gz(tmp_path / "a.tar.gz", tar_bytes([regular("opt/x", b"a", **{f"SCHILY.xattr.{xattr}": value})]))
+    with pytest.raises(SnapError, match=f"member 'opt/x' has .*{message}"):
+        snap.repack(source, str(tmp_path / "out.tar"))
     assert not (tmp_path / "out.tar").exists()
 
 
@@ -216,7 +283,7 @@ def test_a_huge_pax_header_is_refused(tmp_path: Path) -> None:
 
 
 def test_too_many_members_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(snap, "MAX_MEMBERS", 3)
+    monkeypatch.setattr(snap_archive, "MAX_MEMBERS", 3)
     source = write_gz(tmp_path / "a.tar.gz", tar_bytes([regular(f"opt/{i}") for i in range(4)]))
     with pytest.raises(SnapError, match=r"more than 3 members"):
         snap.check_archive(source)

@@ -24,7 +24,7 @@ from typing import NamedTuple
 from apppot import snap
 from apppot.backends.uml import AGENT_SERVICE, SYSTEMD_PATH
 from apppot.errors import HostError
-from apppot.images import tiny
+from apppot.images import snaptool, tiny
 from apppot.images.recipe import DEFAULT_MIRROR, Recipe
 from apppot.images.store import ImageRecord, image_stem, images_dir
 from apppot.kernel_build import MIRROR_ENV
@@ -52,7 +52,7 @@ def recipe_id(recipe: Recipe) -> str:
     h.update(json.dumps({"builder": BUILDER_VERSION, **recipe.identity()}, sort_keys=True).encode())
     h.update(tiny.agent_source())
     h.update(_agent_service().read_bytes())
-    h.update(Path(snap.__file__).read_bytes())
+    h.update(snaptool.digest())
     for copy in recipe.files:
         for path in sorted([copy.source, *copy.source.rglob("*")]) if copy.source.is_dir() else [copy.source]:
             h.update(str(path.relative_to(copy.source.parent)).encode() + b"\0")
@@ -119,9 +119,7 @@ def _stage(recipe: Recipe, stage: Path) -> None:
     agent.parent.mkdir(parents=True)
     agent.write_bytes(tiny.agent_source())
     os.chmod(agent, 0o755)
-    snap_tool = stage / "usr/sbin/apppot-snap"
-    shutil.copyfile(Path(snap.__file__), snap_tool)
-    os.chmod(snap_tool, 0o755)
+    snaptool.build(stage / "usr/sbin/apppot-snap")
     excludes = stage / snap.EXCLUDE_FILE.lstrip("/")
     excludes.parent.mkdir(parents=True)
     excludes.write_text(snap.DEFAULT_EXCLUDES)
