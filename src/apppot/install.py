@@ -3,8 +3,9 @@
 PREFIX/lib/apppot holds the package, compiled, run by the system's Python (`-I`: a job's PYTHONPATH or
 user site cannot change what runs); PREFIX/bin holds `apppot`, `apppot-start` and `apppot-snap`, also
 linked into --bindir when given (e.g. /usr/local/bin for PREFIX=/opt/apppot). Files 0644, programs and
-directories 0755, whatever the umask. The package is replaced by a rename, so a job that starts during
-an upgrade runs the old or the new AppPot, never half of each.
+directories 0755, whatever the umask. PREFIX/lib/apppot is a link to one release's directory, replaced in
+one rename, and a launcher resolves it once at start: a job that starts during an upgrade runs the old or
+the new AppPot, never half of each. The release before stays, for jobs still running it.
 
     make install-site PREFIX=/opt/apppot [BINDIR=/usr/local/bin]    # as root: for every user
     make install-site PREFIX=~/.local                               # for yourself: ~/.local/bin/apppot
@@ -17,6 +18,7 @@ import argparse
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import apppot
@@ -46,29 +48,50 @@ def install(prefix: Path, bindir: Path | None = None, python: str | None = None)
     package = Path(apppot.__file__).resolve().parent
     lib_parent = prefix / "lib"
     lib = lib_parent / "apppot"
-    staging = lib_parent / f".apppot.{os.getpid()}.new"
+    release = lib_parent / f"apppot-{apppot.__version__}-{time.time_ns()}"
+    staging = lib_parent / f".{release.name}.new"
     try:
         _make_dirs(lib_parent)
-        shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(package, staging / "apppot", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         run([python, "-I", "-m", "compileall", "-q", str(staging)])  # job starts do not compile it again
         _open_to_all(staging)
-        old = lib_parent / f".apppot.{os.getpid()}.old"
-        if lib.exists():
-            lib.rename(old)
-        staging.rename(lib)
-        shutil.rmtree(old, ignore_errors=True)
+        staging.rename(release)
+        previous = _current_release(lib)
+        _link(lib, Path(release.name))
+        _remove_old_releases(lib_parent, keep={release.name, previous})
         bin_dir = prefix / "bin"
         _make_dirs(bin_dir)
         for name, body in PROGRAMS.items():
-            launcher = f"#!{python} -I\n# AppPot, installed by apppot.install\nimport sys\n\nsys.path.insert(0, {str(lib)!r})\n"
-            _write(bin_dir / name, launcher + body)
+            _write(bin_dir / name, _launcher(python, lib) + body)
             if bindir is not None and bindir.expanduser().absolute() != bin_dir:
                 _link(bindir.expanduser().absolute() / name, bin_dir / name)
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)
         raise HostError(f"cannot install AppPot under {prefix}: {e}; install as the owner of {prefix} (or root)") from None
     return bin_dir / "apppot"
+
+
+def _launcher(python: str, lib: Path) -> str:
+    # The link is resolved once, so every later import of this run comes from the same release.
+    head = f"#!{python} -I\n# AppPot, installed by apppot.install\nimport os\nimport sys\n\n"
+    return head + f"sys.path.insert(0, os.path.realpath({str(lib)!r}))\n"
+
+
+def _current_release(lib: Path) -> str | None:
+    """The release directory lib names now; an install before releases had a plain directory, kept aside."""
+    if lib.is_symlink():
+        return os.readlink(lib)
+    if lib.is_dir():
+        kept = lib.with_name(f"apppot-before-{time.time_ns()}")
+        lib.rename(kept)
+        return kept.name
+    return None
+
+
+def _remove_old_releases(lib_parent: Path, keep: set[str | None]) -> None:
+    for path in lib_parent.glob("apppot-*"):
+        if path.name not in keep and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _check_python(python: str) -> None:

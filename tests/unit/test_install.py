@@ -1,0 +1,50 @@
+"""make install-site: every release installs beside the one before, and the switch is one rename."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from apppot.install import install
+
+
+def _version(launcher: Path) -> str:
+    return subprocess.run([launcher, "--version"], capture_output=True, text=True, check=True).stdout
+
+
+def test_an_upgrade_switches_the_release_in_one_link_and_keeps_the_one_before(tmp_path: Path) -> None:
+    prefix = tmp_path / "prefix"
+    launcher = install(prefix)
+    lib = prefix / "lib" / "apppot"
+    first = os.readlink(lib)
+    assert lib.is_symlink() and (lib.parent / first / "apppot" / "__init__.py").is_file()
+    assert "apppot" in _version(launcher)
+    install(prefix)
+    second = os.readlink(lib)
+    assert second != first and (lib.parent / first).is_dir()  # a job still running the first keeps it
+    install(prefix)
+    assert not (lib.parent / first).exists() and (lib.parent / second).is_dir()
+    assert "apppot" in _version(launcher)
+    assert not [p.name for p in lib.parent.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_a_launcher_resolves_the_release_once_so_a_switch_cannot_mix_two(tmp_path: Path) -> None:
+    launcher = install(tmp_path / "prefix")
+    header = launcher.read_text().split("from apppot", 1)[0]  # the launcher up to its import of AppPot
+    probe = subprocess.run(
+        ["/usr/bin/python3", "-I", "-c", header + "print(sys.path[0])"], capture_output=True, text=True, check=True
+    )
+    resolved = Path(probe.stdout.strip())
+    assert resolved.name.startswith("apppot-") and str(resolved) == os.path.realpath(tmp_path / "prefix" / "lib" / "apppot")
+
+
+def test_an_install_from_before_releases_is_kept_aside_and_replaced(tmp_path: Path) -> None:
+    old = tmp_path / "prefix" / "lib" / "apppot" / "apppot"
+    old.mkdir(parents=True)
+    (old / "__init__.py").write_text("")
+    install(tmp_path / "prefix")
+    lib = tmp_path / "prefix" / "lib" / "apppot"
+    assert lib.is_symlink()
+    kept = [p.name for p in lib.parent.iterdir() if p.name.startswith("apppot-before-")]
+    assert len(kept) == 1
