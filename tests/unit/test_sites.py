@@ -11,6 +11,7 @@ import pytest
 from apppot import logdir
 from apppot.errors import ImageError
 from apppot.images import publish, sites, store
+from apppot.kernel import kernels_dir
 
 
 def fake(directory: Path, name: str, rid: str, built: str, content: str = "c") -> Path:
@@ -119,8 +120,8 @@ def test_publish_copies_with_modes_and_refuses_a_different_image_of_that_name(
         f.seek(64 << 20)
         f.write(b"end")
     source.chmod(0o444)
-    kernel = tmp_path / "k" / "linux"
-    kernel.parent.mkdir()
+    kernel = kernels_dir() / "v1" / "linux"  # one apppot kernel build made: its record beside it goes too
+    kernel.parent.mkdir(parents=True)
     kernel.write_bytes(b"\x7fELF kernel")
     kernel.chmod(0o700)
     (kernel.parent / "kernel.json").write_text("{}")
@@ -159,6 +160,20 @@ def test_publish_copies_with_modes_and_refuses_a_different_image_of_that_name(
     publish.publish("dev", target, force=False, kernel=str(kernel), with_kernel=False, say=said.append)
     assert (target / "kernel" / "linux").read_bytes() == b"\x7fELF kernel"
     assert not any(p.name.endswith(".tmp") for p in target.rglob("*"))
+
+
+def test_publish_leaves_what_lies_beside_a_kernel_from_elsewhere(dirs: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    cache, _, _ = dirs
+    fake(cache, "dev", "1" * 64, "2026-01-01T00:00:00Z")
+    kernel = tmp_path / "shared-tmp" / "linux"  # e.g. in /tmp, where another user may have put a config beside it
+    kernel.parent.mkdir()
+    kernel.write_bytes(b"\x7fELF kernel")
+    kernel.chmod(0o755)
+    (kernel.parent / "config").write_text("CONFIG_PLANTED=y\n")
+    (kernel.parent / "kernel.json").write_text("{}")
+    target = tmp_path / "pub"
+    publish.publish("dev", target, force=False, kernel=str(kernel), with_kernel=True, say=print)
+    assert sorted(p.name for p in (target / "kernel").iterdir()) == ["linux"]
 
 
 def test_publish_into_a_directory_others_can_write_is_refused(dirs: tuple[Path, Path, Path], tmp_path: Path) -> None:

@@ -86,9 +86,10 @@ def publish(name: str, directory: Path | None, *, force: bool, kernel: str | Non
         old.path.unlink(missing_ok=True)
     if kernel_source is not None and not kernel_same:
         _make_dir(kernel_dir)
+        own_build = _is_own_build(kernel_source)
         for file_name in KERNEL_FILES:
             part = kernel_source.parent / file_name if file_name != "linux" else kernel_source
-            if part.is_file():
+            if part.is_file() and (own_build or file_name == "linux"):
                 copied += _install(part, kernel_dir / file_name, EXEC_MODE if file_name == "linux" else FILE_MODE, say)
             else:
                 (kernel_dir / file_name).unlink(missing_ok=True)  # not the record of the kernel it replaced
@@ -157,6 +158,14 @@ def _kernel_to_publish(explicit: str | None, target: Path) -> Path | None:
         if found.samefile(target / sites.KERNEL_DIR / "linux"):
             return None
     return found
+
+
+def _is_own_build(kernel: Path) -> bool:
+    """Whether kernel is one `apppot kernel build` made in the user's cache: only then is the record and
+    config beside it its own (beside a --kernel elsewhere, they may be anyone's)."""
+    from apppot.kernel import kernels_dir
+
+    return kernel.resolve().parent.parent == kernels_dir().resolve()
 
 
 def _same_kernel(source: Path, kernel_dir: Path) -> bool:
