@@ -120,3 +120,17 @@ def test_the_agent_tells_whether_its_mount_points_are_mounted(shell: str, tmp_pa
         assert subprocess.run([*argv, "-c", script], env=env, timeout=10, check=False).returncode == expected, points
     script = f'. "$AGENT"; PROC_MOUNTS={tmp_path / "none"}; apppot_mounted /run/apppot'
     assert subprocess.run([*argv, "-c", script], env=env, timeout=10, check=False).returncode == 1
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("tty", ["0", "1"])
+@pytest.mark.parametrize("command", ["-- echo ran", "-x", "--version"])
+def test_a_first_word_like_an_option_is_not_found_with_a_terminal_too(shell: str, tty: str, command: str, tmp_path: Path) -> None:
+    """The job `-- echo ran` names no program, also with --tty, where the agent runs the job under
+    `setsid -c`, which would take the '--' (or -x, --version) as its own."""
+    argv = [shell, "sh"] if shell.endswith("busybox") else [shell]
+    env = {"PATH": "/usr/bin:/bin", "AGENT": str(AGENT), "APPPOT_AGENT_LIBRARY": "1"}
+    script = f'. "$AGENT"; JOB={tmp_path}; A_UID=0; A_TTY={tty}; apppot_exec_job {command}'
+    r = subprocess.run([*argv, "-c", script], env=env, capture_output=True, text=True, timeout=10, check=False)
+    first = command.split()[0]
+    assert (r.returncode, r.stdout, r.stderr) == (127, "", f"{first}: not found\n")

@@ -14,6 +14,7 @@ import random
 import subprocess
 import sys
 import tarfile
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -287,6 +288,56 @@ def test_too_many_members_are_refused(tmp_path: Path, monkeypatch: pytest.Monkey
     source = write_gz(tmp_path / "a.tar.gz", tar_bytes([regular(f"opt/{i}") for i in range(4)]))
     with pytest.raises(SnapError, match=r"more than 3 members"):
         snap.check_archive(source)
+
+
+def sparse_member(name: str, segments: int) -> tuple[tarfile.TarInfo, bytes]:
+    """A PAX 1.0 sparse member whose map has this many empty segments (a few bytes each, gzip takes them to nothing)."""
+    sparse_map = f"{segments}\n".encode() + b"0\n0\n" * segments
+    pax = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": name, "GNU.sparse.realsize": "0"}
+    return regular(f"opt/GNUSparseFile.0/{name.rsplit('/', 1)[-1]}", sparse_map + bytes(-len(sparse_map) % 512), **pax)
+
+
+def test_sparse_maps_are_bounded_for_the_whole_archive(tmp_path: Path) -> None:
+    # Each map is within its bound, but the host would hold all of them (70 bytes a segment) while it reads:
+    # 16 000 such members (a 7 MB gzip, within the 4 GiB limit) would take 75 GB of the host's memory.
+    members = [sparse_member(f"opt/s{i}", 1 << 16) for i in range(20)]
+    source = write_gz(tmp_path / "a.tar.gz", tar_bytes(members, [f"opt/s{i}" for i in range(20)]), level=9)
+    assert os.path.getsize(source) < 64 << 10
+    with pytest.raises(SnapError, match=r"member 'opt/s\d+' .*more than 1048576 sparse segments in all: refused"):
+        snap.check_archive(source)
+    _, members_read = snap.check_archive(write_gz(tmp_path / "b.tar.gz", tar_bytes([members[0]], ["opt/s0"])))
+    assert len(members_read[0].sparse or []) == 1 << 16
+
+
+def test_xattrs_are_bounded_for_the_whole_archive(tmp_path: Path) -> None:
+    value = "v" * (60 << 10)
+    xattrs = {f"SCHILY.xattr.user.x{k}": value for k in range(15)}  # 900 KiB a member, within a header
+    source = write_gz(tmp_path / "a.tar.gz", tar_bytes([regular(f"opt/{i}", b"x", **xattrs) for i in range(20)]), level=9)
+    with pytest.raises(SnapError, match=r"member 'opt/\d+' .*more than 16777216 bytes of xattrs in all: refused"):
+        snap.check_archive(source)
+
+
+def test_reading_holds_no_more_than_the_checked_fields_of_each_member(tmp_path: Path) -> None:
+    """pax records the host never uses (a comment, here) are not kept while the archive is read: the
+    memory a read takes does not grow with the archive's headers."""
+    members = [regular(f"opt/{i}", comment="c" * (900 << 10)) for i in range(60)]  # 54 MB of headers
+    source = write_gz(tmp_path / "a.tar.gz", tar_bytes(members), level=9)
+    tracemalloc.start()
+    try:
+        snap.check_archive(source)
+        snap.repack(source, str(tmp_path / "out.tar"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+
+
+def test_a_path_longer_than_path_max_is_refused(tmp_path: Path) -> None:
+    long_name = "opt/" + "/".join(["d" * 200] * 25)
+    with pytest.raises(SnapError, match=r"has a name or link target longer than 4096 bytes: refused"):
+        snap.check_archive(write_gz(tmp_path / "a.tar.gz", tar_bytes([regular(long_name)])))
+    with pytest.raises(SnapError, match=r"member 'opt/l'... has a name or link target longer than 4096 bytes: refused"):
+        snap.check_archive(write_gz(tmp_path / "b.tar.gz", tar_bytes([symlink("opt/l", "/" + long_name)])))
 
 
 # --- damaged archives ---------------------------------------------------------------------------

@@ -27,6 +27,9 @@ DEFAULT_MAX_SIZE = 4 << 30  # bytes of the expanded (uncompressed) tar stream
 MAX_MEMBERS = 1_000_000
 MAX_HEADER = 1 << 20  # one pax or GNU long-name header, which tarfile reads whole into memory
 MAX_MANIFEST = 64 << 20
+# What the host holds of all members while it reads (their maps and xattrs, to compare the second reading).
+MAX_SEGMENTS_IN_ALL = 1 << 20
+MAX_XATTR_BYTES = 16 << 20
 _CHUNK = 1 << 20
 
 
@@ -180,7 +183,7 @@ def _scan(source: str, limit: int, room: tuple[int, str] | None = None) -> tuple
     """The first reading: the manifest and the members' headers, checked; their expanded size within
     limit (and room: the free bytes of the directory the copy goes to); the gzip read to its end."""
     with _reading(source, limit) as (tar, expanded):
-        members = iter(tar)
+        members = _members(tar)
         first = next(members, None)
         if first is None or first.name != MANIFEST_MEMBER or not first.isreg():
             raise SnapError(f"{source} has no {MANIFEST_MEMBER} first: it was not made by apppot-snap changes")
@@ -191,10 +194,21 @@ def _scan(source: str, limit: int, room: tuple[int, str] | None = None) -> tuple
         info = parse_manifest(source, extracted.read())
         checked: list[tarfile.TarInfo] = []
         total = tarfile.RECORDSIZE  # the end of the archive, padded
+        segments = xattr_bytes = 0
         for m in members:
             if len(checked) >= MAX_MEMBERS:
                 raise SnapError(f"{source} has more than {MAX_MEMBERS} members: refused")
             check_member(source, m)
+            m.pax_headers = {k: v for k, v in m.pax_headers.items() if k.startswith(xattrs.PAX_PREFIX)}  # checked
+            segments += len(sparse.of(m) or [])
+            xattr_bytes += sum(len(name) + len(value) for name, value in xattrs.from_pax(m.pax_headers))
+            if segments > MAX_SEGMENTS_IN_ALL or xattr_bytes > MAX_XATTR_BYTES:
+                what = (
+                    f"{MAX_SEGMENTS_IN_ALL} sparse segments"
+                    if segments > MAX_SEGMENTS_IN_ALL
+                    else f"{MAX_XATTR_BYTES} bytes of xattrs"
+                )
+                raise SnapError(f"{source}: member {m.name!r} makes more than {what} in all: refused")
             fresh = fresh_header(m)
             total += len(fresh.tobuf(tarfile.PAX_FORMAT)) + -(-fresh.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
             if total > limit or (m.sparse is not None and m.size > limit):  # nor a file larger than that, holes or not
@@ -217,7 +231,7 @@ def _replay(source: str, limit: int, checked: list[tarfile.TarInfo], each: _Hand
     """The second reading: each member again, the same as it was checked (or the file changed meanwhile:
     refused), handed to each with the tar its data can be read from."""
     with _reading(source, limit) as (tar, expanded):
-        members = iter(tar)
+        members = _members(tar)
         next(members, None)  # the manifest
         for old in [*checked, None]:
             m = next(members, None)
@@ -226,6 +240,13 @@ def _replay(source: str, limit: int, checked: list[tarfile.TarInfo], each: _Hand
             if m is not None:
                 each(tar, m)
         expanded.drain()
+
+
+def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The members in order, none of them kept by tarfile (which would hold every header and pax record)."""
+    while (m := tar.next()) is not None:
+        tar.members.clear()  # type: ignore[attr-defined]  # typeshed omits it
+        yield m
 
 
 def _fields(m: tarfile.TarInfo) -> tuple[object, ...]:

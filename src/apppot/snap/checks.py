@@ -12,6 +12,7 @@ from . import xattrs
 from .paths import ALWAYS_EXCLUDED, MANIFEST_MEMBER, SnapError
 
 MAX_MANIFEST_LISTS = 64  # brackets in the manifest: it is one object of flat lists, so json never nests deep
+MAX_PATH = 4096  # Linux's PATH_MAX: no longer name can be made or opened
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 
@@ -58,6 +59,8 @@ def check_member(source: str, m: tarfile.TarInfo) -> None:
     what = f"{source}: member {m.name!r}"
     if _CONTROL.search(m.name):
         raise SnapError(f"{what} has a newline or other control character in its name: refused")
+    if max(len(m.name.encode("utf-8", "surrogateescape")), len(m.linkname.encode("utf-8", "surrogateescape"))) > MAX_PATH:
+        raise SnapError(f"{source}: member {m.name[:80]!r}... has a name or link target longer than {MAX_PATH} bytes: refused")
     if m.issym() and _CONTROL.search(m.linkname):
         raise SnapError(f"{what} is a link whose target has a newline or other control character: refused")
     if (m.sparse is not None or any(key.startswith("GNU.sparse.") for key in m.pax_headers)) and not checked_sparse(m):
