@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import struct
 import subprocess
 import tarfile
 from pathlib import Path
@@ -20,9 +21,9 @@ pytestmark = pytest.mark.uml
 
 uml_kernel = own_kernel_only  # AppPot's UML kernel only
 
-# user.* only: AppPot's UML kernel has no ext4 security xattrs (setting security.capability gives
-# EOPNOTSUPP); capabilities are tested against GNU tar on the host (tests/unit/test_snap_fidelity.py).
 GIB = 1 << 30
+# A file capability as the kernel stores it (VFS_CAP_REVISION_2, effective): cap_net_bind_service.
+CAPABILITY = struct.pack("<5I", 0x02000001, 1 << 10, 0, 0, 0)
 
 
 @pytest.fixture
@@ -70,6 +71,7 @@ def test_xattrs_and_a_sparse_file_go_through_changes_and_merge(plain_user, tmp_p
         "import os\n"
         "open('/opt/tool', 'wb').write(b'tool')\n"
         "os.setxattr('/opt/tool', 'user.origin', b'mine')\n"
+        f"os.setxattr('/opt/tool', 'security.capability', {CAPABILITY!r})\n"
         "with open('/opt/disk.img', 'wb') as f:\n"
         f"    f.truncate({GIB}); f.seek({GIB // 2}); f.write(b'data' * 1024)\n"
     )
@@ -83,6 +85,7 @@ def test_xattrs_and_a_sparse_file_go_through_changes_and_merge(plain_user, tmp_p
     check = (
         "import os\n"
         "print(os.getxattr('/opt/tool', 'user.origin'))\n"
+        "print(os.getxattr('/opt/tool', 'security.capability').hex())\n"
         "st = os.stat('/opt/disk.img')\n"
         f"f = open('/opt/disk.img', 'rb'); f.seek({GIB // 2})\n"
         "print(st.st_size, st.st_blocks * 512 < (1 << 20), f.read(8))\n"
@@ -91,7 +94,7 @@ def test_xattrs_and_a_sparse_file_go_through_changes_and_merge(plain_user, tmp_p
     (plain_user.job / "mine.cow").unlink()
     r = plain_user("--changes", str(archive), "--", "python3", "check.py")  # a fresh COW of the pristine image
     assert r.returncode == 0, r.err
-    assert r.stdout.decode().splitlines() == ["b'mine'", f"{GIB} True b'datadata'"]
+    assert r.stdout.decode().splitlines() == ["b'mine'", CAPABILITY.hex(), f"{GIB} True b'datadata'"]
 
 
 def test_an_excluded_path_is_never_deleted_and_a_base_recorded_again_warns(plain_user, tmp_path: Path) -> None:
