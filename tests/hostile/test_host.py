@@ -96,17 +96,19 @@ def test_the_cow_keeps_its_base_without_the_sandbox(attack: Attack, tmp_path: Pa
 
 def test_a_killed_apppot_leaves_nothing_after_the_next_start(attack: Attack, apppot, tiny_image: Path) -> None:
     proc = attack.spawn(["start", "--id", attack.instance, "--", "sleep", "60"], tiny_image, "kill-cache")
+    logs = attack.jobdir.parent / "kill-cache" / "apppot" / "logs"
     deadline = time.monotonic() + 30
-    while not any(p.name.startswith("apppot-") for p in apppot.tmp.iterdir()) and time.monotonic() < deadline:
+    started = False  # its run directory and its console log exist (both come before the guest boots)
+    while not started and time.monotonic() < deadline:
         time.sleep(0.1)
+        started = any(p.name.startswith("apppot-") for p in apppot.tmp.iterdir()) and logs.is_dir() and any(logs.iterdir())
     time.sleep(1)
     proc.send_signal(signal.SIGKILL)
     _, err = proc.communicate()
-    assert any(p.name.startswith("apppot-") for p in apppot.tmp.iterdir()), err
+    assert started and any(p.name.startswith("apppot-") for p in apppot.tmp.iterdir()), err
     deadline = time.monotonic() + 10
     while attack.processes() and time.monotonic() < deadline:
         time.sleep(0.1)
-    logs = attack.jobdir.parent / "kill-cache" / "apppot" / "logs"
     assert len(list(logs.iterdir())) == 1  # the killed run's console log
     kill_cache = str(attack.jobdir.parent / "kill-cache")
     outcome = attack.run(["start", "--", "true"], env={"XDG_CACHE_HOME": kill_cache, "XDG_STATE_HOME": kill_cache})
