@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 from apppot.errors import HostError, UsageError
 from apppot.images import ext4
+from apppot.images.holes import data_regions
 from apppot.proc import run, which
 from apppot.say import Say
 
@@ -165,17 +166,9 @@ def export(image: Path, out: Path, fmt: DiskFormat, say: Say, force: bool = Fals
 def copy_sparse(src: Path, dst: Path, offset: int) -> None:
     """Copy src into dst at offset, skipping src's holes (dst is sparse where they are)."""
     with src.open("rb") as fin, dst.open("r+b") as fout:
-        size = os.fstat(fin.fileno()).st_size
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
-            except OSError:  # no more data
-                break
-            end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
+        for start, end in data_regions(fin.fileno()):
             while start < end:
                 n = os.copy_file_range(fin.fileno(), fout.fileno(), end - start, start, offset + start)
                 if n <= 0:
                     raise HostError(f"copying {src} into {dst} stopped at byte {start}")
                 start += n
-            pos = end

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 from apppot.errors import ImageError
 from apppot.images import sites, store
+from apppot.images.holes import data_regions
 from apppot.say import Say
 
 FILE_MODE = 0o644
@@ -199,16 +200,8 @@ def _copy_sparse(src: int, dst: int, name: Path, say: Say) -> int:
     """Copy the data regions of src (holes stay holes), saying how far a long copy has got."""
     size = os.fstat(src).st_size
     copied = 0
-    offset = 0
     last_said = time.monotonic()
-    while offset < size:
-        try:
-            start = os.lseek(src, offset, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:  # only a hole is left
-                break
-            raise
-        end = os.lseek(src, start, os.SEEK_HOLE)
+    for start, end in data_regions(src):
         while start < end:
             chunk = os.pread(src, min(_CHUNK, end - start), start)
             if not chunk:
@@ -219,7 +212,6 @@ def _copy_sparse(src: int, dst: int, name: Path, say: Say) -> int:
             if time.monotonic() - last_said >= PROGRESS_EVERY_S:
                 say(f"publishing {name.name}: {start * 100 // size}% ({start >> 20} of {size >> 20} MiB)")
                 last_said = time.monotonic()
-        offset = end
     os.ftruncate(dst, size)
     return copied
 
