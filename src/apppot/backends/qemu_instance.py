@@ -140,9 +140,9 @@ def check_overlay(overlay: Path, image: Path) -> None:
     last changed (qcow2 records no mtime of its base, as UML's COW header does), and not in use."""
     import json
 
-    result = run([QEMU_IMG, "info", "--output=json", str(overlay)], check=False, package=QEMU_IMG_PACKAGE)
-    if b"Is another process using the image" in result.stderr:  # the write lock QEMU holds while a job runs
-        raise cow.in_use(overlay)
+    # --force-share: a read lock taken here, by a job that cow.hold is about to refuse, could make the running
+    # job's QEMU fail to take its write lock as it starts; "in use" is cow.hold's answer.
+    result = run([QEMU_IMG, "info", "--force-share", "--output=json", str(overlay)], check=False, package=QEMU_IMG_PACKAGE)
     try:
         info = json.loads(result.stdout)
     except ValueError:
