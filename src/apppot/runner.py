@@ -361,9 +361,23 @@ def _discard_log(path: Path, keep: bool) -> None:
             path.unlink()
 
 
-def guest_identity(user: str | None, group: str | None) -> tuple[int, int, str, str]:
-    """uid, gid, user and group of the job inside: the host user's ids, or root for host root and --user root."""
-    uid, gid = os.getuid(), os.getgid()
+def guest_identity(
+    user: str | None, group: str | None, host_uid: int | None = None, host_gid: int | None = None
+) -> tuple[int, int, str, str]:
+    """uid, gid, user and group of the job inside: the host user's ids, or root for host root and --user root.
+
+    Host root's job is root inside: a job user of another name would have root's ids all the same (the
+    files it makes are root's on the host), so naming one is refused rather than silently ignored."""
+    uid = os.getuid() if host_uid is None else host_uid
+    gid = os.getgid() if host_gid is None else host_gid
+    if uid == 0:
+        for option, name in (("--user", user), ("--group", group)):
+            if name not in (None, "root"):
+                raise UsageError(
+                    f"{option} {name}: apppot runs as root here, so the job runs as root inside (its files are root's "
+                    f"on the host): drop {option}, or run apppot as the host user the job should be "
+                    "(e.g. runuser -u USER -- apppot start ...)"
+                )
     if user == "root" or (user is None and uid == 0):
         return 0, 0, "root", "root"
     return uid, gid, user or "user", group or ("root" if gid == 0 else "user")

@@ -89,6 +89,11 @@ def map_count_needed(mem_bytes: int) -> int:
     return max(mem_bytes - GUEST_KERNEL_RESERVE, 0) // PAGE
 
 
+def mem_for_map_count(max_map_count: int) -> int:
+    """The most guest memory (whole MiB) a vm.max_map_count covers in the worst case: map_count_needed's inverse."""
+    return (max_map_count * PAGE + GUEST_KERNEL_RESERVE) // MIB * MIB
+
+
 class MemChoice(NamedTuple):
     bytes: int
     warning: str | None = None  # said before the boot: the host may not map all of it
@@ -108,7 +113,7 @@ def choose_mem(requested: int | None, max_map_count: int, host_bytes: int) -> Me
     needed = map_count_needed(requested)
     if needed <= max_map_count:
         return MemChoice(requested)
-    fitting = (max_map_count * PAGE + GUEST_KERNEL_RESERVE) // MIB * MIB
+    fitting = mem_for_map_count(max_map_count)
     fix = f"'sudo sysctl -w vm.max_map_count={needed}'"
     if fitting < MIN_MEM:
         raise HostError(

@@ -10,7 +10,7 @@ import os
 
 from apppot.backends.choice import Decision, KvmState, decide, requested
 from apppot.prepare import prepare
-from apppot.runner import Job
+from apppot.runner import Job, guest_identity
 from apppot.say import Say, say_stderr
 from apppot.spec import JobSpec
 
@@ -32,4 +32,5 @@ def choose_backend(spec: JobSpec, say: Say) -> Decision:
 
 def start(spec: JobSpec, say: Say = say_stderr) -> int:
     """Run one job; returns the exit code for `apppot start`."""
+    guest_identity(spec.user, spec.group)  # a job user host root cannot have is refused before anything starts
     return Job(prepare(spec, say, choose_backend(spec, say)), say).run()

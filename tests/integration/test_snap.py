@@ -115,6 +115,7 @@ def test_an_archive_of_another_base_is_refused(
     r = apppot_cli(cache_home, "start", "--image", "debian-dev", "--changes", str(job / "other.tar.gz"), "--", "true", cwd=job)
     assert r.returncode == 125
     other, this = str(glpk_image["base_id"])[:16], str(debian_dev["base_id"])[:16]
+    assert r.err.startswith("apppot: error: the changes archive was made against base ") and r.err.count("\n") == 1, r.err
     assert f"made against base {other}, but this system is base {this}" in r.err
     assert "merge it with the COW it was made in" in r.err
     # merge inside a running system says the same, and --force overrides it

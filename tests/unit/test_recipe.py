@@ -174,9 +174,10 @@ def test_image_names_resolve_in_the_cache(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(Exception, match="no image named other in the cache"):
         store.resolve_image("other")
     # removing: the older ones only, then all
-    assert store.remove("dev", keep_newest=True) == [old]
+    removed, kept = store.remove("dev", keep_newest=True)
+    assert ([path for path, _ in removed], kept) == ([old], [new])
     assert not old.exists() and not old.with_suffix(".json").exists() and new.exists()
-    assert store.remove("dev", keep_newest=False) == [new]
+    assert [path for path, _ in store.remove("dev", keep_newest=False)[0]] == [new]
     assert store.find_by_name("dev") is None
     with pytest.raises(Exception, match="no image named dev in the cache"):
         store.remove("dev", keep_newest=False)

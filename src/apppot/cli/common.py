@@ -23,24 +23,31 @@ def parser_class() -> type[argparse.ArgumentParser]:
 
 
 def print_record(record: Mapping[str, object], as_json: bool) -> None:
-    """One `key: value` line each, an unknown (None) value as '-' as in tables; or JSON, where it is null."""
+    """One `key: value` line each, an unknown (None or empty) value as '-' as in tables; or JSON, where it is null."""
     if as_json:
         import json
 
         print(json.dumps(record))
     else:
         for key, value in record.items():
-            print(f"{key}: {UNKNOWN if value is None else value}")
+            print(f"{key}: {shown(value)}")
 
 
 UNKNOWN = "-"  # how a record or table shows a value AppPot does not know
+
+
+def shown(value: object) -> str:
+    """A value as a person reads it: never Python's None, '' or a list's repr."""
+    if isinstance(value, list | tuple):
+        value = ", ".join(shown(v) for v in value)
+    return UNKNOWN if value is None or value == "" else str(value)
 
 
 def print_table(rows: list[dict[str, object]], columns: list[str]) -> None:
     if not rows:
         print("no images in the cache (apppot image build RECIPE.toml, apppot image build-tiny)")
         return
-    cells = [[str(row.get(c) or UNKNOWN) for c in columns] for row in rows]
+    cells = [[shown(row.get(c)) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
     for r in cells:

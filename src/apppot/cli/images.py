@@ -49,6 +49,7 @@ def cmd_image(argv: Sequence[str]) -> int:
     remove = sub.add_parser("remove", help="remove the images built under a name from the cache")
     remove.add_argument("name", help="an image name from 'apppot image list'")
     remove.add_argument("--old", action="store_true", help="keep the newest, remove the older ones")
+    remove.add_argument("--json", action="store_true", help="machine-readable output")
     info = sub.add_parser("info", help="an image's recipe, ids, agent and size")
     info.add_argument("image", help="an image name from the cache, or an image file")
     info.add_argument("--json", action="store_true", help="machine-readable output")
@@ -92,8 +93,15 @@ def cmd_image(argv: Sequence[str]) -> int:
         made = tiny.build(force=ns.force)
         record = {"name": made.name, "path": str(made.path), "id": tiny.image_id(made.path)}
     elif ns.action == "remove":
-        for path in store.remove(ns.name, keep_newest=ns.old):
-            print(f"removed {path}")
+        removed, kept = store.remove(ns.name, keep_newest=ns.old)
+        if ns.json:
+            import json
+
+            print(json.dumps({"removed": [{"path": str(p), "bytes": n} for p, n in removed], "kept": [str(p) for p in kept]}))
+        elif not removed:
+            print(f"nothing to remove: the cache holds one build of {ns.name}, {', '.join(map(str, kept))}")
+        for path, used in [] if ns.json else removed:
+            print(f"removed {path} ({human(used)})")
         return 0
     elif ns.action == "list":
         rows = [_image_row(image) for image in store.all_images()]
@@ -127,7 +135,7 @@ def _image_row(image: StoredImage) -> dict[str, object]:
         "id": content_id[:16],
         "size": human(image.record.size_bytes if image.record else st.st_size),
         "used": human(st.st_blocks * 512),
-        "built": image.record.built if image.record else None,
+        "built": (image.record.built or None) if image.record else _utc(st.st_ctime),
         "where": "cache" if image.site is None else f"site {image.site}",
         "path": str(image.path),
     }
@@ -135,6 +143,14 @@ def _image_row(image: StoredImage) -> dict[str, object]:
     if image.record:
         row |= image.record._asdict()
     return row
+
+
+def _utc(timestamp: float) -> str:
+    """As records write `built`. The tiny appliance has no record: its files carry a fixed mtime (same
+    bytes, same file), so when it was made shows in the inode's change time (as store orders them)."""
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def cmd_changes(argv: Sequence[str]) -> int:

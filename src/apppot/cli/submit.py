@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from apppot.cli.common import parser_class
+from apppot.cli.common import human, parser_class
 from apppot.cli.start import split_command
 from apppot.errors import EXIT_APPPOT_ERROR, UsageError
 from apppot.say import say_stderr as say
@@ -132,13 +132,19 @@ def cmd_cancel(argv: Sequence[str]) -> int:
 
 
 def _on_job(argv: Sequence[str], action: str, description: str) -> int:
-    """`apppot clean|cancel JOBID`: apppot.submit.jobs.clean or .cancel, which say nothing on success."""
+    """`apppot clean|cancel JOBID`: apppot.submit.jobs.clean or .cancel; says what was done."""
     p = parser_class()(prog=f"apppot {action}", description=description)
     p.add_argument("job_id", metavar="JOBID")
     ns = p.parse_args(argv)
     from apppot.submit import jobs
 
-    {"clean": jobs.clean, "cancel": jobs.cancel}[action](ns.job_id)
+    if action == "cancel":
+        jobs.cancel(ns.job_id)
+        print(f"asked to cancel {ns.job_id} (apppot status {ns.job_id} shows when it has ended)")
+        return 0
+    cleaned = jobs.clean(ns.job_id)
+    on_ce = " and its files on the CE" if cleaned.on_ce else ""
+    print(f"cleaned {cleaned.job_id}: removed its staging directory {cleaned.stage} ({human(cleaned.bytes)}){on_ce}")
     return 0
 
 

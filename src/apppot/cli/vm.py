@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -108,6 +109,20 @@ def _check(name: str, probe: Callable[[], str]) -> Check:
         return Check(name, False, str(e))
 
 
+def map_count_check(count: int) -> Check:
+    """vm.max_map_count and the memory it covers, by the rule `apppot start --mem` applies (spec.choose_mem)."""
+    from apppot.spec import MIB, map_count_needed, mem_for_map_count
+
+    most = mem_for_map_count(count) // MIB
+    more = map_count_needed((2 * most) * MIB)
+    return Check(
+        "vm.max_map_count",
+        None,
+        f"{count}: UML guests get up to {most} MiB (a larger --mem is lowered to it; "
+        f"sudo sysctl -w vm.max_map_count={more} allows {2 * most} MiB)",
+    )
+
+
 def doctor_checks(say: Say, reprobe: bool) -> list[Check]:
     from apppot import guest_kernel, kvm
     from apppot.backends.choice import Backend, decide, requested
@@ -130,11 +145,8 @@ def doctor_checks(say: Say, reprobe: bool) -> list[Check]:
     checks.append(_check("uml kernel", uml))
     reason = probe(find_bwrap())
     checks.append(Check("isolation", reason is None, reason or "bubblewrap namespaces work: the guest sees only its job"))
-    try:
-        count = int(Path("/proc/sys/vm/max_map_count").read_text())
-        checks.append(Check("vm.max_map_count", None, f"{count}: UML guests up to about {count * 4096 // 2**20} MiB"))
-    except (OSError, ValueError):
-        pass
+    with contextlib.suppress(OSError, ValueError):
+        checks.append(map_count_check(int(Path("/proc/sys/vm/max_map_count").read_text())))
     qemu = which(QEMU_SYSTEM)
     if qemu:
         version = run([qemu, "--version"], check=False).stdout.decode(errors="replace").splitlines()[:1]

@@ -7,6 +7,7 @@ of what went into it. The tiny default appliance is tiny-INPUTSID.img, without a
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -168,9 +169,10 @@ def resolve_image(text: str) -> Path:
     return found.path
 
 
-def remove(name: str, keep_newest: bool) -> list[Path]:
+def remove(name: str, keep_newest: bool) -> tuple[list[tuple[Path, int]], list[Path]]:
     """Remove the cached images built under a name (all, or all but the newest); returns the removed image
-    files. An image a running job uses stays readable to it until the job ends (its file is still open)."""
+    files with the disk space each used, and the image kept. An image a running job uses stays readable
+    to it until the job ends (its file is still open)."""
     found = [image for image in stored_images() if image.name == name]
     if not found:
         published = next((image for image in all_images() if image.name == name), None)
@@ -182,7 +184,10 @@ def remove(name: str, keep_newest: bool) -> list[Path]:
         raise ImageError(f"no image named {name} in the cache (see apppot image list)")
     removed = []
     for image in found[1:] if keep_newest else found:
+        used = 0
         for path in (image.path, image.path.with_suffix(RECORD_SUFFIX)):
+            with contextlib.suppress(OSError):
+                used += path.stat().st_blocks * 512
             path.unlink(missing_ok=True)
-        removed.append(image.path)
-    return removed
+        removed.append((image.path, used))
+    return removed, [image.path for image in found[:1]] if keep_newest else []

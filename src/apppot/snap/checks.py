@@ -47,7 +47,9 @@ def parse_manifest(source: str, data: bytes) -> ArchiveInfo:
         info = ArchiveInfo(**{k: doc[k] for k in ArchiveInfo._fields})
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise SnapError(f"{source}: {MANIFEST_MEMBER} is malformed ({e}); make the archive again") from None
-    if not isinstance(info.base, str) or not all(isinstance(v, list) for v in (info.deleted, info.added, info.modified)):
+    texts: tuple[object, ...] = (info.base, info.created, info.tool)
+    listed: tuple[object, ...] = (info.deleted, info.added, info.modified)
+    if not all(isinstance(v, str) for v in texts) or not all(isinstance(v, list) for v in listed):
         raise SnapError(f"{source}: {MANIFEST_MEMBER} is malformed (wrong types); make the archive again")
     if not all(isinstance(p, str) for p in [*info.deleted, *info.added, *info.modified]):
         raise SnapError(f"{source}: {MANIFEST_MEMBER} is malformed (paths must be strings); make the archive again")

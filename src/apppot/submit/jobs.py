@@ -217,14 +217,35 @@ def cancel(job_id: str) -> None:
         slurm.cancel(record.native_id)
 
 
-def clean(job_id: str) -> None:
+class Cleaned(NamedTuple):
+    job_id: str
+    stage: str  # the staging directory removed
+    bytes: int  # the disk space it used
+    on_ce: bool  # the job's files on the CE were removed too (ARC)
+
+
+def clean(job_id: str) -> Cleaned:
     """Forget a finished job: its files on the CE (ARC) and its staging directory here."""
     record = find(job_id)
     if not status(job_id).final:
         raise UsageError(f"{job_id} has not finished; cancel it first (apppot cancel {job_id})")
     if record.target == "arc":
         arc.clean(record.native_id)
+    used = disk_usage(Path(record.stage))
     remove_stage(Path(record.stage))
+    return Cleaned(job_id, record.stage, used, record.target == "arc")
+
+
+def disk_usage(where: Path) -> int:
+    """The disk space a directory tree uses, as du counts it; links the job left are not followed."""
+    paths = [str(where)]
+    for directory, dirs, files in os.walk(where):  # os.walk never descends into a link
+        paths += (os.path.join(directory, name) for name in [*dirs, *files])
+    total = 0
+    for path in paths:
+        with contextlib.suppress(OSError):
+            total += os.lstat(path).st_blocks * 512
+    return total
 
 
 def _open_fetch_target(into: Path, job_id: str, force: bool) -> int:

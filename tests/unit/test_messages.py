@@ -1,0 +1,170 @@
+"""What AppPot says (issue 16, item 8): no Python None or repr in any record it prints, every refusal
+in one line starting `apppot: error: `, and what it does told, not left silent."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from apppot.cli import main
+from apppot.cli.common import print_record, print_table
+from apppot.errors import UsageError
+from apppot.images.store import ImageRecord, StoredImage
+from apppot.runner import guest_identity
+from apppot.spec import MIB, choose_mem, mem_for_map_count
+
+REPR = re.compile(r"\bNone\b|PosixPath\(|\[\]|\['|\{'")
+
+
+def test_host_root_naming_another_job_user_is_refused_in_one_line() -> None:
+    assert guest_identity(None, None, host_uid=0, host_gid=0) == (0, 0, "root", "root")
+    assert guest_identity("root", None, host_uid=0, host_gid=0) == (0, 0, "root", "root")
+    assert guest_identity("bob", None, host_uid=1001, host_gid=1001) == (1001, 1001, "bob", "user")
+    for user, group in (("bob", None), (None, "staff"), ("root", "staff")):
+        with pytest.raises(UsageError, match=r"^--(user|group) \w+: .*root.*: .*\n?$") as refused:
+            guest_identity(user, group, host_uid=0, host_gid=0)
+        assert "\n" not in str(refused.value)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="what host root is told")
+def test_host_root_start_with_another_user_is_refused_before_anything_starts(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["start", "--image", "/nonexistent.img", "--user", "bob", "--", "true"]) == 125
+    err = capsys.readouterr().err
+    assert err.startswith("apppot: error: --user bob: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("count", [65530, 100000, 131072, 262144, 1 << 20])
+def test_doctor_names_the_memory_the_start_command_really_gives(count: int) -> None:
+    from apppot.cli.vm import map_count_check
+
+    line = map_count_check(count).detail
+    said = int(re.search(r"up to (\d+) MiB", line).group(1))  # type: ignore[union-attr]
+    assert said * MIB == mem_for_map_count(count)
+    assert choose_mem(said * MIB, count, 1 << 50) == (said * MIB, None)  # accepted as asked
+    assert choose_mem((said + 1) * MIB, count, 1 << 50).bytes == said * MIB  # one more is lowered to it
+
+
+def fake_image(directory: Path, name: str, built: str, record: bool = True) -> Path:
+    image = directory / f"{name}.img"
+    with image.open("wb") as f:
+        f.truncate(1 << 20)
+        f.write(b"x" * 8192)
+    if record:
+        ids = {"recipe_id": "0" * 64, "content_id": "1" * 64, "agent": "2" * 64}
+        made = ImageRecord(
+            name.split("-")[0],
+            "r.toml",
+            **ids,
+            protocol=4,
+            distribution="debian",
+            suite="trixie",
+            packages=[],
+            size_bytes=1 << 20,
+            built=built,
+            build_seconds=1.0,
+        )
+        made.write(image.with_suffix(".json"))
+    return image
+
+
+def test_every_image_record_and_row_renders_without_none(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from apppot.cli.images import _image_row
+
+    tiny = fake_image(tmp_path, "tiny-0123456789abcdef", "", record=False)
+    app = fake_image(tmp_path, "app-1", "", True)
+    rows = [_image_row(StoredImage(tiny, None)), _image_row(StoredImage(app, ImageRecord.read(app.with_suffix(".json"))))]
+    for row in rows:
+        print_record(row, False)
+    print_table(rows, ["name", "id", "size", "used", "built", "where", "path"])
+    out = capsys.readouterr().out
+    assert not REPR.search(out), out
+    assert re.search(r"^built: \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", out, re.MULTILINE), out  # the tiny appliance's too
+
+
+def test_a_changes_archive_whose_manifest_has_null_fields_is_refused_not_shown_as_none(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from apppot import snap
+
+    path = tmp_path / "c.tar.gz"
+    manifest = json.dumps(
+        {"format": "apppot-changes", "base": "b" * 64, "created": None, "tool": None, "deleted": [], "added": [], "modified": []}
+    ).encode()
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo(snap.MANIFEST_MEMBER)
+        info.size = len(manifest)
+        import io
+
+        tar.addfile(info, io.BytesIO(manifest))
+    assert main(["changes", "show", str(path)]) == 125
+    captured = capsys.readouterr()
+    assert "None" not in captured.out + captured.err and captured.err.startswith("apppot: error: "), captured
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("APPPOT_IMAGE_PATH", "")
+    images = tmp_path / "apppot" / "images"
+    images.mkdir(parents=True)
+    return images
+
+
+def test_image_remove_old_says_what_it_removed_or_that_nothing_was(cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_image(cache, "app-1111111111111111", "2026-01-01T00:00:00Z")
+    assert main(["image", "remove", "app", "--old"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("nothing to remove: ") and "app-1111111111111111.img" in out, out
+    fake_image(cache, "app-2222222222222222", "2026-02-01T00:00:00Z")
+    assert main(["image", "remove", "app", "--old", "--json"]) == 0
+    removed = json.loads(capsys.readouterr().out)
+    assert [(Path(r["path"]).name, r["bytes"] > 0) for r in removed["removed"]] == [("app-1111111111111111.img", True)]
+    assert main(["image", "remove", "app"]) == 0
+    out = capsys.readouterr().out
+    assert re.fullmatch(r"removed \S+/app-2222222222222222\.img \(\d+\.\dK\)\n", out), out
+
+
+AGENT = resources.files("apppot.guest").joinpath("apppot-init")
+
+
+@pytest.mark.parametrize("shell", [s for s in ("/bin/busybox", "/bin/dash") if shutil.which(s)])
+def test_the_agents_refusals_start_as_the_hosts_do(shell: str) -> None:
+    """A refusal from inside the guest (a changes archive of another base, no command) reaches the
+    user's stderr as one line, as the host's own refusals do."""
+    argv = [shell, "sh"] if shell.endswith("busybox") else [shell]
+    script = (
+        '. "$AGENT"; log() { :; }; apppot_mount_out() { :; }; apppot_finish() { exit "$1"; }; ERR_DEV=/dev/stderr; '
+        'apppot_fail "the changes archive was made against base 0123, but this system is base 4567"'
+    )
+    env = {"PATH": "/usr/bin:/bin", "AGENT": str(AGENT), "APPPOT_AGENT_LIBRARY": "1"}
+    r = subprocess.run([*argv, "-c", script], env=env, capture_output=True, text=True, timeout=10, check=False)
+    assert r.returncode == 125
+    assert r.stderr == "apppot: error: the changes archive was made against base 0123, but this system is base 4567\n"
+
+
+def test_clean_says_what_it_removed_and_counts_no_link_the_job_left(
+    cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from apppot.submit import jobs
+
+    stage = jobs.jobs_dir() / "s1"
+    (stage / "job").mkdir(parents=True)
+    (stage / "job" / "out.dat").write_bytes(b"x" * 40000)
+    big = cache.parent / "big"
+    big.write_bytes(b"y" * 400000)
+    (stage / "job" / "link").symlink_to(big)  # the job's link: neither followed nor counted
+    jobs.JobRecord("slurm-7", "slurm", "7", "n", str(stage), [], "2026-01-01T00:00:00Z").write()
+    # The batch system's answer is the one thing not run here (no cluster in unit tests).
+    monkeypatch.setattr(jobs, "status", lambda job_id: jobs.JobStatus(job_id, "COMPLETED", 0, True, ""))
+    assert main(["clean", "slurm-7"]) == 0
+    out = capsys.readouterr().out
+    assert re.fullmatch(rf"cleaned slurm-7: removed its staging directory {stage} \((4\d|5\d)\.\dK\)\n", out), out
+    assert not stage.exists() and big.exists()
