@@ -45,6 +45,9 @@ def parent_death_signal(signum: int) -> Callable[[], None]:
     return preexec
 
 
+SLOW_NOTICE_S = 2.0  # a helper that takes longer is said to be waited for (with run's ``slow``)
+
+
 def run(
     argv: Sequence[str],
     *,
@@ -53,18 +56,29 @@ def run(
     env: Mapping[str, str] | None = None,
     package: str | None = None,
     cwd: str | os.PathLike[str] | None = None,
+    slow: str | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run a helper program with stdin closed (unless ``input``), capturing its output.
 
     ``env`` adds to the environment; ``cwd`` is where it runs; ``package`` names the Debian package to
-    install when the program is missing. On failure (with ``check``) raises
-    HostError naming the exact command and its status.
+    install when the program is missing; ``slow`` names what it waits for, said on stderr once the
+    program has run for SLOW_NOTICE_S (a batch system that is down can take many seconds to answer).
+    On failure (with ``check``) raises HostError naming the exact command and its status.
     """
     if verbose:
         verbose(f"running: {shlex.join(argv)}")
     argv = list(argv)
     if "/" not in argv[0]:
         argv[0] = which(argv[0]) or argv[0]  # mkfs.ext4 is in /usr/sbin, not on a plain user's PATH
+    notice = None
+    if slow is not None:
+        import threading
+
+        from apppot.say import say_stderr
+
+        notice = threading.Timer(SLOW_NOTICE_S, say_stderr, [f"waiting for {slow}..."])
+        notice.daemon = True
+        notice.start()
     try:
         result = subprocess.run(
             argv,
@@ -78,6 +92,9 @@ def run(
     except FileNotFoundError:
         hint = f"sudo apt-get install {package}" if package else "install it"
         raise HostError(f"{argv[0]} is not installed: {hint}") from None
+    finally:
+        if notice is not None:
+            notice.cancel()
     if check and result.returncode != 0:
         detail = result.stderr.decode(errors="replace").strip().splitlines()
         last = detail[-1] if detail else "no message"

@@ -21,3 +21,11 @@ def test_tools_in_sbin_are_found_with_a_plain_users_path(monkeypatch: pytest.Mon
 def test_a_missing_program_is_still_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     assert which("apppot-no-such-program") is None
+
+
+def test_a_slow_helper_is_said_once_and_a_quick_one_never(capsys: pytest.CaptureFixture[str]) -> None:
+    # `apppot status` with the cluster down waited 18 s for scontrol without a word (issue 16).
+    run(["true"], slow="Slurm's controller (scontrol)")
+    assert capsys.readouterr().err == ""
+    run(["sleep", "2.4"], slow="Slurm's controller (scontrol)")
+    assert capsys.readouterr().err == "apppot: waiting for Slurm's controller (scontrol)...\n"

@@ -110,7 +110,7 @@ def _tail(out: subprocess.CompletedProcess[bytes]) -> str:
 
 def submit(xrsl: Path, jobdir: Path, ce: str) -> str:
     """arcsub the description from the job directory (inputs are uploaded from there); returns the job URL."""
-    out = run([_require("arcsub"), "-C", ce, "-T", "arcrest", str(xrsl)], cwd=jobdir, check=False)
+    out = run([_require("arcsub"), "-C", ce, "-T", "arcrest", str(xrsl)], cwd=jobdir, check=False, slow=f"the CE {ce} (arcsub)")
     found = re.search(r"Job submitted with jobid: (\S+)", out.stdout.decode(errors="replace"))
     if out.returncode != 0 or not found:
         raise HostError(f"arcsub to {ce} failed (is the CE up, and do you have a proxy: arcproxy?): {_tail(out)}")
@@ -127,7 +127,7 @@ def parse_arcstat(text: str) -> tuple[str, int | None] | None:
 
 
 def status(url: str) -> tuple[str, int | None]:
-    out = run([_require("arcstat"), url], check=False)
+    out = run([_require("arcstat"), url], check=False, slow="the ARC CE (arcstat)")
     parsed = parse_arcstat(out.stdout.decode(errors="replace"))
     if out.returncode != 0 or parsed is None:
         raise HostError(f"arcstat {url} failed: {_tail(out)}")
@@ -137,7 +137,7 @@ def status(url: str) -> tuple[str, int | None]:
 def download(url: str, into: Path) -> Path:
     """arcget the job's session directory (keeping it on the CE); returns where it landed."""
     into.mkdir(parents=True, exist_ok=True)
-    out = run([_require("arcget"), "--keep", "-D", str(into), url], check=False)
+    out = run([_require("arcget"), "--keep", "-D", str(into), url], check=False, slow="the ARC CE (arcget)")
     if out.returncode != 0:
         raise HostError(f"arcget {url} failed: {_tail(out)}")
     landed = into / url.rstrip("/").rsplit("/", 1)[-1]
@@ -146,12 +146,12 @@ def download(url: str, into: Path) -> Path:
 
 def clean(url: str) -> None:
     """arcclean: remove the job and its files from the CE."""
-    out = run([_require("arcclean"), url], check=False)
+    out = run([_require("arcclean"), url], check=False, slow="the ARC CE (arcclean)")
     if out.returncode != 0:
         raise HostError(f"arcclean {url} failed: {_tail(out)}")
 
 
 def cancel(url: str) -> None:
-    out = run([_require("arckill"), url], check=False)
+    out = run([_require("arckill"), url], check=False, slow="the ARC CE (arckill)")
     if out.returncode != 0:
         raise HostError(f"arckill {url} failed: {_tail(out)}")

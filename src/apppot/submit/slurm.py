@@ -85,14 +85,14 @@ def _require(program: str) -> str:
 
 def submit(script: Path, jobdir: Path) -> str:
     """sbatch the script to run in jobdir; returns Slurm's job id."""
-    out = run(sbatch_argv(_require("sbatch"), script, jobdir), cwd=jobdir, check=False)
+    out = run(sbatch_argv(_require("sbatch"), script, jobdir), cwd=jobdir, check=False, slow="Slurm's controller (sbatch)")
     if out.returncode != 0:
         raise HostError(f"sbatch refused the job: {_last_line(out.stderr)}")
     return out.stdout.decode().strip().split(";")[0]
 
 
 def cancel(job_id: str) -> None:
-    out = run([_require("scancel"), job_id], check=False)
+    out = run([_require("scancel"), job_id], check=False, slow="Slurm's controller (scancel)")
     if out.returncode != 0:
         raise HostError(f"scancel {job_id} failed: {_last_line(out.stderr)}")
 
@@ -120,7 +120,7 @@ def parse_sacct(text: str, job_id: str) -> tuple[str, int | None, int | None] | 
 
 def status(job_id: str) -> SlurmStatus:
     """The job's state: scontrol while Slurm remembers it, else sacct (or the jobcomp file without slurmdbd)."""
-    out = run([_require("scontrol"), "show", "job", "-o", job_id], check=False)
+    out = run([_require("scontrol"), "show", "job", "-o", job_id], check=False, slow="Slurm's controller (scontrol)")
     if out.returncode == 0:
         parsed = parse_scontrol(out.stdout.decode())
         if parsed:
@@ -130,7 +130,7 @@ def status(job_id: str) -> SlurmStatus:
         sacct = which("sacct")
         if sacct is None:
             break
-        out = run([sacct, *extra, *fields], check=False)
+        out = run([sacct, *extra, *fields], check=False, slow=f"Slurm's accounting ({source})")
         if out.returncode == 0:
             parsed = parse_sacct(out.stdout.decode(), job_id)
             if parsed:
