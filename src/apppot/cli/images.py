@@ -184,7 +184,7 @@ def cmd_changes(argv: Sequence[str]) -> int:
 def cmd_kernel(argv: Sequence[str]) -> int:
     p = parser_class()(prog="apppot kernel", description="AppPot's own User-mode Linux kernel.")
     sub = p.add_subparsers(dest="action", required=True)
-    build = sub.add_parser("build", help="build AppPot's kernel from Debian's kernel source into the cache (~4 min)")
+    build = sub.add_parser("build", help="build AppPot's kernel from Debian's kernel source into the cache (~9 min on 2 cores)")
     build.add_argument("--force", action="store_true", help="rebuild even if this version and config are built")
     build.add_argument("--jobs", type=int, metavar="N", help="parallel compile jobs (default: number of CPUs)")
     build.add_argument("--json", action="store_true", help="machine-readable output")
