@@ -28,7 +28,7 @@ host:
 # apppot-start, apppot-snap in PREFIX/bin. No virtualenv, no root for your own.
 PREFIX ?= /usr/local
 install:
-	umask 022 && PYTHONPATH=src $(PYTHON) -m apppot.install --prefix "$(if $(filter file,$(origin PREFIX)),$(HOME)/.local,$(PREFIX))" $(if $(BINDIR),--bindir "$(BINDIR)")
+	@umask 022 && PYTHONPATH=src $(PYTHON) -m apppot.install --prefix "$(if $(filter file,$(origin PREFIX)),$(HOME)/.local,$(PREFIX))" $(if $(BINDIR),--bindir "$(BINDIR)")
 
 install-site:
 	umask 022 && PYTHONPATH=src $(PYTHON) -m apppot.install --prefix "$(PREFIX)" $(if $(BINDIR),--bindir "$(BINDIR)")
