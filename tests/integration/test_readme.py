@@ -71,6 +71,7 @@ def chown_tree(path: Path, user: str) -> None:
 
 def new_home(parent: Path, user: str, kernel: Path) -> Path:
     """A home of user's own holding, in its cache, the kernel `make demo` (`apppot kernel build`) leaves."""
+    parent.mkdir(parents=True, exist_ok=True)
     open_to_all(parent)
     home = owned(parent / f"home-{user}", user)
     kernels = home / ".cache" / "apppot" / "kernels"
