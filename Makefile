@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test host host-test venv kernel lint check clean install-site
+.PHONY: demo test host host-test venv kernel lint check clean install install-site
 
 demo: host venv
 	@$(BIN)/apppot kernel build || echo "apppot: AppPot's kernel could not be built (the reason is above); jobs run on Debian's kernel"
@@ -11,6 +11,7 @@ demo: host venv
 	printf 'hello from the host\n' > demo-job/input.dat
 	cd demo-job && ../$(BIN)/apppot start -- sh -c 'wc -c < input.dat > result.txt; echo "job ran on $$(uname -sr) as $$(id -un)"'
 	@echo "result.txt (written by the job): $$(cat demo-job/result.txt)"
+	@echo "apppot is $(CURDIR)/$(BIN)/apppot (not on your PATH); 'make install' installs it for you as ~/.local/bin/apppot"
 
 test: host-test venv lint kernel
 	APPPOT_TEST_REQUIRE_OWN_KERNEL=1 $(BIN)/pytest
@@ -22,9 +23,13 @@ kernel: venv
 host:
 	$(PYTHON) tools/host_setup.py
 
-# AppPot for every user (as root: PREFIX=/opt/apppot BINDIR=/usr/local/bin), or for yourself (PREFIX=~/.local):
-# the package under PREFIX/lib/apppot run by the system's Python, apppot, apppot-start, apppot-snap in PREFIX/bin.
+# AppPot for every user (as root: PREFIX=/opt/apppot BINDIR=/usr/local/bin), or for yourself (make install:
+# PREFIX=~/.local unless given): the package under PREFIX/lib/apppot run by the system's Python, apppot,
+# apppot-start, apppot-snap in PREFIX/bin. No virtualenv, no root for your own.
 PREFIX ?= /usr/local
+install:
+	@umask 022 && PYTHONPATH=src $(PYTHON) -m apppot.install --prefix "$(if $(filter file,$(origin PREFIX)),$(HOME)/.local,$(PREFIX))" $(if $(BINDIR),--bindir "$(BINDIR)")
+
 install-site:
 	umask 022 && PYTHONPATH=src $(PYTHON) -m apppot.install --prefix "$(PREFIX)" $(if $(BINDIR),--bindir "$(BINDIR)")
 

@@ -8,8 +8,9 @@ one rename, and a launcher resolves it once at start: a job that starts during a
 the new AppPot, never half of each. The release before stays, for jobs still running it.
 
     make install-site PREFIX=/opt/apppot [BINDIR=/usr/local/bin]    # as root: for every user
-    make install-site PREFIX=~/.local                               # for yourself: ~/.local/bin/apppot
-(both run: PYTHONPATH=src python3 -m apppot.install --prefix PREFIX [--bindir DIR])
+    make install                                                    # for yourself: ~/.local/bin/apppot
+(both run: PYTHONPATH=src python3 -m apppot.install --prefix PREFIX [--bindir DIR]; when the programs'
+directory is not on PATH, it says so and how to add it)
 """
 
 from __future__ import annotations
@@ -126,6 +127,16 @@ def _link(link: Path, target: Path) -> None:
     tmp.replace(link)
 
 
+def path_note(bin_dir: Path, path: str) -> str | None:
+    """What to do when bin_dir is not on PATH (as for ~/.local/bin on a Debian without it); None when it is."""
+    if any(entry and os.path.normpath(entry) == os.path.normpath(bin_dir) for entry in path.split(os.pathsep)):
+        return None
+    return (
+        f"note: {bin_dir} is not on your PATH, so a bare 'apppot' is not found; run {bin_dir}/apppot, or add it "
+        f'to PATH (e.g. in ~/.profile): export PATH="{bin_dir}:$PATH"'
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m apppot.install", description="Install AppPot for every user of this host.")
     p.add_argument("--prefix", type=Path, required=True, help="e.g. /opt/apppot, /usr/local, ~/.local")
@@ -138,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"apppot install: error: {e}", file=sys.stderr)
         return e.exit_code
     print(f"installed {launcher} (and apppot-start, apppot-snap beside it)")
+    note = path_note(ns.bindir.expanduser().absolute() if ns.bindir else launcher.parent, os.environ.get("PATH", ""))
+    if note:
+        print(note)
     return 0
 
 

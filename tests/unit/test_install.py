@@ -6,7 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from apppot.install import install
+from apppot.install import install, path_note
 
 
 def _version(launcher: Path) -> str:
@@ -48,3 +48,32 @@ def test_an_install_from_before_releases_is_kept_aside_and_replaced(tmp_path: Pa
     assert lib.is_symlink()
     kept = [p.name for p in lib.parent.iterdir() if p.name.startswith("apppot-before-")]
     assert len(kept) == 1
+
+
+def test_the_install_says_how_to_run_apppot_when_its_directory_is_not_on_path(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "home" / ".local" / "bin"
+    note = path_note(bin_dir, "/usr/local/bin:/usr/bin:/bin")
+    assert note == (
+        f"note: {bin_dir} is not on your PATH, so a bare 'apppot' is not found; run {bin_dir}/apppot, or add it "
+        f'to PATH (e.g. in ~/.profile): export PATH="{bin_dir}:$PATH"'
+    )
+    assert path_note(bin_dir, f"/usr/bin:{bin_dir}:/bin") is None
+    assert path_note(bin_dir, f"/usr/bin:{bin_dir}/:/bin") is None  # the same directory, written another way
+    assert path_note(bin_dir, "") is not None
+
+
+def test_the_install_prints_where_apppot_is_and_the_path_note(tmp_path: Path) -> None:
+    prefix = tmp_path / "prefix"
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    out = subprocess.run(
+        ["/usr/bin/python3", "-m", "apppot.install", "--prefix", str(prefix)], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.splitlines() == [
+        f"installed {prefix}/bin/apppot (and apppot-start, apppot-snap beside it)",
+        path_note(prefix / "bin", "/usr/bin:/bin"),
+    ]
+    env["PATH"] = f"{prefix}/bin:/usr/bin:/bin"
+    again = subprocess.run(
+        ["/usr/bin/python3", "-m", "apppot.install", "--prefix", str(prefix)], env=env, capture_output=True, text=True, check=True
+    )
+    assert again.stdout.splitlines() == [f"installed {prefix}/bin/apppot (and apppot-start, apppot-snap beside it)"]

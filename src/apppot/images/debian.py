@@ -76,7 +76,8 @@ def _check_host() -> None:
     if os.geteuid() != 0:
         raise HostError(
             "building a Debian appliance needs root (mmdebstrap's root mode, and mkfs.ext4 keeps the "
-            "files' owners): run the build as root, e.g. sudo env XDG_CACHE_HOME=$HOME/.cache apppot image build ..."
+            "files' owners): run the build as root, e.g. sudo env XDG_CACHE_HOME=$HOME/.cache "
+            '"$(command -v apppot)" image build ... (sudo does not search your PATH)'
         )
     for program, package in (("mmdebstrap", "mmdebstrap"), ("mkfs.ext4", "e2fsprogs")):
         if which(program) is None:
