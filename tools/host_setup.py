@@ -24,7 +24,8 @@ IMAGE_BUILD = ["mmdebstrap", "debian-archive-keyring"]
 # The QEMU backend, image export (a partitioned disk booted by syslinux) and cloud seeds (ISO 9660);
 # zstd for guest kernels whose modules are zstd-compressed.
 VM = ["qemu-system-x86", "qemu-utils", "syslinux", "syslinux-common", "mtools", "dosfstools", "fdisk", "xorriso", "zstd"]
-# glpk-utils: the application appliance's program, natively, to compare against; slurm-wlm and munge:
+# glpk-utils: the application appliance's program, natively, to compare against; sudo: the README's
+# root lines run as written (its secure_path is why they name "$(command -v apppot)"); slurm-wlm and munge:
 # the test cluster; ARC's A-REX, clients and Python binding: the test CE, and its parser reads our xRSL.
 TESTING = [
     "tmux",
@@ -32,6 +33,7 @@ TESTING = [
     "dash",
     "util-linux",
     "glpk-utils",
+    "sudo",
     "slurm-wlm",
     "munge",
     "python3-nordugrid-arc",

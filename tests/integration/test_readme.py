@@ -3,8 +3,8 @@
 Each runs as the unprivileged user `apppot-test` (and `apppot-test2` for the site's second user) with a
 plain environment: HOME of its own, an empty cache but for the kernel `make demo` builds into it, and
 `PATH=~/.local/bin:/usr/local/bin:/usr/bin:/bin` as the README's install step leaves it. A line the
-README gives to root runs as root, as written, in the user's shell environment (`sudo` is not installed
-on the test host: a stand-in with sudo's own reset environment and secure_path runs in its place).
+README gives to root runs as root, as written, in the user's shell environment, through Debian's
+`sudo` (which resets the environment and searches only its secure_path).
 """
 
 from __future__ import annotations
@@ -94,21 +94,16 @@ def clone(target: Path, user: str) -> Path:
     return target
 
 
-def with_sudo(env: dict[str, str], bin_dir: Path) -> dict[str, str]:
-    """env with a `sudo` on PATH: the real one, else a stand-in that starts as sudo does (env_reset, secure_path)."""
-    if shutil.which("sudo"):
-        return env
-    bin_dir.mkdir(exist_ok=True)
-    stand_in = bin_dir / "sudo"
-    stand_in.write_text(f'#!/bin/sh\nexec env -i PATH={SUDO_SECURE_PATH} HOME=/root TERM="$TERM" "$@"\n')
-    stand_in.chmod(0o755)
-    return {**env, "PATH": f"{bin_dir}:{env['PATH']}"}
+def with_sudo(env: dict[str, str]) -> dict[str, str]:
+    """env, checked to find Debian's `sudo` (make test installs it): root's lines run through the real one."""
+    assert shutil.which("sudo", path=env["PATH"]), "sudo is not installed: make host-test installs it"
+    return env
 
 
-def as_root(line: str, user: User, cwd: Path, sudo_dir: Path) -> Ran:
+def as_root(line: str, user: User, cwd: Path) -> Ran:
     """A line the README gives to root, typed in user's shell (their HOME and PATH), run as root."""
     started = time.monotonic()
-    ran = run("set -e\n" + line, cwd, with_sudo(user.env, sudo_dir))
+    ran = run("set -e\n" + line, cwd, with_sudo(user.env))
     print(f"root: {time.monotonic() - started:.1f} s: {line[:100]}")
     return ran
 
@@ -207,7 +202,7 @@ def test_recipes(installed: User, debian_dev: dict[str, object], tmp_path: Path)
 
     [build, *rest] = example("recipes").commands()
     assert build.text.startswith("sudo "), build.text  # root's: building a Debian appliance
-    ran = as_root(build.text, installed, checkout, tmp_path / "sudo")
+    ran = as_root(build.text, installed, checkout)
     assert ran.returncode == 0, ran.stderr
     ran = installed.run("set -e\n" + "\n".join(c.text for c in rest), checkout)
     assert ran.returncode == 0, ran.stderr
@@ -339,7 +334,7 @@ def test_site_install(installed: User, debian_dev: dict[str, object], own_kernel
         assert ran.returncode == 0, ran.stderr
     for line in found["alice"]:
         if line.startswith("sudo "):
-            ran = as_root(line, alice, checkout, tmp_path / "sudo")
+            ran = as_root(line, alice, checkout)
         else:
             ran = run("set -e\n" + line, checkout, {**alice.env, **site_env}, user=alice.name)
         assert ran.returncode == 0, ran.stderr
