@@ -9,6 +9,7 @@ the files the host and guest exchange in channel.py.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shlex
 import signal
@@ -26,6 +27,7 @@ from apppot.channel import Channel
 from apppot.errors import AppPotError, GuestDied, GuestMisbehaved, HostError, UsageError
 from apppot.logdir import open_log, stale_logs
 from apppot.nat import NatHelper
+from apppot.notices import say_once
 from apppot.prepare import run_base
 from apppot.proc import parent_death_signal
 from apppot.protocol import (
@@ -121,6 +123,8 @@ class Job:
         else:  # the user's state directory, or a safe place: never the cache, which may be read-only
             fd, path = open_log(f"{self.prepared.umid}-{self.rundir.name}.log", run_base(), self.rundir, self.prepared.jobdir)
             keep = self.spec.verbose
+        # Appending: the hypervisor's own stderr and QEMU's console (which opens the log anew) share it.
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
         if self.spec.verbose:
             self.say(f"console log: {path}")
         return fd, path, keep
@@ -129,6 +133,8 @@ class Job:
         p = self.prepared
         for warning in p.warnings:
             self.say(warning)
+        for notice in p.notices:
+            say_once(notice, self.say, verbose=self.spec.verbose)
         own_dir = self._own_dir()
         channel = Channel(self.rundir)
         try:
@@ -265,7 +271,8 @@ class Job:
                 channel.read_report(STATUS_FILE)  # a link, a pipe, a directory or a huge file ends the job now
                 reported_at = time.monotonic()
             if reported_at is not None and time.monotonic() - reported_at > POWEROFF_GRACE_S:
-                self.say("the guest did not power off after the job ended; stopping it")
+                if self.spec.verbose:  # after the job's output: the job's stderr is the job's
+                    self.say("the guest did not power off after the job ended; stopping it")
                 break
         data = channel.read_report(STATUS_FILE)
         if data is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -218,6 +219,33 @@ def test_bad_input_under_qemu_gets_one_clear_line(qemu, tmp_path: Path, cache_ho
     assert r.returncode == 125 and "is not a QEMU overlay" in r.err
     r = qemu("start", "--backend", "uml", "--kvm", "--", "true", cwd=job)
     assert r.returncode == 125 and "--kvm needs --backend qemu or auto" in r.err
+    # An explicit --kernel (a UML kernel) under QEMU is an error; $APPPOT_KERNEL, set for every test
+    # (the uml_kernel fixture), is a site's UML setting that QEMU jobs leave alone: this very job runs.
+    assert os.environ.get("APPPOT_KERNEL")
+    r = qemu("start", "--kernel", os.environ["APPPOT_KERNEL"], "--", "true", cwd=job)
+    assert r.returncode == 125 and r.err.count("\n") == 1, r.err
+    assert r.err.startswith("apppot: error: --kernel ") and "leave out --kernel, or add --backend uml" in r.err
+    r = qemu("start", "--", "echo", "ran", cwd=job)
+    assert (r.returncode, r.stdout) == (0, b"ran\n"), r.err
+
+
+def test_qemus_own_stderr_goes_to_the_console_log_never_to_the_jobs(
+    qemu, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = shutil.which("qemu-system-x86_64")
+    assert real is not None
+    wrappers = tmp_path / "bin"
+    wrappers.mkdir()
+    wrapper = wrappers / "qemu-system-x86_64"  # QEMU that warns on its stderr, as it does about CPU features
+    wrapper.write_text(f"#!/bin/sh\necho 'qemu-system-x86_64: warning: said by QEMU itself' >&2\nexec {real} \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrappers}:{os.environ['PATH']}")
+    job = tmp_path / "job"
+    job.mkdir()
+    log = tmp_path / "console.log"
+    r = qemu("start", "--console-log", str(log), "--", "sh", "-c", "echo job-err >&2", cwd=job)
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"job-err\n")
+    assert b"warning: said by QEMU itself" in log.read_bytes()
 
 
 def test_a_kept_overlay_is_refused_while_in_use_and_against_another_or_changed_image(

@@ -71,7 +71,7 @@ class QemuInstance(Instance):
             mem_bytes=spec.mem_bytes or DEFAULT_MEM,
             net=choose_qemu_network(spec.net, spec.host_loopback),
             cpu=pin,
-            warnings=common.warnings + tuple(w for w in (decision.warning, netns_warning) if w),
+            notices=common.notices + tuple(w for w in (decision.warning, netns_warning) if w),
         )
         if spec.cow is not None and spec.cow.exists():
             check_overlay(spec.cow, common.image)
