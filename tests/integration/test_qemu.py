@@ -473,6 +473,30 @@ def test_interactive_shell_under_qemu(qemu, cache_home: Path, tmp_path: Path) ->
     assert read_exit(exit_file) == "EXIT=5"
 
 
+def test_keys_typed_while_qemu_boots_reach_the_shell_whole(qemu, cache_home: Path, tmp_path: Path) -> None:
+    """Typed before the prompt (QEMU starting, the guest booting): held by the host until the agent holds
+    the guest's serial terminal open, then delivered; neither echoed by the host's terminal nor lost."""
+    from tests.integration.test_session import GUEST_TERM, pane_command, read_exit, tmux_session, wait_for
+
+    job = tmp_path / "job"
+    job.mkdir()
+    exit_file = tmp_path / "exit-status"
+    name = f"apppot-test-{os.getpid()}-early"
+    env = {"XDG_CACHE_HOME": str(cache_home), "TERM": GUEST_TERM, "APPPOT_BACKEND": "qemu", "APPPOT_KVM": "0"}
+    with tmux_session(
+        tmp_path / "tmux.sock", job, pane_command(["start", "--id", name, "--", "/bin/sh"], env, exit_file), name
+    ) as tmux:
+        time.sleep(0.3)  # apppot has started, QEMU not yet
+        tmux.type("echo typed-early-$((6*7))")
+        time.sleep(1.5)  # QEMU runs, the guest kernel boots
+        tmux.type("echo typed-during-boot-$((6*8))")
+        tmux.wait_line("typed-early-42", timeout=60)
+        tmux.wait_line("typed-during-boot-48", timeout=15)
+        tmux.type("exit 4")
+        wait_for(lambda: read_exit(exit_file), 30, lambda: f"apppot to end; {tmux.dump()}")
+    assert read_exit(exit_file) == "EXIT=4"
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_a_signal_stops_qemu_and_leaves_nothing_behind(qemu, signum: int, cache_home: Path, tmp_path: Path) -> None:
     """SIGTERM: AppPot stops QEMU and cleans up. SIGKILL: AppPot cannot, but QEMU gets the parent-death

@@ -96,6 +96,9 @@ class Instance(ABC):
         """The hypervisor process's own stdin and stdout."""
         return subprocess.DEVNULL, fds.log
 
+    # The agent tells when the guest's terminal can take keys: until then the host holds them (apppot.typeahead).
+    holds_typed_keys = False
+
     @property
     def needs_death_signal(self) -> bool:
         """True when nothing else (bubblewrap's --die-with-parent) ends the hypervisor if AppPot dies."""

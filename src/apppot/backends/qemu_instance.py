@@ -96,6 +96,8 @@ class QemuInstance(Instance):
     def network(self) -> GuestNetwork:
         return GuestNetwork("eth0" if self.prepared.net else None, False)
 
+    holds_typed_keys = True  # its serial port loses what comes before the guest opens it
+
     def stdio(self, fds: GuestFds) -> tuple[int, int]:
         # An interactive guest has the terminal as QEMU's own stdin and stdout.
         return fds.terminal if fds.terminal is not None else super().stdio(fds)
