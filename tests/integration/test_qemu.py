@@ -296,8 +296,8 @@ def test_kvm_is_probed_by_booting_a_guest_and_auto_follows_the_probe(
         assert "uml, because KVM does not work" in r.err
         r = apppot_cli(cache_home, "start", "--backend", "qemu", "--kvm", "--", "true", cwd=job)
         assert r.returncode == 125 and f"KVM does not work on this host: {kvm['detail']}" in r.err
-        # Without --kvm, QEMU emulates, and says it is slow.
-        r = apppot_cli(cache_home, "start", "--backend", "qemu", "--", "echo", "emulated", cwd=job)
+        # Without --kvm, QEMU emulates, and says it is slow (once per cache; -v: every time).
+        r = apppot_cli(cache_home, "start", "-v", "--backend", "qemu", "--", "echo", "emulated", cwd=job)
         assert (r.returncode, r.stdout) == (0, b"emulated\n") and "several times slower" in r.err
     assert "backend auto" in checks and checks["guest kernel"]["detail"].startswith("linux-image-")
 
