@@ -9,6 +9,7 @@ the files the host and guest exchange in channel.py.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shlex
 import signal
@@ -26,6 +27,7 @@ from apppot.channel import Channel
 from apppot.errors import AppPotError, GuestDied, GuestMisbehaved, HostError, UsageError
 from apppot.logdir import open_log, stale_logs
 from apppot.nat import NatHelper
+from apppot.notices import say_once
 from apppot.prepare import run_base
 from apppot.proc import parent_death_signal
 from apppot.protocol import (
@@ -44,6 +46,7 @@ from apppot.rundir import RunDir, sweep_stale
 from apppot.say import Say
 from apppot.stdin import StdinFeed, open_stdin
 from apppot.streams import Streams, detect_streams, restore_termios, save_termios, terminal_size
+from apppot.typeahead import HeldKeys, make_raw
 
 STOP_GRACE_S = 2.0  # after SIGTERM, before SIGKILL
 POWEROFF_GRACE_S = 10.0  # after the job reported, for the guest to power off
@@ -62,6 +65,7 @@ class Job:
         self.say = say
         self.proc: subprocess.Popen[bytes] | None = None
         self.nat: NatHelper | None = None
+        self.held_keys: HeldKeys | None = None  # an interactive QEMU guest's keys, until its terminal is open
         self.signal_received: int | None = None
         self.stdout_broken = False
         self.timed_out = False
@@ -121,6 +125,8 @@ class Job:
         else:  # the user's state directory, or a safe place: never the cache, which may be read-only
             fd, path = open_log(f"{self.prepared.umid}-{self.rundir.name}.log", run_base(), self.rundir, self.prepared.jobdir)
             keep = self.spec.verbose
+        # Appending: the hypervisor's own stderr and QEMU's console (which opens the log anew) share it.
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
         if self.spec.verbose:
             self.say(f"console log: {path}")
         return fd, path, keep
@@ -129,6 +135,8 @@ class Job:
         p = self.prepared
         for warning in p.warnings:
             self.say(warning)
+        for notice in p.notices:
+            say_once(notice, self.say, verbose=self.spec.verbose)
         own_dir = self._own_dir()
         channel = Channel(self.rundir)
         try:
@@ -149,7 +157,11 @@ class Job:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         terminal: tuple[int, int] | None = None
-        if streams.interactive:
+        saved_tty = save_termios(0) if streams.interactive else None
+        if streams.interactive and self.instance.holds_typed_keys:
+            self.held_keys = HeldKeys(0)
+            terminal = (self.held_keys.read_end, os.dup(1))
+        elif streams.interactive:
             terminal = (os.dup(0), os.dup(1))
         paths = RunPaths(channel.ctl, channel.out, own_dir, disk.path, self.rundir / "net")
         fds = GuestFds(log_fd, out_w, err_w, terminal)
@@ -157,7 +169,6 @@ class Job:
         if self.spec.verbose:
             self.say(f"running: {shlex.join(argv)}")
 
-        saved_tty = save_termios(0) if terminal else None
         pass_fds = [log_fd, out_w, err_w, *(terminal or ())]
         affinity = os.sched_getaffinity(0)
         try:
@@ -166,6 +177,8 @@ class Job:
             if p.cpu is not None:  # inherited by UML and all its processes; this thread's is restored below
                 os.sched_setaffinity(0, {p.cpu})
             stdin, stdout = self.instance.stdio(fds)
+            if self.held_keys is not None:
+                make_raw(0)  # before the hypervisor starts: keys typed from now on are neither echoed nor lost
             self.proc = subprocess.Popen(
                 argv,
                 stdin=stdin,
@@ -176,8 +189,12 @@ class Job:
                 env=_hypervisor_env(self.rundir),
                 preexec_fn=parent_death_signal(signal.SIGTERM) if self.instance.needs_death_signal else None,
             )
-        except OSError as e:
-            raise HostError(f"cannot start {argv[0]}: {e.strerror}") from e
+        except BaseException as e:
+            if saved_tty is not None:
+                restore_termios(saved_tty)
+            if isinstance(e, OSError):
+                raise HostError(f"cannot start {argv[0]}: {e.strerror}") from e
+            raise
         finally:
             if p.cpu is not None:
                 os.sched_setaffinity(0, affinity)
@@ -259,13 +276,16 @@ class Job:
             if spool is not None and spool.error is not None:
                 raise spool.error
             agent_started.check()
+            if agent_started.started and self.held_keys is not None:
+                self.held_keys.release()
             if self.disk is not None:
                 self.disk.sample()
             if reported_at is None and channel.has_report(STATUS_FILE):
                 channel.read_report(STATUS_FILE)  # a link, a pipe, a directory or a huge file ends the job now
                 reported_at = time.monotonic()
             if reported_at is not None and time.monotonic() - reported_at > POWEROFF_GRACE_S:
-                self.say("the guest did not power off after the job ended; stopping it")
+                if self.spec.verbose:  # after the job's output: the job's stderr is the job's
+                    self.say("the guest did not power off after the job ended; stopping it")
                 break
         data = channel.read_report(STATUS_FILE)
         if data is None:

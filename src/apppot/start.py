@@ -24,7 +24,7 @@ def choose_backend(spec: JobSpec, say: Say) -> Decision:
 
         return kvm.state(say)
 
-    decision = decide(backend, where, spec.kvm, probe)
+    decision = decide(backend, where, spec.kvm, probe, uml_kernel=spec.kernel)
     if spec.verbose:
         say(f"backend: {decision.why}")
     return decision

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import APPPOT, chown_to
-from tests.integration.conftest import EXAMPLES, apppot_cli, own_kernel_only
+from tests.integration.conftest import BOTH_BACKENDS, EXAMPLES, apppot_cli, own_kernel_only
 
 pytestmark = pytest.mark.uml
 
@@ -194,14 +194,20 @@ def glpk_example(name: str) -> bytes:
     pytest.skip("GLPK is not installed natively on the host (apt-get install glpk-utils; make test does)")
 
 
-BAD_MODEL = b"var x;\nmaximize z: x\nsubject to c: x <= ;\nend;\n"
+MODELS = {
+    "bad.mod": b"var x;\nmaximize z: x\nsubject to c: x <= ;\nend;\n",
+    # Writes to stderr, then fails a check: glpsol's own stderr and a non-zero status.
+    "stderr.mod": b'param n := 3;\nprintf "warning: n is %d\\n", n > "/dev/stderr";\ncheck n = 2;\nend;\n',
+}
 
 
-@pytest.mark.parametrize(("model", "expected_rc"), [("assign.mod", 0), ("bad.mod", 1)])
+@BOTH_BACKENDS
+@pytest.mark.parametrize(("model", "expected_rc"), [("assign.mod", 0), ("bad.mod", 1), ("stderr.mod", 1)])
 def test_the_glpsol_wrapper_behaves_like_glpsol(
-    cache_home: Path, tmp_path: Path, glpk_image: dict[str, object], model: str, expected_rc: int
+    cache_home: Path, tmp_path: Path, glpk_image: dict[str, object], backend: str, model: str, expected_rc: int
 ) -> None:
-    content = BAD_MODEL if model == "bad.mod" else glpk_example(model)
+    """Same stdout, stderr, exit status and solution file as glpsol itself, under UML and QEMU."""
+    content = MODELS[model] if model in MODELS else glpk_example(model)
     outputs = []
     for side in ("native", "appliance"):
         job = tmp_path / side
@@ -215,6 +221,7 @@ def test_the_glpsol_wrapper_behaves_like_glpsol(
         solution = (job / "solution.txt").read_bytes() if (job / "solution.txt").exists() else None
         outputs.append((proc.returncode, timeless(proc.stdout), proc.stderr, solution))
     assert outputs[0][0] == expected_rc
+    assert (model != "stderr.mod") or outputs[0][2] == b"warning: n is 3\n"
     assert outputs[1] == outputs[0]
 
 

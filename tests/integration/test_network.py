@@ -306,7 +306,7 @@ def test_without_namespaces_the_loopback_stays_closed_and_the_warning_says_what_
 ) -> None:
     env = {"APPPOT_BWRAP": "/nonexistent/bwrap"}
     closed = f"{FETCH.format(f'10.0.2.2:{loopback_server}')} || echo closed"
-    r = apppot(["start", "--net", "--", "sh", "-c", closed], cwd=jobdir, env=env)
+    r = apppot(["start", "-v", "--net", "--", "sh", "-c", closed], cwd=jobdir, env=env)  # -v: said every time
     assert (r.returncode, r.stdout) == (0, b"closed\n"), r.err
     assert "reduced isolation" in r.err and "abstract sockets and loopback services" in r.err
     r = apppot(["start", "--isolation", "strict", "--net", "--", "true"], cwd=jobdir, env=env)

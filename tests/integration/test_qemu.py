@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -218,6 +219,33 @@ def test_bad_input_under_qemu_gets_one_clear_line(qemu, tmp_path: Path, cache_ho
     assert r.returncode == 125 and "is not a QEMU overlay" in r.err
     r = qemu("start", "--backend", "uml", "--kvm", "--", "true", cwd=job)
     assert r.returncode == 125 and "--kvm needs --backend qemu or auto" in r.err
+    # An explicit --kernel (a UML kernel) under QEMU is an error; $APPPOT_KERNEL, set for every test
+    # (the uml_kernel fixture), is a site's UML setting that QEMU jobs leave alone: this very job runs.
+    assert os.environ.get("APPPOT_KERNEL")
+    r = qemu("start", "--kernel", os.environ["APPPOT_KERNEL"], "--", "true", cwd=job)
+    assert r.returncode == 125 and r.err.count("\n") == 1, r.err
+    assert r.err.startswith("apppot: error: --kernel ") and "leave out --kernel, or add --backend uml" in r.err
+    r = qemu("start", "--", "echo", "ran", cwd=job)
+    assert (r.returncode, r.stdout) == (0, b"ran\n"), r.err
+
+
+def test_qemus_own_stderr_goes_to_the_console_log_never_to_the_jobs(
+    qemu, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = shutil.which("qemu-system-x86_64")
+    assert real is not None
+    wrappers = tmp_path / "bin"
+    wrappers.mkdir()
+    wrapper = wrappers / "qemu-system-x86_64"  # QEMU that warns on its stderr, as it does about CPU features
+    wrapper.write_text(f"#!/bin/sh\necho 'qemu-system-x86_64: warning: said by QEMU itself' >&2\nexec {real} \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrappers}:{os.environ['PATH']}")
+    job = tmp_path / "job"
+    job.mkdir()
+    log = tmp_path / "console.log"
+    r = qemu("start", "--console-log", str(log), "--", "sh", "-c", "echo job-err >&2", cwd=job)
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"job-err\n")
+    assert b"warning: said by QEMU itself" in log.read_bytes()
 
 
 def test_a_kept_overlay_is_refused_while_in_use_and_against_another_or_changed_image(
@@ -268,8 +296,8 @@ def test_kvm_is_probed_by_booting_a_guest_and_auto_follows_the_probe(
         assert "uml, because KVM does not work" in r.err
         r = apppot_cli(cache_home, "start", "--backend", "qemu", "--kvm", "--", "true", cwd=job)
         assert r.returncode == 125 and f"KVM does not work on this host: {kvm['detail']}" in r.err
-        # Without --kvm, QEMU emulates, and says it is slow.
-        r = apppot_cli(cache_home, "start", "--backend", "qemu", "--", "echo", "emulated", cwd=job)
+        # Without --kvm, QEMU emulates, and says it is slow (once per cache; -v: every time).
+        r = apppot_cli(cache_home, "start", "-v", "--backend", "qemu", "--", "echo", "emulated", cwd=job)
         assert (r.returncode, r.stdout) == (0, b"emulated\n") and "several times slower" in r.err
     assert "backend auto" in checks and checks["guest kernel"]["detail"].startswith("linux-image-")
 
@@ -443,6 +471,30 @@ def test_interactive_shell_under_qemu(qemu, cache_home: Path, tmp_path: Path) ->
         tmux.type("exit 5")
         wait_for(lambda: read_exit(exit_file), 30, lambda: f"apppot to end; {tmux.dump()}")
     assert read_exit(exit_file) == "EXIT=5"
+
+
+def test_keys_typed_while_qemu_boots_reach_the_shell_whole(qemu, cache_home: Path, tmp_path: Path) -> None:
+    """Typed before the prompt (QEMU starting, the guest booting): held by the host until the agent holds
+    the guest's serial terminal open, then delivered; neither echoed by the host's terminal nor lost."""
+    from tests.integration.test_session import GUEST_TERM, pane_command, read_exit, tmux_session, wait_for
+
+    job = tmp_path / "job"
+    job.mkdir()
+    exit_file = tmp_path / "exit-status"
+    name = f"apppot-test-{os.getpid()}-early"
+    env = {"XDG_CACHE_HOME": str(cache_home), "TERM": GUEST_TERM, "APPPOT_BACKEND": "qemu", "APPPOT_KVM": "0"}
+    with tmux_session(
+        tmp_path / "tmux.sock", job, pane_command(["start", "--id", name, "--", "/bin/sh"], env, exit_file), name
+    ) as tmux:
+        time.sleep(0.3)  # apppot has started, QEMU not yet
+        tmux.type("echo typed-early-$((6*7))")
+        time.sleep(1.5)  # QEMU runs, the guest kernel boots
+        tmux.type("echo typed-during-boot-$((6*8))")
+        tmux.wait_line("typed-early-42", timeout=60)
+        tmux.wait_line("typed-during-boot-48", timeout=15)
+        tmux.type("exit 4")
+        wait_for(lambda: read_exit(exit_file), 30, lambda: f"apppot to end; {tmux.dump()}")
+    assert read_exit(exit_file) == "EXIT=4"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])

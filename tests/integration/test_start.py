@@ -276,9 +276,32 @@ def test_guest_root_cannot_reach_host_files(apppot, tmp_path: Path) -> None:
     assert set(etc) <= {".", "..", "resolv.conf"}
 
 
+@BOTH_BACKENDS
+def test_host_notices_are_said_once_before_the_job_then_only_under_v(
+    apppot, backend: str, tmp_path: Path, test_user: str
+) -> None:
+    """The job's stderr is the job's: a condition of the host (no namespaces; under QEMU, no KVM) is said
+    once, before the job's output, then only with -v; the user's own cache remembers it."""
+    job = tmp_path / "notices"
+    job.mkdir()
+    chown_to(job, test_user)
+    env = {"APPPOT_BWRAP": "/nonexistent/bwrap", "APPPOT_KVM": ""}  # under QEMU: KVM probed, TCG where it fails
+    command = ["--", "sh", "-c", "echo out; echo job-err >&2; exit 3"]
+    first = apppot(["start", *command], cwd=job, env=env, as_user=test_user)
+    assert (first.returncode, first.stdout) == (3, b"out\n"), first.err
+    assert "reduced isolation" in first.err and first.err.endswith("job-err\n"), first.err
+    assert "said once on this host" in first.err
+    again = apppot(["start", *command], cwd=job, env=env, as_user=test_user)
+    assert (again.returncode, again.stdout, again.stderr) == (3, b"out\n", b"job-err\n")
+    verbose = apppot(["start", "-v", *command], cwd=job, env=env, as_user=test_user)
+    assert verbose.returncode == 3 and "reduced isolation" in verbose.err and verbose.err.endswith("job-err\n")
+    tcg = "several times slower"
+    assert (tcg in first.err) == (tcg in verbose.err) == (backend == "qemu" and "KVM works" not in verbose.err)
+
+
 def test_reduced_isolation_warns_and_strict_refuses(apppot, jobdir: Path) -> None:
     env = {"APPPOT_BWRAP": "/nonexistent/bwrap"}
-    r = apppot(["start", "--", "echo", "ran"], cwd=jobdir, env=env)
+    r = apppot(["start", "-v", "--", "echo", "ran"], cwd=jobdir, env=env)
     assert r.returncode == 0 and r.stdout == b"ran\n"
     assert "reduced isolation" in r.err
     r = apppot(["start", "--isolation", "strict", "--", "echo", "ran"], cwd=jobdir, env=env)

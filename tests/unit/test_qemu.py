@@ -83,7 +83,7 @@ def test_golden_argv_of_a_batch_job() -> None:
         "file=/img/tiny.img,format=raw,if=virtio,snapshot=on,cache=unsafe,werror=report,rerror=report",
         *SHARES,
         *["-serial", "null", "-serial", "null"],
-        *["-chardev", "file,id=log,path=/dev/fd/3", "-serial", "chardev:log"],
+        *["-chardev", "file,id=log,path=/dev/fd/3,append=on", "-serial", "chardev:log"],
         "-device",
         "virtio-serial-pci",
         *["-chardev", "file,id=out,path=/dev/fd/5", "-device", "virtserialport,chardev=out,name=apppot.stdout"],
@@ -204,6 +204,20 @@ def test_qemu_without_kvm_warns_and_emulates_and_kvm_flag_fails_clearly() -> Non
     assert decide(Backend.UML, "x", None, never)[:2] == (Backend.UML, None)
     with pytest.raises(UsageError):
         decide(Backend.UML, "x", True, never)
+
+
+def test_an_explicit_uml_kernel_is_refused_where_qemu_runs_the_job() -> None:
+    """--kernel names a UML kernel: under QEMU it would be ignored, so it is an error naming the fix; before
+    any probe where QEMU was asked for. ($APPPOT_KERNEL is never passed here: a site's UML setting.)"""
+    for kvm in (None, True, False):
+        with pytest.raises(UsageError, match=r"^--kernel /k/linux names a UML kernel, but QEMU runs this job \(--backend qemu"):
+            decide(Backend.QEMU, "x", kvm, never, uml_kernel="/k/linux")
+    with pytest.raises(UsageError, match="leave out --kernel, or add --backend uml"):
+        decide(Backend.AUTO, "x", None, lambda: WORKS, uml_kernel="/k/linux")
+    # Where auto runs UML, the kernel is used.
+    assert decide(Backend.AUTO, "x", None, lambda: BROKEN, uml_kernel="/k/linux")[:2] == (Backend.UML, None)
+    assert decide(Backend.AUTO, "x", False, never, uml_kernel="/k/linux")[:2] == (Backend.UML, None)
+    assert decide(Backend.UML, "x", None, never, uml_kernel="/k/linux")[:2] == (Backend.UML, None)
 
 
 # --- the guest kernel -------------------------------------------------------------------------------

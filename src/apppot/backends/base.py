@@ -31,7 +31,8 @@ class Prepared(NamedTuple):
     umid: str  # UML's umid, QEMU's -name
     cpu: int | None = None  # the host CPU the guest is pinned to
     changes: Path | None = None  # a changes archive to merge at boot (checked as it is copied, before the boot)
-    warnings: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()  # said before every boot: what the job gets differs from what was asked
+    notices: tuple[str, ...] = ()  # host conditions no job changes: said once (apppot.notices), then under -v
 
 
 class RunPaths(NamedTuple):
@@ -94,6 +95,9 @@ class Instance(ABC):
     def stdio(self, fds: GuestFds) -> tuple[int, int]:
         """The hypervisor process's own stdin and stdout."""
         return subprocess.DEVNULL, fds.log
+
+    # The agent tells when the guest's terminal can take keys: until then the host holds them (apppot.typeahead).
+    holds_typed_keys = False
 
     @property
     def needs_death_signal(self) -> bool:

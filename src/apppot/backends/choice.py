@@ -84,8 +84,14 @@ def requested(
     return Backend.UML, "default"
 
 
-def decide(backend: Backend, where: str, kvm: bool | None, probe: Callable[[], KvmState]) -> Decision:
-    """The backend and accelerator for a job. ``kvm``: --kvm (True), --no-kvm (False) or neither."""
+def decide(
+    backend: Backend, where: str, kvm: bool | None, probe: Callable[[], KvmState], *, uml_kernel: str | None = None
+) -> Decision:
+    """The backend and accelerator for a job. ``kvm``: --kvm (True), --no-kvm (False) or neither.
+    ``uml_kernel``: an explicit --kernel, refused where QEMU runs the job ($APPPOT_KERNEL, a site's setting
+    for UML, is not passed: it means nothing to QEMU and must not break its jobs)."""
+    if backend is Backend.QEMU and uml_kernel:
+        raise _kernel_under_qemu(uml_kernel, f"--backend qemu from {where}")
     if backend is Backend.UML:
         if kvm:
             raise UsageError("--kvm needs --backend qemu or auto: UML does not use KVM")
@@ -96,6 +102,8 @@ def decide(backend: Backend, where: str, kvm: bool | None, probe: Callable[[], K
         return Decision(Backend.QEMU, Accel.TCG, f"qemu ({where}) with --no-kvm: TCG emulation")
     state = probe()
     if state.works:
+        if uml_kernel:
+            raise _kernel_under_qemu(uml_kernel, f"--backend auto from {where}, and KVM works here")
         return Decision(Backend.QEMU, Accel.KVM, f"{backend.value} ({where}): KVM works ({state.reason})")
     if kvm:
         raise HostError(f"KVM does not work on this host: {state.reason}; leave out --kvm to run without it")
@@ -107,4 +115,11 @@ def decide(backend: Backend, where: str, kvm: bool | None, probe: Callable[[], K
         f"qemu ({where}): TCG emulation, because KVM does not work ({state.reason})",
         f"KVM does not work here ({state.reason}): QEMU emulates the CPU (TCG), several times slower than "
         "native; --backend uml is faster on this host",
+    )
+
+
+def _kernel_under_qemu(kernel: str, why: str) -> UsageError:
+    return UsageError(
+        f"--kernel {kernel} names a UML kernel, but QEMU runs this job ({why}) and boots Debian's guest kernel; "
+        "leave out --kernel, or add --backend uml"
     )

@@ -73,8 +73,9 @@ class QemuLaunch(NamedTuple):
     full_boot: bool = False
 
 
-def _serial(name: str, path: str) -> list[str]:
-    return ["-chardev", f"file,id={name},path={path}", "-serial", f"chardev:{name}"]
+def _serial(name: str, path: str, append: bool = False) -> list[str]:
+    # append=on: QEMU's own stderr goes to the console log too, and a truncating open would erase it.
+    return ["-chardev", f"file,id={name},path={path}{',append=on' if append else ''}", "-serial", f"chardev:{name}"]
 
 
 def _machine(qemu: str, accel: Accel, mem_bytes: int) -> list[str]:
@@ -135,7 +136,7 @@ def qemu_argv(launch: QemuLaunch, guest_params: list[str]) -> list[str]:
             ports += ["-device", f"virtserialport,chardev={name},name=apppot.std{name}"]
         else:
             argv += _serial(name, f"/dev/fd/{fd}")
-    argv += _serial("log", f"/dev/fd/{launch.log_fd}")
+    argv += _serial("log", f"/dev/fd/{launch.log_fd}", append=True)
     if ports:
         argv += ["-device", "virtio-serial-pci", *ports]
     tty_params: list[str] = []

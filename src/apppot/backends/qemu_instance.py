@@ -71,7 +71,7 @@ class QemuInstance(Instance):
             mem_bytes=spec.mem_bytes or DEFAULT_MEM,
             net=choose_qemu_network(spec.net, spec.host_loopback),
             cpu=pin,
-            warnings=common.warnings + tuple(w for w in (decision.warning, netns_warning) if w),
+            notices=common.notices + tuple(w for w in (decision.warning, netns_warning) if w),
         )
         if spec.cow is not None and spec.cow.exists():
             check_overlay(spec.cow, common.image)
@@ -95,6 +95,8 @@ class QemuInstance(Instance):
 
     def network(self) -> GuestNetwork:
         return GuestNetwork("eth0" if self.prepared.net else None, False)
+
+    holds_typed_keys = True  # its serial port loses what comes before the guest opens it
 
     def stdio(self, fds: GuestFds) -> tuple[int, int]:
         # An interactive guest has the terminal as QEMU's own stdin and stdout.

@@ -77,7 +77,8 @@ class UmlInstance(Instance):
             mem_bytes=mem,
             net=choose_network(traits, spec.net, spec.host_loopback),
             cpu=pin,
-            warnings=common.warnings + tuple(w for w in (mem_warning, warning) if w),
+            warnings=common.warnings + ((mem_warning,) if mem_warning else ()),
+            notices=common.notices + ((warning,) if warning else ()),
         )
         if spec.cow is not None and spec.cow.exists():
             cow.check_matches(spec.cow, common.image, common.fs_uuid)

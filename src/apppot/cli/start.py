@@ -92,7 +92,7 @@ START_OPTIONS = (
         None,
         "let the guest reach services on the host's 127.0.0.1 as 10.0.2.2 (implies --net; $APPPOT_HOST_LOOPBACK=1)",
     ),
-    _Option(("--kernel", "--uml", "--linux"), "kernel", "value", "PATH", "UML kernel ($APPPOT_KERNEL)"),
+    _Option(("--kernel", "--uml", "--linux"), "kernel", "value", "PATH", "UML kernel ($APPPOT_KERNEL); an error under QEMU"),
     _Option(("--id",), "instance_id", "value", "NAME", "instance name (UML umid)"),
     _Option(("--extra",), "extra", "append", "ARG", "extra kernel parameter (repeatable)"),
     _Option(("--user",), "user", "value", "NAME", "name of the job's user in the guest (root: run as root)"),
@@ -124,7 +124,7 @@ START_OPTIONS = (
         "SECONDS",
         f"end the job ({EXIT_GUEST_DIED}) unless AppPot's agent starts by then (default: {DEFAULT_BOOT_TIMEOUT_S:g})",
     ),
-    _Option(("-v", "--verbose"), "verbose", "flag", None, "say what AppPot does"),
+    _Option(("-v", "--verbose"), "verbose", "flag", None, "say what AppPot does, and host notices every time"),
 )
 
 
