@@ -26,7 +26,7 @@ from apppot.backends.uml import AGENT_SERVICE, SYSTEMD_PATH
 from apppot.errors import HostError
 from apppot.images import snaptool, tiny
 from apppot.images.recipe import DEFAULT_MIRROR, Recipe
-from apppot.images.store import ImageRecord, image_stem, images_dir
+from apppot.images.store import ImageRecord, cache_owner, image_stem, images_dir, make_dirs
 from apppot.kernel_build import MIRROR_ENV
 from apppot.proc import run, which
 from apppot.protocol import PROTOCOL_VERSION
@@ -218,7 +218,8 @@ def build(recipe: Recipe, *, force: bool = False, quiet: bool = False, say: Say)
     if not force and target.exists() and record_path.exists():
         return BuiltImage(target, ImageRecord.read(record_path), reused=True)
     _check_host()
-    directory.mkdir(parents=True, exist_ok=True)
+    owner = cache_owner(directory)
+    make_dirs(directory, owner)
     printer = StepPrinter(say, quiet)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f".build-{stem}-", dir=directory) as tmp:
@@ -262,6 +263,10 @@ def build(recipe: Recipe, *, force: bool = False, quiet: bool = False, say: Say)
         if force:
             with contextlib.suppress(FileNotFoundError):
                 record_path.unlink()
+        if owner is not None:  # root built into a user's cache: the user can remove and rebuild it
+            os.chown(image, *owner)
         image.replace(target)
         record.write(record_path)
+        if owner is not None:
+            os.chown(record_path, *owner, follow_symlinks=False)
     return BuiltImage(target, record, reused=False)

@@ -32,6 +32,35 @@ def images_dir() -> Path:
     return cache_dir() / "images"
 
 
+Owner = tuple[int, int]  # uid, gid
+
+
+def cache_owner(directory: Path) -> Owner | None:
+    """Who should own what root makes under ``directory``: the owner of its nearest existing parent when
+    that is another user (root building into a user's cache: ``sudo env XDG_CACHE_HOME=$HOME/.cache ...``),
+    so that the user can still write the cache afterwards; None otherwise."""
+    if os.geteuid() != 0:
+        return None
+    existing = directory
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    st = os.lstat(existing)
+    return None if st.st_uid == 0 else (st.st_uid, st.st_gid)
+
+
+def make_dirs(directory: Path, owner: Owner | None) -> None:
+    """``directory`` and its missing parents, those given to ``owner`` when there is one."""
+    missing = []
+    path = directory
+    while not os.path.lexists(path) and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    if owner is not None:
+        for made in reversed(missing):
+            os.chown(made, *owner, follow_symlinks=False)
+
+
 class ImageRecord(NamedTuple):
     """What a built appliance is: written next to its image when the build succeeds."""
 
