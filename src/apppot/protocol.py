@@ -130,6 +130,11 @@ def _check(value: str, pattern: re.Pattern[str], what: str) -> str:
     return value
 
 
+def check_name(value: str, what: str) -> str:
+    """A user or group name the guest's agent can create (`what`: "user" or "group"), else UsageError."""
+    return _check(value, _NAME, f"{what} name")
+
+
 def render_kernel_params(ctl_path: str, out_path: str, job_path: str, changes: bool = False, ninep: bool = False) -> list[str]:
     """The kernel parameters the agent reads: where the control, report and job directories are (host
     paths as UML sees them, or with ``ninep`` the tags of QEMU's 9p shares), and whether a changes
@@ -153,8 +158,8 @@ def render_job_file(job: GuestJob) -> bytes:
         "A_V": PROTOCOL_VERSION,
         "A_UID": job.uid,
         "A_GID": job.gid,
-        "A_USER": _check(job.user, _NAME, "user name"),
-        "A_GROUP": _check(job.group, _NAME, "group name"),
+        "A_USER": check_name(job.user, "user"),
+        "A_GROUP": check_name(job.group, "group"),
         "A_STDIN": job.stdin.value,
         "A_STDOUT": job.stdout.value,
         "A_STDERR": job.stderr.value,

@@ -38,6 +38,7 @@ from apppot.protocol import (
     STATUS_FILE,
     GuestJob,
     StreamMode,
+    check_name,
     parse_status,
     render_job_file,
 )
@@ -388,13 +389,16 @@ def guest_identity(
 
     Host root's job is root inside: a job user of another name would have root's ids all the same (the
     files it makes are root's on the host), so naming one is refused rather than silently ignored."""
+    for what, name in (("user", user), ("group", group)):
+        if name is not None:  # first: a malformed name is that, whoever asks (and is quoted, never echoed raw)
+            check_name(name, what)
     uid = os.getuid() if host_uid is None else host_uid
     gid = os.getgid() if host_gid is None else host_gid
     if uid == 0:
         for option, name in (("--user", user), ("--group", group)):
             if name not in (None, "root"):
                 raise UsageError(
-                    f"{option} {name}: apppot runs as root here, so the job runs as root inside (its files are root's "
+                    f"{option} {name!r}: apppot runs as root here, so the job runs as root inside (its files are root's "
                     f"on the host): drop {option}, or run apppot as the host user the job should be "
                     "(e.g. runuser -u USER -- apppot start ...)"
                 )

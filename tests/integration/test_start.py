@@ -388,6 +388,7 @@ def test_names_resolve_through_the_nat_and_loopback_is_up(apppot, backend: str, 
         (["--mem", "lots"], "invalid memory size"),
         (["--jobdir", "/nonexistent/dir"], "does not exist"),
         (["--user", "two words"], "invalid user name 'two words'"),
+        (["--user", "a\napppot: forged"], "invalid user name 'a\\napppot: forged'"),
     ],
 )
 def test_bad_input_gets_one_clear_line(apppot, cache_home: Path, jobdir: Path, args: list[str], message: str) -> None:

@@ -29,16 +29,34 @@ def test_host_root_naming_another_job_user_is_refused_in_one_line() -> None:
     assert guest_identity("root", None, host_uid=0, host_gid=0) == (0, 0, "root", "root")
     assert guest_identity("bob", None, host_uid=1001, host_gid=1001) == (1001, 1001, "bob", "user")
     for user, group in (("bob", None), (None, "staff"), ("root", "staff")):
-        with pytest.raises(UsageError, match=r"^--(user|group) \w+: .*root.*: .*\n?$") as refused:
+        with pytest.raises(UsageError, match=r"^--(user|group) '\w+': .*root.*: .*\n?$") as refused:
             guest_identity(user, group, host_uid=0, host_gid=0)
         assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("host_uid", [0, 1001])
+@pytest.mark.parametrize(
+    ("user", "group"), [("two words", None), ("new\nline", None), ("\x1b[2Jx", None), (None, "two words"), ("root", "a\nb")]
+)
+def test_a_malformed_name_is_refused_as_malformed_whoever_asks(user: str | None, group: str | None, host_uid: int) -> None:
+    with pytest.raises(UsageError) as refused:
+        guest_identity(user, group, host_uid=host_uid, host_gid=host_uid)
+    message = str(refused.value)
+    bad = user if group is None else group
+    assert message.startswith(f"invalid {'user' if group is None else 'group'} name {bad!r}"), message
+    assert "\n" not in message and "\x1b" not in message
+
+
+def test_host_root_refusal_quotes_the_name() -> None:
+    with pytest.raises(UsageError, match=r"^--user 'bob': "):
+        guest_identity("bob", None, host_uid=0, host_gid=0)
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="what host root is told")
 def test_host_root_start_with_another_user_is_refused_before_anything_starts(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["start", "--image", "/nonexistent.img", "--user", "bob", "--", "true"]) == 125
     err = capsys.readouterr().err
-    assert err.startswith("apppot: error: --user bob: ") and err.count("\n") == 1, err
+    assert err.startswith("apppot: error: --user 'bob': ") and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("count", [65530, 100000, 131072, 262144, 1 << 20])
