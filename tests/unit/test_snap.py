@@ -239,6 +239,15 @@ def test_absolute_link_targets_stay_inside_the_system(tmp_path: Path) -> None:
         ({**MANIFEST, "deleted": ["/home"]}, r"deletion '/home' is in or above a part"),
         ({**MANIFEST, "deleted": ["/home/user/job/data"]}, r"deletion '/home/user/job/data' is in or above"),
         ({**MANIFEST, "added": ["/etc/y"]}, r"its manifest does not list exactly its members"),
+        ({**MANIFEST, "added": ["etc/x", "evil\x1b[2J"]}, r"members \(e\.g\. 'evil\\x1b\[2J'\)"),
+        ({**MANIFEST, "created": "now\napppot: forged"}, r"'created' has a newline or other control character"),
+        ({**MANIFEST, "tool": "t\x1b[2J"}, r"'tool' has a newline or other control character"),
+        ({**MANIFEST, "tool": "t\x9b2J"}, r"'tool' has a newline or other control character"),
+        ({**MANIFEST, "created": "\u202enow"}, r"'created' has a newline or other control character"),
+        ({**MANIFEST, "base": "B" * 64}, r"'base' is not 64 lowercase hex digits"),
+        ({**MANIFEST, "base": "b" * 63}, r"'base' is not 64"),
+        ({**MANIFEST, "base": "b" * 64 + "\n"}, r"'base' is not 64"),
+        ({**MANIFEST, "base": "g" * 64}, r"'base' is not 64"),
     ],
 )
 def test_missing_or_malformed_manifests_are_refused(

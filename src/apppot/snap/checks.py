@@ -14,6 +14,7 @@ from .paths import ALWAYS_EXCLUDED, MANIFEST_MEMBER, SnapError
 MAX_MANIFEST_LISTS = 64  # brackets in the manifest: it is one object of flat lists, so json never nests deep
 MAX_PATH = 4096  # Linux's PATH_MAX: no longer name can be made or opened
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
+_BASE_ID = re.compile("[0-9a-f]{64}")  # a sha256 hexdigest (apppot.snap.manifest)
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 
 
@@ -53,6 +54,11 @@ def parse_manifest(source: str, data: bytes) -> ArchiveInfo:
         raise SnapError(f"{source}: {MANIFEST_MEMBER} is malformed (wrong types); make the archive again")
     if not all(isinstance(p, str) for p in [*info.deleted, *info.added, *info.modified]):
         raise SnapError(f"{source}: {MANIFEST_MEMBER} is malformed (paths must be strings); make the archive again")
+    if not _BASE_ID.fullmatch(info.base):
+        raise SnapError(f"{source}: {MANIFEST_MEMBER}'s 'base' is not 64 lowercase hex digits ({info.base[:80]!r}): refused")
+    for field in ("created", "tool"):  # shown by `apppot changes show`: no forged lines or terminal escapes
+        if not getattr(info, field).isprintable():  # C0 and C1 controls, format characters (bidi overrides)
+            raise SnapError(f"{source}: {MANIFEST_MEMBER}'s {field!r} has a newline or other control character: refused")
     return info
 
 
@@ -124,7 +130,7 @@ def check_members(source: str, info: ArchiveInfo, members: list[tarfile.TarInfo]
     claimed = {p.lstrip("/") for p in [*info.added, *info.modified]}
     if claimed != names:
         extra = sorted(names - claimed)[:3] or sorted(claimed - names)[:3]
-        raise SnapError(f"{source}: its manifest does not list exactly its members (e.g. {', '.join(extra)}): refused")
+        raise SnapError(f"{source}: its manifest does not list exactly its members (e.g. {', '.join(map(repr, extra))}): refused")
 
 
 def _reserved(name: str, symlink: bool) -> str | None:
