@@ -382,19 +382,29 @@ def _discard_log(path: Path, keep: bool) -> None:
             path.unlink()
 
 
+SEED_UID = 1000  # a cloud seed's named user when host root makes it: Debian's first ordinary user
+
+
 def guest_identity(
-    user: str | None, group: str | None, host_uid: int | None = None, host_gid: int | None = None
+    user: str | None,
+    group: str | None,
+    host_uid: int | None = None,
+    host_gid: int | None = None,
+    host_files: bool = True,
 ) -> tuple[int, int, str, str]:
     """uid, gid, user and group of the job inside: the host user's ids, or root for host root and --user root.
 
-    Host root's job is root inside: a job user of another name would have root's ids all the same (the
-    files it makes are root's on the host), so naming one is refused rather than silently ignored."""
+    Host root's job is root inside when it shares host files (start): a job user of another name would
+    have root's ids all the same (the files it makes are root's on the host), so naming one is refused
+    rather than silently ignored. A cloud seed (host_files=False) shares none: host root may name its user."""
     for what, name in (("user", user), ("group", group)):
         if name is not None:  # first: a malformed name is that, whoever asks (and is quoted, never echoed raw)
             check_name(name, what)
     uid = os.getuid() if host_uid is None else host_uid
     gid = os.getgid() if host_gid is None else host_gid
-    if uid == 0:
+    if uid == 0 and not host_files and user not in (None, "root"):
+        uid, gid = SEED_UID, SEED_UID
+    elif uid == 0:
         for option, name in (("--user", user), ("--group", group)):
             if name not in (None, "root"):
                 raise UsageError(

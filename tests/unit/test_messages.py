@@ -52,6 +52,25 @@ def test_host_root_refusal_quotes_the_name() -> None:
         guest_identity("bob", None, host_uid=0, host_gid=0)
 
 
+def test_a_seed_shares_no_host_files_so_host_root_may_name_its_user() -> None:
+    assert guest_identity("bob", None, host_uid=0, host_gid=0, host_files=False) == (1000, 1000, "bob", "user")
+    assert guest_identity("bob", "staff", host_uid=0, host_gid=0, host_files=False) == (1000, 1000, "bob", "staff")
+    assert guest_identity(None, None, host_uid=0, host_gid=0, host_files=False) == (0, 0, "root", "root")
+    assert guest_identity("bob", None, host_uid=1001, host_gid=1001, host_files=False) == (1001, 1001, "bob", "user")
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="what host root is told")
+@pytest.mark.skipif(shutil.which("xorriso") is None, reason="xorriso writes the seed")
+def test_host_root_cloud_seed_runs_the_job_as_the_named_user(tmp_path: Path) -> None:
+    seed = tmp_path / "seed.iso"
+    assert main(["cloud-seed", "-o", str(seed), "--no-jobdir", "--user", "bob", "--", "id"]) == 0
+    out = tmp_path / "user-data"
+    extract = ["xorriso", "-osirrox", "on", "-indev", str(seed), "-extract", "/user-data", str(out)]
+    subprocess.run(extract, capture_output=True, check=True)
+    settings = out.read_text()
+    assert "A_USER='bob'\n" in settings and "A_UID='1000'\n" in settings, settings
+
+
 @pytest.mark.skipif(os.getuid() != 0, reason="what host root is told")
 def test_host_root_start_with_another_user_is_refused_before_anything_starts(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["start", "--image", "/nonexistent.img", "--user", "bob", "--", "true"]) == 125

@@ -57,7 +57,7 @@ def cmd_cloud_seed(argv: Sequence[str]) -> int:
     p.add_argument("--image", help="check that this image's agent reads user-data (a cache name or a file)")
     p.add_argument("--jobdir", type=Path, default=Path.cwd(), help="the files the job gets at /home/user/job (default: .)")
     p.add_argument("--no-jobdir", action="store_true", help="send no files; the job runs in an empty /home/user/job")
-    p.add_argument("--user", help="name of the job's user in the guest (root: run as root)")
+    p.add_argument("--user", help="the job's user in the VM (root: run as root; as host root: uid 1000)")
     p.add_argument("--force", action="store_true", help="replace the -o file if it exists")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     ns = p.parse_args(before)
@@ -74,7 +74,7 @@ def cmd_cloud_seed(argv: Sequence[str]) -> int:
     jobdir = None if ns.no_jobdir else ns.jobdir
     if jobdir is not None and not jobdir.is_dir():
         raise UsageError(f"job directory {jobdir} does not exist; create it, pass --jobdir DIR or --no-jobdir")
-    uid, gid, user, group = guest_identity(ns.user, None)
+    uid, gid, user, group = guest_identity(ns.user, None, host_files=False)
     job = GuestJob(argv=tuple(command) if command is not None else None, uid=uid, gid=gid, user=user, group=group)
     seed = cloud.make_seed(job, ns.output, jobdir, force=ns.force)
     record = {
