@@ -106,21 +106,31 @@ def choose_mem(requested: int | None, max_map_count: int, host_bytes: int) -> Me
     Measured: a process that needs more mappings than vm.max_map_count allows does not fail an
     allocation, it spins for ever (UML retries the fault). So a guest never gets more than the host
     can map for it: less than asked is said in one warning line, with the sysctl that gives it all."""
+    fitting = mem_for_map_count(max_map_count)
     if requested is None:
-        return MemChoice(DEFAULT_MEM if map_count_needed(DEFAULT_MEM) <= max_map_count else FALLBACK_MEM)
+        if map_count_needed(DEFAULT_MEM) <= max_map_count:
+            return MemChoice(DEFAULT_MEM)
+        if fitting < MIN_MEM:
+            raise _no_useful_memory(max_map_count, DEFAULT_MEM, "the default 512M")
+        return MemChoice(min(FALLBACK_MEM, fitting))  # never more than UML can map: a guest mapping more would hang
     if requested > host_bytes:
         raise HostError(f"--mem {requested // MIB}M is more than this host's memory ({host_bytes // MIB}M): ask for less memory")
     needed = map_count_needed(requested)
     if needed <= max_map_count:
         return MemChoice(requested)
-    fitting = mem_for_map_count(max_map_count)
-    fix = f"'sudo sysctl -w vm.max_map_count={needed}'"
     if fitting < MIN_MEM:
-        raise HostError(
-            f"vm.max_map_count is {max_map_count}: UML could map no useful guest memory; {fix} allows --mem {requested // MIB}M"
-        )
+        raise _no_useful_memory(max_map_count, requested, f"--mem {requested // MIB}M")
+    fix = f"'sudo sysctl -w vm.max_map_count={needed}'"
     return MemChoice(
         fitting,
         f"--mem {requested // MIB}M: the guest gets {fitting // MIB}M, what vm.max_map_count ({max_map_count}) lets UML map "
         f"in the worst case (a guest process mapping more would hang); {fix} gives it all",
+    )
+
+
+def _no_useful_memory(max_map_count: int, mem: int, what: str) -> HostError:
+    fitting = mem_for_map_count(max_map_count) // MIB
+    return HostError(
+        f"vm.max_map_count is {max_map_count}: UML could map no useful guest memory ({fitting}M, less than "
+        f"{MIN_MEM // MIB}M); 'sudo sysctl -w vm.max_map_count={map_count_needed(mem)}' allows {what}"
     )

@@ -16,10 +16,10 @@ import pytest
 
 from apppot.cli import main
 from apppot.cli.common import print_record, print_table
-from apppot.errors import UsageError
+from apppot.errors import HostError, UsageError
 from apppot.images.store import ImageRecord, StoredImage
 from apppot.runner import guest_identity
-from apppot.spec import MIB, choose_mem, mem_for_map_count
+from apppot.spec import MIB, choose_mem, map_count_needed, mem_for_map_count
 
 REPR = re.compile(r"\bNone\b|PosixPath\(|\[\]|\['|\{'")
 
@@ -87,6 +87,27 @@ def test_doctor_names_the_memory_the_start_command_really_gives(count: int) -> N
     assert said * MIB == mem_for_map_count(count)
     assert choose_mem(said * MIB, count, 1 << 50) == (said * MIB, None)  # accepted as asked
     assert choose_mem((said + 1) * MIB, count, 1 << 50).bytes == said * MIB  # one more is lowered to it
+
+
+@pytest.mark.parametrize("count", [20000, 30000, 50000, 61440, 61439, 65530, 126975, 126976, 131072, 1 << 20])
+def test_doctor_names_what_a_start_without_mem_gets(count: int) -> None:
+    from apppot.cli.vm import map_count_check
+
+    check = map_count_check(count)
+    said = int(re.search(r"a start without --mem gets (\d+) MiB", check.detail).group(1))  # type: ignore[union-attr]
+    assert choose_mem(None, count, 1 << 50).bytes == said * MIB
+    assert map_count_needed(said * MIB) <= count  # never more than the host can map (it would hang)
+    assert check.ok is None and "\n" not in check.detail
+
+
+@pytest.mark.parametrize("count", [0, 200, 2000, 12287])
+def test_a_limit_too_low_for_any_guest_is_a_failed_doctor_check_and_a_refused_start(count: int) -> None:
+    from apppot.cli.vm import map_count_check
+
+    check = map_count_check(count)
+    assert check.ok is False and "refused below 64 MiB" in check.detail and "sudo sysctl -w vm.max_map_count=" in check.detail
+    with pytest.raises(HostError, match=r"sudo sysctl -w vm.max_map_count=\d+"):
+        choose_mem(None, count, 1 << 50)
 
 
 def fake_image(directory: Path, name: str, built: str, record: bool = True) -> Path:

@@ -110,16 +110,25 @@ def _check(name: str, probe: Callable[[], str]) -> Check:
 
 
 def map_count_check(count: int) -> Check:
-    """vm.max_map_count and the memory it covers, by the rule `apppot start --mem` applies (spec.choose_mem)."""
-    from apppot.spec import MIB, map_count_needed, mem_for_map_count
+    """vm.max_map_count and the memory it covers, by the rules `apppot start` applies (spec.choose_mem):
+    what a start without --mem gets, and the most an explicit --mem gets."""
+    from apppot.spec import DEFAULT_MEM, MIB, MIN_MEM, choose_mem, map_count_needed, mem_for_map_count
 
     most = mem_for_map_count(count) // MIB
+    if most * MIB < MIN_MEM:
+        return Check(
+            "vm.max_map_count",
+            False,
+            f"{count}: UML guests are refused (it covers {most} MiB; refused below {MIN_MEM // MIB} MiB): "
+            f"sudo sysctl -w vm.max_map_count={map_count_needed(DEFAULT_MEM)} allows the default {DEFAULT_MEM // MIB} MiB",
+        )
+    default = choose_mem(None, count, 1 << 62).bytes // MIB
     more = map_count_needed((2 * most) * MIB)
     return Check(
         "vm.max_map_count",
         None,
-        f"{count}: UML guests get up to {most} MiB (a larger --mem is lowered to it; "
-        f"sudo sysctl -w vm.max_map_count={more} allows {2 * most} MiB)",
+        f"{count}: a start without --mem gets {default} MiB; UML guests get up to {most} MiB (a larger --mem is lowered "
+        f"to it; sudo sysctl -w vm.max_map_count={more} allows {2 * most} MiB)",
     )
 
 
