@@ -213,6 +213,36 @@ def test_clean_removes_what_the_job_left_unreadable(home: Path) -> None:
     assert staged(home) == [] and (home / "work").is_dir()
 
 
+def test_clean_counts_what_it_removes_as_du_does(home: Path) -> None:
+    """Hard links once; directories the job left unreadable too (remove_stage removes them all the same)."""
+    import subprocess
+
+    from apppot.submit import jobs
+
+    job = fake_slurm_job(home, [])
+    (job / "locked" / "deeper").mkdir(parents=True)
+    (job / "locked" / "deeper" / "big").write_bytes(os.urandom(1 << 20))
+    (job / "once").write_bytes(os.urandom(1 << 20))
+    for i in range(3):
+        os.link(job / "once", job / f"again-{i}")
+    (job / "link").symlink_to(home / "work")
+    expected = int(subprocess.run(["du", "-s", "-B1", str(job)], capture_output=True, text=True, check=True).stdout.split()[0])
+    assert expected > 2 << 20
+    if os.geteuid() == 0:
+        open_to_all(home)
+        for path in [home / "cache", *(home / "cache").rglob("*")]:
+            os.lchown(path, 65534, 65534)
+    os.chmod(job / "locked" / "deeper", 0)
+    os.chmod(job / "locked", 0)
+    measured = home / "cache" / "measured"  # the cache is the unprivileged user's
+
+    def measure() -> None:
+        measured.write_text(str(jobs.disk_usage(job)))
+
+    unprivileged(measure)
+    assert int(measured.read_text()) == expected
+
+
 @pytest.mark.parametrize("cache", ["cache%j", "cache\\x", "cache\nx", os.fsdecode(b"caf\xe9")])
 def test_a_staging_path_slurm_would_expand_is_refused_before_staging(
     home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], cache: str

@@ -237,14 +237,36 @@ def clean(job_id: str) -> Cleaned:
 
 
 def disk_usage(where: Path) -> int:
-    """The disk space a directory tree uses, as du counts it; links the job left are not followed."""
-    paths = [str(where)]
-    for directory, dirs, files in os.walk(where):  # os.walk never descends into a link
-        paths += (os.path.join(directory, name) for name in [*dirs, *files])
+    """The disk space a staging directory uses, as du counts it: each file once however many hard links
+    it has, links never followed. Directories the job left unreadable are opened up (owner rwx, not
+    through links) as remove_stage does: clean measures what it removes next."""
+    seen: set[tuple[int, int]] = set()
     total = 0
-    for path in paths:
-        with contextlib.suppress(OSError):
-            total += os.lstat(path).st_blocks * 512
+    pending = [str(where)]
+    while pending:
+        path = pending.pop()
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
+        if not stat.S_ISDIR(st.st_mode):
+            continue
+        if st.st_mode & 0o700 != 0o700:
+            with contextlib.suppress(OSError, NotImplementedError):
+                os.chmod(path, 0o700 | stat.S_IMODE(st.st_mode), follow_symlinks=False)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            pending += (os.path.join(path, name) for name in os.listdir(fd))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
     return total
 
 
