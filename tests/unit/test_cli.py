@@ -154,6 +154,6 @@ def test_help_lists_every_option() -> None:
 def test_a_record_shows_an_unknown_value_as_a_table_does(capsys: pytest.CaptureFixture[str]) -> None:
     print_record({"built": None, "ok": False, "n": 0}, as_json=False)
     print_table([{"name": "tiny", "built": None}], ["name", "built"])
-    assert capsys.readouterr().out.splitlines() == ["built: -", "ok: False", "n: 0", "name  built", "tiny  -"]
+    assert capsys.readouterr().out.splitlines() == ["built: -", "ok: no", "n: 0", "name  built", "tiny  -"]
     print_record({"built": None}, as_json=True)
     assert capsys.readouterr().out == '{"built": null}\n'

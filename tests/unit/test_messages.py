@@ -21,7 +21,7 @@ from apppot.images.store import ImageRecord, StoredImage
 from apppot.runner import guest_identity
 from apppot.spec import MIB, choose_mem, map_count_needed, mem_for_map_count
 
-REPR = re.compile(r"\bNone\b|PosixPath\(|\[\]|\['|\{'")
+REPR = re.compile(r"\bNone\b|\bTrue\b|\bFalse\b|PosixPath\(|\[\]|\['|\{'")
 
 
 def test_host_root_naming_another_job_user_is_refused_in_one_line() -> None:
@@ -145,6 +145,17 @@ def test_every_image_record_and_row_renders_without_none(tmp_path: Path, capsys:
     out = capsys.readouterr().out
     assert not REPR.search(out), out
     assert re.search(r"^built: \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", out, re.MULTILINE), out  # the tiny appliance's too
+
+
+def test_yes_and_no_in_records_and_tables_not_true_and_false(capsys: pytest.CaptureFixture[str]) -> None:
+    record: dict[str, object] = {"seccomp_supported": False, "reused": True, "count": 0}
+    print_record(record, False)
+    print_table([record], list(record))
+    out = capsys.readouterr().out
+    assert not REPR.search(out), out
+    assert "seccomp_supported: no\nreused: yes\ncount: 0\n" in out and out.splitlines()[-1].split() == ["no", "yes", "0"], out
+    print_record(record, True)
+    assert json.loads(capsys.readouterr().out) == record  # JSON keeps its booleans
 
 
 def test_a_changes_archive_whose_manifest_has_null_fields_is_refused_not_shown_as_none(

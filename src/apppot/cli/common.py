@@ -37,7 +37,9 @@ UNKNOWN = "-"  # how a record or table shows a value AppPot does not know
 
 
 def shown(value: object) -> str:
-    """A value as a person reads it: never Python's None, '' or a list's repr."""
+    """A value as a person reads it: never Python's None, True, False, '' or a list's repr."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, list | tuple):
         value = ", ".join(shown(v) for v in value)
     return UNKNOWN if value is None or value == "" else str(value)
