@@ -412,6 +412,8 @@ def guest_identity(
                     f"on the host): drop {option}, or run apppot as the host user the job should be "
                     "(e.g. runuser -u USER -- apppot start ...)"
                 )
+    if user == "root" and group not in (None, "root"):  # root's job runs with gid 0: the group would be a lie
+        raise UsageError(f"--group {group!r} with --user root: the job runs as root, in group root; drop --group")
     if user == "root" or (user is None and uid == 0):
         return 0, 0, "root", "root"
     return uid, gid, user or "user", group or ("root" if gid == 0 else "user")

@@ -52,6 +52,14 @@ def test_host_root_refusal_quotes_the_name() -> None:
         guest_identity("bob", None, host_uid=0, host_gid=0)
 
 
+@pytest.mark.parametrize("host_files", [True, False])
+def test_user_root_with_another_group_is_refused_not_dropped(host_files: bool) -> None:
+    with pytest.raises(UsageError, match=r"^--group 'staff' with --user root: .*drop --group") as refused:
+        guest_identity("root", "staff", host_uid=1001, host_gid=1001, host_files=host_files)
+    assert "\n" not in str(refused.value)
+    assert guest_identity("root", "root", host_uid=1001, host_gid=1001, host_files=host_files) == (0, 0, "root", "root")
+
+
 def test_a_seed_shares_no_host_files_so_host_root_may_name_its_user() -> None:
     assert guest_identity("bob", None, host_uid=0, host_gid=0, host_files=False) == (1000, 1000, "bob", "user")
     assert guest_identity("bob", "staff", host_uid=0, host_gid=0, host_files=False) == (1000, 1000, "bob", "staff")
