@@ -155,6 +155,16 @@ def test_every_image_record_and_row_renders_without_none(tmp_path: Path, capsys:
     assert re.search(r"^built: \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", out, re.MULTILINE), out  # the tiny appliance's too
 
 
+def test_a_site_copy_of_the_tiny_appliance_has_no_build_time(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Its file time is when the copy was made, not when it was built: unknown, not passed off as built."""
+    from apppot.cli.images import _image_row
+
+    tiny = fake_image(tmp_path, "tiny-0123456789abcdef", "", record=False)
+    row = _image_row(StoredImage(tiny, None, site=tmp_path))
+    print_record(row, False)
+    assert "\nbuilt: -\n" in capsys.readouterr().out
+
+
 def test_yes_and_no_in_records_and_tables_not_true_and_false(capsys: pytest.CaptureFixture[str]) -> None:
     record: dict[str, object] = {"seccomp_supported": False, "reused": True, "count": 0}
     print_record(record, False)

@@ -135,7 +135,7 @@ def _image_row(image: StoredImage) -> dict[str, object]:
         "id": content_id[:16],
         "size": human(image.record.size_bytes if image.record else st.st_size),
         "used": human(st.st_blocks * 512),
-        "built": (image.record.built or None) if image.record else _utc(st.st_ctime),
+        "built": (image.record.built or None) if image.record else _tiny_built(image),
         "where": "cache" if image.site is None else f"site {image.site}",
         "path": str(image.path),
     }
@@ -145,12 +145,15 @@ def _image_row(image: StoredImage) -> dict[str, object]:
     return row
 
 
-def _utc(timestamp: float) -> str:
-    """As records write `built`. The tiny appliance has no record: its files carry a fixed mtime (same
-    bytes, same file), so when it was made shows in the inode's change time (as store orders them)."""
+def _tiny_built(image: StoredImage) -> str | None:
+    """The tiny appliance has no record: its files carry a fixed mtime (same bytes, same file), so when
+    build-tiny made it in the cache shows in the inode's change time (as store orders them). A site's
+    copy has the time the copy was made: when it was built is unknown there."""
     from datetime import UTC, datetime
 
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if image.site is not None:
+        return None
+    return datetime.fromtimestamp(image.path.stat().st_ctime, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")  # as records write it
 
 
 def cmd_changes(argv: Sequence[str]) -> int:
