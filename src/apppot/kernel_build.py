@@ -293,7 +293,7 @@ def _configure(tree: Path, fragment: bytes, say: Say) -> None:
 
 
 def _compile(tree: Path, jobs: int, say: Say) -> None:
-    say(f"compiling with {jobs} jobs (about 4 minutes on 2 cores)")
+    say(f"compiling with {jobs} jobs (about 9 minutes on 2 cores)")
     progress = Progress(sys.stderr.isatty())
     with subprocess.Popen(
         ["make", "-C", str(tree), "ARCH=um", f"-j{jobs}", "linux"],

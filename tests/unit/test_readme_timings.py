@@ -32,3 +32,14 @@ def test_the_guard_tells_a_measured_figure_from_a_remembered_one() -> None:
 
 def test_every_time_the_readme_quotes_names_the_benchmark_that_measures_it() -> None:
     assert unmeasured((ROOT / "README.md").read_text()) == []
+
+
+def test_the_kernel_build_time_is_the_same_wherever_it_is_told() -> None:
+    """The README (benchmarks/readme_timings.py's kernel-build), `kernel build --help` and the build's own
+    progress line quote one figure."""
+    on_2_cores = re.compile(r"(\d+) min(?:utes)? on 2 (?:shared )?cores")
+    texts = {"README.md": (ROOT / "README.md").read_text()}
+    texts |= {str(p.relative_to(ROOT)): p.read_text() for p in (ROOT / "src" / "apppot").rglob("*.py")}
+    figures = {(where, m.group(1)) for where, text in texts.items() for m in on_2_cores.finditer(text)}
+    assert {where for where, _ in figures} >= {"README.md", "src/apppot/kernel_build.py", "src/apppot/cli/images.py"}
+    assert len({figure for _, figure in figures}) == 1, sorted(figures)
