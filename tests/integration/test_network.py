@@ -311,3 +311,37 @@ def test_without_namespaces_the_loopback_stays_closed_and_the_warning_says_what_
     assert "reduced isolation" in r.err and "abstract sockets and loopback services" in r.err
     r = apppot(["start", "--isolation", "strict", "--net", "--", "true"], cwd=jobdir, env=env)
     assert r.returncode == 125 and "--isolation strict" in r.err
+
+
+# --- the guest's own loopback (issue 16) ----------------------------------------------------------
+
+# A job that talks to itself over 127.0.0.1: a listener and a client of busybox nc (a listener on a
+# down loopback would wait for ever: timeout ends it). The client retries until the listener is up.
+TALK_TO_ITSELF = (
+    "timeout 30 nc -l -p 7777 >got & "
+    "for i in $(seq 50); do echo hello-over-lo | nc 127.0.0.1 7777 2>/dev/null && break; sleep 0.2; done; "
+    "wait; cat got"
+)
+# The same with python3, for Debian appliances (no nc, no ip, no ifconfig in debian-dev).
+PYTHON_TALKS_TO_ITSELF = (
+    "import socket; s = socket.create_server(('127.0.0.1', 0)); c = socket.create_connection(s.getsockname(), 10); "
+    "a, _ = s.accept(); c.sendall(b'hello-over-lo'); print(a.recv(64).decode())"
+)
+
+
+@BOTH_BACKENDS
+@pytest.mark.parametrize("net", ["--net", "--no-net"])
+def test_the_guests_loopback_is_up_with_and_without_network(apppot, backend: str, net: str, jobdir: Path) -> None:
+    r = apppot(["start", net, "--", "sh", "-c", TALK_TO_ITSELF], cwd=jobdir, timeout=180)
+    assert (r.returncode, r.stdout) == (0, b"hello-over-lo\n"), r.err
+
+
+@BOTH_BACKENDS
+def test_a_debian_appliances_loopback_is_up_without_network(
+    apppot, backend: str, debian_dev: dict[str, object], jobdir: Path, test_user: str
+) -> None:
+    """debian-dev has neither ip nor ifconfig: the agent brings lo up with what every kernel has."""
+    chown_to(jobdir, test_user)
+    argv = ["start", "--image", str(debian_dev["path"]), "--no-net", "--", "python3", "-c", PYTHON_TALKS_TO_ITSELF]
+    r = apppot(argv, cwd=jobdir, as_user=test_user, timeout=300)
+    assert (r.returncode, r.stdout) == (0, b"hello-over-lo\n"), r.err

@@ -134,3 +134,71 @@ def test_a_first_word_like_an_option_is_not_found_with_a_terminal_too(shell: str
     r = subprocess.run([*argv, "-c", script], env=env, capture_output=True, text=True, timeout=10, check=False)
     first = command.split()[0]
     assert (r.returncode, r.stdout, r.stderr) == (127, "", f"{first}: not found\n")
+
+
+def agent_function(shell: str, path: Path, setup: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """The agent sourced under shell with only the programs in path; setup, then what it calls."""
+    argv = [shell, "sh"] if shell.endswith("busybox") else [shell]
+    env = {"PATH": str(path), "AGENT": str(AGENT), "APPPOT_AGENT_LIBRARY": "1"}
+    script = '. "$AGENT"; log() { printf "%s\\n" "$*" >&2; }; apppot_fail() { echo "refused: $*"; exit 125; }; '
+    return subprocess.run([*argv, "-c", script + setup], env=env, capture_output=True, text=True, timeout=10, check=False)
+
+
+@pytest.fixture
+def tiny_tools(tmp_path: Path) -> Path:
+    """What the tiny appliance has for the crash guard: busybox's applets, which have no cksum."""
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        pytest.skip("busybox is not installed")
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for applet in ("cat", "mkdir", "rm", "sync"):
+        (tools / applet).symlink_to(busybox)
+    return tools
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("source", ["meta-data", "user-data"])
+def test_the_crash_guard_refuses_only_the_job_whose_boot_crashed(
+    shell: str, source: str, tiny_tools: Path, tmp_path: Path
+) -> None:
+    """Each call is a boot whose job crashed (the mark stays); the guard refuses a job only right after its own
+    crash (issue 16: with no cksum every key was empty and every job was taken for the crashed one)."""
+    ctl = tmp_path / "ctl"
+    ctl.mkdir()
+    mark = tmp_path / "disk" / "cloud-job.running"
+
+    def boot(job: str) -> str:
+        if source == "meta-data":  # a NoCloud seed: its instance id names the job
+            (ctl / "meta-data").write_text(f"instance-id: apppot-{job}\nlocal-hostname: apppot\n")
+        (ctl / "user-data").write_text(f"#apppot-job\nA_V=5\nset -- echo {job}\n")
+        setup = f"CTL={ctl}; JOBFILE={ctl / 'user-data'}; CLOUD_MARK={mark}; apppot_cloud_guard && echo ran"
+        r = agent_function(shell, tiny_tools, setup, tmp_path)
+        assert "not found" not in r.stderr, r.stderr
+        return r.stdout.strip()
+
+    assert boot("a") == "ran"
+    assert boot("b") == "ran"  # another job, after a crash of a
+    assert boot("a") == "ran"
+    assert boot("a").startswith("refused: this job's previous boot ended before the job did")
+    assert boot("a") == "ran"  # booting once more retries
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize(("flags", "written"), [("0x8\n", "9\n"), ("0x1009\n", None), ("0x9\n", None)])
+def test_the_loopback_is_brought_up_through_its_flags_alone(shell: str, flags: str, written: str | None, tmp_path: Path) -> None:
+    """With no program at all (Debian appliances have neither ip nor ifconfig): IFF_UP added where it is not set."""
+    lo = tmp_path / "flags"
+    lo.write_text(flags)
+    r = agent_function(shell, tmp_path / "no-programs", f"LO_FLAGS={lo}; apppot_loopback_up", tmp_path)
+    assert (r.returncode, r.stderr, lo.read_text()) == (0, "", written or flags)
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("content", [None, "", "garbage\n"])
+def test_an_unreadable_loopback_is_one_log_line(shell: str, content: str | None, tmp_path: Path) -> None:
+    lo = tmp_path / "flags"
+    if content is not None:
+        lo.write_text(content)
+    r = agent_function(shell, tmp_path / "no-programs", f"LO_FLAGS={lo}; apppot_loopback_up", tmp_path)
+    assert r.returncode == 0 and r.stderr.count("\n") == 1 and "no loopback" in r.stderr, r.stderr

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
+import tarfile
 from importlib import resources
 from pathlib import Path
 
@@ -284,17 +286,17 @@ def test_seed_meta_data_and_job_tar(tmp_path: Path) -> None:
     (tmp_path / "sub" / "a.txt").write_text("a")
     (tmp_path / "link").symlink_to("sub/a.txt")
     (tmp_path / "seed.iso").write_text("the output itself")
-    tar, files = job_tar(tmp_path, {(tmp_path / "seed.iso").resolve()})
-    assert files == 2
-    import io
-    import tarfile
-
-    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+    out = io.BytesIO()
+    packed = job_tar(tmp_path, out, {(tmp_path / "seed.iso").resolve()})
+    assert packed == (2, [])
+    out.seek(0)
+    with tarfile.open(fileobj=out) as t:
         assert sorted(t.getnames()) == ["link", "sub", "sub/a.txt"]
         assert all(m.uid == 0 for m in t.getmembers())
+        assert t.extractfile("sub/a.txt").read() == b"a"  # type: ignore[union-attr]
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(UsageError, match="neither a file"):
-        job_tar(tmp_path, set())
+        job_tar(tmp_path, io.BytesIO(), set())
 
 
 # --- user-data: the host's renderer and the agent's parser ------------------------------------------

@@ -8,13 +8,16 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from apppot.cli.common import parser_class
+from apppot.cli.common import human, parser_class
 from apppot.cli.start import split_command
 from apppot.errors import AppPotError, UsageError
 from apppot.say import Say
 from apppot.say import say_stderr as say
+
+if TYPE_CHECKING:
+    from apppot.submit.seed_files import LeftOut
 
 PrintRecord = Callable[[Mapping[str, object], bool], None]
 
@@ -82,18 +85,32 @@ def cmd_cloud_seed(argv: Sequence[str]) -> int:
         "instance_id": seed.instance_id,
         "files": seed.files,
         "user_data_bytes": seed.user_data_bytes,
+        "bytes": seed.size,
+        "left_out": [{"path": str(o.path), "what": o.what, "bytes": o.size} for o in seed.left_out],
     }
     if ns.json:
         import json
 
         print(json.dumps(record))
     else:
+        for line in left_out_lines(seed.left_out):
+            say(line)
         say(
-            f"wrote {seed.path} (cidata: user-data, meta-data, {seed.files} job files); attach it to a VM of an exported "
-            "image, e.g. qemu-system-x86_64 -m 512M -drive file=app.qcow2 -cdrom "
+            f"wrote {seed.path}, {human(seed.size)} (cidata: user-data, meta-data, {seed.files} job files); attach it "
+            "to a VM of an exported image, e.g. qemu-system-x86_64 -m 512M -drive file=app.qcow2 -cdrom "
             f"{seed.path} -nographic"
         )
     return 0
+
+
+def left_out_lines(left_out: Sequence[LeftOut], limit: int = 5) -> list[str]:
+    """What cloud-seed left out of the job directory: a line a file up to limit, then one for the rest."""
+    lines = [f"left out of the seed: {o.path} ({o.what}, {human(o.size)})" for o in left_out[:limit]]
+    rest = left_out[limit:]
+    if rest:
+        size = human(sum(o.size for o in rest))
+        lines.append(f"left out of the seed: {len(rest)} more disk images, seeds or COW files ({size})")
+    return lines
 
 
 class Check(NamedTuple):

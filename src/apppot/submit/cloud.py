@@ -13,17 +13,17 @@ without the volume (then without job.tar).
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import stat
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 from apppot.errors import HostError, UsageError
 from apppot.proc import run, which
 from apppot.protocol import USER_DATA_MAGIC, GuestJob, render_user_data
+from apppot.submit.seed_files import HEADER_BYTES, TEMP_PREFIX, LeftOut, left_out_reason
 
 SEED_LABEL = "cidata"
 JOB_TAR = "job.tar"
@@ -36,21 +36,37 @@ class Seed(NamedTuple):
     instance_id: str
     files: int  # of the job directory, in job.tar
     user_data_bytes: int
+    size: int  # of the seed volume
+    left_out: list[LeftOut]  # the job directory's disk images, seeds and COW files
+
+
+class JobFiles(NamedTuple):
+    files: int  # files and links packed (directories not counted)
+    left_out: list[LeftOut]
 
 
 def meta_data(instance_id: str) -> bytes:
     return f"instance-id: {instance_id}\nlocal-hostname: apppot\n".encode()
 
 
-def job_tar(jobdir: Path, skip: set[Path]) -> tuple[bytes, int]:
-    """The job directory's regular files, directories and symlinks as a tar (owners left to the guest).
+def _open_member(path: Path) -> int:
+    """A descriptor on the job directory's regular file path, never through a link nor blocking on a FIFO."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}; make it readable, remove it or use another --jobdir") from None
+
+
+def job_tar(jobdir: Path, out: BinaryIO, skip: set[Path]) -> JobFiles:
+    """Write the job directory's regular files, directories and symlinks to out as a tar (owners left to
+    the guest), without the paths in skip and the disk images, seeds and COW files it holds (seed_files).
 
     Other kinds (sockets, devices, fifos) are refused: they cannot travel to another machine."""
-    buf = io.BytesIO()
     count = 0
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    left_out: list[LeftOut] = []
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for root, dirs, files in os.walk(jobdir):
-            dirs.sort()  # in place: os.walk descends in this order
+            dirs[:] = sorted(d for d in dirs if not (d.startswith(TEMP_PREFIX) or (Path(root) / d).resolve() in skip))
             for name in dirs + sorted(files):
                 path = Path(root) / name
                 if path.resolve() in skip:
@@ -58,16 +74,27 @@ def job_tar(jobdir: Path, skip: set[Path]) -> tuple[bytes, int]:
                 st = path.lstat()
                 if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode)):
                     raise UsageError(f"{path} is neither a file, a directory nor a symlink; remove it or use another --jobdir")
-                info = tar.gettarinfo(str(path), arcname=str(path.relative_to(jobdir)))
-                info.uid = info.gid = 0
-                info.uname = info.gname = "root"
-                if info.isfile():
-                    with path.open("rb") as f:
-                        tar.addfile(info, f)
-                else:
+                arcname = str(path.relative_to(jobdir))
+                if not stat.S_ISREG(st.st_mode):
+                    info = tar.gettarinfo(str(path), arcname=arcname)
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = "root"
                     tar.addfile(info)
-                count += 0 if info.isdir() else 1
-    return buf.getvalue(), count
+                    count += 0 if info.isdir() else 1
+                    continue
+                with os.fdopen(_open_member(path), "rb") as f:
+                    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # replaced since the walk saw it
+                        raise UsageError(f"{path} changed while it was packed; pack the job directory again")
+                    reason = left_out_reason(name, os.pread(f.fileno(), HEADER_BYTES, 0))
+                    if reason is not None:
+                        left_out.append(LeftOut(Path(arcname), reason, os.fstat(f.fileno()).st_size))
+                        continue
+                    info = tar.gettarinfo(arcname=arcname, fileobj=f)
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = "root"
+                    tar.addfile(info, f)
+                    count += 1
+    return JobFiles(count, left_out)
 
 
 def image_reads_user_data(image: Path) -> bool:
@@ -91,17 +118,24 @@ def make_seed(job: GuestJob, out: Path, jobdir: Path | None, force: bool = False
             f"the job's user-data is {len(user_data)} bytes, more than the {USER_DATA_LIMIT} a metadata service takes: "
             "put the command in an apppot-run script in the job directory"
         )
-    tar, files = job_tar(jobdir, {out.resolve()}) if jobdir is not None else (b"", 0)
-    instance_id = "apppot-" + hashlib.sha256(user_data + tar).hexdigest()[:16]
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".apppot-seed-", dir=out.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX, dir=out.parent) as tmp:
         work = Path(tmp) / "seed"
         work.mkdir()
+        digest = hashlib.sha256(user_data)
+        packed = JobFiles(0, [])
+        if jobdir is not None:
+            # Written where the seed is made, not in memory: a job directory may be large.
+            with (work / JOB_TAR).open("w+b") as tar:
+                packed = job_tar(jobdir, tar, {out.resolve(), Path(tmp).resolve()})
+                tar.seek(0)
+                while chunk := tar.read(1 << 20):
+                    digest.update(chunk)
+        instance_id = "apppot-" + digest.hexdigest()[:16]
         (work / "user-data").write_bytes(user_data)
         (work / "meta-data").write_bytes(meta_data(instance_id))
-        if jobdir is not None:
-            (work / JOB_TAR).write_bytes(tar)
         iso = Path(tmp) / "seed.iso"
         run([xorriso, "-as", "mkisofs", "-quiet", "-V", SEED_LABEL, "-J", "-r", "-o", str(iso), str(work)])
+        size = iso.stat().st_size
         iso.replace(out)
-    return Seed(out, instance_id, files, len(user_data))
+    return Seed(out, instance_id, packed.files, len(user_data), size, packed.left_out)
