@@ -6,12 +6,16 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from apppot.cli.common import parser_class
 from apppot.cli.start import split_command
 from apppot.errors import EXIT_APPPOT_ERROR, UsageError
 from apppot.say import say_stderr as say
 from apppot.spec import parse_mem
+
+if TYPE_CHECKING:
+    from apppot.submit.command_file import CommandFile
 
 
 def cmd_submit(argv: Sequence[str]) -> int:
@@ -44,7 +48,7 @@ def cmd_submit(argv: Sequence[str]) -> int:
         raise UsageError("give the command to run after --, e.g. apppot submit --to slurm -- ./run.sh")
     from apppot.images.store import resolve_image
     from apppot.prepare import default_image
-    from apppot.submit import jobs
+    from apppot.submit import command_file, jobs
     from apppot.submit.job import BatchJob, check_job_name, check_output_name, parse_wall_time
 
     image: Path | None = None  # ARC without --image: the site's image (its APPPOT runtime environment names it)
@@ -54,6 +58,10 @@ def cmd_submit(argv: Sequence[str]) -> int:
             raise UsageError(f"image {image} does not exist; give an image file or a name from 'apppot image list'")
     if ns.cores < 1:
         raise UsageError("--cores must be at least 1")
+    inputs = tuple(i.resolve() for i in ns.inputs)
+    script = command_file.find(after, Path.cwd())
+    if script is not None and script.name in {i.name for i in inputs}:
+        script = None  # an --input of that name is the job directory's file
     job = BatchJob(
         argv=tuple(after),
         image=image.resolve() if image else None,
@@ -61,9 +69,11 @@ def cmd_submit(argv: Sequence[str]) -> int:
         wall_seconds=parse_wall_time(ns.time),
         cores=ns.cores,
         changes=ns.changes.resolve() if ns.changes else None,
-        inputs=tuple(i.resolve() for i in ns.inputs),
+        inputs=inputs,
         outputs=tuple(check_output_name(o) for o in ns.outputs),
         name=check_job_name(ns.name),
+        command_file=script,
+        executables=executable_names(inputs, script),
     )
     if job.changes is not None:
         from apppot import snap
@@ -72,10 +82,10 @@ def cmd_submit(argv: Sequence[str]) -> int:
             snap.check_archive(str(job.changes))
         except snap.SnapError as e:
             raise UsageError(str(e)) from None
-    record, script = jobs.submit(job, ns.target, ns.dry_run, ce=ns.ce)
+    record, description = jobs.submit(job, ns.target, ns.dry_run, ce=ns.ce)
     if record is None:
         sys.stdout.flush()
-        sys.stdout.buffer.write(os.fsencode(script))  # the command's bytes as they are, UTF-8 or not
+        sys.stdout.buffer.write(os.fsencode(description))  # the command's bytes as they are, UTF-8 or not
     elif ns.json:
         import json
 
@@ -83,6 +93,12 @@ def cmd_submit(argv: Sequence[str]) -> int:
     else:
         print(record.job_id)
     return 0
+
+
+def executable_names(inputs: Sequence[Path], script: CommandFile | None) -> tuple[str, ...]:
+    """The staged names that have an execute bit now: ARC's client uploads files without their modes."""
+    names = [i.name for i in inputs if i.is_file() and os.access(i, os.X_OK)]
+    return tuple(names + ([script.name] if script is not None and script.executable else []))
 
 
 def cmd_status(argv: Sequence[str]) -> int:
