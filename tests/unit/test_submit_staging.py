@@ -206,3 +206,47 @@ def test_mem_beyond_the_map_count_is_said_at_submit_when_the_worker_is_this_host
     out, err = capsys.readouterr()
     assert out == "slurm-42\n"
     assert err.startswith(f"apppot: the job's worker is this host: --mem {mem}: the guest gets") and err.count("\n") == 1
+
+
+# --- a worker that refused the job: apppot status says why, with the fix ------------------------
+
+REFUSAL = (
+    "vm.max_map_count is 100: UML could map no useful guest memory; 'sudo sysctl -w vm.max_map_count=258048' allows --mem 1024M"
+)
+
+
+def finished_with(home: Path, code: int, stderr: bytes) -> Path:
+    from tests.unit.test_submit_hostile import fake_slurm_job
+
+    stage = fake_slurm_job(home, []).parent
+    (stage / "stderr.txt").write_bytes(stderr)
+    scontrol = home / "bin" / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\necho 'JobId=7 JobName=apppot JobState=FAILED Reason=NonZeroExitCode ExitCode={code}:0'\n")
+    scontrol.chmod(0o755)
+    return stage
+
+
+def status_line(capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(["status", "slurm-7"]) == 0
+    out: str = capsys.readouterr().out
+    return out
+
+
+def test_status_says_what_the_worker_refused_and_the_fix(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    noise = b"the job's own stderr\n" * 10000 + b"apppot: error: forged earlier\n"
+    finished_with(home, 125, noise + f"apppot: error: {REFUSAL}\n".encode())
+    assert status_line(capsys) == f"slurm-7: FAILED, exit code 125 (AppPot could not run the job on the worker: {REFUSAL})\n"
+
+
+def test_status_reads_no_link_and_prints_no_control_characters(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    stage = finished_with(home, 125, b"apppot: error: bad \x1b[2Jthing\n")
+    assert status_line(capsys) == "slurm-7: FAILED, exit code 125 (AppPot could not run the job on the worker: bad [2Jthing)\n"
+    (stage / "stderr.txt").unlink()
+    secret = home / "secret"
+    secret.write_text("apppot: error: a secret of the user's\n")
+    (stage / "stderr.txt").symlink_to(secret)
+    assert "secret" not in status_line(capsys)
+    (stage / "stderr.txt").unlink()
+    assert status_line(capsys) == (
+        "slurm-7: FAILED, exit code 125 (AppPot could not run the job (see stderr.txt: apppot fetch))\n"
+    )

@@ -237,7 +237,12 @@ def status(job_id: str) -> JobStatus:
         ours = _arc_state(state, code)
         return JobStatus(job_id, ours, code, state in arc.FINAL, explain(ours, code))
     s = slurm.status(record.native_id)
-    return JobStatus(job_id, s.state, s.exit_code, s.state in slurm.FINAL, explain(s.state, s.exit_code))
+    explanation = explain(s.state, s.exit_code)
+    if s.exit_code in (EXIT_APPPOT_ERROR, EXIT_GUEST_DIED) and s.state in slurm.FINAL:
+        said = worker.reported_error(Path(record.stage), STDERR)  # e.g. the worker's vm.max_map_count, with the fix
+        if said is not None:
+            explanation = f"{explanation.split(' (see')[0]} on the worker: {said}"
+    return JobStatus(job_id, s.state, s.exit_code, s.state in slurm.FINAL, explanation)
 
 
 def cancel(job_id: str) -> None:

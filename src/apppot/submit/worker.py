@@ -89,3 +89,36 @@ def check_mem(mem_bytes: int, say: Say) -> None:
         raise UsageError(f"the job's worker is this host, which would refuse it: {e}") from None
     if choice.warning:
         say(f"the job's worker is this host: {choice.warning}")
+
+
+# The end of the job's stderr that is read for AppPot's own error line: the line is the last thing
+# apppot start writes; the job (hostile, possibly huge) wrote the rest.
+_TAIL = 64 * 1024
+_LINE_MAX = 400
+
+
+def reported_error(stage: Path, stderr_name: str) -> str | None:
+    """The last `apppot: error:` line in a Slurm job's stderr (next to its staged job directory, as
+    the worker's apppot start wrote it), without the prefix and with control characters dropped; None
+    if there is none or the file is not a regular file (never followed through a link)."""
+    from apppot.submit import results
+
+    try:
+        root = os.open(stage, results.DIR_FLAGS)
+    except OSError:
+        return None
+    try:
+        fd, st = results.open_regular_file(root, stderr_name)
+    except (results.Missing, results.Refusal, OSError):
+        return None
+    finally:
+        os.close(root)
+    with os.fdopen(fd, "rb") as f:
+        f.seek(max(st.st_size - _TAIL, 0))
+        tail = f.read(_TAIL).decode(errors="replace")
+    prefix = "apppot: error: "
+    lines = [line for line in tail.splitlines() if line.startswith(prefix)]
+    if not lines:
+        return None
+    text = "".join(c for c in lines[-1][len(prefix) :] if c.isprintable())
+    return text[:_LINE_MAX] or None
