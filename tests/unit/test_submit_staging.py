@@ -6,15 +6,17 @@ the real Slurm and ARC run them in tests/integration/test_slurm.py and test_arc.
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from apppot.cli import main
 from apppot.spec import MIB
-from apppot.submit import arc, worker
+from apppot.submit import arc, slurm, worker
 from apppot.submit.command_file import CommandFile
 from apppot.submit.job import BatchJob
 from tests.unit.test_submit_hostile import home, staged
@@ -250,3 +252,54 @@ def test_status_reads_no_link_and_prints_no_control_characters(home: Path, capsy
     assert status_line(capsys) == (
         "slurm-7: FAILED, exit code 125 (AppPot could not run the job (see stderr.txt: apppot fetch))\n"
     )
+
+
+# --- status with the cluster down: said at once, or what it waits for ----------------------------
+
+
+def test_controllers_from_the_configuration() -> None:
+    assert slurm.controllers("SlurmctldHost=localhost(127.0.0.1)\nSlurmctldPort=16817\n") == [("127.0.0.1", 16817)]
+    assert slurm.controllers("SlurmctldHost=c1\nSlurmctldHost=c2 # backup\n") == [("c1", 6817), ("c2", 6817)]
+    assert slurm.controllers("ControlMachine=old\nSlurmctldPort=7000-7002\n") == [("old", 7000)]
+    assert slurm.controllers("SlurmctldPort=x\nSlurmctldHost=a\n") == [] and slurm.controllers("") == []
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def test_status_with_the_controller_down_says_so_at_once(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    finished_with(home, 0, b"")
+    scontrol = home / "bin" / "scontrol"
+    scontrol.write_text("#!/bin/sh\nsleep 60\n")  # what a real scontrol would do first: wait for the controller
+    conf = home / "slurm.conf"
+    conf.write_text(f"SlurmctldHost=localhost(127.0.0.1)\nSlurmctldPort={closed_port()}\n")
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    started = time.monotonic()
+    assert main(["status", "slurm-7"]) == 125
+    assert time.monotonic() - started < 10
+    err = capsys.readouterr().err
+    assert err.startswith("apppot: error: Slurm's controller (127.0.0.1:") and "refuses connections" in err
+    assert err.count("\n") == 1
+
+
+def test_status_says_what_it_waits_for(home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    finished_with(home, 0, b"")
+    scontrol = home / "bin" / "scontrol"
+    scontrol.write_text("#!/bin/sh\nsleep 3\necho 'JobId=7 JobState=COMPLETED ExitCode=0:0'\n")
+    with socket.socket() as listening:  # a controller that accepts, then is slow
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        conf = home / "slurm.conf"
+        conf.write_text(f"SlurmctldHost=localhost(127.0.0.1)\nSlurmctldPort={listening.getsockname()[1]}\n")
+        monkeypatch.setenv("SLURM_CONF", str(conf))
+        assert main(["status", "slurm-7"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "slurm-7: COMPLETED, exit code 0 (the job exited with status 0)\n"
+    assert err.startswith("apppot: waiting for Slurm's controller to answer 'scontrol show job 7' (it gives up after")
+    assert err.count("\n") == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -259,3 +260,41 @@ def test_the_rte_is_enabled_and_set_as_arcctl_does_also_where_arcctl_fails(safe_
     assert 'APPPOT_IMAGE="/other.img"\nAPPPOT_KERNEL=""\n' in arc.rte_params_file(ours).read_text()
     with pytest.raises(HostError, match="a shell would interpret"):
         arc.set_rte_params(ours, {"APPPOT_IMAGE": '/x"; rm -rf /; "'})
+
+
+# --- what `down` and `env` say --------------------------------------------------------------------
+
+
+def test_down_says_what_it_stops_and_what_it_waits_for(safe_tmp: Path, processes: list[subprocess.Popen[bytes]]) -> None:
+    """A daemon slow to end on TERM (here: one that ignores it) is waited for, and `down` says so."""
+    program = safe_tmp / "slurmctld"
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", program)
+    program.chmod(0o755)
+    proc = subprocess.Popen([str(program), "300"], preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN))
+    processes.append(proc)
+    bed = bed_with_pid_file(safe_tmp, "slurmctld.pid", proc.pid)
+    r = down(bed)
+    assert r.returncode == 0 and proc.wait(timeout=5) == -signal.SIGKILL
+    assert r.stderr.splitlines() == [
+        f"apppot: stopping slurmctld (pid {proc.pid})",
+        "apppot: slurmctld is still finishing its work; waiting up to 10 s, then KILL",
+        "apppot: stopped slurmctld",
+    ]
+
+
+def test_down_removes_the_temporary_files_a_rex_left(safe_tmp: Path) -> None:
+    bed = statedir.prepare(safe_tmp / "bed")
+    tmp = bed / "arc" / arc.TMP
+    tmp.mkdir(parents=True)
+    (tmp / "arex.xml.AbC123").write_text("<ArcConfig/>\n")
+    assert down(bed).returncode == 0
+    assert list(tmp.iterdir()) == []
+
+
+def test_env_without_a_cluster_says_so(safe_tmp: Path) -> None:
+    bed = statedir.prepare(safe_tmp / "bed")
+    env = {**os.environ, "APPPOT_TESTBED_DIR": str(bed)}
+    r = subprocess.run([APPPOT, "testbed", "env"], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 125 and r.stdout == ""
+    assert r.stderr.startswith(f"apppot: error: no test cluster is up in {bed}: start one with 'apppot testbed up'")
+    assert r.stderr.count("\n") == 1

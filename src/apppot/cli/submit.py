@@ -108,7 +108,7 @@ def cmd_status(argv: Sequence[str]) -> int:
     ns = p.parse_args(argv)
     from apppot.submit import jobs
 
-    s = jobs.status(ns.job_id)
+    s = jobs.status(ns.job_id, say)
     if ns.json:
         import json
 
@@ -184,11 +184,11 @@ def cmd_testbed(argv: Sequence[str]) -> int:
             say(f"ARC CE: https://localhost:8443/arex, grid user {ns.arc} (proxy made)")
         print(f"export SLURM_CONF={bed.conf}")
     elif ns.action == "down":
-        stopped = testbed.down()
+        stopped = testbed.down(say)
         for note in stopped.notes:
             say(note)
         nothing = "nothing" if stopped.notes else "nothing (no test cluster was running)"
         say(f"stopped {', '.join(stopped.names) if stopped.names else nothing}")
     else:
-        print(f"export SLURM_CONF={testbed.testbed_dir() / 'etc' / 'slurm.conf'}")
+        print(f"export SLURM_CONF={testbed.running_conf()}")
     return 0

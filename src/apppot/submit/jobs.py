@@ -230,13 +230,14 @@ def explain(state: str, exit_code: int | None) -> str:
     return ""
 
 
-def status(job_id: str) -> JobStatus:
+def status(job_id: str, say: Say | None = None) -> JobStatus:
+    """The job's state; say hears what a slow batch system keeps it waiting for."""
     record = find(job_id)
     if record.target == "arc":
         state, code = arc.status(record.native_id)
         ours = _arc_state(state, code)
         return JobStatus(job_id, ours, code, state in arc.FINAL, explain(ours, code))
-    s = slurm.status(record.native_id)
+    s = slurm.status(record.native_id, say)
     explanation = explain(s.state, s.exit_code)
     if s.exit_code in (EXIT_APPPOT_ERROR, EXIT_GUEST_DIED) and s.state in slurm.FINAL:
         said = worker.reported_error(Path(record.stage), STDERR)  # e.g. the worker's vm.max_map_count, with the fix

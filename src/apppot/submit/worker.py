@@ -17,8 +17,8 @@ from pathlib import Path
 from apppot.errors import AppPotError, UsageError
 from apppot.say import Say
 from apppot.spec import PAGE, choose_mem
+from apppot.submit.slurm import SLURM_CONF
 
-SLURM_CONF = "/etc/slurm/slurm.conf"
 _LOOPBACK = re.compile(r"(localhost|127(\.\d{1,3}){3}|::1|ip6-localhost)", re.I)
 
 

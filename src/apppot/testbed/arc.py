@@ -31,6 +31,7 @@ CA_ID = "apppot-testbed"
 # How often (in tenths of a second) A-REX's information provider runs: it is where clients learn job
 # states. The packaged default, 600 (a minute), makes every status change take a minute to show.
 INFOPROVIDER_PERIOD = 50
+TMP = "tmp"  # A-REX's temporary files, in the CE's directory
 
 
 def render_arc_conf(directory: Path, slurm_conf: Path, user: str) -> str:
@@ -163,6 +164,14 @@ def _enable(directory: Path, name: str) -> None:
     link.symlink_to(os.path.realpath(rte_file(directory, name)))
 
 
+def remove_temporary_files(directory: Path) -> None:
+    """What A-REX's start scripts left in the temporary directory `up` gave them (arex.xml.*)."""
+    tmp = directory / TMP
+    if tmp.is_dir() and not tmp.is_symlink():
+        for left in tmp.glob("arex.xml.*"):
+            left.unlink(missing_ok=True)
+
+
 def daemons(directory: Path) -> list[Daemon]:
     """A-REX's two daemons (web service first), by their pid files."""
     return [Daemon(name, directory / "run" / f"{name}.pid", "arched") for name in ("arex-ws", "arex")]
@@ -186,7 +195,11 @@ def up(directory: Path, slurm_conf: Path, site: Path, user: str, timeout: float 
     run([*test_ca, "usercert", "-i", user, "-f"])
     conf = directory / "arc.conf"
     conf.write_text(render_arc_conf(directory, slurm_conf, user))
-    env = {**os.environ, "ARC_CONFIG": str(conf), "SLURM_CONF": str(slurm_conf)}
+    # A-REX's start scripts write the configuration arched runs with to a temporary file (mktemp -t):
+    # in the testbed's own directory, which `down` empties, not in /tmp.
+    tmp = directory / TMP
+    tmp.mkdir(mode=0o700, exist_ok=True)
+    env = {**os.environ, "ARC_CONFIG": str(conf), "SLURM_CONF": str(slurm_conf), "TMPDIR": str(tmp)}
     enable_rte(directory)
     set_rte_params(
         directory,
