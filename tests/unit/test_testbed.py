@@ -277,7 +277,7 @@ def test_down_says_what_it_stops_and_what_it_waits_for(safe_tmp: Path, processes
     assert r.returncode == 0 and proc.wait(timeout=5) == -signal.SIGKILL
     assert r.stderr.splitlines() == [
         f"apppot: stopping slurmctld (pid {proc.pid})",
-        "apppot: slurmctld is still finishing its work; waiting up to 10 s, then KILL",
+        "apppot: slurmctld has not ended 1 s after TERM; waiting up to 10 s in all, then KILL",
         "apppot: stopped slurmctld",
     ]
 

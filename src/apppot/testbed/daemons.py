@@ -118,7 +118,7 @@ def stop_pid(pid: int, program: str, uid: int, say: Say | None = None, name: str
             signal.pidfd_send_signal(pidfd, signal.SIGTERM)
             if not _wait_gone(pidfd, NOTICE_AFTER):
                 if say:
-                    say(f"{name or program} is still finishing its work; waiting up to {STOP_WAIT:.0f} s, then KILL")
+                    say(f"{name or program} has not ended 1 s after TERM; waiting up to {STOP_WAIT:.0f} s in all, then KILL")
                 if not _wait_gone(pidfd, STOP_WAIT - NOTICE_AFTER):
                     signal.pidfd_send_signal(pidfd, signal.SIGKILL)
                     _wait_gone(pidfd, STOP_WAIT)
