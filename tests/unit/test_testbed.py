@@ -282,13 +282,22 @@ def test_down_says_what_it_stops_and_what_it_waits_for(safe_tmp: Path, processes
     ]
 
 
-def test_down_removes_the_temporary_files_a_rex_left(safe_tmp: Path) -> None:
+def test_down_removes_the_configuration_file_a_rex_ran_with(safe_tmp: Path, processes: list[subprocess.Popen[bytes]]) -> None:
+    """A-REX's start scripts leave arched's configuration in /tmp (mktemp -t arex.xml.XXXXXX): `down`
+    removes the one the stopped arched names on its command line, and nothing else."""
+    used, other = safe_tmp / "arex.xml.AbC123", safe_tmp / "arex.xml.XyZ789"
+    for f in (used, other):
+        f.write_text("<ArcConfig/>\n")
+    arched = safe_tmp / "arched"  # a shell under arched's name, with arched's arguments
+    shutil.copy(shutil.which("bash") or "/bin/bash", arched)
+    proc = subprocess.Popen([str(arched), "-c", "sleep 300; :", "-c", str(used)])
+    processes.append(proc)
     bed = statedir.prepare(safe_tmp / "bed")
-    tmp = bed / "arc" / arc.TMP
-    tmp.mkdir(parents=True)
-    (tmp / "arex.xml.AbC123").write_text("<ArcConfig/>\n")
-    assert down(bed).returncode == 0
-    assert list(tmp.iterdir()) == []
+    (bed / "arc" / "run").mkdir(parents=True)
+    (bed / "arc" / "run" / "arex.pid").write_text(f"{proc.pid}\n")
+    r = down(bed)
+    assert r.returncode == 0 and "stopped arex" in r.stderr, r.stderr
+    assert not used.exists() and other.exists()
 
 
 def test_env_without_a_cluster_says_so(safe_tmp: Path) -> None:

@@ -72,6 +72,7 @@ def stop(directory: Path, say: Say | None = None) -> Stopped:
         if outcome.note:
             result.notes.append(outcome.note)
 
+    arc_configurations = arc.temporary_configurations(directory / "arc")
     run_dir = directory / "run"
     slurmds = [Daemon(f.stem, f, "slurmd") for f in sorted(run_dir.glob("slurmd-*.pid"))]
     for daemon in [*arc.daemons(directory / "arc"), *slurmds, Daemon("slurmctld", run_dir / "slurmctld.pid", "slurmctld")]:
@@ -84,7 +85,7 @@ def stop(directory: Path, say: Say | None = None) -> Stopped:
     if marker.exists():
         record(MUNGED.name, daemons.stop(MUNGED, remove_pid_file=False, say=say))  # munged removes its own
         marker.unlink()
-    arc.remove_temporary_files(directory / "arc")
+    arc.remove_temporary_configurations(arc_configurations)
     return result
 
 
