@@ -303,3 +303,18 @@ def test_status_says_what_it_waits_for(home: Path, monkeypatch: pytest.MonkeyPat
     assert out == "slurm-7: COMPLETED, exit code 0 (the job exited with status 0)\n"
     assert err.startswith("apppot: waiting for Slurm's controller to answer 'scontrol show job 7' (it gives up after")
     assert err.count("\n") == 1
+
+
+def test_submit_with_the_controller_down_says_so_at_once(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (home / "bin" / "sbatch").write_text("#!/bin/sh\nsleep 60\n")  # a real sbatch would wait for the controller
+    conf = home / "slurm.conf"
+    conf.write_text(f"SlurmctldHost=localhost(127.0.0.1)\nSlurmctldPort={closed_port()}\n")
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    started = time.monotonic()
+    assert submit(home, "--", "true") == 125
+    assert time.monotonic() - started < 10
+    err = capsys.readouterr().err
+    assert err.startswith("apppot: error: Slurm's controller (127.0.0.1:") and err.count("\n") == 1
+    assert staged(home) == []

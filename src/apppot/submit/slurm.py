@@ -93,7 +93,11 @@ def _require(program: str) -> str:
 
 
 def submit(script: Path, jobdir: Path) -> str:
-    """sbatch the script to run in jobdir; returns Slurm's job id."""
+    """sbatch the script to run in jobdir; returns Slurm's job id. A controller that refuses connections
+    is said at once (sbatch would retry for Slurm's MessageTimeout first)."""
+    down = controller_refuses(conf_path())
+    if down:
+        raise controller_down_error(down)
     out = run(sbatch_argv(_require("sbatch"), script, jobdir), cwd=jobdir, check=False)
     if out.returncode != 0:
         raise HostError(f"sbatch refused the job: {_last_line(out.stderr)}")
@@ -163,6 +167,14 @@ def controller_refuses(conf: Path) -> str | None:
     return ", ".join(f"{h}:{p}" for h, p in found) or None
 
 
+def conf_path() -> Path:
+    return Path(os.environ.get("SLURM_CONF") or SLURM_CONF)
+
+
+def controller_down_error(down: str) -> HostError:
+    return HostError(f"Slurm's controller ({down}) refuses connections: start the cluster, or check SLURM_CONF")
+
+
 def _scontrol_job(job_id: str, say: Say | None) -> subprocess.CompletedProcess[bytes]:
     """scontrol show job, saying what it waits for when the controller is slow to answer."""
     notice = (
@@ -180,7 +192,7 @@ def _scontrol_job(job_id: str, say: Say | None) -> subprocess.CompletedProcess[b
 
 def status(job_id: str, say: Say | None = None) -> SlurmStatus:
     """The job's state: scontrol while Slurm remembers it, else sacct (or the jobcomp file without slurmdbd)."""
-    down = controller_refuses(Path(os.environ.get("SLURM_CONF") or SLURM_CONF))
+    down = controller_refuses(conf_path())
     out = None if down else _scontrol_job(job_id, say)
     if out is not None and out.returncode == 0:
         parsed = parse_scontrol(out.stdout.decode())
@@ -197,7 +209,7 @@ def status(job_id: str, say: Say | None = None) -> SlurmStatus:
             if parsed:
                 return SlurmStatus(*parsed, source)
     if down:
-        raise HostError(f"Slurm's controller ({down}) refuses connections: start the cluster, or check SLURM_CONF")
+        raise controller_down_error(down)
     if out is not None and b"Unable to contact slurm controller" in out.stderr:
         raise HostError(f"Slurm's controller does not answer ({_last_line(out.stderr)}): start the cluster, or check SLURM_CONF")
     raise HostError(f"Slurm does not know job {job_id} any more (neither scontrol nor sacct has it)")

@@ -17,7 +17,7 @@ from pathlib import Path
 from apppot.errors import AppPotError, UsageError
 from apppot.say import Say
 from apppot.spec import PAGE, choose_mem
-from apppot.submit.slurm import SLURM_CONF
+from apppot.submit.slurm import conf_path
 
 _LOOPBACK = re.compile(r"(localhost|127(\.\d{1,3}){3}|::1|ip6-localhost)", re.I)
 
@@ -57,7 +57,7 @@ def slurm_workers_are_this_host() -> bool:
     """Whether every node of the cluster SLURM_CONF describes is this host (read from the file, not
     asked of slurmctld: a cluster that is down would keep submit waiting)."""
     try:
-        text = Path(os.environ.get("SLURM_CONF") or SLURM_CONF).read_text(errors="replace")
+        text = conf_path().read_text(errors="replace")
     except OSError:
         return False
     nodes = slurm_nodes(text)
