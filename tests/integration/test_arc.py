@@ -20,8 +20,10 @@ import pytest
 
 from apppot.submit.arc import parse_arcstat
 from apppot.testbed.arc import publish_rte, rte_params_file, set_rte_params
+from tests import readme
 from tests.conftest import ROOT, TEST_USER, Result, chown_to
 from tests.integration.conftest import SiteUser, apppot_cli, own_kernel_only, running_testbed
+from tests.readme import example
 
 pytestmark = pytest.mark.uml
 
@@ -253,3 +255,128 @@ def test_the_slides_grid_job_with_plain_arcsub_on_the_seeds_rte_names(
     assert url in arc_job_list()
     assert arc_client(user, "arcclean", url, cwd=d).returncode == 0
     assert url not in arc_job_list()
+
+
+# --- the README's submit example, as pasted, as the grid user ------------------------------------
+
+README_SCRIPT = '#!/bin/sh\nwc -w < "$1" > result.txt\ncat /usr/local/share/mine.txt\n'
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "DELETED")
+
+
+def test_the_readme_submit_example_as_pasted(grid: Path, cache_home: Path, debian_dev: dict[str, object], tmp_path: Path) -> None:
+    """README "Batch systems": each line of the submit block, as the grid user with a plain environment
+    and an empty cache, in a directory holding run.sh, data.in and mine.tar.gz; app.img is the dev
+    appliance, $CE the testbed's CE, JOBID what submit printed. The status line is run until the job
+    is final; cancel is tried on a second submission of the first line."""
+    submit_slurm, status, fetch, clean, cancel, submit_arc, dry_run = (c.text for c in example("submit").commands())
+    image = str(debian_dev["path"])
+    site_image(grid, image)  # the site's image, which the ARC line uses
+    maker = tmp_path / "make-changes"
+    maker.mkdir()
+    make = "echo from mine.tar.gz > /usr/local/share/mine.txt && apppot-snap changes /home/user/job/mine.tar.gz"
+    assert apppot_cli(cache_home, "start", "--image", image, "--", "sh", "-c", make, cwd=maker).returncode == 0
+    os.chmod(tmp_path, 0o755)
+    d = workdir(tmp_path, "readme")
+    (d / "run.sh").write_text(README_SCRIPT)
+    (d / "run.sh").chmod(0o755)
+    (d / "data.in").write_text("one two three\n")
+    shutil.copy(maker / "mine.tar.gz", d / "mine.tar.gz")
+    for f in ("run.sh", "data.in", "mine.tar.gz"):
+        chown_to(d / f, TEST_USER)
+    cache = workdir(tmp_path, "cache")
+    site = grid / "site"
+    env = {
+        "PATH": f"{site / 'bin'}:/usr/local/bin:/usr/bin:/bin",
+        "HOME": pwd.getpwnam(TEST_USER).pw_dir,  # the grid user's certificate and ARC's job list
+        "XDG_CACHE_HOME": str(cache),
+        "SLURM_CONF": str(grid / "etc" / "slurm.conf"),  # as apppot testbed up prints it
+        "APPPOT_KERNEL": str(site / "kernel" / "linux"),
+    }
+
+    def line(command: str, job_id: str = "") -> readme.Ran:
+        script = "set -e\n" + readme.fill(command, {"app.img": image, "$CE": CE, "JOBID": job_id})
+        return readme.run(script, d, env, user=TEST_USER, timeout=300)
+
+    def submitted(command: str) -> str:
+        r = line(command)
+        assert r.returncode == 0, r.stderr
+        job_id = r.stdout.strip()
+        assert re.fullmatch(r"(slurm|arc)-\w+", job_id), r.stdout
+        return job_id
+
+    def final(job_id: str) -> str:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            r = line(status, job_id)
+            assert r.returncode == 0, r.stderr
+            if r.stdout.split()[1].rstrip(",") in FINAL_STATES:
+                return r.stdout
+            time.sleep(1)
+        pytest.fail(f"{job_id} did not end in 300 s")
+
+    for submit in (submit_slurm, submit_arc):
+        started = time.monotonic()
+        job_id = submitted(submit)
+        assert final(job_id) == f"{job_id}: COMPLETED, exit code 0 (the job exited with status 0)\n"
+        r = line(fetch, job_id)
+        assert r.returncode == 0, r.stderr
+        print(f"README submit example, {job_id.split('-')[0]}: submit to fetched result in {time.monotonic() - started:.1f} s")
+        assert (d / job_id / "result.txt").read_text() == "3\n"
+        assert (d / job_id / "stdout.txt").read_text() == "from mine.tar.gz\n"  # the changes archive was merged
+        assert line(clean, job_id).returncode == 0
+
+    job_id = submitted(submit_slurm)
+    r = line(cancel, job_id)
+    assert r.returncode == 0, r.stderr
+    assert final(job_id).split()[1].rstrip(",") in ("CANCELLED", "COMPLETED")  # it may have ended first
+    assert line(clean, job_id).returncode == 0
+
+    r = line(dry_run)
+    assert r.returncode == 0 and "#SBATCH --mem=" in r.stdout and "-- ./run.sh data.in" in r.stdout, r.stderr
+    assert sorted(p.name for p in (cache / "apppot" / "jobs").iterdir()) == []  # cleaned, and nothing from the dry run
+
+
+def test_an_executable_input_and_the_commands_script_keep_their_execute_bit_through_arc(grid: Path, tmp_path: Path) -> None:
+    """ARC's client uploads files without their modes: `--input run.sh -- ./run.sh` ended 126
+    ("Permission denied"); the staged command's script and an executable input run."""
+    site_image(grid, str(grid / "site" / "images" / "tiny.img"))
+    user = grid_user(grid)
+    os.chmod(tmp_path, 0o755)
+    d = workdir(tmp_path, "modes")
+    (d / "run.sh").write_text('#!/bin/sh\n./helper > out.txt\necho "ran $1"\n')
+    (d / "helper").write_text("#!/bin/sh\necho helped\n")
+    for f in ("run.sh", "helper"):
+        (d / f).chmod(0o755)
+        chown_to(d / f, TEST_USER)
+    for how in (["--input", "run.sh"], []):
+        r = user.run(
+            "submit", "--to", "arc", "--ce", CE, *how, "--input", "helper", "--output", "out.txt", "--", "./run.sh", "x", cwd=d
+        )
+        assert r.returncode == 0, r.err
+        job_id = r.stdout.decode().strip()
+        status = user.wait(job_id, d)
+        assert (status["state"], status["exit_code"]) == ("COMPLETED", 0), status
+        assert user.run("fetch", job_id, cwd=d).returncode == 0
+        assert (d / job_id / "stdout.txt").read_text() == "ran x\n"
+        assert (d / job_id / "out.txt").read_text() == "helped\n"
+        assert user.run("clean", job_id, cwd=d).returncode == 0
+
+
+def test_status_gives_the_workers_reason_when_apppot_could_not_run_the_job(grid: Path, tmp_path: Path) -> None:
+    """A job AppPot refuses on the worker (here: an image that is no filesystem) ends 125; `apppot
+    status` says why in the worker's own words, from the job's stderr, instead of "see stderr.txt"."""
+    user = grid_user(grid)
+    os.chmod(tmp_path, 0o755)
+    d = workdir(tmp_path, "refused")
+    (d / "zero.img").write_bytes(b"\0" * 4096)
+    chown_to(d / "zero.img", TEST_USER)
+    r = user.run("submit", "--to", "slurm", "--image", "zero.img", "--", "true", cwd=d)
+    assert r.returncode == 0, r.err
+    job_id = r.stdout.decode().strip()
+    assert user.wait(job_id, d)["exit_code"] == 125
+    text = user.run("status", job_id, cwd=d).stdout.decode()
+    assert text == (
+        f"{job_id}: FAILED, exit code 125 (AppPot could not run the job on the worker: {d / 'zero.img'} is not an "
+        "ext2/3/4 filesystem image; give an AppPot appliance image (apppot image build-tiny makes one))\n"
+    )
+    assert user.run("clean", job_id, cwd=d).returncode == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -259,3 +260,50 @@ def test_the_rte_is_enabled_and_set_as_arcctl_does_also_where_arcctl_fails(safe_
     assert 'APPPOT_IMAGE="/other.img"\nAPPPOT_KERNEL=""\n' in arc.rte_params_file(ours).read_text()
     with pytest.raises(HostError, match="a shell would interpret"):
         arc.set_rte_params(ours, {"APPPOT_IMAGE": '/x"; rm -rf /; "'})
+
+
+# --- what `down` and `env` say --------------------------------------------------------------------
+
+
+def test_down_says_what_it_stops_and_what_it_waits_for(safe_tmp: Path, processes: list[subprocess.Popen[bytes]]) -> None:
+    """A daemon slow to end on TERM (here: one that ignores it) is waited for, and `down` says so."""
+    program = safe_tmp / "slurmctld"
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", program)
+    program.chmod(0o755)
+    proc = subprocess.Popen([str(program), "300"], preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN))
+    processes.append(proc)
+    bed = bed_with_pid_file(safe_tmp, "slurmctld.pid", proc.pid)
+    r = down(bed)
+    assert r.returncode == 0 and proc.wait(timeout=5) == -signal.SIGKILL
+    assert r.stderr.splitlines() == [
+        f"apppot: stopping slurmctld (pid {proc.pid})",
+        "apppot: slurmctld has not ended 1 s after TERM; waiting up to 10 s in all, then KILL",
+        "apppot: stopped slurmctld",
+    ]
+
+
+def test_down_removes_the_configuration_file_a_rex_ran_with(safe_tmp: Path, processes: list[subprocess.Popen[bytes]]) -> None:
+    """A-REX's start scripts leave arched's configuration in /tmp (mktemp -t arex.xml.XXXXXX): `down`
+    removes the one the stopped arched names on its command line, and nothing else."""
+    used, other = safe_tmp / "arex.xml.AbC123", safe_tmp / "arex.xml.XyZ789"
+    for f in (used, other):
+        f.write_text("<ArcConfig/>\n")
+    arched = safe_tmp / "arched"  # a shell under arched's name, with arched's arguments
+    shutil.copy(shutil.which("bash") or "/bin/bash", arched)
+    proc = subprocess.Popen([str(arched), "-c", "sleep 300; :", "-c", str(used)])
+    processes.append(proc)
+    bed = statedir.prepare(safe_tmp / "bed")
+    (bed / "arc" / "run").mkdir(parents=True)
+    (bed / "arc" / "run" / "arex.pid").write_text(f"{proc.pid}\n")
+    r = down(bed)
+    assert r.returncode == 0 and "stopped arex" in r.stderr, r.stderr
+    assert not used.exists() and other.exists()
+
+
+def test_env_without_a_cluster_says_so(safe_tmp: Path) -> None:
+    bed = statedir.prepare(safe_tmp / "bed")
+    env = {**os.environ, "APPPOT_TESTBED_DIR": str(bed)}
+    r = subprocess.run([APPPOT, "testbed", "env"], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 125 and r.stdout == ""
+    assert r.stderr.startswith(f"apppot: error: no test cluster is up in {bed}: start one with 'apppot testbed up'")
+    assert r.stderr.count("\n") == 1

@@ -6,12 +6,16 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from apppot.cli.common import human, parser_class
 from apppot.cli.start import split_command
 from apppot.errors import EXIT_APPPOT_ERROR, UsageError
 from apppot.say import say_stderr as say
 from apppot.spec import parse_mem
+
+if TYPE_CHECKING:
+    from apppot.submit.command_file import CommandFile
 
 
 def cmd_submit(argv: Sequence[str]) -> int:
@@ -44,7 +48,7 @@ def cmd_submit(argv: Sequence[str]) -> int:
         raise UsageError("give the command to run after --, e.g. apppot submit --to slurm -- ./run.sh")
     from apppot.images.store import resolve_image
     from apppot.prepare import default_image
-    from apppot.submit import jobs
+    from apppot.submit import command_file, jobs
     from apppot.submit.job import BatchJob, check_job_name, check_output_name, parse_wall_time
 
     image: Path | None = None  # ARC without --image: the site's image (its APPPOT runtime environment names it)
@@ -54,6 +58,10 @@ def cmd_submit(argv: Sequence[str]) -> int:
             raise UsageError(f"image {image} does not exist; give an image file or a name from 'apppot image list'")
     if ns.cores < 1:
         raise UsageError("--cores must be at least 1")
+    inputs = tuple(i.resolve() for i in ns.inputs)
+    script = command_file.find(after, Path.cwd())
+    if script is not None and script.name in {i.name for i in inputs}:
+        script = None  # an --input of that name is the job directory's file
     job = BatchJob(
         argv=tuple(after),
         image=image.resolve() if image else None,
@@ -61,9 +69,11 @@ def cmd_submit(argv: Sequence[str]) -> int:
         wall_seconds=parse_wall_time(ns.time),
         cores=ns.cores,
         changes=ns.changes.resolve() if ns.changes else None,
-        inputs=tuple(i.resolve() for i in ns.inputs),
+        inputs=inputs,
         outputs=tuple(check_output_name(o) for o in ns.outputs),
         name=check_job_name(ns.name),
+        command_file=script,
+        executables=executable_names(inputs, script),
     )
     if job.changes is not None:
         from apppot import snap
@@ -72,10 +82,10 @@ def cmd_submit(argv: Sequence[str]) -> int:
             snap.check_archive(str(job.changes))
         except snap.SnapError as e:
             raise UsageError(str(e)) from None
-    record, script = jobs.submit(job, ns.target, ns.dry_run, ce=ns.ce)
+    record, description = jobs.submit(job, ns.target, ns.dry_run, ce=ns.ce)
     if record is None:
         sys.stdout.flush()
-        sys.stdout.buffer.write(os.fsencode(script))  # the command's bytes as they are, UTF-8 or not
+        sys.stdout.buffer.write(os.fsencode(description))  # the command's bytes as they are, UTF-8 or not
     elif ns.json:
         import json
 
@@ -85,6 +95,12 @@ def cmd_submit(argv: Sequence[str]) -> int:
     return 0
 
 
+def executable_names(inputs: Sequence[Path], script: CommandFile | None) -> tuple[str, ...]:
+    """The staged names that have an execute bit now: ARC's client uploads files without their modes."""
+    names = [i.name for i in inputs if i.is_file() and os.access(i, os.X_OK)]
+    return tuple(names + ([script.name] if script is not None and script.executable else []))
+
+
 def cmd_status(argv: Sequence[str]) -> int:
     p = parser_class()(prog="apppot status", description="The state of a submitted job.")
     p.add_argument("job_id", metavar="JOBID")
@@ -92,7 +108,7 @@ def cmd_status(argv: Sequence[str]) -> int:
     ns = p.parse_args(argv)
     from apppot.submit import jobs
 
-    s = jobs.status(ns.job_id)
+    s = jobs.status(ns.job_id, say)
     if ns.json:
         import json
 
@@ -174,11 +190,11 @@ def cmd_testbed(argv: Sequence[str]) -> int:
             say(f"ARC CE: https://localhost:8443/arex, grid user {ns.arc} (proxy made)")
         print(f"export SLURM_CONF={bed.conf}")
     elif ns.action == "down":
-        stopped = testbed.down()
+        stopped = testbed.down(say)
         for note in stopped.notes:
             say(note)
         nothing = "nothing" if stopped.notes else "nothing (no test cluster was running)"
         say(f"stopped {', '.join(stopped.names) if stopped.names else nothing}")
     else:
-        print(f"export SLURM_CONF={testbed.testbed_dir() / 'etc' / 'slurm.conf'}")
+        print(f"export SLURM_CONF={testbed.running_conf()}")
     return 0

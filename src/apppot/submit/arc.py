@@ -35,7 +35,7 @@ def quote(value: str) -> str:
 def check_names(job: BatchJob) -> None:
     """Inputs and outputs travel by name in the xRSL: UTF-8 text without control characters, and
     no input may take one of the names AppPot stages itself."""
-    for what, name in [*(("--input", p.name) for p in job.inputs), *(("--output", o) for o in job.outputs)]:
+    for what, name in [*(("--input", n) for n in job.staged_names()), *(("--output", o) for o in job.outputs)]:
         try:
             name.encode()
         except UnicodeEncodeError:
@@ -53,10 +53,14 @@ def render_wrapper(job: BatchJob) -> str:
     start += ["--mem", f"{job.mem_bytes >> 20}M"]
     if job.changes is not None:
         start += ["--changes", CHANGES]
+    restore = ""
+    if job.executables:  # ARC's client uploads files without their modes
+        restore = f"chmod u+x -- {shlex.join(job.executables)} || exit 125\n"
     return (
         "#!/bin/sh\n"
         "# An AppPot job on an ARC CE (rendered by apppot submit --to arc). The APPPOT runtime\n"
         "# environment says where apppot-start and the site's image are.\n"
+        f"{restore}"
         f"exec {' '.join(start)} -- {shlex.join(job.argv)}\n"
     )
 
@@ -68,7 +72,7 @@ def render_xrsl(job: BatchJob) -> str:
     staged from its path if the job names one, else the site's is used. Memory is per core in xRSL."""
     check_names(job)
     memory_mib = -(-job.batch_mem_mib() // job.cores)
-    inputs = [WRAPPER, *(p.name for p in job.inputs)]
+    inputs = [WRAPPER, *job.staged_names()]
     staged = [f"({quote(name)} {quote('')})" for name in inputs]
     if job.changes is not None:
         staged.append(f"({quote(CHANGES)} {quote('')})")

@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 from apppot.errors import UsageError
 from apppot.spec import MIB
+from apppot.submit.command_file import CommandFile
 
 # What a job needs besides the guest's memory, measured with the tiny appliance and AppPot's
 # kernel: the resident set of apppot start, bwrap, the UML kernel and the NAT, summed over the
@@ -33,6 +34,13 @@ class BatchJob(NamedTuple):
     inputs: tuple[Path, ...] = ()
     outputs: tuple[str, ...] = ()  # paths relative to the job directory
     name: str = "apppot"
+    command_file: CommandFile | None = None  # the script the command runs, staged like an input
+    executables: tuple[str, ...] = ()  # staged names that had an execute bit at submit
+
+    def staged_names(self) -> list[str]:
+        """The names in the job directory of what is staged from the submit host (the changes
+        archive aside): the inputs, then the command's script."""
+        return [*(p.name for p in self.inputs), *([self.command_file.name] if self.command_file else [])]
 
     def batch_mem_mib(self) -> int:
         """The memory to ask of the batch system: the guest's plus UML's own, in MiB (rounded up)."""

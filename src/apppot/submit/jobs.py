@@ -17,12 +17,14 @@ import shutil
 import stat
 import sys
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
 from apppot.errors import EXIT_APPPOT_ERROR, EXIT_GUEST_DIED, UsageError
 from apppot.images.store import cache_dir
-from apppot.submit import arc, results, slurm
+from apppot.say import Say, say_stderr
+from apppot.submit import arc, results, slurm, worker
+from apppot.submit.command_file import CommandFile
 from apppot.submit.job import STDERR, STDOUT, BatchJob, check_output_name
 
 TARGETS = ("slurm", "arc")
@@ -60,29 +62,54 @@ def apppot_command() -> str:
     return str(here or Path(sys.executable).parent / "apppot")
 
 
-def stage(job: BatchJob, changes_name: str | None = None) -> Path:
-    """A new staging directory with the job directory in it: inputs and the changes archive copied
-    (under changes_name, if given). Nothing is left behind if it cannot be made in full."""
-    sources = [*job.inputs, *([job.changes] if job.changes else [])]
-    names = set()
-    for source in sources:
+def check_sources(job: BatchJob) -> None:
+    """What staging needs of the submit host's files, checked before anything is staged (and on a
+    dry run): every input a file, no two with the same name in the job directory."""
+    names: set[str] = set()
+    for source in [*job.inputs, *([job.changes] if job.changes else [])]:
         if source.name in names:
             raise UsageError(f"two inputs are named {source.name}; the job directory holds them side by side, so rename one")
         names.add(source.name)
         if not source.is_file():
             raise UsageError(f"input {source} is not a file; give files with --input (and --changes)")
+
+
+def stage(job: BatchJob, changes_name: str | None = None) -> Path:
+    """A new staging directory with the job directory in it: inputs, the command's script and the
+    changes archive (under changes_name, if given) copied. Nothing is left behind if it cannot be
+    made in full."""
+    check_sources(job)
     where = jobs_dir() / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
     jobdir = where / "job"
     jobdir.mkdir(parents=True)
     try:
         for source in job.inputs:
             shutil.copy2(source, jobdir / source.name)
+        if job.command_file is not None:
+            _copy_command_file(job.command_file, jobdir)
         if job.changes is not None:
             shutil.copy2(job.changes, jobdir / (changes_name or job.changes.name))
     except BaseException:
         remove_stage(where)
         raise
     return where
+
+
+def _copy_command_file(found: CommandFile, jobdir: Path) -> None:
+    """The command's script, opened again without following links (it was checked at submit, and the
+    submit directory may have changed since), copied with its mode (no set-id bits)."""
+    root = os.open(found.source.parents[len(PurePosixPath(found.name).parts) - 1], results.DIR_FLAGS)
+    try:
+        fd, st = results.open_regular_file(root, found.name)
+    except (results.Missing, results.Refusal) as e:
+        raise UsageError(f"the command's file {found.source} changed while it was staged ({e or 'gone'}); submit again") from None
+    finally:
+        os.close(root)
+    target = jobdir / found.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with os.fdopen(fd, "rb") as source, open(target, "xb") as copy:
+        shutil.copyfileobj(source, copy)
+    target.chmod(stat.S_IMODE(st.st_mode) & 0o777)
 
 
 def remove_stage(where: Path) -> None:
@@ -102,12 +129,16 @@ def remove_stage(where: Path) -> None:
     shutil.rmtree(where, onerror=unlock)
 
 
-def submit(job: BatchJob, target: str, dry_run: bool, ce: str | None = None) -> tuple[JobRecord | None, str]:
-    """Stage and submit the job; returns its record (None on a dry run) and the description submitted.
-
-    A submission that fails leaves no staging directory behind."""
+def submit(
+    job: BatchJob, target: str, dry_run: bool, ce: str | None = None, say: Say = say_stderr
+) -> tuple[JobRecord | None, str]:
+    """Check, stage and submit the job; returns its record (None on a dry run, which checks the same)
+    and the description submitted. A submission that fails leaves no staging directory behind."""
     if target not in TARGETS:
         raise UsageError(f"unknown target {target!r}: choose from {', '.join(TARGETS)}")
+    check_sources(job)
+    if worker.ce_is_this_host(ce) if target == "arc" else worker.slurm_workers_are_this_host():
+        worker.check_mem(job.mem_bytes, say)
     if target == "arc":
         return _submit_arc(job, dry_run, ce)
     slurm.check_stage_path(jobs_dir())
@@ -199,14 +230,20 @@ def explain(state: str, exit_code: int | None) -> str:
     return ""
 
 
-def status(job_id: str) -> JobStatus:
+def status(job_id: str, say: Say | None = None) -> JobStatus:
+    """The job's state; say hears what a slow batch system keeps it waiting for."""
     record = find(job_id)
     if record.target == "arc":
         state, code = arc.status(record.native_id)
         ours = _arc_state(state, code)
         return JobStatus(job_id, ours, code, state in arc.FINAL, explain(ours, code))
     s = slurm.status(record.native_id)
-    return JobStatus(job_id, s.state, s.exit_code, s.state in slurm.FINAL, explain(s.state, s.exit_code))
+    explanation = explain(s.state, s.exit_code)
+    if s.exit_code in (EXIT_APPPOT_ERROR, EXIT_GUEST_DIED) and s.state in slurm.FINAL:
+        said = worker.reported_error(Path(record.stage), STDERR)  # e.g. the worker's vm.max_map_count, with the fix
+        if said is not None:
+            explanation = f"{explanation.split(' (see')[0]} on the worker: {said}"
+    return JobStatus(job_id, s.state, s.exit_code, s.state in slurm.FINAL, explanation)
 
 
 def cancel(job_id: str) -> None:

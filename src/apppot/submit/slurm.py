@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import socket
 from pathlib import Path
 from typing import NamedTuple
 
 from apppot.errors import HostError, UsageError
 from apppot.proc import run, which
 from apppot.submit.job import STDERR, STDOUT, BatchJob, check_job_name, format_wall_time
+
+SLURM_CONF = "/etc/slurm/slurm.conf"  # where Slurm's tools look without SLURM_CONF
+DEFAULT_CONTROLLER_PORT = 6817
 
 # Slurm's states that will not change any more.
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
@@ -84,7 +89,11 @@ def _require(program: str) -> str:
 
 
 def submit(script: Path, jobdir: Path) -> str:
-    """sbatch the script to run in jobdir; returns Slurm's job id."""
+    """sbatch the script to run in jobdir; returns Slurm's job id. A controller that refuses connections
+    is said at once (sbatch would retry for Slurm's MessageTimeout first)."""
+    down = controller_refuses(conf_path())
+    if down:
+        raise controller_down_error(down)
     out = run(sbatch_argv(_require("sbatch"), script, jobdir), cwd=jobdir, check=False, slow="Slurm's controller (sbatch)")
     if out.returncode != 0:
         raise HostError(f"sbatch refused the job: {_last_line(out.stderr)}")
@@ -118,10 +127,56 @@ def parse_sacct(text: str, job_id: str) -> tuple[str, int | None, int | None] | 
     return None
 
 
+def controllers(conf_text: str) -> list[tuple[str, int]]:
+    """The (address, port) of each SlurmctldHost (or ControlMachine) in a slurm.conf; [] if unsure."""
+    hosts: list[str] = []
+    port = DEFAULT_CONTROLLER_PORT
+    for raw in conf_text.splitlines():
+        key, _, value = raw.split("#", 1)[0].strip().partition("=")
+        key, value = key.strip().lower(), value.strip()
+        if key in ("slurmctldhost", "controlmachine", "controladdr") and value:
+            name, _, address = value.partition("(")
+            hosts.append(address.rstrip(")") or name)
+        elif key == "slurmctldport":
+            first = value.split("-")[0]
+            if not first.isdigit():
+                return []
+            port = int(first)
+    return [(h, port) for h in hosts]
+
+
+def controller_refuses(conf: Path) -> str | None:
+    """'host:port' when every controller slurm.conf names refuses connections right away (the cluster is
+    down; scontrol would retry for MessageTimeout first); None when one answers or AppPot cannot tell."""
+    try:
+        found = controllers(conf.read_text(errors="replace"))
+    except OSError:
+        return None
+    for host, port in found:
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return None
+        except ConnectionRefusedError:
+            continue
+        except OSError:
+            return None  # a timeout, an unknown name: scontrol knows better
+    return ", ".join(f"{h}:{p}" for h, p in found) or None
+
+
+def conf_path() -> Path:
+    return Path(os.environ.get("SLURM_CONF") or SLURM_CONF)
+
+
+def controller_down_error(down: str) -> HostError:
+    return HostError(f"Slurm's controller ({down}) refuses connections: start the cluster, or check SLURM_CONF")
+
+
 def status(job_id: str) -> SlurmStatus:
     """The job's state: scontrol while Slurm remembers it, else sacct (or the jobcomp file without slurmdbd)."""
-    out = run([_require("scontrol"), "show", "job", "-o", job_id], check=False, slow="Slurm's controller (scontrol)")
-    if out.returncode == 0:
+    down = controller_refuses(conf_path())
+    scontrol = [_require("scontrol"), "show", "job", "-o", job_id]
+    out = None if down else run(scontrol, check=False, slow="Slurm's controller (scontrol)")
+    if out is not None and out.returncode == 0:
         parsed = parse_scontrol(out.stdout.decode())
         if parsed:
             return SlurmStatus(*parsed, "scontrol")
@@ -135,6 +190,10 @@ def status(job_id: str) -> SlurmStatus:
             parsed = parse_sacct(out.stdout.decode(), job_id)
             if parsed:
                 return SlurmStatus(*parsed, source)
+    if down:
+        raise controller_down_error(down)
+    if out is not None and b"Unable to contact slurm controller" in out.stderr:
+        raise HostError(f"Slurm's controller does not answer ({_last_line(out.stderr)}): start the cluster, or check SLURM_CONF")
     raise HostError(f"Slurm does not know job {job_id} any more (neither scontrol nor sacct has it)")
 
 

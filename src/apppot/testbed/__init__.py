@@ -16,8 +16,8 @@ process), slurm, arc, site (the copy of AppPot), cluster (up and down).
 
 from __future__ import annotations
 
-from apppot.testbed.cluster import Stopped, down, up
+from apppot.testbed.cluster import Stopped, down, running_conf, up
 from apppot.testbed.slurm import LocalCluster, render_slurm_conf
 from apppot.testbed.statedir import testbed_dir
 
-__all__ = ["LocalCluster", "Stopped", "down", "render_slurm_conf", "testbed_dir", "up"]
+__all__ = ["LocalCluster", "Stopped", "down", "render_slurm_conf", "running_conf", "testbed_dir", "up"]

@@ -9,16 +9,19 @@ Endpoint: https://localhost:8443/arex (REST), loopback only.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import pwd
 import re
+import stat
 import subprocess
 import time
 from pathlib import Path
 
 from apppot.errors import HostError
 from apppot.proc import run, which
-from apppot.testbed.daemons import Daemon, listening
+from apppot.testbed.daemons import Daemon, is_daemon, listening, read_pid_file
 
 PORT = 8443
 ENDPOINT = f"https://localhost:{PORT}/arex"
@@ -31,6 +34,7 @@ CA_ID = "apppot-testbed"
 # How often (in tenths of a second) A-REX's information provider runs: it is where clients learn job
 # states. The packaged default, 600 (a minute), makes every status change take a minute to show.
 INFOPROVIDER_PERIOD = 50
+_TEMPORARY = re.compile(r"arex\.xml\.[A-Za-z0-9]{6,}")  # mktemp -t arex.xml.XXXXXX
 
 
 def render_arc_conf(directory: Path, slurm_conf: Path, user: str) -> str:
@@ -161,6 +165,35 @@ def _enable(directory: Path, name: str) -> None:
     link.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     link.unlink(missing_ok=True)
     link.symlink_to(os.path.realpath(rte_file(directory, name)))
+
+
+def temporary_configurations(directory: Path) -> list[Path]:
+    """The configuration files A-REX's start scripts wrote for the running arched (mktemp -t, in /tmp:
+    A-REX's validator wants its tmpdir world-writable, which the testbed's directory must not be), read
+    from the command line of each daemon its pid file names, if that is arched run by root."""
+    found = []
+    for daemon in daemons(directory):
+        pid = read_pid_file(daemon.pid_file, 0)
+        if not isinstance(pid, int) or is_daemon(pid, daemon.program, 0) is not None:
+            continue
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for flag, value in itertools.pairwise(argv):
+            path = Path(os.fsdecode(value))
+            if flag == b"-c" and path.is_absolute() and _TEMPORARY.fullmatch(path.name):
+                found.append(path)
+    return found
+
+
+def remove_temporary_configurations(paths: list[Path]) -> None:
+    """Remove what temporary_configurations found, if each is still a regular file of root's."""
+    for path in paths:
+        with contextlib.suppress(OSError):
+            st = path.lstat()
+            if stat.S_ISREG(st.st_mode) and st.st_uid == 0:
+                path.unlink()
 
 
 def daemons(directory: Path) -> list[Daemon]:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from apppot.errors import AppPotError, HostError
+from apppot.say import Say
 from apppot.testbed import arc, daemons, slurm, statedir
 from apppot.testbed.daemons import Daemon
 from apppot.testbed.site import install_site
@@ -60,9 +61,9 @@ def _start(bed: LocalCluster, timeout: float, started: float, arc_user: str | No
         raise
 
 
-def stop(directory: Path) -> Stopped:
+def stop(directory: Path, say: Say | None = None) -> Stopped:
     """Stop A-REX, the slurmd and slurmctld of the cluster in directory (by pid file, and any still
-    naming its slurm.conf), and munged if its `up` started it."""
+    naming its slurm.conf), and munged if its `up` started it; say hears each as it goes."""
     result = Stopped([], [])
 
     def record(name: str, outcome: daemons.Outcome) -> None:
@@ -71,22 +72,36 @@ def stop(directory: Path) -> Stopped:
         if outcome.note:
             result.notes.append(outcome.note)
 
+    arc_configurations = arc.temporary_configurations(directory / "arc")
     run_dir = directory / "run"
     slurmds = [Daemon(f.stem, f, "slurmd") for f in sorted(run_dir.glob("slurmd-*.pid"))]
     for daemon in [*arc.daemons(directory / "arc"), *slurmds, Daemon("slurmctld", run_dir / "slurmctld.pid", "slurmctld")]:
-        record(daemon.name, daemons.stop(daemon))
+        record(daemon.name, daemons.stop(daemon, say=say))
     conf = str(LocalCluster(directory, 0).conf)
     for program in ("slurmd", "slurmctld"):  # started, but without a pid file (yet)
         for pid in daemons.processes_naming(program, 0, conf):
-            record(program, daemons.stop_pid(pid, program, 0))
+            record(program, daemons.stop_pid(pid, program, 0, say))
     marker = LocalCluster(directory, 0).munged_marker
     if marker.exists():
-        record(MUNGED.name, daemons.stop(MUNGED, remove_pid_file=False))  # munged removes its own
+        record(MUNGED.name, daemons.stop(MUNGED, remove_pid_file=False, say=say))  # munged removes its own
         marker.unlink()
+    arc.remove_temporary_configurations(arc_configurations)
     return result
 
 
-def down() -> Stopped:
+def down(say: Say | None = None) -> Stopped:
     """Stop what `up` started in the testbed directory; nothing if there is none."""
     directory = statedir.existing(statedir.testbed_dir())
-    return Stopped([], []) if directory is None else stop(directory)
+    return Stopped([], []) if directory is None else stop(directory, say)
+
+
+def running_conf() -> Path:
+    """The slurm.conf of the test cluster that is up (for `apppot testbed env`)."""
+    directory = statedir.existing(statedir.testbed_dir())
+    bed = LocalCluster(directory or statedir.testbed_dir(), 0)
+    if directory is None or not (directory / "run" / "slurmctld.pid").exists() or not daemons.listening(CONTROLLER_PORT):
+        raise HostError(
+            f"no test cluster is up in {bed.directory}: start one with 'apppot testbed up' (as root; "
+            f"{statedir.ENV} names its directory)"
+        )
+    return bed.conf

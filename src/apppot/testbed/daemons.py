@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 from apppot.proc import which
+from apppot.say import Say
 
 MAX_PID_FILE = 32  # bytes: a PID and a newline
 STOP_WAIT = 10.0  # seconds between TERM and KILL
+NOTICE_AFTER = 1.0  # seconds after TERM before `down` says it waits
 
 
 class Daemon(NamedTuple):
@@ -98,8 +100,9 @@ def _wait_gone(pidfd: int, seconds: float) -> bool:
     return bool(select.select([pidfd], [], [], seconds)[0])  # a pidfd turns readable when the process ends
 
 
-def stop_pid(pid: int, program: str, uid: int) -> Outcome:
-    """TERM (KILL after STOP_WAIT s) to pid if it is program running as uid."""
+def stop_pid(pid: int, program: str, uid: int, say: Say | None = None, name: str | None = None) -> Outcome:
+    """TERM (KILL after STOP_WAIT s) to pid if it is program running as uid; say, if given, hears
+    what is stopped and what is waited for."""
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -110,16 +113,21 @@ def stop_pid(pid: int, program: str, uid: int) -> Outcome:
         if other is not None:
             return Outcome(False, f"pid {pid} is {other}; left it alone")
         with contextlib.suppress(ProcessLookupError):
+            if say:
+                say(f"stopping {name or program} (pid {pid})")
             signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-            if not _wait_gone(pidfd, STOP_WAIT):
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-                _wait_gone(pidfd, STOP_WAIT)
+            if not _wait_gone(pidfd, NOTICE_AFTER):
+                if say:
+                    say(f"{name or program} has not ended 1 s after TERM; waiting up to {STOP_WAIT:.0f} s in all, then KILL")
+                if not _wait_gone(pidfd, STOP_WAIT - NOTICE_AFTER):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                    _wait_gone(pidfd, STOP_WAIT)
         return Outcome(True)
     finally:
         os.close(pidfd)
 
 
-def stop(daemon: Daemon, remove_pid_file: bool = True) -> Outcome:
+def stop(daemon: Daemon, remove_pid_file: bool = True, say: Say | None = None) -> Outcome:
     """Stop the daemon its pid file names, if the process is that daemon; the pid file goes too."""
     try:
         uid = daemon.uid
@@ -130,7 +138,7 @@ def stop(daemon: Daemon, remove_pid_file: bool = True) -> Outcome:
         return Outcome(False)
     if isinstance(pid, str):
         return Outcome(False, f"{daemon.name}: {pid}; left it alone")
-    outcome = stop_pid(pid, daemon.program, uid)
+    outcome = stop_pid(pid, daemon.program, uid, say, daemon.name)
     if remove_pid_file:
         with contextlib.suppress(OSError):
             daemon.pid_file.unlink()
