@@ -179,7 +179,7 @@ class Job:
                 os.sched_setaffinity(0, {p.cpu})
             stdin, stdout = self.instance.stdio(fds)
             if self.held_keys is not None:
-                make_raw(0)  # before the hypervisor starts: keys typed from now on are neither echoed nor lost
+                make_raw(0, isig=True)  # before the hypervisor starts: keys typed from now on are neither echoed nor lost
             self.proc = subprocess.Popen(
                 argv,
                 stdin=stdin,

@@ -492,9 +492,37 @@ def test_keys_typed_while_qemu_boots_reach_the_shell_whole(qemu, cache_home: Pat
         tmux.type("echo typed-during-boot-$((6*8))")
         tmux.wait_line("typed-early-42", timeout=60)
         tmux.wait_line("typed-during-boot-48", timeout=15)
+        tmux.type("sleep 100")  # released, the keys are the job's: Ctrl-C interrupts the guest's command
+        time.sleep(0.5)
+        tmux.key("C-c")
+        tmux.type("echo interrupted-$((2+3))")
+        tmux.wait_line("interrupted-5", timeout=15)
         tmux.type("exit 4")
         wait_for(lambda: read_exit(exit_file), 30, lambda: f"apppot to end; {tmux.dump()}")
     assert read_exit(exit_file) == "EXIT=4"
+
+
+def test_ctrl_c_while_qemu_boots_ends_apppot_and_is_not_replayed_into_the_job(qemu, cache_home: Path, tmp_path: Path) -> None:
+    """Until the guest can take keys the terminal's Ctrl-C is a signal to AppPot (130, guest stopped and
+    cleaned up by tmux_session's check), not a byte held back and typed into the job once it runs."""
+    from tests.integration.test_session import GUEST_TERM, pane_command, read_exit, tmux_session, wait_for
+
+    job = tmp_path / "job"
+    job.mkdir()
+    exit_file = tmp_path / "exit-status"
+    name = f"apppot-test-{os.getpid()}-ctrlc"
+    env = {"XDG_CACHE_HOME": str(cache_home), "TERM": GUEST_TERM, "APPPOT_BACKEND": "qemu", "APPPOT_KVM": "0"}
+    script = "echo job-started; sleep 5; echo job-finished-normally"
+    # The pane stays after apppot has ended, for its screen to be read.
+    command = pane_command(["start", "--id", name, "--", "sh", "-c", script], env, exit_file) + "; sleep 60"
+    with tmux_session(tmp_path / "tmux.sock", job, command, name) as tmux:
+        time.sleep(2)  # QEMU runs, the guest kernel boots (several seconds under TCG)
+        assert not read_exit(exit_file), tmux.dump()
+        tmux.key("C-c")
+        wait_for(lambda: read_exit(exit_file), 30, lambda: f"apppot to end; {tmux.dump()}")
+        screen = tmux.screen()
+    assert read_exit(exit_file) == "EXIT=130", screen
+    assert not any("job-started" in line for line in screen), screen
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
