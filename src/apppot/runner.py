@@ -137,7 +137,7 @@ class Job:
         for warning in p.warnings:
             self.say(warning)
         for notice in p.notices:
-            say_once(notice, self.say, verbose=self.spec.verbose)
+            say_once(notice, self.say, verbose=self.spec.verbose, watched=os.isatty(2))
         own_dir = self._own_dir()
         channel = Channel(self.rundir)
         try:
