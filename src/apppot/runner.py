@@ -46,7 +46,7 @@ from apppot.relay import Relay, drain, lost_output, start_relays
 from apppot.rundir import RunDir, sweep_stale
 from apppot.say import Say
 from apppot.stdin import StdinFeed, open_stdin
-from apppot.streams import Streams, detect_streams, restore_termios, save_termios, terminal_size
+from apppot.streams import Streams, detect_streams, own_terminal_file, restore_termios, save_termios, terminal_size
 from apppot.typeahead import HeldKeys, make_raw
 
 STOP_GRACE_S = 2.0  # after SIGTERM, before SIGKILL
@@ -161,7 +161,7 @@ class Job:
         saved_tty = save_termios(0) if streams.interactive else None
         if streams.interactive and self.instance.holds_typed_keys:
             self.held_keys = HeldKeys(0)
-            terminal = (self.held_keys.read_end, os.dup(1))
+            terminal = (self.held_keys.read_end, own_terminal_file(1))
         elif streams.interactive:
             terminal = (os.dup(0), os.dup(1))
         paths = RunPaths(channel.ctl, channel.out, own_dir, disk.path, self.rundir / "net")

@@ -8,6 +8,9 @@ pipe only once the agent has announced itself, which it does after it has opened
 and holds it open (apppot-init). Until then they wait in the terminal's own input queue, and Ctrl-C is
 still a signal that ends AppPot (and the boot), not a key held back for the job; once the keys are
 released the terminal is fully raw, as QEMU's stdio would make it: Ctrl-C is a byte for the job.
+The runner restores the modes on every ending it lives to see; after SIGKILL of AppPot a job-control
+shell restores them itself (bash, zsh), else `stty sane` does: a helper process that outlives AppPot to
+restore them would race the shell's own restoring, and is not worth it.
 """
 
 from __future__ import annotations
