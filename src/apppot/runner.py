@@ -46,7 +46,7 @@ from apppot.relay import Relay, drain, lost_output, start_relays
 from apppot.rundir import RunDir, sweep_stale
 from apppot.say import Say
 from apppot.stdin import StdinFeed, open_stdin
-from apppot.streams import Streams, detect_streams, restore_termios, save_termios, terminal_size
+from apppot.streams import Streams, detect_streams, own_terminal_file, restore_termios, save_termios, terminal_size
 from apppot.typeahead import HeldKeys, make_raw
 
 STOP_GRACE_S = 2.0  # after SIGTERM, before SIGKILL
@@ -137,7 +137,7 @@ class Job:
         for warning in p.warnings:
             self.say(warning)
         for notice in p.notices:
-            say_once(notice, self.say, verbose=self.spec.verbose)
+            say_once(notice, self.say, verbose=self.spec.verbose, watched=os.isatty(2))
         own_dir = self._own_dir()
         channel = Channel(self.rundir)
         try:
@@ -161,7 +161,7 @@ class Job:
         saved_tty = save_termios(0) if streams.interactive else None
         if streams.interactive and self.instance.holds_typed_keys:
             self.held_keys = HeldKeys(0)
-            terminal = (self.held_keys.read_end, os.dup(1))
+            terminal = (self.held_keys.read_end, own_terminal_file(1))
         elif streams.interactive:
             terminal = (os.dup(0), os.dup(1))
         paths = RunPaths(channel.ctl, channel.out, own_dir, disk.path, self.rundir / "net")
@@ -179,7 +179,7 @@ class Job:
                 os.sched_setaffinity(0, {p.cpu})
             stdin, stdout = self.instance.stdio(fds)
             if self.held_keys is not None:
-                make_raw(0)  # before the hypervisor starts: keys typed from now on are neither echoed nor lost
+                make_raw(0, isig=True)  # before the hypervisor starts: keys typed from now on are neither echoed nor lost
             self.proc = subprocess.Popen(
                 argv,
                 stdin=stdin,

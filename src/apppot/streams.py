@@ -77,18 +77,43 @@ def terminal_size() -> tuple[int | None, int | None]:
     return None, None
 
 
-def save_termios(fd: int) -> tuple[int, list[Any]] | None:
+class TerminalState(NamedTuple):
+    """The terminal's modes and the blocking of the open files on fds 0 and 1, as the shell left them."""
+
+    fd: int
+    attrs: list[Any]
+    file_flags: dict[int, int]
+
+
+def save_termios(fd: int) -> TerminalState | None:
+    import fcntl
     import termios  # only interactive jobs need it; loading it costs a millisecond
 
     try:
-        return fd, termios.tcgetattr(fd)
+        attrs = termios.tcgetattr(fd)
     except termios.error:
         return None
+    flags = {}
+    for std in (0, 1):
+        with contextlib.suppress(OSError):
+            flags[std] = fcntl.fcntl(std, fcntl.F_GETFL)
+    return TerminalState(fd, attrs, flags)
 
 
-def restore_termios(saved: tuple[int, list[Any]]) -> None:
+def restore_termios(saved: TerminalState) -> None:
+    import fcntl
     import termios
 
-    fd, attrs = saved
     with contextlib.suppress(termios.error, OSError):
-        termios.tcsetattr(fd, termios.TCSADRAIN, attrs)
+        termios.tcsetattr(saved.fd, termios.TCSADRAIN, saved.attrs)
+    for std, flags in saved.file_flags.items():  # a hypervisor may have made the shared file non-blocking
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(std, fcntl.F_SETFL, flags)
+
+
+def own_terminal_file(fd: int) -> int:
+    """The terminal on ``fd`` opened anew, for writing: a file of its own, whose flags (QEMU makes its
+    stdout non-blocking) never reach the file the user's shell shares with AppPot; else a duplicate."""
+    with contextlib.suppress(OSError):
+        return os.open(os.ttyname(fd), os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC)
+    return os.dup(fd)

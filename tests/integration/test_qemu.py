@@ -549,9 +549,80 @@ def test_keys_typed_while_qemu_boots_reach_the_shell_whole(qemu, cache_home: Pat
         tmux.type("echo typed-during-boot-$((6*8))")
         tmux.wait_line("typed-early-42", timeout=60)
         tmux.wait_line("typed-during-boot-48", timeout=15)
+        tmux.type("sleep 100")  # released, the keys are the job's: Ctrl-C interrupts the guest's command
+        time.sleep(0.5)
+        tmux.key("C-c")
+        tmux.type("echo interrupted-$((2+3))")
+        tmux.wait_line("interrupted-5", timeout=15)
         tmux.type("exit 4")
         wait_for(lambda: read_exit(exit_file), 30, lambda: f"apppot to end; {tmux.dump()}")
     assert read_exit(exit_file) == "EXIT=4"
+
+
+def test_ctrl_c_while_qemu_boots_ends_apppot_and_is_not_replayed_into_the_job(qemu, cache_home: Path, tmp_path: Path) -> None:
+    """Until the guest can take keys the terminal's Ctrl-C is a signal to AppPot (130, guest stopped and
+    cleaned up by tmux_session's check), not a byte held back and typed into the job once it runs."""
+    from tests.integration.test_session import GUEST_TERM, pane_command, read_exit, tmux_session, wait_for
+
+    job = tmp_path / "job"
+    job.mkdir()
+    exit_file = tmp_path / "exit-status"
+    name = f"apppot-test-{os.getpid()}-ctrlc"
+    env = {"XDG_CACHE_HOME": str(cache_home), "TERM": GUEST_TERM, "APPPOT_BACKEND": "qemu", "APPPOT_KVM": "0"}
+    script = "echo job-started; sleep 5; echo job-finished-normally"
+    # The pane stays after apppot has ended, for its screen to be read.
+    command = pane_command(["start", "--id", name, "--", "sh", "-c", script], env, exit_file) + "; sleep 60"
+    with tmux_session(tmp_path / "tmux.sock", job, command, name) as tmux:
+        time.sleep(2)  # QEMU runs, the guest kernel boots (several seconds under TCG)
+        assert not read_exit(exit_file), tmux.dump()
+        tmux.key("C-c")
+        wait_for(lambda: read_exit(exit_file), 30, lambda: f"apppot to end; {tmux.dump()}")
+        screen = tmux.screen()
+    assert read_exit(exit_file) == "EXIT=130", screen
+    assert not any("job-started" in line for line in screen), screen
+
+
+# The shell in the pane records its terminal's modes and whether its fd 0 is non-blocking (fdinfo's flags are
+# octal; O_NONBLOCK is 04000), before apppot and after it ends.
+TERMINAL_STATE = 'stty -g; sed -n "s/^flags:[[:space:]]*//p" /proc/$$/fdinfo/0'
+
+
+@pytest.mark.parametrize("ending", ["apppot-SIGINT", "apppot-SIGTERM", "qemu-SIGKILL", "apppot-SIGKILL", "job-exit"])
+def test_the_terminal_is_left_as_it_was_however_an_interactive_qemu_job_ends(
+    qemu, ending: str, cache_home: Path, tmp_path: Path
+) -> None:
+    """The shell gets its terminal back as it left it: modes, and its open file blocking (QEMU makes its
+    stdout non-blocking, which must not reach the shell's file). After SIGKILL of AppPot nothing of
+    AppPot's runs to restore the modes: only the file's blocking is checked there."""
+    from tests.integration.test_session import GUEST_TERM, descendants, pane_command, read_exit, tmux_session, wait_for
+
+    job = tmp_path / "job"
+    job.mkdir()
+    exit_file = tmp_path / "exit-status"
+    before, after = tmp_path / "before", tmp_path / "after"
+    name = f"apppot-test-{os.getpid()}-tty-{ending}"
+    env = {"XDG_CACHE_HOME": str(cache_home), "TERM": GUEST_TERM, "APPPOT_BACKEND": "qemu", "APPPOT_KVM": "0"}
+    script = "touch started; sleep 100" if ending != "job-exit" else "touch started; sleep 3"
+    run = pane_command(["start", "--id", name, "--", "sh", "-c", script], env, exit_file)
+    command = f"({TERMINAL_STATE}) > {before}; {run}; ({TERMINAL_STATE}) > {after}; sleep 60"
+    with tmux_session(tmp_path / "tmux.sock", job, command, name) as tmux:
+        wait_for(lambda: (job / "started").exists(), 120, lambda: f"the job to start; {tmux.dump()}")
+        pane = int(tmux.run("display-message", "-p", "-t", tmux.name, "#{pane_pid}"))
+        tree = descendants(pane)
+        apppot = [p for p in tree if "apppot start" in p.cmdline and name in p.cmdline and "env " not in p.cmdline]
+        guest = [p for p in tree if "qemu-system" in p.argv0 and name in p.cmdline]
+        assert apppot and guest, tree
+        whom, _, signame = ending.partition("-")
+        if whom != "job":
+            target = apppot[0] if whom == "apppot" else guest[0]
+            os.kill(target.pid, signal.Signals[signame])
+        wait_for(lambda: after.exists() and after.read_text().count("\n") == 2, 60, lambda: f"the shell back; {tmux.dump()}")
+    modes_before, flags_before = before.read_text().split()
+    modes_after, flags_after = after.read_text().split()
+    assert int(flags_after, 8) & os.O_NONBLOCK == 0, (flags_before, flags_after)
+    if ending != "apppot-SIGKILL":
+        assert modes_after == modes_before
+    assert read_exit(exit_file)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])

@@ -7,6 +7,7 @@ import http.server
 import os
 import shutil
 import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -276,25 +277,51 @@ def test_guest_root_cannot_reach_host_files(apppot, tmp_path: Path) -> None:
     assert set(etc) <= {".", "..", "resolv.conf"}
 
 
+# Runs the command after it with its stderr on a terminal of its own (a human watching), copied to this stderr.
+ON_A_TERMINAL = """
+import os, pty, sys
+master, slave = pty.openpty()
+pid = os.fork()
+if pid == 0:
+    os.dup2(slave, 2)
+    os.execvp(sys.argv[1], sys.argv[1:])
+os.close(slave)
+while True:
+    try:
+        data = os.read(master, 4096)
+    except OSError:
+        break
+    if not data:
+        break
+    os.write(2, data)
+sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
 @BOTH_BACKENDS
-def test_host_notices_are_said_once_before_the_job_then_only_under_v(
+def test_host_notices_are_said_once_to_a_terminal_before_the_job_then_only_under_v(
     apppot, backend: str, tmp_path: Path, test_user: str
 ) -> None:
     """The job's stderr is the job's: a condition of the host (no namespaces; under QEMU, no KVM) is said
-    once, before the job's output, then only with -v; the user's own cache remembers it."""
+    only where a human watches (stderr a terminal), once, before the job's output, then only with -v; the
+    user's own cache remembers it. A batch job's or a wrapper's stderr (no terminal) never has it, though
+    every job starts with a fresh cache (ARC: HOME is the session directory)."""
     job = tmp_path / "notices"
     job.mkdir()
     chown_to(job, test_user)
     env = {"APPPOT_BWRAP": "/nonexistent/bwrap", "APPPOT_KVM": ""}  # under QEMU: KVM probed, TCG where it fails
     command = ["--", "sh", "-c", "echo out; echo job-err >&2; exit 3"]
-    first = apppot(["start", *command], cwd=job, env=env, as_user=test_user)
-    assert (first.returncode, first.stdout) == (3, b"out\n"), first.err
-    assert "reduced isolation" in first.err and first.err.endswith("job-err\n"), first.err
-    assert "said once on this host" in first.err
-    again = apppot(["start", *command], cwd=job, env=env, as_user=test_user)
-    assert (again.returncode, again.stdout, again.stderr) == (3, b"out\n", b"job-err\n")
+    batch = apppot(["start", *command], cwd=job, env=env, as_user=test_user)
+    assert (batch.returncode, batch.stdout, batch.stderr) == (3, b"out\n", b"job-err\n")
     verbose = apppot(["start", "-v", *command], cwd=job, env=env, as_user=test_user)
     assert verbose.returncode == 3 and "reduced isolation" in verbose.err and verbose.err.endswith("job-err\n")
+    terminal = [sys.executable, "-c", ON_A_TERMINAL]
+    first = apppot(["start", *command], cwd=job, env=env, as_user=test_user, prefix=terminal)
+    assert (first.returncode, first.stdout) == (3, b"out\n"), first.err
+    assert "reduced isolation" in first.err and first.err.endswith("job-err\r\n"), first.err
+    assert "(said once on this host; -v says it every time; apppot doctor shows it)" in first.err
+    again = apppot(["start", *command], cwd=job, env=env, as_user=test_user, prefix=terminal)
+    assert (again.returncode, again.stdout, again.stderr) == (3, b"out\n", b"job-err\r\n")
     tcg = "several times slower"
     assert (tcg in first.err) == (tcg in verbose.err) == (backend == "qemu" and "KVM works" not in verbose.err)
 

@@ -212,14 +212,31 @@ def test_an_explicit_uml_kernel_is_refused_where_qemu_runs_the_job() -> None:
     """--kernel names a UML kernel: under QEMU it would be ignored, so it is an error naming the fix; before
     any probe where QEMU was asked for. ($APPPOT_KERNEL is never passed here: a site's UML setting.)"""
     for kvm in (None, True, False):
-        with pytest.raises(UsageError, match=r"^--kernel /k/linux names a UML kernel, but QEMU runs this job \(--backend qemu"):
-            decide(Backend.QEMU, "x", kvm, never, uml_kernel="/k/linux")
-    with pytest.raises(UsageError, match="leave out --kernel, or add --backend uml"):
-        decide(Backend.AUTO, "x", None, lambda: WORKS, uml_kernel="/k/linux")
-    # Where auto runs UML, the kernel is used.
-    assert decide(Backend.AUTO, "x", None, lambda: BROKEN, uml_kernel="/k/linux")[:2] == (Backend.UML, None)
-    assert decide(Backend.AUTO, "x", False, never, uml_kernel="/k/linux")[:2] == (Backend.UML, None)
+        with pytest.raises(UsageError) as refused:
+            decide(Backend.QEMU, "--backend", kvm, never, uml_kernel="/k/linux")
+        assert str(refused.value) == (
+            "--kernel /k/linux names a UML kernel, but --backend qemu runs the job with Debian's guest kernel; "
+            "leave out --kernel, or use --backend uml instead of qemu"
+        )
+    # Asked for elsewhere, --backend uml on the command line is the fix that wins.
+    with pytest.raises(UsageError) as refused:
+        decide(Backend.QEMU, "$APPPOT_BACKEND", None, never, uml_kernel="/k/linux")
+    assert str(refused.value) == (
+        "--kernel /k/linux names a UML kernel, but qemu from $APPPOT_BACKEND runs the job with Debian's guest kernel; "
+        "leave out --kernel, or add --backend uml"
+    )
     assert decide(Backend.UML, "x", None, never, uml_kernel="/k/linux")[:2] == (Backend.UML, None)
+
+
+def test_auto_with_an_explicit_uml_kernel_is_uml_on_every_host() -> None:
+    """The same command runs the same way on a host with KVM and one without: the kernel decides, unprobed."""
+    for kvm in (None, False):
+        chosen = decide(Backend.AUTO, "--backend", kvm, never, uml_kernel="/k/linux")
+        assert chosen[:2] == (Backend.UML, None) and chosen.warning is None
+        assert chosen.why == "auto (--backend): uml, because --kernel names a UML kernel"
+    with pytest.raises(UsageError) as refused:
+        decide(Backend.AUTO, "--backend", True, never, uml_kernel="/k/linux")
+    assert str(refused.value) == ("--kernel /k/linux names a UML kernel, but --kvm asks for QEMU with KVM; leave out one of them")
 
 
 # --- the guest kernel -------------------------------------------------------------------------------

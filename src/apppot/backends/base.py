@@ -32,7 +32,7 @@ class Prepared(NamedTuple):
     cpu: int | None = None  # the host CPU the guest is pinned to
     changes: Path | None = None  # a changes archive to merge at boot (checked as it is copied, before the boot)
     warnings: tuple[str, ...] = ()  # said before every boot: what the job gets differs from what was asked
-    notices: tuple[str, ...] = ()  # host conditions no job changes: said once (apppot.notices), then under -v
+    notices: tuple[str, ...] = ()  # host conditions no job changes: said once to a terminal (apppot.notices), or under -v
 
 
 class RunPaths(NamedTuple):

@@ -88,10 +88,15 @@ def decide(
     backend: Backend, where: str, kvm: bool | None, probe: Callable[[], KvmState], *, uml_kernel: str | None = None
 ) -> Decision:
     """The backend and accelerator for a job. ``kvm``: --kvm (True), --no-kvm (False) or neither.
-    ``uml_kernel``: an explicit --kernel, refused where QEMU runs the job ($APPPOT_KERNEL, a site's setting
-    for UML, is not passed: it means nothing to QEMU and must not break its jobs)."""
+    ``uml_kernel``: an explicit --kernel, refused where QEMU was asked for, and UML's under auto, on every host
+    alike ($APPPOT_KERNEL, a site's setting for UML, is not passed: it means nothing to QEMU and must not
+    break its jobs)."""
     if backend is Backend.QEMU and uml_kernel:
-        raise _kernel_under_qemu(uml_kernel, f"--backend qemu from {where}")
+        raise _kernel_under_qemu(uml_kernel, where)
+    if backend is Backend.AUTO and uml_kernel:
+        if kvm:
+            raise UsageError(f"--kernel {uml_kernel} names a UML kernel, but --kvm asks for QEMU with KVM; leave out one of them")
+        return Decision(Backend.UML, None, f"auto ({where}): uml, because --kernel names a UML kernel")
     if backend is Backend.UML:
         if kvm:
             raise UsageError("--kvm needs --backend qemu or auto: UML does not use KVM")
@@ -102,8 +107,6 @@ def decide(
         return Decision(Backend.QEMU, Accel.TCG, f"qemu ({where}) with --no-kvm: TCG emulation")
     state = probe()
     if state.works:
-        if uml_kernel:
-            raise _kernel_under_qemu(uml_kernel, f"--backend auto from {where}, and KVM works here")
         return Decision(Backend.QEMU, Accel.KVM, f"{backend.value} ({where}): KVM works ({state.reason})")
     if kvm:
         raise HostError(f"KVM does not work on this host: {state.reason}; leave out --kvm to run without it")
@@ -118,8 +121,12 @@ def decide(
     )
 
 
-def _kernel_under_qemu(kernel: str, why: str) -> UsageError:
+def _kernel_under_qemu(kernel: str, where: str) -> UsageError:
+    asked, fix = (
+        ("--backend qemu", "use --backend uml instead of qemu")
+        if where == "--backend"
+        else (f"qemu from {where}", "add --backend uml")
+    )
     return UsageError(
-        f"--kernel {kernel} names a UML kernel, but QEMU runs this job ({why}) and boots Debian's guest kernel; "
-        "leave out --kernel, or add --backend uml"
+        f"--kernel {kernel} names a UML kernel, but {asked} runs the job with Debian's guest kernel; leave out --kernel, or {fix}"
     )
