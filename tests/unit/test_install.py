@@ -119,3 +119,28 @@ def test_an_old_release_that_cannot_be_removed_is_named_in_one_line(tmp_path: Pa
     assert ran.stderr.splitlines() == [
         f"apppot install: note: cannot remove the old release {old} (Permission denied); remove it as its owner (or root)"
     ]
+
+
+def _make_n(target: str, *args: str, env_prefix: str | None = None) -> str:
+    """The command `make TARGET` would run (make -n prints it), with PREFIX exported or not."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/home/someone"}
+    if env_prefix is not None:
+        env["PREFIX"] = env_prefix  # as conda-build and Termux export it
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.run(
+        ["make", "-n", "-C", str(root), target, *args], env=env, capture_output=True, text=True, check=True
+    ).stdout
+
+
+def test_make_install_takes_prefix_from_its_command_line_only() -> None:
+    assert '--prefix "/home/someone/.local"' in _make_n("install")
+    assert '--prefix "/home/someone/.local"' in _make_n("install", env_prefix="/opt/conda")
+    assert '--prefix "/srv/apppot"' in _make_n("install", "PREFIX=/srv/apppot", env_prefix="/opt/conda")
+    assert '--prefix "/usr/local"' in _make_n("install-site", env_prefix="/opt/conda")
+    assert '--prefix "/opt/apppot"' in _make_n("install-site", "PREFIX=/opt/apppot")
+
+
+def test_make_install_says_it_leaves_an_exported_prefix_alone() -> None:
+    said = _make_n("install", env_prefix="/opt/conda")
+    assert "PREFIX=/opt/conda in the environment is not used" in said
+    assert "PREFIX=/opt/conda in the environment" not in _make_n("install", "PREFIX=/srv/apppot", env_prefix="/opt/conda")
