@@ -23,15 +23,20 @@ kernel: venv
 host:
 	$(PYTHON) tools/host_setup.py
 
-# AppPot for every user (as root: PREFIX=/opt/apppot BINDIR=/usr/local/bin), or for yourself (make install:
-# PREFIX=~/.local unless given): the package under PREFIX/lib/apppot run by the system's Python, apppot,
-# apppot-start, apppot-snap in PREFIX/bin. No virtualenv, no root for your own.
-PREFIX ?= /usr/local
+# AppPot for every user (as root: PREFIX=/opt/apppot BINDIR=/usr/local/bin; /usr/local unless given), or
+# for yourself (make install: ~/.local unless given): the package under PREFIX/lib/apppot run by the
+# system's Python, apppot, apppot-start, apppot-snap in PREFIX/bin. No virtualenv, no root for your own.
+# PREFIX counts only on make's command line: conda-build and Termux export PREFIX for their own use.
+ifneq ($(filter environment%,$(origin PREFIX)),)
+PREFIX_IGNORED := $(PREFIX)
+override PREFIX :=
+endif
+PREFIX_NOTE = $(if $(PREFIX_IGNORED),echo "note: PREFIX=$(PREFIX_IGNORED) in the environment is not used; to install there: make $@ PREFIX=$(PREFIX_IGNORED)" >&2 &&)
 install:
-	@umask 022 && PYTHONPATH=src $(PYTHON) -m apppot.install --prefix "$(if $(filter file,$(origin PREFIX)),$(HOME)/.local,$(PREFIX))" $(if $(BINDIR),--bindir "$(BINDIR)")
+	@$(PREFIX_NOTE) umask 022 && PYTHONPATH=src $(PYTHON) -m apppot.install --prefix "$(or $(PREFIX),$(HOME)/.local)" $(if $(BINDIR),--bindir "$(BINDIR)")
 
 install-site:
-	umask 022 && PYTHONPATH=src $(PYTHON) -m apppot.install --prefix "$(PREFIX)" $(if $(BINDIR),--bindir "$(BINDIR)")
+	$(PREFIX_NOTE) umask 022 && PYTHONPATH=src $(PYTHON) -m apppot.install --prefix "$(or $(PREFIX),/usr/local)" $(if $(BINDIR),--bindir "$(BINDIR)")
 
 host-test:
 	$(PYTHON) tools/host_setup.py --test

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import struct
 import tempfile
 from collections.abc import Iterable
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from apppot.errors import HostError
+from apppot.hostcache import read_json, read_record, write_record
 from apppot.images.store import cache_dir
 from apppot.rundir import remove_tree
 from apppot.say import Say
@@ -224,10 +226,12 @@ def parse_depends(output: str, prefix: str = "linux-image-") -> str | None:
 
 def installed() -> GuestKernel | None:
     """The fetched kernel AppPot uses (the newest fetched), or None."""
-    pointer = kernels_root() / "current"
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        directory = kernels_root() / pointer.read_text().strip()
-        record = json.loads((directory / "kernel.json").read_text())
+    pointer = (read_record(kernels_root() / "current") or b"").decode(errors="replace").strip()
+    if not pointer or "/" in pointer or pointer in (".", ".."):
+        return None
+    directory = kernels_root() / pointer
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        record = read_json(directory / "kernel.json")
         kernel = GuestKernel(
             directory,
             record["package"],
@@ -237,7 +241,7 @@ def installed() -> GuestKernel | None:
             tuple(record["direct"]),
         )
         # A kernel kept by an AppPot that wanted other modules is fetched again.
-        if kernel.vmlinuz.is_file() and record["wanted"] == [*DIRECT_MODULES, *DISK_MODULES]:
+        if stat.S_ISREG(os.lstat(kernel.vmlinuz).st_mode) and record["wanted"] == [*DIRECT_MODULES, *DISK_MODULES]:
             return kernel
     return None
 
@@ -295,11 +299,14 @@ def _keep(unpacked: Path, root: Path, package: str, version: str, release: str) 
         "direct": direct,
         "wanted": [*DIRECT_MODULES, *DISK_MODULES],
     }
-    (target / "kernel.json").write_text(json.dumps(record, indent=1) + "\n")
-    tmp = root / f".current.{os.getpid()}"
-    tmp.write_text(target.name + "\n")
-    tmp.replace(root / "current")
+    write_record(target / "kernel.json", (json.dumps(record, indent=1) + "\n").encode())
+    point_current(root, target.name)
     return GuestKernel(target, package, version, release, tuple(order), tuple(direct))
+
+
+def point_current(root: Path, name: str) -> None:
+    """Make ``name`` (a directory in ``root``) the kernel installed() finds."""
+    write_record(root / "current", f"{name}\n".encode())
 
 
 # --- the kernel QEMU boots directly ---------------------------------------------------------------

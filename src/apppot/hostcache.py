@@ -3,6 +3,11 @@
 Each fact is a small JSON object stored under a key made of what it depends on
 (a binary's path, size and mtime; the host's name and CPU), so a changed input
 simply makes a new entry.
+
+The cache may be another user's (root using a user's cache: `sudo env XDG_CACHE_HOME=$HOME/.cache ...`),
+so what is in it is hostile input: read_record and write_record, which every small record in the cache
+goes through, take a link, FIFO, device, huge file or a third user's file for no record, and never write
+through a name someone else could have planted.
 """
 
 from __future__ import annotations
@@ -10,12 +15,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
+import tempfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from apppot.images.store import cache_dir
+from apppot.images.store import cache_dir, cache_owner, make_dirs
 
 T = TypeVar("T", bound=dict[str, Any])
 
@@ -31,15 +38,74 @@ def cached(kind: str, key: list[str], compute: Callable[[], T]) -> T:
     full_key = "\0".join(key)
     # A short name is enough: the entry holds its whole key, and a mismatch is recomputed.
     path = cache_dir() / "host" / f"{kind}-{zlib.crc32(full_key.encode()):08x}.json"
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        entry = json.loads(path.read_text())
-        if entry["key"] == full_key:
-            data: T = entry["value"]
-            return data
+    entry = read_json(path)
+    if isinstance(entry, dict) and entry.get("key") == full_key and isinstance(entry.get("value"), dict):
+        data: T = entry["value"]
+        return data
     value = compute()
     with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": full_key, "value": value}))
-        tmp.replace(path)
+        write_record(path, json.dumps({"key": full_key, "value": value}).encode())
     return value
+
+
+RECORD_LIMIT = 64 * 1024  # every record AppPot writes in its cache is far smaller
+
+
+def read_record(path: Path, limit: int = RECORD_LIMIT) -> bytes | None:
+    """The bytes of a record in the cache, or None when it is not there or not one: not a regular file
+    (a link, FIFO, device), over ``limit`` bytes, or owned by neither us nor the owner of its directory."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None  # not even opened: opening a device can do something
+        trusted = {os.geteuid(), os.lstat(path.parent).st_uid}
+        fd = os.open(path, flags)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit or st.st_uid not in trusted:
+            return None
+        chunks = []
+        left = limit + 1
+        while left > 0 and (chunk := os.read(fd, left)):
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+        return data if len(data) <= limit else None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path) -> Any:
+    """The JSON value of a record in the cache (read_record), or None."""
+    data = read_record(path)
+    if data is None:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
+
+
+def write_record(path: Path, data: bytes) -> None:
+    """Replace a record in the cache in one rename, from a file made new (O_EXCL, a name no one can
+    guess), so no planted link is followed. Root writing into a user's cache leaves it that user's."""
+    owner = cache_owner(path.parent)
+    make_dirs(path.parent, owner)
+    if not stat.S_ISDIR(os.lstat(path.parent).st_mode):
+        raise NotADirectoryError(f"{path.parent} is not a directory")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            os.fchmod(f.fileno(), 0o644)
+            if owner is not None:
+                os.fchown(f.fileno(), *owner)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

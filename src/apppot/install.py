@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import apppot
@@ -41,8 +43,11 @@ def system_python() -> str:
     return SYSTEM_PYTHON if os.access(SYSTEM_PYTHON, os.X_OK) else sys.executable
 
 
-def install(prefix: Path, bindir: Path | None = None, python: str | None = None) -> Path:
-    """Install this AppPot (the package this code is part of) under prefix; returns PREFIX/bin/apppot."""
+def install(
+    prefix: Path, bindir: Path | None = None, python: str | None = None, note: Callable[[str], None] = lambda line: None
+) -> Path:
+    """Install this AppPot (the package this code is part of) under prefix; returns PREFIX/bin/apppot.
+    note() is told of what it could not tidy (an old release it cannot remove)."""
     prefix = prefix.expanduser().absolute()
     python = python or system_python()
     _check_python(python)
@@ -59,7 +64,7 @@ def install(prefix: Path, bindir: Path | None = None, python: str | None = None)
         staging.rename(release)
         previous = _current_release(lib)
         _link(lib, Path(release.name))
-        _remove_old_releases(lib_parent, keep={release.name, previous})
+        _remove_old_releases(lib_parent, {release.name, previous}, note)
         bin_dir = prefix / "bin"
         _make_dirs(bin_dir)
         for name, body in PROGRAMS.items():
@@ -89,10 +94,19 @@ def _current_release(lib: Path) -> str | None:
     return None
 
 
-def _remove_old_releases(lib_parent: Path, keep: set[str | None]) -> None:
+# The names install() gives its releases (apppot-VERSION-NANOSECONDS, apppot-before-NANOSECONDS): nothing
+# else under PREFIX/lib is the installer's to remove, e.g. a user's ~/.local/lib/apppot-notes.
+RELEASE_NAME = re.compile(r"apppot-(?:before|\d[0-9A-Za-z.+]*)-\d{10,}")
+
+
+def _remove_old_releases(lib_parent: Path, keep: set[str | None], note: Callable[[str], None]) -> None:
     for path in lib_parent.glob("apppot-*"):
-        if path.name not in keep and path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
+        if path.name in keep or not RELEASE_NAME.fullmatch(path.name) or path.is_symlink() or not path.is_dir():
+            continue
+        try:
+            shutil.rmtree(path)
+        except OSError as e:
+            note(f"cannot remove the old release {path} ({e.strerror or e}); remove it as its owner (or root)")
 
 
 def _check_python(python: str) -> None:
@@ -144,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--python", help=f"the Python that runs AppPot (default: {SYSTEM_PYTHON}, else this one)")
     ns = p.parse_args(argv)
     try:
-        launcher = install(ns.prefix, ns.bindir, ns.python)
+        launcher = install(ns.prefix, ns.bindir, ns.python, lambda line: print(f"apppot install: note: {line}", file=sys.stderr))
     except AppPotError as e:
         print(f"apppot install: error: {e}", file=sys.stderr)
         return e.exit_code

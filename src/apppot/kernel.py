@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import NamedTuple
 
 from apppot.errors import HostError
-from apppot.hostcache import cached, file_identity
+from apppot.hostcache import cached, file_identity, read_json, read_record, write_record
 from apppot.images.store import cache_dir
 from apppot.proc import run, which
 from apppot.rundir import remove_tree
 
 KERNEL_ENV = "APPPOT_KERNEL"
 RECORD_NAME = "kernel.json"
+CONFIG_LIMIT = 4 << 20  # a kernel .config is a few hundred KiB
 MISSING_KERNEL = (
     "no User-mode Linux kernel found: build AppPot's own (apppot kernel build), install Debian's "
     "user-mode-linux package (sudo apt-get install user-mode-linux), or pass --kernel PATH"
@@ -63,13 +64,13 @@ class KernelRecord(NamedTuple):
     @classmethod
     def read(cls, kernel: Path) -> KernelRecord | None:
         try:
-            data = json.loads((kernel.parent / RECORD_NAME).read_text())
+            data = read_json(kernel.parent / RECORD_NAME)
             return cls(**{k: data[k] for k in cls._fields})
-        except (OSError, ValueError, KeyError, TypeError):
+        except (KeyError, TypeError):
             return None
 
     def write(self, directory: Path) -> None:
-        (directory / RECORD_NAME).write_text(json.dumps(self._asdict(), indent=2) + "\n")
+        write_record(directory / RECORD_NAME, (json.dumps(self._asdict(), indent=2) + "\n").encode())
 
 
 def kernels_dir() -> Path:
@@ -181,10 +182,8 @@ def _build_config(kernel: Path) -> str:
     """The .config AppPot's build kept next to the kernel, or '' for other kernels."""
     if KernelRecord.read(kernel) is None:
         return ""
-    try:
-        return (kernel.parent / "config").read_text()
-    except OSError:
-        return ""
+    config = read_record(kernel.parent / "config", limit=CONFIG_LIMIT)
+    return "" if config is None else config.decode(errors="replace")
 
 
 def _calibrate(kernel: Path, params: list[str]) -> int | None:

@@ -143,6 +143,8 @@ def installed(users_exist: None, own_kernel: Path, tmp_path_factory: pytest.Temp
         f'to PATH (e.g. in ~/.profile): export PATH="{bin_dir}:$PATH"',
         "hello",
     ], ran.stderr
+    first = home / "apppot-first"  # the first job's directory: not the checkout, which a job could write into
+    assert first.is_dir() and first.stat().st_uid == pwd.getpwnam(TEST_USER).pw_uid
     return User(TEST_USER, home, f"{bin_dir}:{PLAIN_PATH}")
 
 
