@@ -248,6 +248,13 @@ def installed() -> GuestKernel | None:
 
 def find(say: Say) -> GuestKernel:
     """The guest kernel, fetched on first use."""
+    from apppot.images.store import cache_owner
+
+    if cache_owner(kernels_root()) is not None:  # its files would steer what root reads and writes
+        raise HostError(
+            f"root does not use the guest kernel in another user's cache ({kernels_root()}); "
+            "run as that user, or unset XDG_CACHE_HOME to use root's own cache"
+        )
     return installed() or fetch(say)
 
 

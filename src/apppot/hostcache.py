@@ -13,6 +13,7 @@ through a name someone else could have planted.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import stat
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from apppot.images.store import cache_dir, cache_owner, make_dirs
+from apppot.images.store import cache_dir, cache_owner
 
 T = TypeVar("T", bound=dict[str, Any])
 
@@ -92,9 +93,11 @@ def read_json(path: Path) -> Any:
 
 def write_record(path: Path, data: bytes) -> None:
     """Replace a record in the cache in one rename, from a file made new (O_EXCL, a name no one can
-    guess), so no planted link is followed. Root writing into a user's cache leaves it that user's."""
-    owner = cache_owner(path.parent)
-    make_dirs(path.parent, owner)
+    guess), so no planted link is followed. Root keeps no records in another user's cache: that user
+    could swap a directory on the way for a link between any check and the write."""
+    if cache_owner(path.parent) is not None:
+        raise PermissionError(errno.EACCES, f"root keeps no records in another user's cache ({path.parent})")
+    path.parent.mkdir(parents=True, exist_ok=True)
     if not stat.S_ISDIR(os.lstat(path.parent).st_mode):
         raise NotADirectoryError(f"{path.parent} is not a directory")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -102,8 +105,6 @@ def write_record(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             os.fchmod(f.fileno(), 0o644)
-            if owner is not None:
-                os.fchown(f.fileno(), *owner)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

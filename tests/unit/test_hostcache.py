@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from apppot import guest_kernel
+from apppot.errors import HostError
 from apppot.hostcache import cached
 from apppot.kernel import KernelRecord
 
@@ -72,6 +73,9 @@ def test_a_planted_link_at_the_temporary_name_is_not_written_through(cache: Path
     record.with_suffix(f".{os.getpid()}.tmp").symlink_to(victim)  # the name a record was written under
     assert cached("said", ["h", "m"], lambda: {"said": True}) == {"said": True}
     assert victim.read_text() == "root's own\n"
+    if os.geteuid() == 0:  # root keeps no records in a user's cache
+        assert not record.exists()
+        return
     assert record.is_file() and not record.is_symlink()
     assert json.loads(record.read_text())["value"] == {"said": True}
 
@@ -101,6 +105,7 @@ def test_a_huge_record_is_not_read(cache: Path) -> None:
 
 
 def test_a_good_record_is_used(cache: Path) -> None:
+    cache.mkdir(parents=True)  # the caller's own cache (root's, under root)
     assert cached("said", ["h", "m"], lambda: {"said": True}) == {"said": True}
     assert cached("said", ["h", "m"], lambda: {"said": False}) == {"said": True}
 
@@ -115,16 +120,25 @@ def test_root_trusts_no_record_of_a_third_user(cache: Path) -> None:
     assert cached("said", ["h", "m"], lambda: {"said": True}) == {"said": True}
 
 
-def test_what_root_records_in_a_users_cache_stays_the_users(cache: Path) -> None:
+def test_root_keeps_no_record_in_a_users_cache(cache: Path) -> None:
+    """The user could swap a directory on the way for a link between any check and root's write."""
     if os.geteuid() != 0:
-        pytest.skip("only root makes files for another user")
+        pytest.skip("only root uses another user's cache")
     cache.parent.mkdir()
     os.chown(cache.parent, *USER)
-    cached("said", ["h", "m"], lambda: {"said": True})
-    record = record_path(cache, "said", ["h", "m"])
-    for made in (cache, cache / "host", record):
-        assert (made.stat().st_uid, made.stat().st_gid) == USER, made
-    assert cached("said", ["h", "m"], lambda: {"said": False}) == {"said": True}  # and root still reads it
+    assert cached("said", ["h", "m"], lambda: {"said": True}) == {"said": True}
+    assert not record_path(cache, "said", ["h", "m"]).exists()
+    assert cached("said", ["h", "m"], lambda: {"said": False}) == {"said": False}  # computed again
+
+
+def test_root_refuses_the_guest_kernel_of_a_users_cache(cache: Path) -> None:
+    """Its module list and files would make root copy any file it can read into the user's initramfs."""
+    if os.geteuid() != 0:
+        pytest.skip("only root uses another user's cache")
+    (cache / "guest-kernel").mkdir(parents=True)
+    os.chown(cache / "guest-kernel", *USER)
+    with pytest.raises(HostError, match="root does not use the guest kernel in another user's cache"):
+        guest_kernel.find(lambda _: None)
 
 
 @pytest.mark.parametrize("plant", ["fifo", "dev-zero"])

@@ -110,6 +110,14 @@ def test_an_input_of_the_scripts_name_is_the_one_staged(home: Path) -> None:
     assert copy.read_bytes() == other.read_bytes() and stat.S_IMODE(copy.stat().st_mode) == 0o700
 
 
+@pytest.mark.parametrize("command", [["./run.sh"], ["sh", "run.sh"]])
+def test_a_linked_script_given_as_input_is_staged_as_an_input(home: Path, command: list[str]) -> None:
+    real = script(home, "../checkout/run.sh")
+    (home / "work" / "run.sh").symlink_to(real)  # e.g. into a git checkout: --input follows it, on purpose
+    assert submit(home, "--input", "run.sh", "--", *command) == 0
+    assert (job_dir(home) / "run.sh").read_bytes() == real.read_bytes()
+
+
 def test_a_dry_run_checks_the_inputs(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert submit(home, "--dry-run", "--input", "missing.dat", "--", "true") == 125
     out, err = capsys.readouterr()

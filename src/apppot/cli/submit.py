@@ -59,9 +59,8 @@ def cmd_submit(argv: Sequence[str]) -> int:
     if ns.cores < 1:
         raise UsageError("--cores must be at least 1")
     inputs = tuple(i.resolve() for i in ns.inputs)
-    script = command_file.find(after, Path.cwd())
-    if script is not None and script.name in {i.name for i in inputs}:
-        script = None  # an --input of that name is the job directory's file
+    # An --input of that name is the job directory's file (and may be a link the input staging follows).
+    script = command_file.find(after, Path.cwd(), frozenset(i.name for i in (*ns.inputs, *inputs)))
     job = BatchJob(
         argv=tuple(after),
         image=image.resolve() if image else None,

@@ -33,15 +33,16 @@ class CommandFile(NamedTuple):
     executable: bool  # had an execute bit at submit: ARC's staging loses it, the job's wrapper restores it
 
 
-def find(argv: Sequence[str], submit_dir: Path) -> CommandFile | None:
-    """The file of the submit directory the command runs, checked; None when it names none."""
+def find(argv: Sequence[str], submit_dir: Path, inputs: frozenset[str] = frozenset()) -> CommandFile | None:
+    """The file of the submit directory the command runs, checked; None when it names none, or names
+    one of ``inputs`` (the job directory's names of the --input files, which are staged as they are)."""
     if not argv:
         return None
     first = argv[0]
     if "/" in first and not first.startswith("/"):
-        found = _look_up(first, submit_dir, required=True)
+        found = None if str(PurePosixPath(first)) in inputs else _look_up(first, submit_dir, required=True)
     elif PurePosixPath(first).name in INTERPRETERS and len(argv) > 1 and not argv[1].startswith(("-", "/")):
-        found = _look_up(argv[1], submit_dir, required=False)
+        found = None if str(PurePosixPath(argv[1])) in inputs else _look_up(argv[1], submit_dir, required=False)
     else:
         found = None
     return found
