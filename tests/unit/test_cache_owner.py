@@ -48,3 +48,15 @@ def test_a_link_on_the_way_is_not_followed_for_ownership(users_cache: Path, tmp_
     images = users_cache / ".cache" / "apppot" / "images"
     make_dirs(images, cache_owner(images))
     assert elsewhere.stat().st_uid == 0
+
+
+def test_an_image_record_is_written_through_no_planted_link(tmp_path: Path) -> None:
+    """The old temporary name NAME.json.tmp, planted as a link by the cache's owner, is never written."""
+    from apppot.images.store import ImageRecord
+
+    victim = tmp_path / "victim"
+    victim.write_text("root's own\n")
+    (tmp_path / "x.json.tmp").symlink_to(victim)
+    ImageRecord(**dict.fromkeys(ImageRecord._fields)).write(tmp_path / "x.json")  # type: ignore[arg-type]
+    assert victim.read_text() == "root's own\n"
+    assert (tmp_path / "x.json").is_file() and not (tmp_path / "x.json").is_symlink()

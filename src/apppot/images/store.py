@@ -90,10 +90,19 @@ class ImageRecord(NamedTuple):
 
     def write(self, path: Path) -> None:
         import json
+        import tempfile
 
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self._asdict(), indent=2) + "\n")
-        tmp.replace(path)
+        # A new file of a name no one can guess: root may write a user's cache (image build with sudo).
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(self._asdict(), indent=2) + "\n")
+                os.fchmod(f.fileno(), 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
 
 class StoredImage(NamedTuple):
