@@ -272,6 +272,13 @@ def test_controllers_from_the_configuration() -> None:
     assert slurm.controllers("SlurmctldPort=x\nSlurmctldHost=a\n") == [] and slurm.controllers("") == []
 
 
+def test_a_configuration_with_includes_or_no_regular_file_tells_nothing(tmp_path: Path) -> None:
+    assert slurm.controllers("SlurmctldHost=n0\nInclude /etc/slurm/ports.conf\n") == []
+    fifo = tmp_path / "slurm.conf"
+    os.mkfifo(fifo)
+    assert slurm.controller_refuses(fifo) is None  # not read: it would block
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -134,6 +134,8 @@ def controllers(conf_text: str) -> list[tuple[str, int]]:
     for raw in conf_text.splitlines():
         key, _, value = raw.split("#", 1)[0].strip().partition("=")
         key, value = key.strip().lower(), value.strip()
+        if key.split()[0:1] == ["include"]:  # settings elsewhere: AppPot cannot tell
+            return []
         if key in ("slurmctldhost", "controlmachine", "controladdr") and value:
             name, _, address = value.partition("(")
             hosts.append(address.rstrip(")") or name)
@@ -149,6 +151,8 @@ def controller_refuses(conf: Path) -> str | None:
     """'host:port' when every controller slurm.conf names refuses connections right away (the cluster is
     down; scontrol would retry for MessageTimeout first); None when one answers or AppPot cannot tell."""
     try:
+        if not conf.is_file() or conf.stat().st_size > 1 << 20:  # a FIFO would block; no slurm.conf is that large
+            return None
         found = controllers(conf.read_text(errors="replace"))
     except OSError:
         return None
