@@ -317,10 +317,13 @@ def test_without_namespaces_the_loopback_stays_closed_and_the_warning_says_what_
 
 # A job that talks to itself over 127.0.0.1: a listener and a client of busybox nc (a listener on a
 # down loopback would wait for ever: timeout ends it). The client retries until the listener is up.
+# busybox nc's listener, its stdin at EOF, now and then ends a connection without writing what it got
+# (measured: 1 in 8; got stays empty while the client succeeded): the exchange is tried again, which a
+# loopback that is down fails every time.
 TALK_TO_ITSELF = (
-    "timeout 30 nc -l -p 7777 >got & "
-    "for i in $(seq 50); do echo hello-over-lo | nc 127.0.0.1 7777 2>/dev/null && break; sleep 0.2; done; "
-    "wait; cat got"
+    "for try in 1 2 3 4 5; do timeout 5 nc -l -p 7777 >got & "
+    "for i in $(seq 25); do echo hello-over-lo | nc 127.0.0.1 7777 2>/dev/null && break; sleep 0.2; done; "
+    "wait; [ -s got ] && break; done; cat got"
 )
 # The same with python3, for Debian appliances (no nc, no ip, no ifconfig in debian-dev).
 PYTHON_TALKS_TO_ITSELF = (
