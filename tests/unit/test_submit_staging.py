@@ -279,6 +279,22 @@ def test_a_configuration_with_includes_or_no_regular_file_tells_nothing(tmp_path
     assert slurm.controller_refuses(fifo) is None  # not read: it would block
 
 
+def test_a_slurm_conf_that_is_no_file_is_refused_at_once(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (home / "bin" / "sbatch").write_text("#!/bin/sh\nsleep 60\n")  # sbatch retries a missing slurm.conf for a minute
+    monkeypatch.setenv("SLURM_CONF", str(home / "nonexistent.conf"))
+    started = time.monotonic()
+    assert submit(home, "--", "true") == 125
+    assert time.monotonic() - started < 10
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"apppot: error: SLURM_CONF names {home / 'nonexistent.conf'}, which is not a file")
+        and err.count("\n") == 1
+    )
+    assert staged(home) == []
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

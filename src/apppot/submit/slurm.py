@@ -168,7 +168,12 @@ def controller_refuses(conf: Path) -> str | None:
 
 
 def conf_path() -> Path:
-    return Path(os.environ.get("SLURM_CONF") or SLURM_CONF)
+    """slurm.conf: $SLURM_CONF, else Slurm's default; a $SLURM_CONF that is no file is refused at once
+    (sbatch and scontrol would retry it for a minute)."""
+    given = os.environ.get("SLURM_CONF")
+    if given and not Path(given).is_file():
+        raise HostError(f"SLURM_CONF names {given}, which is not a file: point it at the cluster's slurm.conf")
+    return Path(given or SLURM_CONF)
 
 
 def controller_down_error(down: str) -> HostError:
