@@ -19,6 +19,9 @@ PLAIN_PATH = "/usr/local/bin:/usr/bin:/bin"  # Debian's PATH for an ordinary use
 APPPOT_START = str(Path(APPPOT).with_name("apppot-start"))
 
 
+SEED_BASE = "5eed" * 16  # a base id: 64 lower-case hex digits, as apppot-snap records
+
+
 @pytest.fixture(autouse=True)
 def uml_kernel() -> None:
     """Each test here says which kernel its user has (not the suite's two-kernel matrix)."""
@@ -54,11 +57,11 @@ def test_a_seed_command_line_without_double_dash_keeps_the_commands_own(
         chown_to(path, test_user)
     env = {"APPPOT_KERNEL": str(own_kernel)}  # the site's kernel, as the grid's runtime environment names it
     # A base to merge onto, recorded in the job's COW (the tiny appliance has none of its own).
-    record = "mkdir -p /var/lib/apppot && echo seedbase > /var/lib/apppot/base.id"
+    record = f"mkdir -p /var/lib/apppot && echo {SEED_BASE} > /var/lib/apppot/base.id"
     seed_image = ["--apppot", f"job.cow,{tiny_image}"]
     r = as_plain_user(plain_home, [APPPOT_START, *seed_image, "--user", "root", "--", "sh", "-c", record], job, env)
     assert r.returncode == 0, r.err
-    hand_made_archive(job / "c.tar.gz", "seedbase", [("etc/seed.txt", b"seedword from the archive\n")])
+    hand_made_archive(job / "c.tar.gz", SEED_BASE, [("etc/seed.txt", b"seedword from the archive\n")])
     chown_to(job / "c.tar.gz", test_user)
 
     options = [*seed_image, "--changes", "c.tar.gz", "--mem", "256M", "--extra", "seedword=1"]
