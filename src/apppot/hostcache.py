@@ -17,13 +17,12 @@ import errno
 import json
 import os
 import stat
-import tempfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from apppot.images.store import cache_dir, cache_owner
+from apppot.images.store import cache_dir, cache_owner, replace_file
 
 T = TypeVar("T", bound=dict[str, Any])
 
@@ -100,13 +99,4 @@ def write_record(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not stat.S_ISDIR(os.lstat(path.parent).st_mode):
         raise NotADirectoryError(f"{path.parent} is not a directory")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            os.fchmod(f.fileno(), 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    replace_file(path, data)

@@ -61,6 +61,23 @@ def make_dirs(directory: Path, owner: Owner | None) -> None:
             os.chown(made, *owner, follow_symlinks=False)
 
 
+def replace_file(path: Path, data: bytes) -> None:
+    """Replace ``path`` (mode 0644) in one rename, from a new file of a name no one can guess (O_EXCL), so
+    that no link planted in the cache is followed: root may write a user's cache (image build with sudo)."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            os.fchmod(f.fileno(), 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 class ImageRecord(NamedTuple):
     """What a built appliance is: written next to its image when the build succeeds."""
 
@@ -90,19 +107,8 @@ class ImageRecord(NamedTuple):
 
     def write(self, path: Path) -> None:
         import json
-        import tempfile
 
-        # A new file of a name no one can guess: root may write a user's cache (image build with sudo).
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(self._asdict(), indent=2) + "\n")
-                os.fchmod(f.fileno(), 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        replace_file(path, (json.dumps(self._asdict(), indent=2) + "\n").encode())
 
 
 class StoredImage(NamedTuple):
