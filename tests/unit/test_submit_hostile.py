@@ -196,6 +196,17 @@ def test_a_dry_run_prints_non_utf8_arguments_as_bytes(home: Path, capfdbinary: p
     assert staged(home) == []
 
 
+def lock_up_for_nobody(home: Path, job: Path) -> None:
+    """The cache becomes nobody's (the unprivileged user who removes it, under root) and the job's
+    locked/deeper directories unreadable, as a job may leave them."""
+    if os.geteuid() == 0:
+        open_to_all(home)
+        for path in [home / "cache", *(home / "cache").rglob("*")]:
+            os.lchown(path, 65534, 65534)
+    os.chmod(job / "locked" / "deeper", 0)
+    os.chmod(job / "locked", 0)
+
+
 def test_clean_removes_what_the_job_left_unreadable(home: Path) -> None:
     from apppot.submit import jobs
 
@@ -203,12 +214,7 @@ def test_clean_removes_what_the_job_left_unreadable(home: Path) -> None:
     (job / "locked" / "deeper").mkdir(parents=True)
     (job / "locked" / "deeper" / "f").write_text("x")
     (job / "link").symlink_to(home / "work")  # never followed: what it points at stays
-    if os.geteuid() == 0:
-        open_to_all(home)
-        for path in [home / "cache", *(home / "cache").rglob("*")]:
-            os.lchown(path, 65534, 65534)
-    os.chmod(job / "locked" / "deeper", 0)
-    os.chmod(job / "locked", 0)
+    lock_up_for_nobody(home, job)
     unprivileged(lambda: jobs.remove_stage(job.parent))
     assert staged(home) == [] and (home / "work").is_dir()
 
@@ -228,12 +234,7 @@ def test_clean_counts_what_it_removes_as_du_does(home: Path) -> None:
     (job / "link").symlink_to(home / "work")
     expected = int(subprocess.run(["du", "-s", "-B1", str(job)], capture_output=True, text=True, check=True).stdout.split()[0])
     assert expected > 2 << 20
-    if os.geteuid() == 0:
-        open_to_all(home)
-        for path in [home / "cache", *(home / "cache").rglob("*")]:
-            os.lchown(path, 65534, 65534)
-    os.chmod(job / "locked" / "deeper", 0)
-    os.chmod(job / "locked", 0)
+    lock_up_for_nobody(home, job)
     measured = home / "cache" / "measured"  # the cache is the unprivileged user's
 
     def measure() -> None:
