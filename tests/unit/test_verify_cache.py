@@ -53,3 +53,16 @@ def test_file_changed_just_now_is_not_cached(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(verify, "_hash_open_file", lambda fd: calls.append(fd) or real(fd))
     verify.content_id(image)
     assert calls
+
+
+def test_changed_image_is_refused_naming_both_ids(tmp_path: Path) -> None:
+    from apppot.errors import ImageError
+
+    image = tmp_path / "a.img"
+    image.write_bytes(b"built")
+    good = hashlib.sha256(b"built").hexdigest()
+    assert verify.check_content(image, good) == good
+    time.sleep(0.02)
+    image.write_bytes(b"changed")
+    with pytest.raises(ImageError, match=f"{good[:16]}.*{hashlib.sha256(b'changed').hexdigest()[:16]}"):
+        verify.check_content(image, good)

@@ -70,3 +70,20 @@ class _Changed(Exception):
     def __init__(self, digest: str) -> None:
         super().__init__(digest)
         self.digest = digest
+
+
+def check_content(path: Path, expected: str) -> str:
+    """The image's content id, which must be ``expected`` (its record's): an image changed after its
+    record was written is refused, naming both ids."""
+    from apppot.errors import ImageError
+
+    try:
+        found = content_id(path)
+    except OSError as e:
+        raise ImageError(f"cannot read the image {path}: {e.strerror}") from None
+    if found != expected:
+        raise ImageError(
+            f"image {path} was changed after it was built: its record says content id {expected[:16]}, "
+            f"its bytes are {found[:16]}; rebuild it (apppot image build --force) or ask its publisher"
+        )
+    return found
