@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from apppot.backends.choice import Decision, KvmState, decide, requested
+from apppot.images.signatures import enforce_policy
 from apppot.prepare import prepare
 from apppot.runner import Job, guest_identity
 from apppot.say import Say, say_stderr
@@ -33,4 +34,6 @@ def choose_backend(spec: JobSpec, say: Say) -> Decision:
 def start(spec: JobSpec, say: Say = say_stderr) -> int:
     """Run one job; returns the exit code for `apppot start`."""
     guest_identity(spec.user, spec.group)  # a job user host root cannot have is refused before anything starts
-    return Job(prepare(spec, say, choose_backend(spec, say)), say).run()
+    instance = prepare(spec, say, choose_backend(spec, say))
+    enforce_policy(instance.prepared.image)  # a site that requires signed images: before anything boots
+    return Job(instance, say).run()

@@ -11,6 +11,8 @@ from apppot.errors import UsageError
 from apppot.say import say_stderr as say
 
 if TYPE_CHECKING:
+    import argparse
+
     from apppot.images.store import StoredImage
 
 
@@ -44,6 +46,7 @@ def cmd_image(argv: Sequence[str]) -> int:
     publish.add_argument("--no-kernel", action="store_true", help="publish the image only")
     publish.add_argument("--quiet", action="store_true", help="no progress lines")
     publish.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_signing(sub)
     listing = sub.add_parser("list", help="the images in the cache, then in the site image directories: names, sizes, ids")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     remove = sub.add_parser("remove", help="remove the images built under a name from the cache")
@@ -84,6 +87,10 @@ def cmd_image(argv: Sequence[str]) -> int:
         )
         print_record({k: str(v) if isinstance(v, Path) else v for k, v in done._asdict().items()}, ns.json)
         return 0
+    if ns.action in ("sign", "verify"):
+        from apppot.cli import signing
+
+        return signing.image_sign(ns) if ns.action == "sign" else signing.image_verify(ns)
     if ns.action == "build":
         from apppot.images import debian, recipe
 
@@ -122,6 +129,49 @@ def cmd_image(argv: Sequence[str]) -> int:
         record |= {"uuid": ext4.filesystem_uuid(path)}
     print_record(record, ns.json)
     return 0
+
+
+def _add_signing(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sign = sub.add_parser(
+        "sign",
+        help="sign a built image's record with your SSH key (ssh-keygen -Y sign), beside it as NAME-ID.json.sig",
+        description="Sign the record of the image NAME (NAME-ID.json: its content id, recipe id and packages) with "
+        "ssh-keygen -Y sign in the namespace apppot-image, after checking the image's bytes are that content id. "
+        "The signature is written beside the record as NAME-ID.json.sig; 'apppot image publish' carries it along. "
+        "Only appliances built from a recipe can be signed: the tiny default appliance has no record. "
+        "Prints the allowed-signers line a site adds to trust your key.",
+    )
+    sign.add_argument("image", help="an image name from 'apppot image list', or an image file with its record beside it")
+    sign.add_argument(
+        "--key",
+        type=Path,
+        required=True,
+        help="your private key (ssh-keygen asks its passphrase on the terminal), or the .pub of a key ssh-agent holds",
+    )
+    sign.add_argument(
+        "--identity",
+        help="the name you sign as, in the allowed-signers line printed (default: USER@HOST); "
+        "an SSH signature holds only the key, the site's file names who it is",
+    )
+    sign.add_argument("--json", action="store_true", help="machine-readable output")
+    verify = sub.add_parser(
+        "verify",
+        help="check an image's signature against an allowed-signers file, and its bytes against its record",
+        description="Check that the image's record carries a good signature (ssh-keygen -Y verify, namespace "
+        "apppot-image) by a key of the allowed-signers file, and that the image's bytes are the record's content "
+        "id; print who signed it. Exit status: 0 trusted; 1 not trusted (unsigned, no record, a key the file does "
+        "not allow, a signature or image that does not match the record, a damaged signature); 125 the check "
+        "could not be made (no or an unsafe allowed-signers file, no ssh-keygen, no such image).",
+    )
+    verify.add_argument("image", help="an image name from 'apppot image list', or an image file with its record beside it")
+    verify.add_argument(
+        "--signers",
+        type=Path,
+        metavar="FILE",
+        help="the allowed-signers file (ssh-keygen(1), ALLOWED SIGNERS; default: the site policy: "
+        "$APPPOT_TRUSTED_SIGNERS, else allowed_signers in the first site image directory that has one)",
+    )
+    verify.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def _image_row(image: StoredImage) -> dict[str, object]:

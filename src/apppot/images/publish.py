@@ -3,7 +3,8 @@
 Each file is written beside its final name as .NAME.PID.tmp (which lookups pass over), made 0644 (the
 kernel 0755), synced, then renamed into place: a job never sees half a file, and a job running on a
 replaced image keeps the old one until it ends. The image goes first and its record last, as the record
-is what makes a built image visible. Sparse images stay sparse.
+is what makes a built image visible; a signature (apppot image sign) goes with its record, just before it,
+and an image replaced by an unsigned one keeps no signature. Sparse images stay sparse.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from apppot.errors import ImageError
-from apppot.images import sites, store
+from apppot.images import signatures, sites, store
 from apppot.images.holes import data_regions
 from apppot.say import Say
 
@@ -34,6 +35,7 @@ class Published(NamedTuple):
     directory: Path
     image: Path
     record: Path | None  # None: the tiny appliance, which has none
+    signature: Path | None  # the record's signature (apppot image sign), if it has one there
     reused: bool  # the same image was published there already
     replaced: list[str]  # the other images of that name it replaced (--force)
     kernel: Path | None  # None: --no-kernel
@@ -76,14 +78,22 @@ def publish(name: str, directory: Path | None, *, force: bool, kernel: str | Non
     copied = 0
     image_path = target / source.path.name
     record_path = image_path.with_suffix(store.RECORD_SUFFIX) if source.record else None
+    signature_path = signatures.signature_path(image_path)
+    signed = source.record is not None and signatures.signature_path(source.path).is_file()
     if same is None:
         copied += _install(source.path, image_path, FILE_MODE, say)
-        if record_path is not None:
-            copied += _install(source.path.with_suffix(store.RECORD_SUFFIX), record_path, FILE_MODE, say)
+    if record_path is not None and (same is None or (signed and not _same_signed(source.path, image_path))):
+        # The signature before the record it signs; an image replaced unsigned keeps no signature of another.
+        if signed:
+            copied += _install(signatures.signature_path(source.path), signature_path, FILE_MODE, say)
+        else:
+            signature_path.unlink(missing_ok=True)
+        copied += _install(source.path.with_suffix(store.RECORD_SUFFIX), record_path, FILE_MODE, say)
     for old in others:  # the record first: it is what makes an image visible
         if old.path == image_path:
             continue  # replaced by the rename above
         old.path.with_suffix(store.RECORD_SUFFIX).unlink(missing_ok=True)
+        signatures.signature_path(old.path).unlink(missing_ok=True)
         old.path.unlink(missing_ok=True)
     if kernel_source is not None and not kernel_same:
         _make_dir(kernel_dir)
@@ -100,6 +110,7 @@ def publish(name: str, directory: Path | None, *, force: bool, kernel: str | Non
         directory=target,
         image=image_path,
         record=record_path,
+        signature=signature_path if record_path is not None and signature_path.is_file() else None,
         reused=same is not None,
         replaced=[old.path.name for old in others if old.path != image_path],
         kernel=kernel_dir / "linux" if kernel_source is not None else None,
@@ -148,6 +159,15 @@ def _same_image(published: store.StoredImage, source: store.StoredImage) -> bool
     if source.record is None:  # the tiny appliance: its name is the hash of its inputs, its bytes follow
         return True
     return published.record is not None and published.record.content_id == source.record.content_id
+
+
+def _same_signed(source: Path, published: Path) -> bool:
+    """Whether the published copy of the same image already has the source's record and signature, byte for byte."""
+    files = (signatures.record_path, signatures.signature_path)
+    try:
+        return all(filecmp.cmp(file(source), file(published), shallow=False) for file in files)
+    except OSError:
+        return False
 
 
 def _kernel_to_publish(explicit: str | None, target: Path) -> Path | None:

@@ -17,6 +17,7 @@ from apppot.errors import ImageError
 from apppot.images import sites
 
 RECORD_SUFFIX = ".json"
+SIGNATURE_SUFFIX = RECORD_SUFFIX + ".sig"  # the record's signature (apppot.images.signatures), as ssh-keygen names it
 
 
 def cache_dir() -> Path:
@@ -229,7 +230,7 @@ def remove(name: str, keep_newest: bool) -> tuple[list[tuple[Path, int]], list[P
     removed = []
     for image in found[1:] if keep_newest else found:
         used = 0
-        for path in (image.path, image.path.with_suffix(RECORD_SUFFIX)):
+        for path in (image.path, image.path.with_suffix(RECORD_SUFFIX), image.path.with_suffix(SIGNATURE_SUFFIX)):
             with contextlib.suppress(OSError):
                 used += path.stat().st_blocks * 512
             path.unlink(missing_ok=True)

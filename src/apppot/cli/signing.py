@@ -1,0 +1,62 @@
+"""`apppot image sign` and `apppot image verify` (apppot.images.signatures)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from apppot.cli.common import print_record
+from apppot.errors import UsageError
+from apppot.say import say_stderr as say
+
+EXIT_NOT_TRUSTED = 1  # `apppot image verify`: the image is not signed by a trusted signer (125: not checked)
+
+
+def _image(text: str) -> tuple[Path, str | None]:
+    """The image an argument names, and its name when it was given by name."""
+    from apppot.images.store import resolve_image
+
+    path = resolve_image(text)
+    return path, (text if path != Path(text) else None)
+
+
+def image_sign(ns: argparse.Namespace) -> int:
+    from apppot.images import signatures
+
+    path, name = _image(ns.image)
+    done = signatures.sign(path, ns.key, ns.identity or signatures.default_identity(), name)
+    print_record({k: str(v) if isinstance(v, Path) else v for k, v in done._asdict().items()}, ns.json)
+    if not ns.json:
+        where = f"{signatures.TRUSTED_SIGNERS_ENV} or a site image directory's {signatures.SITE_SIGNERS}"
+        print(f"a site trusts your signatures with the allowed_signers line above (in {where})")
+    return 0
+
+
+def image_verify(ns: argparse.Namespace) -> int:
+    from apppot.images import signatures
+    from apppot.images.sshsig import SignatureError
+
+    signers = ns.signers
+    if signers is None:
+        policy = signatures.site_policy()
+        if policy is None:
+            raise UsageError(
+                f"no allowed-signers file to verify against: give --signers FILE, or set {signatures.TRUSTED_SIGNERS_ENV}, "
+                f"or put one named {signatures.SITE_SIGNERS} in a site image directory"
+            )
+        signers = policy.signers
+    path, name = _image(ns.image)
+    try:
+        good = signatures.verify(path, signers, name)
+    except SignatureError as e:
+        if ns.json:
+            print_record({"image": str(path), "trusted": False, "problem": str(e), "signers": str(signers)}, True)
+        say(f"error: {e}")
+        return EXIT_NOT_TRUSTED
+    record = {"trusted": True, **{k: str(v) if isinstance(v, Path) else v for k, v in good._asdict().items()}}
+    if ns.json:
+        print_record(record, True)
+    else:
+        print(f"{name or path}: good signature by {good.signer} (key {good.key}), allowed by {signers}")
+        print(f"content id {good.content_id} (the image's bytes, as its signed record says)")
+    return 0
