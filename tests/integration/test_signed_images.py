@@ -1,0 +1,153 @@
+"""Signed images and the site policy, with the real ssh-keygen and real UML boots of the Debian dev appliance:
+a signed image runs, and under the policy an unsigned one, one signed by another key, a changed record and a
+changed image are each refused with one line before anything boots; without a policy nothing changes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import APPPOT, Result, chown_to
+from tests.integration.conftest import own_kernel_only
+
+pytestmark = pytest.mark.uml
+
+uml_kernel = own_kernel_only  # AppPot's UML kernel only: the policy is the same on both
+
+JOB = ["--", "sh", "-c", "cat /etc/debian_version >/dev/null && echo ran"]
+
+
+def keygen(path: Path) -> Path:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f", str(path)], check=True)
+    return path
+
+
+def copy_image(image: Path, directory: Path) -> Path:
+    """The image and its record, copied (sparse) where the test may change them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["cp", "--sparse=always", str(image), str(image.with_suffix(".json")), str(directory)], check=True)
+    copy = directory / image.name
+    copy.chmod(0o644)
+    return copy
+
+
+def cli(*args: str, env: dict[str, str], cwd: Path) -> Result:
+    proc = subprocess.run([APPPOT, *args], env={**os.environ, **env}, cwd=cwd, capture_output=True, timeout=300, check=False)
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def refused(r: Result, *parts: str) -> None:
+    """One line, exit 125, naming each part; and no job ran."""
+    assert r.returncode == 125, r.err
+    assert r.err.count("\n") == 1 and r.err.startswith("apppot: error: "), r.err
+    assert r.stdout == b""
+    for part in parts:
+        assert part in r.err, (part, r.err)
+
+
+def test_a_site_that_trusts_one_signer_runs_only_its_images(
+    apppot, jobdir: Path, tmp_path: Path, debian_dev: dict[str, object], tiny_image: Path
+) -> None:
+    image = copy_image(Path(str(debian_dev["path"])), tmp_path / "images")
+    record, signature = image.with_suffix(".json"), image.with_suffix(".json.sig")
+    alice, mallory = keygen(tmp_path / "alice"), keygen(tmp_path / "mallory")
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    signers = tmp_path / "allowed_signers"
+    policy = {"APPPOT_TRUSTED_SIGNERS": str(signers)}
+
+    # No policy: an unsigned image runs as it always did.
+    r = apppot(["start", "--image", str(image), *JOB], cwd=jobdir)
+    assert (r.returncode, r.stdout) == (0, b"ran\n"), r.err
+
+    signed = cli("image", "sign", str(image), "--key", str(alice), "--identity", "alice@site", "--json", env=env, cwd=tmp_path)
+    assert signed.returncode == 0, signed.err
+    made = json.loads(signed.stdout)
+    assert made["signature"] == str(signature) and signature.read_bytes().startswith(b"-----BEGIN SSH SIGNATURE-----")
+    signers.write_text(made["allowed_signers"] + "\n")  # what the site adds for its signer
+    assert made["allowed_signers"].startswith('alice@site namespaces="apppot-image" ssh-ed25519 ')
+    good = signature.read_bytes()
+
+    verified = cli("image", "verify", str(image), "--json", env={**env, **policy}, cwd=tmp_path)
+    assert verified.returncode == 0, verified.err
+    facts = json.loads(verified.stdout)
+    assert (facts["trusted"], facts["signer"], facts["content_id"]) == (True, "alice@site", debian_dev["content_id"])
+
+    # The policy: the signed image runs.
+    r = apppot(["start", "--image", str(image), *JOB], cwd=jobdir, env=policy)
+    assert (r.returncode, r.stdout) == (0, b"ran\n"), r.err
+
+    # Signed by a key the site does not trust.
+    assert cli("image", "sign", str(image), "--key", str(mallory), env=env, cwd=tmp_path).returncode == 0
+    r = apppot(["start", "--image", str(image), *JOB], cwd=jobdir, env=policy)
+    refused(r, f"image {image} is signed by the key SHA256:", f"which {signers} does not trust", "APPPOT_TRUSTED_SIGNERS")
+    assert cli("image", "verify", str(image), "--signers", str(signers), env=env, cwd=tmp_path).returncode == 1
+
+    # Its record changed after signing (what the image claims to hold).
+    signature.write_bytes(good)
+    kept = record.read_bytes()
+    record.write_text(json.dumps({**json.loads(kept), "packages": ["nothing-to-see"]}, indent=2) + "\n")
+    r = apppot(["start", "--image", str(image), *JOB], cwd=jobdir, env=policy)
+    refused(r, f"the signature of image {image} is not a good signature of its record {record.name} by alice@site")
+
+    # No signature at all.
+    record.write_bytes(kept)
+    signature.unlink()
+    r = apppot(["start", "--image", str(image), *JOB], cwd=jobdir, env=policy)
+    refused(r, f"image {image} is not signed (no {signature.name} beside it)", "apppot image sign")
+
+    # The image changed after it was signed (its last byte, past the filesystem's end: it would still boot).
+    signature.write_bytes(good)
+    with open(image, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        f.write(b"\x01")
+    r = apppot(["start", "--image", str(image), *JOB], cwd=jobdir, env=policy)
+    refused(r, f"image {image} was changed after it was built: its record says content id {str(debian_dev['content_id'])[:16]}")
+
+    # The default appliance and an image file without a record cannot be signed: refused under the policy.
+    r = apppot(["start", *JOB], cwd=jobdir, env=policy)
+    refused(r, "the tiny default appliance has no record", "so it cannot be signed")
+    bare = tmp_path / "bare.img"
+    shutil.copyfile(tiny_image, bare)
+    r = apppot(["start", "--image", str(bare), *JOB], cwd=jobdir, env=policy)
+    refused(r, f"image {bare} has no record (bare.json), so it cannot be signed")
+
+
+def test_a_signed_image_published_runs_by_name_for_another_user_under_the_sites_file(
+    apppot, jobdir: Path, tmp_path: Path, test_user: str, debian_dev: dict[str, object], own_kernel: Path
+) -> None:
+    os.chmod(tmp_path, 0o755)
+    chown_to(jobdir, test_user)
+    maker_cache = tmp_path / "maker-cache"
+    copy_image(Path(str(debian_dev["path"])), maker_cache / "apppot" / "images")
+    maker = {"XDG_CACHE_HOME": str(maker_cache)}
+    alice = keygen(tmp_path / "alice")
+    sign = ["image", "sign", "debian-dev", "--key", str(alice), "--identity", "alice@site", "--json"]
+    signed = cli(*sign, env=maker, cwd=tmp_path)
+    assert signed.returncode == 0, signed.err
+    site = tmp_path / "site"
+    published = cli("image", "publish", "debian-dev", str(site), "--no-kernel", "--json", env=maker, cwd=tmp_path)
+    assert published.returncode == 0, published.err
+    placed = json.loads(published.stdout)
+    assert placed["signature"] == str(Path(placed["image"]).with_suffix(".json.sig"))
+    (site / "allowed_signers").write_text(json.loads(signed.stdout)["allowed_signers"] + "\n")
+    (site / "allowed_signers").chmod(0o644)
+
+    # A plain user with a cache of their own finds it by name, and the site's file is the policy.
+    user_env = {"APPPOT_IMAGE_PATH": str(site)}
+    r = apppot(["start", "--image", "debian-dev", *JOB], cwd=jobdir, as_user=test_user, env=user_env)
+    assert (r.returncode, r.stdout) == (0, b"ran\n"), r.err
+
+    # The site trusts another signer only: the same image is refused, naming the site's file.
+    (site / "allowed_signers").write_text(f"bob@site {(keygen(tmp_path / 'bob').with_suffix('.pub')).read_text()}")
+    r = apppot(["start", "--image", "debian-dev", *JOB], cwd=jobdir, as_user=test_user, env=user_env)
+    refused(r, "image", "does not trust", f"the site requires signed images: the site image directory {site}")
+
+    # A policy file others could change is no policy: refused, not ignored.
+    (site / "allowed_signers").chmod(0o666)
+    r = apppot(["start", "--image", "debian-dev", *JOB], cwd=jobdir, as_user=test_user, env=user_env)
+    refused(r, "is writable by others than its owner (mode 0666)", "chmod go-w")
