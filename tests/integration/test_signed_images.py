@@ -6,18 +6,24 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import APPPOT, Result, chown_to
+from tests.conftest import APPPOT, TEST_USER, Result, chown_to, open_to_all
 from tests.integration.conftest import own_kernel_only
+from tests.integration.test_readme import TEST_USER_2, owned, sections, users_exist
+from tests.integration.test_readme import copy_image as copy_readme_image
+from tests.readme import example, fill, run
 
 pytestmark = pytest.mark.uml
 
 uml_kernel = own_kernel_only  # AppPot's UML kernel only: the policy is the same on both
+__all__ = ["users_exist"]  # test_readme's fixture: both test users exist, and root can switch to them
 
 JOB = ["--", "sh", "-c", "cat /etc/debian_version >/dev/null && echo ran"]
 
@@ -151,3 +157,37 @@ def test_a_signed_image_published_runs_by_name_for_another_user_under_the_sites_
     (site / "allowed_signers").chmod(0o666)
     r = apppot(["start", "--image", "debian-dev", *JOB], cwd=jobdir, as_user=test_user, env=user_env)
     refused(r, "is writable by others than its owner (mode 0666)", "chmod go-w")
+
+
+def test_the_readme_example_alice_signs_the_site_trusts_bob_runs(
+    users_exist: None, debian_dev: dict[str, object], own_kernel: Path, tmp_path: Path
+) -> None:
+    open_to_all(tmp_path)
+    site = owned(tmp_path / "var-lib-apppot" / "images", TEST_USER)  # the site-install example's `install -d -o alice`
+    alice_home = owned(tmp_path / "alice", TEST_USER)
+    owned(alice_home / ".ssh", TEST_USER)
+    copy_readme_image(debian_dev, alice_home / ".cache", TEST_USER)  # as her own build leaves it
+    bob_home, job = owned(tmp_path / "bob", TEST_USER_2), owned(tmp_path / "bob-job", TEST_USER_2)
+    prefix = tmp_path / "opt-apppot"  # AppPot for every user, as the site-install example has it
+    install = [sys.executable, "-m", "apppot.install", "--prefix", str(prefix)]
+    assert subprocess.run(install, capture_output=True, check=False).returncode == 0
+    apppot_bin = str(prefix / "bin")
+    common = {"PATH": f"{apppot_bin}:/usr/bin:/bin", "APPPOT_IMAGE_PATH": str(site), "APPPOT_KERNEL": str(own_kernel)}
+    found = dict(sections(example("signed-images")))
+    assert list(found) == ["alice", "the site", "bob"], found
+
+    ran = run("set -e\n" + "\n".join(found["alice"]), alice_home, {**common, "HOME": str(alice_home)}, user=TEST_USER)
+    assert ran.returncode == 0, ran.stderr
+    printed = re.search(r"^allowed_signers: (.*)$", ran.stdout, re.M)
+    assert printed is not None, ran.stdout
+    assert printed[1].startswith('alice@example.org namespaces="apppot-image" ssh-ed25519 ')
+    (line,) = found["the site"]
+    line = fill(line, {"/var/lib/apppot/images": str(site)}).replace("ssh-ed25519 AAAAC3Nz...", printed[1].split(" ", 2)[2])
+    ran = run(line, tmp_path, common)  # as root
+    assert ran.returncode == 0, ran.stderr
+    assert (site / "allowed_signers").read_text() == printed[1] + "\n"
+
+    ran = run("set -e\n" + "\n".join(found["bob"]), job, {**common, "HOME": str(bob_home)}, user=TEST_USER_2)
+    assert ran.returncode == 0, ran.stderr
+    assert re.search(r"^debian-dev: good signature by alice@example.org \(key SHA256:", ran.stdout, re.M), ran.stdout
+    assert "gcc (Debian" in ran.stdout

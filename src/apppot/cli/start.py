@@ -39,7 +39,9 @@ exit status:
 
 environment: APPPOT_IMAGE (--image), APPPOT_MEM (--mem), APPPOT_KERNEL (--kernel), APPPOT_CPU (--cpu),
 APPPOT_BACKEND (--backend), APPPOT_KVM (1: --kvm, 0: --no-kvm), APPPOT_HOST_LOOPBACK (1: --host-loopback),
-APPPOT_MIN_FREE (the free space the guest's disk needs before the boot; 0 skips the check).
+APPPOT_MIN_FREE (the free space the guest's disk needs before the boot; 0 skips the check),
+APPPOT_TRUSTED_SIGNERS (an allowed-signers file: only images signed by its signers run, see apppot image verify;
+a file allowed_signers in a site image directory does the same; refused images exit 125).
 """
 
 
