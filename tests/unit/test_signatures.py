@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from apppot.cli import main
 from apppot.errors import HostError, ImageError, UsageError
 from apppot.images import publish, signatures, sites, sshsig, store
-from apppot.images.sshsig import SignatureError
+from apppot.images.signatures import SignatureError
 from tests.conftest import APPPOT
 
 # `ssh-keygen -Y sign -f k1 -n apppot-image` of b"hello\n", and k1's public key and fingerprint (ssh-keygen -l).

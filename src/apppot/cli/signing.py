@@ -34,7 +34,7 @@ def image_sign(ns: argparse.Namespace) -> int:
 
 def image_verify(ns: argparse.Namespace) -> int:
     from apppot.images import signatures
-    from apppot.images.sshsig import SignatureError
+    from apppot.images.signatures import SignatureError
 
     signers = ns.signers
     if signers is None:

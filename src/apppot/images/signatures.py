@@ -20,18 +20,24 @@ import os
 import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from apppot.errors import ImageError, UsageError
-from apppot.images import sshsig
-from apppot.images.sshsig import SignatureError
 from apppot.images.store import RECORD_SUFFIX, SIGNATURE_SUFFIX
+
+if TYPE_CHECKING:
+    from apppot.images import sshsig
 
 TRUSTED_SIGNERS_ENV = "APPPOT_TRUSTED_SIGNERS"
 SITE_SIGNERS = "allowed_signers"  # in a site image directory: the site's policy
 RECORD_LIMIT = 4 << 20  # a record lists an appliance's packages: tens of KiB
 SIGNERS_LIMIT = 1 << 20
 _WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
+
+
+class SignatureError(ImageError):
+    """An image that is not signed by a trusted signer: unsigned, signed by another key, or not matching
+    its signature (`apppot image verify` exits 1; `apppot start` under a site policy 125)."""
 
 
 def record_path(image: Path) -> Path:
@@ -94,6 +100,8 @@ def verify(image: Path, signers: Path, name: str | None = None) -> Verified:
     """Check image against the allowed-signers file. SignatureError when it is not trusted (no record, no or a
     damaged signature, a key the file does not allow, a signature that is not its record's, bytes that are not
     its content id); other AppPotErrors when it cannot be checked (the signers file, ssh-keygen)."""
+    from apppot.images import sshsig
+
     label = _label(image, name)
     allowed = read_signers(signers)
     record_file, record = _read_record(image, label)
@@ -140,7 +148,7 @@ class Signed(NamedTuple):
 def sign(image: Path, key: Path, identity: str, name: str | None = None) -> Signed:
     """Sign the image's record with ssh-keygen and key, after checking the image is what its record says;
     the signature goes beside the record (NAME-ID.json.sig), replacing any earlier one."""
-    from apppot.images import store
+    from apppot.images import sshsig, store
     from apppot.images.verify import check_content
 
     label = _label(image, name)
@@ -238,6 +246,8 @@ def _content_id(record: bytes, record_file: Path, label: str) -> str:
 
 
 def _parse(armored: bytes, where: Path, label: str) -> sshsig.SshSignature:
+    from apppot.images import sshsig
+
     try:
         signature = sshsig.parse(armored)
     except sshsig.DamagedSignature as e:
@@ -294,6 +304,7 @@ def _signer(
     is what AppPot read, whoever changes the files meanwhile."""
     import tempfile
 
+    from apppot.images import sshsig
     from apppot.proc import run
 
     with tempfile.TemporaryDirectory(prefix="apppot-verify-") as private:
@@ -322,6 +333,7 @@ def _run_sign(key: Path, record: bytes) -> bytes:
     import tempfile
 
     from apppot.errors import HostError
+    from apppot.images import sshsig
     from apppot.proc import run
 
     if not os.path.lexists(key):

@@ -16,8 +16,6 @@ import struct
 from pathlib import Path
 from typing import NamedTuple
 
-from apppot.errors import ImageError
-
 NAMESPACE = "apppot-image"  # what an AppPot signature is for: ssh-keygen refuses it for anything else
 KEYGEN = "ssh-keygen"
 KEYGEN_PACKAGE = "openssh-client"
@@ -25,11 +23,6 @@ SIGNATURE_LIMIT = 64 * 1024  # an RSA-16384 signature is under 6 KiB
 _BEGIN = b"-----BEGIN SSH SIGNATURE-----"
 _END = b"-----END SSH SIGNATURE-----"
 _MAGIC = b"SSHSIG"
-
-
-class SignatureError(ImageError):
-    """An image that is not signed by a trusted signer: unsigned, signed by another key, or not matching
-    its signature (`apppot image verify` exits 1; `apppot start` under a site policy 125)."""
 
 
 class DamagedSignature(Exception):
