@@ -107,12 +107,13 @@ def verify(image: Path, signers: Path, name: str | None = None) -> Verified:
     record_file, record = _read_record(image, label)
     content_id = _content_id(record, record_file, label)
     sig_file = signature_path(image)
-    armored = _read_bounded(sig_file, sshsig.SIGNATURE_LIMIT, f"the signature of {label}")
-    if armored is None:
+    found = _read_bounded(sig_file, sshsig.SIGNATURE_LIMIT, f"the signature of {label}")
+    if found is None:
         raise SignatureError(
             f"{label} is not signed (no {sig_file.name} beside it); its maker signs it "
             f"(apppot image sign {name or image} --key KEY) and has the key added to {signers}"
         )
+    armored = found[0]
     signature = _parse(armored, sig_file, label)
     signer = _signer(allowed, armored, record, signature, signers, label, record_file)
     from apppot.images.verify import check_content
@@ -189,38 +190,43 @@ def _label(image: Path, name: str | None) -> str:
     return f"image {name} ({image})" if name else f"image {image}"
 
 
-def _read_bounded(path: Path, limit: int, what: str) -> bytes | None:
-    """A regular file's bytes, at most limit; None when it does not exist. A link, FIFO, device, directory
-    or bigger file is SignatureError: never followed, never waited on, never read whole."""
+def _read_bounded(
+    path: Path, limit: int, what: str, error: type[ImageError] = SignatureError
+) -> tuple[bytes, os.stat_result] | None:
+    """A regular file's bytes (at most limit) and its status; None when it does not exist. A link, FIFO,
+    device, directory or bigger file is ``error``: never followed, never waited on, never read whole."""
     from apppot.userpath import kind
 
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     try:
         mode = os.lstat(path).st_mode
         if not stat.S_ISREG(mode):
-            raise SignatureError(f"{what}, {path}, is {kind(mode)}, not a file; remove it (rm {path})")
+            raise error(f"{what}, {path}, is {kind(mode)}, not a file; remove it, or give the file itself")
         fd = os.open(path, flags)
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise SignatureError(f"cannot read {what}, {path}: {e.strerror}") from None
+        raise error(f"cannot read {what}, {path}: {e.strerror}") from None
     try:
-        if os.fstat(fd).st_size > limit:
-            raise SignatureError(f"{what}, {path}, is over {limit} bytes, so it is not one; remove it (rm {path})")
-        data = os.read(fd, limit + 1)
-        if len(data) > limit:
-            raise SignatureError(f"{what}, {path}, is over {limit} bytes, so it is not one; remove it (rm {path})")
-        return data
+        st = os.fstat(fd)
+        chunks: list[bytes] = []
+        left = limit + 1
+        while left > 0 and (chunk := os.read(fd, left)):
+            chunks.append(chunk)
+            left -= len(chunk)
     except OSError as e:
-        raise SignatureError(f"cannot read {what}, {path}: {e.strerror}") from None
+        raise error(f"cannot read {what}, {path}: {e.strerror}") from None
     finally:
         os.close(fd)
+    if left <= 0:
+        raise error(f"{what}, {path}, is over {limit} bytes, so it is not one; remove it, or give the right file")
+    return b"".join(chunks), st
 
 
 def _read_record(image: Path, label: str, for_signing: bool = False) -> tuple[Path, bytes]:
     record_file = record_path(image)
-    data = _read_bounded(record_file, RECORD_LIMIT, f"the record of {label}")
-    if data is None:
+    found = _read_bounded(record_file, RECORD_LIMIT, f"the record of {label}")
+    if found is None:
         what = "the tiny default appliance" if image.name.startswith("tiny-") else label
         fix = (
             "sign an appliance built from a recipe (apppot image build RECIPE.toml)"
@@ -230,7 +236,7 @@ def _read_record(image: Path, label: str, for_signing: bool = False) -> tuple[Pa
         )
         error = ImageError if for_signing else SignatureError
         raise error(f"{what} has no record ({record_file.name}), so it cannot be signed: {fix}")
-    return record_file, data
+    return record_file, found[0]
 
 
 def _content_id(record: bytes, record_file: Path, label: str) -> str:
@@ -263,34 +269,18 @@ def _parse(armored: bytes, where: Path, label: str) -> sshsig.SshSignature:
 def read_signers(path: Path) -> bytes:
     """An allowed-signers file: a regular file no one but its owner (root, you, or its directory's owner) may
     change, since whoever can write it decides which images run. Bad: ImageError (the check cannot be made)."""
-    what = f"the allowed-signers file {path}"
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-    try:
-        mode = os.lstat(path).st_mode
-        if not stat.S_ISREG(mode):
-            from apppot.userpath import kind
-
-            raise ImageError(f"{what} is {kind(mode)}, not a file; give the file itself ({TRUSTED_SIGNERS_ENV}, --signers)")
-        fd = os.open(path, flags)
-    except OSError as e:
-        fix = f"give an allowed-signers file ({TRUSTED_SIGNERS_ENV}, --signers)"
-        raise ImageError(f"cannot read {what}: {e.strerror}; {fix}") from None
-    try:
-        st = os.fstat(fd)
-        if st.st_mode & _WRITABLE_BY_OTHERS:
-            raise ImageError(
-                f"{what} is writable by others than its owner (mode {stat.S_IMODE(st.st_mode):04o}), who could trust "
-                f"any key; make it chmod go-w"
-            )
-        if st.st_uid not in {0, os.geteuid(), os.stat(path.parent).st_uid}:
-            raise ImageError(f"{what} belongs to uid {st.st_uid}, who could trust any key; make it root's or yours")
-        data = os.read(fd, SIGNERS_LIMIT + 1)
-    except OSError as e:
-        raise ImageError(f"cannot read {what}: {e.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(data) > SIGNERS_LIMIT:
-        raise ImageError(f"{what} is over {SIGNERS_LIMIT} bytes; an allowed-signers file is a few lines a signer")
+    what = "the allowed-signers file"
+    found = _read_bounded(path, SIGNERS_LIMIT, what, ImageError)
+    if found is None:
+        raise ImageError(f"{what} {path} does not exist; give an allowed-signers file ({TRUSTED_SIGNERS_ENV}, --signers)")
+    data, st = found
+    if st.st_mode & _WRITABLE_BY_OTHERS:
+        raise ImageError(
+            f"{what} {path} is writable by others than its owner (mode {stat.S_IMODE(st.st_mode):04o}), "
+            "who could trust any key; make it chmod go-w"
+        )
+    if st.st_uid not in {0, os.geteuid(), os.stat(path.parent).st_uid}:
+        raise ImageError(f"{what} {path} belongs to uid {st.st_uid}, who could trust any key; make it root's or yours")
     return data
 
 
@@ -352,10 +342,10 @@ def _run_sign(key: Path, record: bytes) -> bytes:
                 )
             fix = "give a private key, or the .pub of a key ssh-agent holds"
             raise HostError(f"ssh-keygen could not sign with {key}: {last}; {fix}")
-        armored = _read_bounded(Path(private) / "record.sig", sshsig.SIGNATURE_LIMIT, "the signature ssh-keygen made")
-    if armored is None:
+        made = _read_bounded(Path(private) / "record.sig", sshsig.SIGNATURE_LIMIT, "the signature ssh-keygen made")
+    if made is None:
         raise HostError(f"ssh-keygen signed with {key} but wrote no signature: {last}")
-    return armored
+    return made[0]
 
 
 def _has_terminal() -> bool:
