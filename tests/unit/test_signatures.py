@@ -9,6 +9,7 @@ import json
 import os
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -281,3 +282,28 @@ def test_publish_carries_the_signature_and_leaves_none_stale(
     last = publish.publish("dev", site, force=True, kernel=None, with_kernel=False, say=print)
     assert sorted(p.name for p in site.iterdir()) == sorted([moved.name, moved.with_suffix(".json").name])
     assert last.signature is None
+
+
+def test_a_key_held_by_ssh_agent_signs_by_its_public_half(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A key with a passphrase, loaded once into ssh-agent: a batch job signs with --key KEY.pub, no terminal.
+    image = image_with_record(tmp_path / "images")
+    key = keygen(tmp_path / "locked", passphrase="secret")
+    askpass = tmp_path / "askpass"
+    askpass.write_text("#!/bin/sh\necho secret\n")
+    askpass.chmod(0o700)
+    socket = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(socket)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not socket.exists() and agent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        env = {**os.environ, "SSH_AUTH_SOCK": str(socket), "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force"}
+        subprocess.run(["ssh-add", "-q", str(key)], env=env, stdin=subprocess.DEVNULL, check=True, capture_output=True)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(socket))
+        done = signatures.sign(image, key.with_suffix(".pub"), "batch@example.org")
+    finally:
+        agent.terminate()
+        agent.wait()
+    signers = tmp_path / "allowed_signers"
+    signers.write_text(done.allowed_signers + "\n")
+    assert signatures.verify(image, signers).signer == "batch@example.org"
