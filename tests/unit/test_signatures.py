@@ -307,3 +307,33 @@ def test_a_key_held_by_ssh_agent_signs_by_its_public_half(tmp_path: Path, monkey
     signers = tmp_path / "allowed_signers"
     signers.write_text(done.allowed_signers + "\n")
     assert signatures.verify(image, signers).signer == "batch@example.org"
+
+
+@pytest.mark.parametrize("what", ["link", "fifo", "huge", "directory", "missing", "writable"])
+def test_an_allowed_signers_file_of_any_kind_is_one_line_and_no_check(
+    signed: tuple[Path, Path, Path], tmp_path: Path, what: str
+) -> None:
+    image, _, signers = signed
+    given = tmp_path / "given"
+    expected = {
+        "link": "is a symbolic link, not a file",
+        "fifo": r"is a named pipe \(FIFO\), not a file",
+        "huge": "is over 1048576 bytes",
+        "directory": "is a directory, not a file",
+        "missing": "does not exist",
+        "writable": r"writable by others than its owner \(mode 0646\)",
+    }[what]
+    if what == "link":
+        given.symlink_to(signers)
+    elif what == "fifo":
+        os.mkfifo(given)
+    elif what == "huge":
+        given.write_bytes(signers.read_bytes() * (1 << 20))
+    elif what == "directory":
+        given.mkdir()
+    elif what == "writable":
+        given.write_bytes(signers.read_bytes())
+        given.chmod(0o646)
+    with pytest.raises(ImageError, match=expected) as refused:
+        signatures.verify(image, given)
+    assert not isinstance(refused.value, SignatureError)  # `apppot image verify` exits 125: not checked
