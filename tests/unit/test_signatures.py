@@ -210,6 +210,11 @@ def test_what_cannot_be_signed_or_checked_says_why(
     with pytest.raises(ImageError, match=r"writable by others than its owner .* chmod go-w"):
         signatures.verify(image, signers)
     signers.chmod(0o644)
+    with pytest.raises(ImageError, match=r"no image file .*nothing\.img"):
+        signatures.verify(tmp_path / "nothing.img", signers)
+    for bad in ("", "alice smith", 'a"b', "a,b", "#x"):
+        with pytest.raises(UsageError, match=r"--identity .*: give a name without blanks"):
+            signatures.sign(image, key, bad)
     with pytest.raises(UsageError, match=r"--key .*nokey: no such file"):
         signatures.sign(image, tmp_path / "nokey", "alice@example.org")
     locked = keygen(tmp_path / "locked", passphrase="secret")

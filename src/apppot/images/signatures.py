@@ -104,6 +104,7 @@ def verify(image: Path, signers: Path, name: str | None = None) -> Verified:
 
     label = _label(image, name)
     allowed = read_signers(signers)
+    _require_image(image)
     record_file, record = _read_record(image, label)
     content_id = _content_id(record, record_file, label)
     sig_file = signature_path(image)
@@ -153,6 +154,9 @@ def sign(image: Path, key: Path, identity: str, name: str | None = None) -> Sign
     from apppot.images.verify import check_content
 
     label = _label(image, name)
+    _require_image(image)
+    if not identity or any(c.isspace() or c in '",' for c in identity) or identity.startswith("#"):
+        raise UsageError(f"--identity {identity!r}: give a name without blanks, quotes or commas, e.g. alice@example.org")
     record_file, record = _read_record(image, label, for_signing=True)
     check_content(image, _content_id(record, record_file, label))  # a changed image is refused, not signed
     armored = _run_sign(key, record)
@@ -184,6 +188,11 @@ def default_identity() -> str:
 
 
 # --- reading what others may have written ------------------------------------------------------
+
+
+def _require_image(image: Path) -> None:
+    if not os.path.isfile(image):
+        raise ImageError(f"no image file {image}; give an image name from 'apppot image list', or an image file")
 
 
 def _label(image: Path, name: str | None) -> str:
