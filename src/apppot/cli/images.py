@@ -141,7 +141,9 @@ def _add_signing(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "Only appliances built from a recipe can be signed: the tiny default appliance has no record. "
         "Prints the allowed-signers line a site adds to trust your key.",
     )
-    sign.add_argument("image", help="an image name from 'apppot image list', or an image file with its record beside it")
+    sign.add_argument(
+        "image", metavar="NAME", help="an image name from 'apppot image list', or an image file with its record beside it"
+    )
     sign.add_argument(
         "--key",
         type=Path,
@@ -150,8 +152,9 @@ def _add_signing(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     sign.add_argument(
         "--identity",
-        help="the name you sign as, in the allowed-signers line printed (default: USER@HOST); "
-        "an SSH signature holds only the key, the site's file names who it is",
+        metavar="ID",
+        help="the name you sign as, in the allowed-signers line printed (default: USER@HOST; no blanks, quotes "
+        "or commas); an SSH signature holds only the key, the site's file names who it is",
     )
     sign.add_argument("--json", action="store_true", help="machine-readable output")
     verify = sub.add_parser(
@@ -163,7 +166,9 @@ def _add_signing(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "not allow, a signature or image that does not match the record, a damaged signature); 125 the check "
         "could not be made (no or an unsafe allowed-signers file, no ssh-keygen, no such image).",
     )
-    verify.add_argument("image", help="an image name from 'apppot image list', or an image file with its record beside it")
+    verify.add_argument(
+        "image", metavar="NAME", help="an image name from 'apppot image list', or an image file with its record beside it"
+    )
     verify.add_argument(
         "--signers",
         type=Path,
