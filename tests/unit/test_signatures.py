@@ -342,3 +342,13 @@ def test_an_allowed_signers_file_of_any_kind_is_one_line_and_no_check(
     with pytest.raises(ImageError, match=expected) as refused:
         signatures.verify(image, given)
     assert not isinstance(refused.value, SignatureError)  # `apppot image verify` exits 125: not checked
+
+
+def test_removing_an_image_removes_its_signature(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    image = image_with_record(store.images_dir())
+    signatures.sign(image, keygen(tmp_path / "alice"), "alice@example.org")
+    assert image.with_suffix(".json.sig").exists()
+    removed, _ = store.remove("dev", keep_newest=False)
+    assert [path for path, _ in removed] == [image]
+    assert list(store.images_dir().iterdir()) == []
