@@ -33,6 +33,7 @@ class Bind(NamedTuple):
     source: str
     target: str
     writable: bool = False
+    fd: int | None = None  # bind this open file (read-only), not whatever ``source`` names when bubblewrap starts
 
 
 def bwrap_argv(bwrap: str, binds: list[Bind], *, proc: bool = False) -> list[str]:
@@ -46,7 +47,10 @@ def bwrap_argv(bwrap: str, binds: list[Bind], *, proc: bool = False) -> list[str
     for bind in binds:
         if bind.target not in seen:  # libraries shared by several programs are bound once
             seen.add(bind.target)
-            argv += ["--bind" if bind.writable else "--ro-bind", bind.source, bind.target]
+            if bind.fd is not None:
+                argv += ["--ro-bind-fd", str(bind.fd), bind.target]
+            else:
+                argv += ["--bind" if bind.writable else "--ro-bind", bind.source, bind.target]
     argv.append("--")
     return argv
 

@@ -100,6 +100,10 @@ class UmlInstance(Instance):
         lock_fd = cow.hold(target, fill, diskspace.filesystem_of(target).fstype)
         return GuestDisk(target.resolve(), watch, lock_fd)
 
+    def inherited_fds(self) -> list[int]:
+        image_fd = self.prepared.image_fd
+        return [image_fd] if image_fd is not None and self.bwrap is not None and not self.spec.writable_image else []
+
     def network(self) -> GuestNetwork:
         net = self.prepared.net
         return GuestNetwork(net.interface if net else None, net is not None and self.traits.ip_autoconfig)
@@ -155,7 +159,8 @@ class UmlInstance(Instance):
             binds += [Bind(str(src), str(dst)) for src, dst in p.net.sandbox_files(shared_libraries)]
             binds.append(Bind(str(paths.switch), str(paths.switch), writable=True))
         if not self.spec.writable_image:
-            binds.append(Bind(str(p.image.resolve()), cow.uml_base_path(p.image, p.fs_uuid)))
+            # The very file whose content id was checked, when it was (its name may have been given to another since).
+            binds.append(Bind(str(p.image.resolve()), cow.uml_base_path(p.image, p.fs_uuid), fd=p.image_fd))
         binds += [
             Bind(str(paths.disk), SANDBOX_COW, writable=True),
             Bind(str(paths.ctl), SANDBOX_CTL),  # read-only: even guest root cannot plant anything there
