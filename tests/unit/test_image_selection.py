@@ -58,7 +58,8 @@ def test_pick_by_prefix() -> None:
     a, b, c = stored("a", A), stored("b", B), stored("c", C)
     assert pick_by_prefix("ab12cd340", [(A, a), (B, b), (C, c)]) is a
     assert pick_by_prefix("99999999", [(A, a), (B, b), (C, c)]) is c
-    with pytest.raises(ImageError, match=r"names several images: sha256:ab12cd3400000000 \(a, /cache/a.img\), sha256:ab12cd34ffff"):
+    several = r"names several images: sha256:ab12cd3400000000 \(a, /cache/a.img\), sha256:ab12cd34ffff"
+    with pytest.raises(ImageError, match=several):
         pick_by_prefix("ab12cd34", [(A, a), (B, b), (C, c)])
     with pytest.raises(ImageError, match="no image with content id sha256:12345678"):
         pick_by_prefix("12345678", [(A, a), (B, b)])
@@ -128,7 +129,7 @@ def test_the_tiny_appliances_id_file(own_cache: Path) -> None:
     assert tiny.built_id(image) == digest
     image.with_suffix(".sha256").write_text(f"{digest}  tiny-other.img\n")  # another image's
     assert tiny.built_id(image) is None
-    with pytest.raises(ImageError, match="the tiny appliance .* has no record of its content id"):
+    with pytest.raises(ImageError, match=r"the tiny appliance .* has no record of its content id"):
         selection.expected_content_id(ChosenImage(image, ImageSource.DEFAULT))
 
 
