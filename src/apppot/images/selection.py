@@ -91,16 +91,11 @@ def choose_image(text: str) -> ChosenImage:
 
 def expected_content_id(chosen: ChosenImage) -> str:
     """The content id the image's record gives it: the stored image's, else the record beside the file
-    (NAME.json; the tiny appliance's NAME.sha256), else the stored image at that path."""
-    stored = chosen.stored
-    if stored is None:
-        stored = _record_beside(chosen.path)
-    if stored is None:
-        real = chosen.path.resolve()
-        stored = next((image for image in store.all_images() if image.path.resolve() == real), None)
-    built = tiny.built_id(chosen.path) if stored is None or stored.record is None else None
+    (NAME.json), else the record of the stored image at that path; the tiny appliance's as built (NAME.sha256)."""
+    stored = chosen.stored or _record_beside(chosen.path) or _stored_at(chosen.path)
     if stored is not None and stored.record is not None:
         return stored.record.content_id
+    built = tiny.built_id(chosen.path)
     if built is not None:
         return built
     if stored is not None or chosen.source is ImageSource.DEFAULT:  # the tiny appliance, without its id file
@@ -113,6 +108,11 @@ def expected_content_id(chosen: ChosenImage) -> str:
         "beside it, nor in the cache or a site directory); boot it without --verify, or use an image built by "
         "'apppot image build'"
     )
+
+
+def _stored_at(path: Path) -> StoredImage | None:
+    real = path.resolve()
+    return next((image for image in store.all_images() if image.path.resolve() == real), None)
 
 
 def _record_beside(path: Path) -> StoredImage | None:
