@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import own_kernel_only
+from tests.integration.conftest import BOTH_BACKENDS, own_kernel_only
 
 uml_kernel = own_kernel_only  # what is checked is the image: one kernel is enough
 
@@ -60,14 +60,18 @@ def change_keeping_mtime(image: Path) -> None:
 
 
 @pytest.fixture
-def cache(tmp_path: Path) -> Path:
+def cache(tmp_path: Path, cache_home: Path, backend: str) -> Path:
+    """A cache of the test's own, with the session's QEMU guest kernel when the test runs under QEMU."""
     path = tmp_path / "cache"
-    path.mkdir()
+    (path / "apppot").mkdir(parents=True)
+    if backend == "qemu":
+        (path / "apppot" / "guest-kernel").symlink_to(cache_home / "apppot" / "guest-kernel")
     return path
 
 
+@BOTH_BACKENDS
 def test_image_by_name_runs_and_the_same_image_changed_is_refused_naming_both_ids(
-    apppot, jobdir: Path, cache: Path, tiny_image: Path
+    apppot, backend: str, jobdir: Path, cache: Path, tiny_image: Path
 ) -> None:
     image = cached_image(cache, "mini", tiny_image)
     recorded = sha256(image)
