@@ -153,3 +153,22 @@ def test_a_fifo_in_the_images_place_does_not_hang(own_cache: Path) -> None:
     os.mkfifo(fifo)
     with pytest.raises(ImageError, match="not a regular file"):
         verify.check_content(fifo, "0" * 64)
+
+
+def test_the_content_id_of_a_fifo_is_an_error_not_a_hang(own_cache: Path) -> None:
+    import signal
+
+    fifo = own_cache / "x.img"
+    os.mkfifo(fifo)
+
+    def hung(_signum: int, _frame: object) -> None:
+        raise AssertionError("content_id blocked on a FIFO")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(5)
+    try:
+        with pytest.raises(OSError, match="not a regular file"):
+            verify.content_id(fifo)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

@@ -48,7 +48,7 @@ def id_prefix(text: str) -> str | None:
     digits = text[len(CONTENT_ID_PREFIX) :].lower()
     if not re.fullmatch(f"[0-9a-f]{{{MIN_ID_DIGITS},64}}", digits):
         raise UsageError(
-            f"--image {text}: after sha256: give {MIN_ID_DIGITS} to 64 hex digits of a content id "
+            f"image {text}: after sha256: give {MIN_ID_DIGITS} to 64 hex digits of a content id "
             "(the id column of 'apppot image list')"
         )
     return digits

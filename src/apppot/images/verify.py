@@ -9,6 +9,7 @@ change in the same tick would keep every part of the key (git's "racy" files).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -34,9 +35,11 @@ def _hash_open_file(fd: int) -> str:
 
 def content_id(path: Path) -> str:
     """sha256 of the file's bytes, from the cache when this very version of the file was hashed before.
-    Raises OSError when the file cannot be read."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    Raises OSError when the file cannot be read or is not a regular file (a FIFO would block the reader)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
         return content_id_of_open_file(fd)
     finally:
         os.close(fd)
