@@ -81,6 +81,19 @@ def probe(bwrap: str | None) -> str | None:
     return cached("bwrap-probe", key, lambda: {"reason": _probe(bwrap)})["reason"]
 
 
+def binds_open_files(bwrap: str) -> bool:
+    """Whether this bubblewrap binds an open file (--ro-bind-fd, bubblewrap 0.8.0 and later); cached per bwrap."""
+
+    def ask() -> dict[str, bool]:
+        try:
+            result = subprocess.run([bwrap, "--help"], stdin=subprocess.DEVNULL, capture_output=True, check=False)
+        except OSError:
+            return {"ro_bind_fd": False}
+        return {"ro_bind_fd": b"--ro-bind-fd" in result.stdout + result.stderr}
+
+    return bool(cached("bwrap-bind-fd", [file_identity(Path(bwrap))], ask)["ro_bind_fd"])
+
+
 def _read_sysctl(path: str) -> str:
     try:
         with open(path) as f:

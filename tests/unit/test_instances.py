@@ -94,6 +94,24 @@ def test_a_checked_image_is_bound_by_the_descriptor_it_was_checked_through(tmp_p
         os.close(fd)
 
 
+def test_an_older_bubblewrap_binds_the_checked_image_by_its_name(tmp_path: Path) -> None:
+    """bubblewrap before 0.8.0 has no --ro-bind-fd: the image is bound by name, the runner's check guards it."""
+    old_bwrap = tmp_path / "bwrap"
+    old_bwrap.write_text("#!/bin/sh\necho '    --ro-bind SRC DEST           Bind mount the host path SRC readonly on DEST'\n")
+    old_bwrap.chmod(0o755)
+    p = _prepared(tmp_path)
+    fd = os.open(p.image, os.O_RDONLY)
+    try:
+        spec = JobSpec(argv=("true",), jobdir=tmp_path / "job")
+        kernel = FoundKernel(Path("/bin/true"), KernelSource.OPTION)
+        inst = UmlInstance(spec, p._replace(image_fd=fd), kernel, TRAITS, str(old_bwrap))
+        argv = inst.command(_paths(tmp_path), FDS, STREAMS)
+        assert "--ro-bind-fd" not in argv and inst.inherited_fds() == []
+        assert _pairs(argv, "--ro-bind")[cow.uml_base_path(p.image, p.fs_uuid)] == str(p.image.resolve())
+    finally:
+        os.close(fd)
+
+
 def test_uml_without_a_sandbox_gets_host_paths_and_dies_with_apppot(tmp_path: Path) -> None:
     spec = JobSpec(argv=("true",), jobdir=tmp_path / "job", writable_image=True)
     p = _prepared(tmp_path)

@@ -20,7 +20,7 @@ from apppot.kernel import FoundKernel, KernelTraits, find_kernel, kernel_traits,
 from apppot.network import choose_network
 from apppot.proc import which
 from apppot.protocol import KERNEL_CMDLINE_LIMIT, render_kernel_params
-from apppot.sandbox import Bind, bwrap_argv, find_bwrap, is_setuid, probe, require_or_warn
+from apppot.sandbox import Bind, binds_open_files, bwrap_argv, find_bwrap, is_setuid, probe, require_or_warn
 from apppot.say import Say
 from apppot.spec import PAGE, JobSpec, choose_mem
 from apppot.streams import Streams
@@ -101,8 +101,15 @@ class UmlInstance(Instance):
         return GuestDisk(target.resolve(), watch, lock_fd)
 
     def inherited_fds(self) -> list[int]:
-        image_fd = self.prepared.image_fd
-        return [image_fd] if image_fd is not None and self.bwrap is not None and not self.spec.writable_image else []
+        image_fd = self._bound_image_fd()
+        return [image_fd] if image_fd is not None else []
+
+    def _bound_image_fd(self) -> int | None:
+        """The checked image's descriptor, when bubblewrap binds it (else UML opens the image by its name)."""
+        fd = self.prepared.image_fd
+        if fd is None or self.bwrap is None or self.spec.writable_image or not binds_open_files(self.bwrap):
+            return None
+        return fd
 
     def network(self) -> GuestNetwork:
         net = self.prepared.net
@@ -160,7 +167,7 @@ class UmlInstance(Instance):
             binds.append(Bind(str(paths.switch), str(paths.switch), writable=True))
         if not self.spec.writable_image:
             # The very file whose content id was checked, when it was (its name may have been given to another since).
-            binds.append(Bind(str(p.image.resolve()), cow.uml_base_path(p.image, p.fs_uuid), fd=p.image_fd))
+            binds.append(Bind(str(p.image.resolve()), cow.uml_base_path(p.image, p.fs_uuid), fd=self._bound_image_fd()))
         binds += [
             Bind(str(paths.disk), SANDBOX_COW, writable=True),
             Bind(str(paths.ctl), SANDBOX_CTL),  # read-only: even guest root cannot plant anything there
