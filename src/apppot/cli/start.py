@@ -44,6 +44,8 @@ image verification:
   the cache's or a site's record of that file; none is an error). An image changed since its record was
   written is refused ({EXIT_APPPOT_ERROR}), naming both ids. The first check of an image hashes it; the id is
   then kept in the cache for that very version of the file (device, inode, size, mtime, ctime).
+  The tiny appliance is checked against the id its build wrote beside it (tiny-ID.sha256): under
+  --image tiny, and the default one (no --image) under --verify.
 
 environment: APPPOT_IMAGE (--image), APPPOT_VERIFY (1: --verify), APPPOT_MEM (--mem), APPPOT_KERNEL (--kernel),
 APPPOT_CPU (--cpu), APPPOT_BACKEND (--backend), APPPOT_KVM (1: --kvm, 0: --no-kvm), APPPOT_HOST_LOOPBACK (1: --host-loopback),
