@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,28 @@ def test_debian_dev_by_name_and_a_changed_copy(apppot, jobdir: Path, cache: Path
     change_keeping_mtime(image)
     r = apppot(["start", "--image", "dev", "--", "true"], cwd=jobdir, env=env)
     assert r.returncode == 125 and str(debian_dev["content_id"])[:16] in r.err and sha256(image)[:16] in r.err, r.err
+
+
+def test_a_users_own_image_changed_by_that_user_is_refused(apppot, tmp_path: Path, test_user: str, tiny_image: Path) -> None:
+    """A plain user cannot put back a changed image's ctime: the cached id of the old version is not taken."""
+    import sys
+
+    from tests.conftest import chown_to
+
+    user_cache = tmp_path / f"cache-{test_user}"  # the cache the apppot fixture gives this user
+    image = cached_image(user_cache, "mini", tiny_image)
+    subprocess.run(["chown", "-R", test_user, str(user_cache)], check=True)
+    jobdir = tmp_path / "userjob"
+    jobdir.mkdir()
+    chown_to(jobdir, test_user)
+    time.sleep(2.1)  # a file changed in the last 2 s is not cached: this one is to be
+    assert apppot(["start", "--image", "mini", "--", "true"], cwd=jobdir, as_user=test_user).returncode == 0
+    assert list((user_cache / "apppot" / "host").glob("content-id-*.json"))  # its id, cached for that version
+    change = (
+        "import os,sys; p=sys.argv[1]; st=os.stat(p); f=open(p,'r+b'); f.seek(st.st_size-1); f.write(b'\\1'); f.close(); "
+        "os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))"
+    )
+    setpriv = ["setpriv", f"--reuid={test_user}", f"--regid={test_user}", "--init-groups", "--"]
+    subprocess.run([*setpriv, sys.executable, "-c", change, str(image)], check=True)
+    r = apppot(["start", "--image", "mini", "--", "true"], cwd=jobdir, as_user=test_user)
+    assert r.returncode == 125 and sha256(image)[:16] in r.err and "was changed after it was built" in r.err, r.err
