@@ -11,7 +11,9 @@ caller with the caller's cache (the tiny appliance, AppPot's kernel, Debian's gu
   calibrates its delay loop instead of taking AppPot's cached lpj=);
 - `syscall` and `syscall-cpu-all`: the cost of one guest system call, from `dd bs=1` copying
   200000 bytes in the guest (two system calls a byte), less `true`, pinned and not;
-- `debian-dev-true`: `apppot start --image debian-dev -- true`;
+- `debian-dev-true`: `apppot start --image debian-dev -- true` (the image given as a file: not verified);
+- `debian-dev-verify-warm` and `debian-dev-verify-cold`: the same with `--verify` (its content id checked
+  against its record), with the id in the cache of verified ids, and with that cache emptied before each run;
 - `full-boot`: `apppot start --image debian-services --full-boot -- true` (systemd boots first);
 - `export-tiny`: `apppot image export tiny -o FILE.qcow2`.
 
@@ -32,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 APPPOT = str(Path(sys.executable).parent / "apppot")
@@ -42,10 +45,12 @@ def apppot(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([APPPOT, *args], cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
 
 
-def median_seconds(args: list[str], cwd: Path, runs: int) -> float:
-    """Median wall time of `apppot ARGS`, after one warm-up run; a failing run stops the benchmark."""
+def median_seconds(args: list[str], cwd: Path, runs: int, before: Callable[[], None] = lambda: None) -> float:
+    """Median wall time of `apppot ARGS`, after one warm-up run (``before`` runs untimed before each);
+    a failing run stops the benchmark."""
     times = []
     for i in range(runs + 1):
+        before()
         started = time.perf_counter()
         r = apppot(*args, cwd=cwd)
         elapsed = time.perf_counter() - started
@@ -65,6 +70,14 @@ def image_record(image: str, cwd: Path) -> dict[str, object] | None:
     if "build_seconds" not in info and beside.is_file():
         info |= json.loads(beside.read_text())
     return info
+
+
+def forget_content_ids() -> None:
+    """Empty the cache of verified content ids (apppot.images.verify), so that the next check hashes the image."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    host = Path(base if os.path.isabs(base) else Path.home() / ".cache") / "apppot" / "host"
+    for entry in host.glob("content-id-*.json"):
+        entry.unlink(missing_ok=True)
 
 
 def measure(runs: int, debian_dev: str, services: str, tmp: Path, progress: bool) -> dict[str, object]:
@@ -91,6 +104,11 @@ def measure(runs: int, debian_dev: str, services: str, tmp: Path, progress: bool
         missing["debian-dev-true"] = missing["debian-dev-build"] = why
     else:
         timed("debian-dev-true", ["start", "--image", str(dev["path"]), "--", "true"])
+        verified = ["start", "--verify", "--image", str(dev["path"]), "--", "true"]
+        timed("debian-dev-verify-warm", verified)
+        if progress:
+            print("measuring debian-dev-verify-cold: the same, each run with no content id cached", file=sys.stderr)
+        figures["debian-dev-verify-cold"] = median_seconds(verified, tmp, runs, forget_content_ids)
         if isinstance(dev.get("build_seconds"), int | float):
             figures["debian-dev-build"] = float(dev["build_seconds"])  # type: ignore[arg-type]
     svc = image_record(services, tmp)
@@ -143,9 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     seconds = report["seconds"]
     assert isinstance(seconds, dict)
     for key, value in seconds.items():
-        print(f"{key:18} {shown(key, value)}")
+        print(f"{key:23} {shown(key, value)}")
     for key, why in dict(report["missing"]).items():  # type: ignore[call-overload]
-        print(f"{key:18} not measured: {why}")
+        print(f"{key:23} not measured: {why}")
     return 0
 
 

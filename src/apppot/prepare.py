@@ -22,7 +22,8 @@ from apppot.backends.uml import AGENT_SERVICE, SYSTEMD_PATH
 from apppot.backends.uml_instance import HOSTFS_SAFE, UmlInstance
 from apppot.errors import CowError, HostError, UsageError
 from apppot.images import ext4, sites, tiny
-from apppot.images.store import cache_dir, find_published_tiny, resolve_image
+from apppot.images.selection import ChosenImage, ImageSource, choose_image, open_verified
+from apppot.images.store import cache_dir, find_published_tiny
 from apppot.jobdir import check_jobdir, check_not_in_cache, check_outside
 from apppot.say import Say
 from apppot.spec import DEFAULT_MEM, JobSpec
@@ -54,17 +55,33 @@ def prepare(spec: JobSpec, say: Say, decision: Decision) -> Instance:
     for site in sites.site_dirs():  # the images and the kernel every user's jobs run
         fix = f"use another --jobdir, or leave it out of {sites.IMAGE_PATH_ENV}"
         check_outside(jobdir, site, "the site image directory", fix)
-    image = resolve_image(str(spec.image)) if spec.image is not None else default_image(say)
+    chosen = choose_image(str(spec.image)) if spec.image is not None else ChosenImage(default_image(say), ImageSource.DEFAULT)
+    image = chosen.path
     _refuse_writing_published(spec, image)
     fs_uuid = ext4.filesystem_uuid(image)  # also says when the image is missing or unreadable
     changes = spec.changes if spec.changes is not None else _auto_changes(jobdir)
     common = Prepared(image, fs_uuid, jobdir, spec.mem_bytes or DEFAULT_MEM, None, _instance_id(spec), None, changes)
     _check_image_use(spec, image)
-    if decision.backend is Backend.QEMU:
-        from apppot.backends.qemu_instance import QemuInstance  # not loaded for UML jobs
+    # Last of the checks every backend shares: hashing a large image the first time takes seconds.
+    common = common._replace(image_fd=_verified_image(spec, chosen, say))
+    try:
+        if decision.backend is Backend.QEMU:
+            from apppot.backends.qemu_instance import QemuInstance  # not loaded for UML jobs
 
-        return QemuInstance.prepare(spec, say, common, decision)
-    return UmlInstance.prepare(spec, say, common)
+            return QemuInstance.prepare(spec, say, common, decision)
+        return UmlInstance.prepare(spec, say, common)
+    except BaseException:
+        if common.image_fd is not None:
+            os.close(common.image_fd)
+        raise
+
+
+def _verified_image(spec: JobSpec, chosen: ChosenImage, say: Say) -> int | None:
+    """The image, opened and checked against its record's content id when it must be (selection.needs_verification)."""
+    fd = open_verified(chosen, spec.verify)
+    if fd is not None and spec.verbose:
+        say(f"image: {chosen.path} ({chosen.source}) has its record's content id")
+    return fd
 
 
 def _keep_cache_outside(jobdir: Path, say: Say | None) -> None:

@@ -170,7 +170,7 @@ class Job:
         if self.spec.verbose:
             self.say(f"running: {shlex.join(argv)}")
 
-        pass_fds = [log_fd, out_w, err_w, *(terminal or ())]
+        pass_fds = [log_fd, out_w, err_w, *(terminal or ()), *self.instance.inherited_fds()]
         affinity = os.sched_getaffinity(0)
         try:
             if p.net is not None:  # first, on no pinned CPU; the hypervisor joins its switch as it boots
@@ -178,6 +178,7 @@ class Job:
             if p.cpu is not None:  # inherited by UML and all its processes; this thread's is restored below
                 os.sched_setaffinity(0, {p.cpu})
             stdin, stdout = self.instance.stdio(fds)
+            self.instance.check_image_unchanged()  # last thing before the spawn: the window left is the exec
             if self.held_keys is not None:
                 make_raw(0, isig=True)  # before the hypervisor starts: keys typed from now on are neither echoed nor lost
             self.proc = subprocess.Popen(
@@ -201,6 +202,8 @@ class Job:
                 os.sched_setaffinity(0, affinity)
             for fd in pass_fds:
                 os.close(fd)
+            if p.image_fd is not None and p.image_fd not in pass_fds:
+                os.close(p.image_fd)
         threading.Thread(target=self._wait_hypervisor, name="apppot-wait", daemon=True).start()
         relays = start_relays(out_r, err_r, streams.stderr is StreamMode.STDOUT, self._broken_pipe)
         spool = open_stdin(streams.stdin, channel, self.wake.set)

@@ -33,6 +33,7 @@ class Bind(NamedTuple):
     source: str
     target: str
     writable: bool = False
+    fd: int | None = None  # bind this open file (read-only), not whatever ``source`` names when bubblewrap starts
 
 
 def bwrap_argv(bwrap: str, binds: list[Bind], *, proc: bool = False) -> list[str]:
@@ -46,7 +47,10 @@ def bwrap_argv(bwrap: str, binds: list[Bind], *, proc: bool = False) -> list[str
     for bind in binds:
         if bind.target not in seen:  # libraries shared by several programs are bound once
             seen.add(bind.target)
-            argv += ["--bind" if bind.writable else "--ro-bind", bind.source, bind.target]
+            if bind.fd is not None:
+                argv += ["--ro-bind-fd", str(bind.fd), bind.target]
+            else:
+                argv += ["--bind" if bind.writable else "--ro-bind", bind.source, bind.target]
     argv.append("--")
     return argv
 
@@ -75,6 +79,19 @@ def probe(bwrap: str | None) -> str | None:
         return "bubblewrap (bwrap) is not installed: sudo apt-get install bubblewrap"
     key = [file_identity(Path(bwrap)), os.uname().release, *map(_read_sysctl, _USERNS_SYSCTLS)]
     return cached("bwrap-probe", key, lambda: {"reason": _probe(bwrap)})["reason"]
+
+
+def binds_open_files(bwrap: str) -> bool:
+    """Whether this bubblewrap binds an open file (--ro-bind-fd, bubblewrap 0.8.0 and later); cached per bwrap."""
+
+    def ask() -> dict[str, bool]:
+        try:
+            result = subprocess.run([bwrap, "--help"], stdin=subprocess.DEVNULL, capture_output=True, check=False)
+        except OSError:
+            return {"ro_bind_fd": False}
+        return {"ro_bind_fd": b"--ro-bind-fd" in result.stdout + result.stderr}
+
+    return bool(cached("bwrap-bind-fd", [file_identity(Path(bwrap))], ask)["ro_bind_fd"])
 
 
 def _read_sysctl(path: str) -> str:

@@ -13,6 +13,7 @@ from apppot.backends.base import GuestFds, Prepared, RunPaths
 from apppot.backends.qemu import Accel
 from apppot.backends.qemu_instance import QemuInstance
 from apppot.backends.uml_instance import SANDBOX_COW, SANDBOX_CTL, SANDBOX_OUT, UmlInstance
+from apppot.errors import ImageError
 from apppot.kernel import FoundKernel, KernelSource, KernelTraits
 from apppot.protocol import StdinMode, StreamMode
 from apppot.spec import JobSpec
@@ -69,6 +70,46 @@ def test_uml_in_its_sandbox_sees_the_control_directory_read_only_and_writes_only
     assert kernel_args[:3] == ["/apppot/linux", f"ubd0={SANDBOX_COW},{cow.uml_base_path(p.image, p.fs_uuid)}", "root=/dev/ubda"]
     assert "ssl0=null,fd:8" in kernel_args and "con0=null,fd:7" in kernel_args and "seccomp=on" in kernel_args
     assert inst.stdio(FDS) == (subprocess.DEVNULL, 7)
+
+
+def test_a_checked_image_is_bound_by_the_descriptor_it_was_checked_through(tmp_path: Path) -> None:
+    """Not by its name: a file put in its place after the check is not what UML boots."""
+    p = _prepared(tmp_path)
+    fd = os.open(p.image, os.O_RDONLY)
+    try:
+        p = p._replace(image_fd=fd)
+        spec = JobSpec(argv=("true",), jobdir=tmp_path / "job")
+        inst = UmlInstance(spec, p, FoundKernel(Path("/bin/true"), KernelSource.OPTION), TRAITS, "/usr/bin/bwrap")
+        argv = inst.command(_paths(tmp_path), FDS, STREAMS)
+        assert _pairs(argv, "--ro-bind-fd") == {cow.uml_base_path(p.image, p.fs_uuid): str(fd)}
+        assert str(p.image.resolve()) not in _pairs(argv, "--ro-bind").values() and inst.inherited_fds() == [fd]
+        inst.check_image_unchanged()
+        p.image.rename(tmp_path / "moved.ext4")
+        p.image.write_bytes(b"\0" * 4096)  # another file under the checked name
+        with pytest.raises(ImageError, match="was replaced or changed after its content id was checked"):
+            inst.check_image_unchanged()
+        unsandboxed = UmlInstance(spec, p, FoundKernel(Path("/bin/true"), KernelSource.OPTION), TRAITS, None)
+        assert unsandboxed.inherited_fds() == []  # UML opens the image by its name: only the check guards it
+    finally:
+        os.close(fd)
+
+
+def test_an_older_bubblewrap_binds_the_checked_image_by_its_name(tmp_path: Path) -> None:
+    """bubblewrap before 0.8.0 has no --ro-bind-fd: the image is bound by name, the runner's check guards it."""
+    old_bwrap = tmp_path / "bwrap"
+    old_bwrap.write_text("#!/bin/sh\necho '    --ro-bind SRC DEST           Bind mount the host path SRC readonly on DEST'\n")
+    old_bwrap.chmod(0o755)
+    p = _prepared(tmp_path)
+    fd = os.open(p.image, os.O_RDONLY)
+    try:
+        spec = JobSpec(argv=("true",), jobdir=tmp_path / "job")
+        kernel = FoundKernel(Path("/bin/true"), KernelSource.OPTION)
+        inst = UmlInstance(spec, p._replace(image_fd=fd), kernel, TRAITS, str(old_bwrap))
+        argv = inst.command(_paths(tmp_path), FDS, STREAMS)
+        assert "--ro-bind-fd" not in argv and inst.inherited_fds() == []
+        assert _pairs(argv, "--ro-bind")[cow.uml_base_path(p.image, p.fs_uuid)] == str(p.image.resolve())
+    finally:
+        os.close(fd)
 
 
 def test_uml_without_a_sandbox_gets_host_paths_and_dies_with_apppot(tmp_path: Path) -> None:

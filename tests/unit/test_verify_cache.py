@@ -18,13 +18,24 @@ def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(verify, "SETTLED_NS", 0)  # these files were all made just now
 
 
+def count_hashing(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The descriptors hashed from now on."""
+    calls: list[int] = []
+    real = verify._hash_open_file
+
+    def counted(fd: int) -> str:
+        calls.append(fd)
+        return real(fd)
+
+    monkeypatch.setattr(verify, "_hash_open_file", counted)
+    return calls
+
+
 def test_id_is_sha256_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     image = tmp_path / "a.img"
     image.write_bytes(b"x" * 3_000_000)
     assert verify.content_id(image) == hashlib.sha256(image.read_bytes()).hexdigest()
-    calls = []
-    real = verify._hash_open_file
-    monkeypatch.setattr(verify, "_hash_open_file", lambda fd: calls.append(fd) or real(fd))
+    calls = count_hashing(monkeypatch)
     verify.content_id(image)
     assert calls == []
 
@@ -48,9 +59,7 @@ def test_file_changed_just_now_is_not_cached(tmp_path: Path, monkeypatch: pytest
     image.write_bytes(b"fresh")
     monkeypatch.setattr(verify, "SETTLED_NS", 10**12)
     verify.content_id(image)
-    calls = []
-    real = verify._hash_open_file
-    monkeypatch.setattr(verify, "_hash_open_file", lambda fd: calls.append(fd) or real(fd))
+    calls = count_hashing(monkeypatch)
     verify.content_id(image)
     assert calls
 

@@ -33,6 +33,7 @@ class Prepared(NamedTuple):
     changes: Path | None = None  # a changes archive to merge at boot (checked as it is copied, before the boot)
     warnings: tuple[str, ...] = ()  # said before every boot: what the job gets differs from what was asked
     notices: tuple[str, ...] = ()  # host conditions no job changes: said once to a terminal (apppot.notices), or under -v
+    image_fd: int | None = None  # the image, opened when its content id was checked: the file the guest boots
 
 
 class RunPaths(NamedTuple):
@@ -95,6 +96,18 @@ class Instance(ABC):
     def stdio(self, fds: GuestFds) -> tuple[int, int]:
         """The hypervisor process's own stdin and stdout."""
         return subprocess.DEVNULL, fds.log
+
+    def inherited_fds(self) -> list[int]:
+        """Descriptors of the job's files the hypervisor's command line names (the checked image, bound by bubblewrap)."""
+        return []
+
+    def check_image_unchanged(self) -> None:
+        """Refuse, just before the hypervisor opens the image by its name, when that name no longer gives the
+        file whose content id was checked."""
+        if self.prepared.image_fd is not None:
+            from apppot.images.verify import check_still_named
+
+            check_still_named(self.prepared.image_fd, self.prepared.image)
 
     # The agent tells when the guest's terminal can take keys: until then the host holds them (apppot.typeahead).
     holds_typed_keys = False

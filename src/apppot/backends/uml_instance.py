@@ -20,7 +20,7 @@ from apppot.kernel import FoundKernel, KernelTraits, find_kernel, kernel_traits,
 from apppot.network import choose_network
 from apppot.proc import which
 from apppot.protocol import KERNEL_CMDLINE_LIMIT, render_kernel_params
-from apppot.sandbox import Bind, bwrap_argv, find_bwrap, is_setuid, probe, require_or_warn
+from apppot.sandbox import Bind, binds_open_files, bwrap_argv, find_bwrap, is_setuid, probe, require_or_warn
 from apppot.say import Say
 from apppot.spec import PAGE, JobSpec, choose_mem
 from apppot.streams import Streams
@@ -100,6 +100,17 @@ class UmlInstance(Instance):
         lock_fd = cow.hold(target, fill, diskspace.filesystem_of(target).fstype)
         return GuestDisk(target.resolve(), watch, lock_fd)
 
+    def inherited_fds(self) -> list[int]:
+        image_fd = self._bound_image_fd()
+        return [image_fd] if image_fd is not None else []
+
+    def _bound_image_fd(self) -> int | None:
+        """The checked image's descriptor, when bubblewrap binds it (else UML opens the image by its name)."""
+        fd = self.prepared.image_fd
+        if fd is None or self.bwrap is None or self.spec.writable_image or not binds_open_files(self.bwrap):
+            return None
+        return fd
+
     def network(self) -> GuestNetwork:
         net = self.prepared.net
         return GuestNetwork(net.interface if net else None, net is not None and self.traits.ip_autoconfig)
@@ -155,7 +166,8 @@ class UmlInstance(Instance):
             binds += [Bind(str(src), str(dst)) for src, dst in p.net.sandbox_files(shared_libraries)]
             binds.append(Bind(str(paths.switch), str(paths.switch), writable=True))
         if not self.spec.writable_image:
-            binds.append(Bind(str(p.image.resolve()), cow.uml_base_path(p.image, p.fs_uuid)))
+            # The very file whose content id was checked, when it was (its name may have been given to another since).
+            binds.append(Bind(str(p.image.resolve()), cow.uml_base_path(p.image, p.fs_uuid), fd=self._bound_image_fd()))
         binds += [
             Bind(str(paths.disk), SANDBOX_COW, writable=True),
             Bind(str(paths.ctl), SANDBOX_CTL),  # read-only: even guest root cannot plant anything there

@@ -54,7 +54,7 @@ def cmd_image(argv: Sequence[str]) -> int:
     remove.add_argument("--old", action="store_true", help="keep the newest, remove the older ones")
     remove.add_argument("--json", action="store_true", help="machine-readable output")
     info = sub.add_parser("info", help="an image's recipe, ids, agent and size")
-    info.add_argument("image", help="an image name from the cache, or an image file")
+    info.add_argument("image", help="an image name from the cache, sha256:PREFIX of its content id, or an image file")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     export = sub.add_parser("export", help="write an image as a disk any hypervisor boots by itself (no AppPot needed)")
     export.add_argument("image", help="an image name from the cache, or an image file")
@@ -120,11 +120,13 @@ def cmd_image(argv: Sequence[str]) -> int:
             print_table(rows, ["name", "id", "size", "used", "built", "where", "path"])
         return 0
     else:
-        path = store.resolve_image(ns.image)
+        from apppot.images import selection, verify
+
+        path = selection.choose_image(ns.image).path  # a name, sha256:PREFIX or a file, as apppot start takes them
         stored = next((i for i in store.all_images() if i.path.resolve() == path.resolve()), None)
         record = _image_row(stored) if stored else {"path": str(path)}
         if not stored:
-            content_id = tiny.image_id(path)
+            content_id = verify.content_id(path)
             record |= {"id": content_id[:16], "content_id": content_id}
         record |= {"uuid": ext4.filesystem_uuid(path)}
     print_record(record, ns.json)
@@ -180,11 +182,11 @@ def _add_signing(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def _image_row(image: StoredImage) -> dict[str, object]:
-    from apppot.images import tiny
+    from apppot.images import selection
 
     st = image.path.stat()
-    # The tiny appliance has no record: its id is computed (a 64 MiB sparse file: fast).
-    content_id = image.record.content_id if image.record else tiny.image_id(image.path)
+    # What `--image sha256:` matches: the record's id; the tiny appliance's as built (else its bytes').
+    content_id = selection.stored_content_id(image)
     row: dict[str, object] = {
         "name": image.record.name if image.record else "tiny",
         "id": content_id[:16],

@@ -37,8 +37,18 @@ exit status:
   128+N if apppot start itself was stopped by signal N (SIGINT, SIGTERM);
   141 if the reader of the job's stdout or stderr went away (as SIGPIPE ends a program).
 
-environment: APPPOT_IMAGE (--image), APPPOT_MEM (--mem), APPPOT_KERNEL (--kernel), APPPOT_CPU (--cpu),
-APPPOT_BACKEND (--backend), APPPOT_KVM (1: --kvm, 0: --no-kvm), APPPOT_HOST_LOOPBACK (1: --host-loopback),
+image verification:
+  an image named by name (--image NAME, --apppot NAME, $APPPOT_IMAGE=NAME) or by content id (--image
+  sha256:PREFIX, 8 to 64 hex digits of an id from 'apppot image list') is checked against its record's
+  content id before it boots, and any image with --verify (a file: its record NAME.json beside it, or
+  the cache's or a site's record of that file; none is an error). An image changed since its record was
+  written is refused ({EXIT_APPPOT_ERROR}), naming both ids. The first check of an image hashes it; the id is
+  then kept in the cache for that very version of the file (device, inode, size, mtime, ctime).
+  The tiny appliance is checked against the id its build wrote beside it (tiny-ID.sha256): under
+  --image tiny, and the default one (no --image) under --verify.
+
+environment: APPPOT_IMAGE (--image), APPPOT_VERIFY (1: --verify), APPPOT_MEM (--mem), APPPOT_KERNEL (--kernel),
+APPPOT_CPU (--cpu), APPPOT_BACKEND (--backend), APPPOT_KVM (1: --kvm, 0: --no-kvm), APPPOT_HOST_LOOPBACK (1: --host-loopback),
 APPPOT_MIN_FREE (the free space the guest's disk needs before the boot; 0 skips the check),
 APPPOT_TRUSTED_SIGNERS (an allowed-signers file: only images signed by its signers run, see apppot image verify;
 a file allowed_signers in a site image directory does the same; refused images exit 125).
@@ -68,7 +78,15 @@ START_OPTIONS = (
         "image",
         "value",
         "IMG",
-        "appliance image file, or the name of one in the cache (default: $APPPOT_IMAGE, else the tiny appliance)",
+        "appliance image file, the name of one in the cache or a site directory, or sha256:PREFIX of its content id "
+        "(default: $APPPOT_IMAGE, else the tiny appliance); a name or sha256: is verified before the boot",
+    ),
+    _Option(
+        ("--verify",),
+        "verify",
+        "flag",
+        None,
+        "check the image's bytes against its record's content id before the boot, whatever names it ($APPPOT_VERIFY=1)",
     ),
     _Option(("--apppot", "--appot"), "apppot", "value", "[COW,]IMG", "seed syntax: image, or COW file and image"),
     _Option(("--cow",), "cow", "path", "FILE", "keep the job's changes in FILE across jobs"),
@@ -270,7 +288,7 @@ def split_seed_image(value: str) -> tuple[Path | None, str]:
 
     A path may hold a comma or a colon itself: a value naming an existing file is the image, and
     of the places it could be split, the first one after which an existing image is named wins."""
-    if Path(value).exists():
+    if Path(value).exists() or value.startswith("sha256:"):  # a content id's colon splits nothing
         return None, value
     places = [i for i, c in enumerate(value) if c in ",:"]
     if not places:
@@ -326,6 +344,7 @@ def parse_start(argv: Sequence[str], prog: str = "apppot start") -> JobSpec:
         kvm=ns.kvm if ns.kvm is not None else _kvm_env(),
         no_stdin=ns.no_stdin,
         boot_timeout_s=parse_seconds(ns.boot_timeout, "--boot-timeout") if ns.boot_timeout else DEFAULT_BOOT_TIMEOUT_S,
+        verify=ns.verify or _verify_env(),
     )
 
 
@@ -345,6 +364,16 @@ def _kvm_env() -> bool | None:
     if value in ("0", "1"):
         return value == "1"
     raise UsageError(f"APPPOT_KVM={value!r}: use 1 (require KVM), 0 (no KVM) or auto")
+
+
+VERIFY_ENV = "APPPOT_VERIFY"
+
+
+def _verify_env() -> bool:
+    value = os.environ.get(VERIFY_ENV, "")
+    if value not in ("", "0", "1"):
+        raise UsageError(f"{VERIFY_ENV}={value!r}: use 1 (verify every image before it boots) or 0")
+    return value == "1"
 
 
 def cmd_start(argv: Sequence[str], prog: str = "apppot start") -> int:

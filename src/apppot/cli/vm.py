@@ -23,9 +23,9 @@ PrintRecord = Callable[[Mapping[str, object], bool], None]
 
 
 def image_export(ns: argparse.Namespace, say: Say, print_record: PrintRecord) -> int:
-    from apppot.images import export, store
+    from apppot.images import export, selection
 
-    image = store.resolve_image(ns.image)
+    image = selection.choose_image(ns.image).path  # a name, sha256:PREFIX or a file, as apppot start takes them
     fmt = export.DiskFormat.from_name(ns.format) if ns.format else export.DiskFormat.from_suffix(ns.output)
     if fmt is None:
         raise UsageError(
@@ -69,9 +69,9 @@ def cmd_cloud_seed(argv: Sequence[str]) -> int:
     from apppot.submit import cloud
 
     if ns.image:
-        from apppot.images import store
+        from apppot.images import selection
 
-        image = store.resolve_image(ns.image)
+        image = selection.choose_image(ns.image).path
         if not cloud.image_reads_user_data(image):
             raise UsageError(f"the agent in {image} predates cloud user-data; rebuild the image with this AppPot")
     jobdir = None if ns.no_jobdir else ns.jobdir

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from apppot.errors import ImageError
-from apppot.images import signatures, sites, store
+from apppot.images import signatures, sites, store, tiny
 from apppot.images.holes import data_regions
 from apppot.say import Say
 
@@ -89,11 +89,15 @@ def publish(name: str, directory: Path | None, *, force: bool, kernel: str | Non
         else:
             signature_path.unlink(missing_ok=True)
         copied += _install(source.path.with_suffix(store.RECORD_SUFFIX), record_path, FILE_MODE, say)
+    built_id = source.path.with_suffix(tiny.ID_SUFFIX)
+    if source.record is None and built_id.is_file():  # the tiny appliance's content id, to verify it against
+        copied += _install(built_id, image_path.with_suffix(tiny.ID_SUFFIX), FILE_MODE, say)
     for old in others:  # the record first: it is what makes an image visible
         if old.path == image_path:
             continue  # replaced by the rename above
         old.path.with_suffix(store.RECORD_SUFFIX).unlink(missing_ok=True)
         signatures.signature_path(old.path).unlink(missing_ok=True)
+        old.path.with_suffix(tiny.ID_SUFFIX).unlink(missing_ok=True)
         old.path.unlink(missing_ok=True)
     if kernel_source is not None and not kernel_same:
         _make_dir(kernel_dir)

@@ -2,7 +2,8 @@
 addressed by name and by content id.
 
 A built appliance is two files in images_dir(): NAME-RECIPEID.img and NAME-RECIPEID.json, the record
-of what went into it. The tiny default appliance is tiny-INPUTSID.img, without a record.
+of what went into it. The tiny default appliance is tiny-INPUTSID.img, without a record but for its
+content id, tiny-INPUTSID.sha256.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from apppot.images import sites
 
 RECORD_SUFFIX = ".json"
 SIGNATURE_SUFFIX = RECORD_SUFFIX + ".sig"  # the record's signature (apppot.images.signatures), as ssh-keygen names it
+BUILT_ID_SUFFIX = ".sha256"  # the tiny appliance's record: its content id when it was built (apppot.images.tiny)
 
 
 def cache_dir() -> Path:
@@ -98,12 +100,21 @@ class ImageRecord(NamedTuple):
 
     @staticmethod
     def read(path: Path) -> ImageRecord:
+        try:
+            text = path.read_bytes()
+        except OSError as e:
+            raise ImageError(f"image record {path} is damaged ({e}); rebuild the image with apppot image build --force") from e
+        return ImageRecord.parse(text, path)
+
+    @staticmethod
+    def parse(text: bytes, path: Path) -> ImageRecord:
+        """The record in ``text``, read from ``path`` (named in the error when it is not one)."""
         import json
 
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(text)
             return ImageRecord(**{k: data[k] for k in ImageRecord._fields if k in data})
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError) as e:
             raise ImageError(f"image record {path} is damaged ({e}); rebuild the image with apppot image build --force") from e
 
     def write(self, path: Path) -> None:
@@ -199,11 +210,17 @@ def find_published_tiny(file_name: str) -> Path | None:
 
 def resolve_image(text: str) -> Path:
     """An --image value: a path to an image file, or the name of an image in the cache or a site directory."""
+    path, _ = find_image(text)
+    return path
+
+
+def find_image(text: str) -> tuple[Path, StoredImage | None]:
+    """An --image value as resolve_image reads it, and the stored image it names (None: a path)."""
     from apppot.images.recipe import NAME
 
     path = Path(text)
     if path.exists() or "/" in text or not NAME.fullmatch(text):
-        return path
+        return path, None
     found = find_by_name(text)
     if found is None:
         searched = ", ".join(str(d) for d in sites.site_dirs())
@@ -211,7 +228,7 @@ def resolve_image(text: str) -> Path:
             f"no image file {text} here and no image named {text} in the cache nor in the site image directories "
             f"({searched}; {sites.IMAGE_PATH_ENV}); build it with 'apppot image build RECIPE.toml' (see 'apppot image list')"
         )
-    return found.path
+    return found.path, found
 
 
 def remove(name: str, keep_newest: bool) -> tuple[list[tuple[Path, int]], list[Path]]:
@@ -230,7 +247,12 @@ def remove(name: str, keep_newest: bool) -> tuple[list[tuple[Path, int]], list[P
     removed = []
     for image in found[1:] if keep_newest else found:
         used = 0
-        for path in (image.path, image.path.with_suffix(RECORD_SUFFIX), image.path.with_suffix(SIGNATURE_SUFFIX)):
+        for path in (
+            image.path,
+            image.path.with_suffix(RECORD_SUFFIX),
+            image.path.with_suffix(SIGNATURE_SUFFIX),
+            image.path.with_suffix(BUILT_ID_SUFFIX),
+        ):
             with contextlib.suppress(OSError):
                 used += path.stat().st_blocks * 512
             path.unlink(missing_ok=True)

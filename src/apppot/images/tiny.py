@@ -15,7 +15,7 @@ from typing import NamedTuple
 from apppot.errors import HostError
 from apppot.hostcache import cached, file_identity
 from apppot.images import ext4
-from apppot.images.store import images_dir
+from apppot.images.store import BUILT_ID_SUFFIX, images_dir
 from apppot.proc import run
 
 BUILDER_VERSION = "3"
@@ -195,11 +195,34 @@ def build(force: bool = False) -> TinyImage:
         # A rebuilt, identical image keeps the same mtime, so COW files made
         # against the old one stay valid.
         os.utime(staged, (EPOCH, EPOCH))
+        digest = image_id(staged)
         if force and target.exists():
             target.unlink()
         with contextlib.suppress(FileExistsError):
             os.link(staged, target)  # never replaces an image another job may be using
+        _write_id_file(target, digest)  # what a verified start checks it against
     return TinyImage(target, ident)
+
+
+ID_SUFFIX = BUILT_ID_SUFFIX  # beside the image: its content id when it was built, as sha256sum writes it
+
+
+def _write_id_file(image: Path, digest: str) -> None:
+    from apppot.images.store import replace_file
+
+    replace_file(image.with_suffix(ID_SUFFIX), f"{digest}  {image.name}\n".encode())
+
+
+def built_id(image: Path) -> str | None:
+    """The content id the tiny appliance had when it was built (its ID_SUFFIX file, which `sha256sum -c`
+    also reads), or None when it has none (built before AppPot wrote one) or it is not one."""
+    import re
+
+    from apppot.hostcache import read_record
+
+    data = read_record(image.with_suffix(ID_SUFFIX), limit=4096)
+    found = re.fullmatch(rb"([0-9a-f]{64})  (\S+)\n", data or b"")
+    return found.group(1).decode() if found and found.group(2) == image.name.encode() else None
 
 
 def image_id(path: Path) -> str:

@@ -9,8 +9,10 @@ change in the same tick would keep every part of the key (git's "racy" files).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -33,30 +35,36 @@ def _hash_open_file(fd: int) -> str:
 
 def content_id(path: Path) -> str:
     """sha256 of the file's bytes, from the cache when this very version of the file was hashed before.
-    The file is opened once and both the key and the hash come from that open file; a file changed while
-    it was hashed, or changed in the last seconds, is not cached. Raises OSError when the file cannot be read."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    Raises OSError when the file cannot be read or is not a regular file (a FIFO would block the reader)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     try:
-        before = os.fstat(fd)
-        key = _identity(before)
-        measured: dict[str, str] = {}
-
-        def measure() -> dict[str, str]:
-            measured["id"] = _hash_open_file(fd)
-            if _identity(os.fstat(fd)) != key or time.time_ns() - before.st_ctime_ns < SETTLED_NS:
-                raise _Changed(measured["id"])
-            return {"sha256": measured["id"]}
-
-        try:
-            value = hostcache.cached(CACHE_KIND, key, measure)
-        except _Changed as changed:
-            return changed.digest
-        digest = value.get("sha256")
-        if not isinstance(digest, str) or len(digest) != 64:
-            return _hash_open_file_from_start(fd)
-        return digest
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return content_id_of_open_file(fd)
     finally:
         os.close(fd)
+
+
+def content_id_of_open_file(fd: int) -> str:
+    """content_id of the file open as ``fd``: both the key and the hash come from that open file; a file
+    changed while it was hashed, or changed in the last seconds, is not cached."""
+    before = os.fstat(fd)
+    key = _identity(before)
+
+    def measure() -> dict[str, str]:
+        digest = _hash_open_file_from_start(fd)
+        if _identity(os.fstat(fd)) != key or time.time_ns() - before.st_ctime_ns < SETTLED_NS:
+            raise _Changed(digest)
+        return {"sha256": digest}
+
+    try:
+        value = hostcache.cached(CACHE_KIND, key, measure)
+    except _Changed as changed:
+        return changed.digest
+    digest = value.get("sha256")
+    if not isinstance(digest, str) or len(digest) != 64:
+        return _hash_open_file_from_start(fd)
+    return digest
 
 
 def _hash_open_file_from_start(fd: int) -> str:
@@ -75,10 +83,58 @@ class _Changed(Exception):
 def check_content(path: Path, expected: str) -> str:
     """The image's content id, which must be ``expected`` (its record's): an image changed after its
     record was written is refused, naming both ids."""
+    fd = _open_image(path)
+    try:
+        return _check_open_file(fd, path, expected)
+    finally:
+        os.close(fd)
+
+
+def open_checked(path: Path, expected: str) -> int:
+    """The image, opened read-only, whose bytes were checked against ``expected``: the caller boots this
+    open file (bubblewrap binds it), so a file swapped in under the name after the check is not the one
+    booted. The descriptor is the caller's to close."""
+    fd = _open_image(path)
+    try:
+        _check_open_file(fd, path, expected)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_still_named(fd: int, path: Path) -> None:
+    """Refuse when ``path`` no longer names the file checked as ``fd`` (moved, replaced or rewritten
+    since): for a hypervisor that opens the image by its name."""
     from apppot.errors import ImageError
 
     try:
-        found = content_id(path)
+        now = _identity(os.stat(path))
+    except OSError as e:
+        raise ImageError(f"cannot read the image {path}: {e.strerror}") from None
+    if now != _identity(os.fstat(fd)):
+        raise ImageError(f"image {path} was replaced or changed after its content id was checked; start the job again")
+
+
+def _open_image(path: Path) -> int:
+    from apppot.errors import ImageError
+
+    try:
+        # Non-blocking: a FIFO put where the image was must not hang the start.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as e:
+        raise ImageError(f"cannot read the image {path}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ImageError(f"image {path} is not a regular file; give the image file itself")
+    return fd
+
+
+def _check_open_file(fd: int, path: Path, expected: str) -> str:
+    from apppot.errors import ImageError
+
+    try:
+        found = content_id_of_open_file(fd)
     except OSError as e:
         raise ImageError(f"cannot read the image {path}: {e.strerror}") from None
     if found != expected:
