@@ -58,6 +58,7 @@ class JobSpec(NamedTuple):
     kvm: bool | None = None  # QEMU: True requires KVM, False asks for TCG, None uses KVM where it works
     no_stdin: bool = False  # -n: the job's stdin is /dev/null; the host's stdin is never read
     boot_timeout_s: float = DEFAULT_BOOT_TIMEOUT_S  # until the agent announces itself in the report directory
+    record: Path | None = None  # write the job's provenance record here when it ends (apppot.record)
 
 
 def parse_mem(text: str) -> int:
