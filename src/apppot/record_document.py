@@ -58,6 +58,7 @@ SHAPE: dict[str, object] = {
         "came_by": str,
         "record": Optional(_IMAGE_RECORD),
         "matches_record": Optional(bool),
+        "installed": Optional(ListOf(str)),
     },
     "changes": Optional(
         {

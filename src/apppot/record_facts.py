@@ -120,7 +120,34 @@ def image(spec: JobSpec, instance: Instance | None) -> Section:
         "record": record,
         # The image is still what its record says it was built as (None: no record, or unreadable).
         "matches_record": (found == record["content_id"]) if record and record["content_id"] and found else None,
+        "installed": installed_packages(path, found) if path and found and record and record["distribution"] else None,
     }
+
+
+def installed_packages(image: Path, image_id: str) -> list[str] | None:
+    """NAME=VERSION of every package dpkg installed in the image (its own status file, not the job's COW),
+    read once per content id."""
+    from apppot import hostcache
+    from apppot.images import ext4
+
+    def compute() -> dict[str, list[str]]:
+        return {"packages": parse_dpkg_status(ext4.read_file(image, DPKG_STATUS) or b"")}
+
+    found = _known(lambda: hostcache.cached("installed-packages", [image_id], compute))
+    return found["packages"] if found and found["packages"] else None
+
+
+DPKG_STATUS = "/var/lib/dpkg/status"
+
+
+def parse_dpkg_status(data: bytes) -> list[str]:
+    """NAME=VERSION of the installed packages in a dpkg status file, sorted."""
+    packages = []
+    for paragraph in data.decode(errors="replace").split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in paragraph.splitlines() if ": " in line and not line.startswith(" "))
+        if fields.get("Status", "").endswith(" installed") and "Package" in fields and "Version" in fields:
+            packages.append(f"{fields['Package']}={fields['Version']}")
+    return sorted(packages)
 
 
 def _image_record(path: Path) -> Section | None:

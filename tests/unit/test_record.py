@@ -17,7 +17,7 @@ from apppot.cli.start import parse_start
 from apppot.errors import EXIT_APPPOT_ERROR, GuestDied, Interrupted, UsageError
 from apppot.record import Recorder, RecordLost
 from apppot.record_document import COMMAND_SOURCES, MEANINGS, SCHEMA, SHAPE, Outcome, assemble, problems
-from apppot.record_facts import came_by, command
+from apppot.record_facts import came_by, command, parse_dpkg_status
 from apppot.record_file import RecordFile
 from apppot.spec import JobSpec
 
@@ -54,6 +54,7 @@ SECTIONS = {
             "packages": ["build-essential", "python3"],
         },
         "matches_record": True,
+        "installed": ["bash=5.2.15-2+b7", "gcc-12=12.2.0-14+deb12u1"],
     },
     "changes": {
         "path": "/home/u/job/apppot-changes.tar.gz",
@@ -306,3 +307,13 @@ def test_the_command_source_follows_the_agents_order(tmp_path: Path) -> None:
     assert command(spec, tmp_path, None, False) == {"argv": ["./apppot-run"], "source": "job-directory"}
     assert set(COMMAND_SOURCES) >= {"argv", "job-directory", "image-autorun", "shell", "none"}
     assert "job" in MEANINGS
+
+
+def test_installed_packages_are_read_from_dpkgs_status() -> None:
+    status = (
+        b"Package: gcc-12\nStatus: install ok installed\nVersion: 12.2.0-14\nDescription: x\n more: y\n\n"
+        b"Package: gone\nStatus: deinstall ok config-files\nVersion: 1\n\n"
+        b"Package: bash\nStatus: install ok installed\nVersion: 5.2.15-2+b7\n"
+    )
+    assert parse_dpkg_status(status) == ["bash=5.2.15-2+b7", "gcc-12=12.2.0-14"]
+    assert parse_dpkg_status(b"\xff\x00garbage") == []
