@@ -135,7 +135,7 @@ def test_a_failing_job_from_the_job_directory_with_changes_found_there(
     assert doc["exit"] == {"status": 3, "meaning": "job", "reason": None, "signal": None}
 
 
-def test_a_guest_that_dies_is_recorded_with_122_and_its_reason(apppot, jobdir: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_guest_that_dies_is_recorded_with_122_and_its_reason(apppot, jobdir: Path, tmp_path: Path) -> None:
     record = tmp_path / "record.json"
     r = apppot(["start", "--record", str(record), "--user", "root", "--", "sh", "-c", "echo c > /proc/sysrq-trigger"], cwd=jobdir)
     assert r.returncode == 122, r.err
@@ -145,7 +145,7 @@ def test_a_guest_that_dies_is_recorded_with_122_and_its_reason(apppot, jobdir: P
     assert doc["image"]["came_by"] == "default" and doc["image"]["record"]["name"] == "tiny"
 
 
-def test_a_refusal_after_the_options_is_recorded_with_125(apppot, jobdir: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_refusal_after_the_options_is_recorded_with_125(apppot, jobdir: Path, tmp_path: Path) -> None:
     record = tmp_path / "record.json"
     r = apppot(["start", "--record", str(record), "--image", "no-such-image", "--", "touch", "ran"], cwd=jobdir)
     assert r.returncode == 125 and r.err.count("\n") == 1, r.err
@@ -164,7 +164,7 @@ def test_a_refusal_after_the_options_is_recorded_with_125(apppot, jobdir: Path, 
 
 
 @pytest.mark.parametrize("kind", ["fifo", "link"])
-def test_a_record_path_that_is_no_file_is_refused_before_the_job(apppot, jobdir: Path, tmp_path: Path, kind: str) -> None:  # type: ignore[no-untyped-def]
+def test_a_record_path_that_is_no_file_is_refused_before_the_job(apppot, jobdir: Path, tmp_path: Path, kind: str) -> None:
     record = tmp_path / "record.json"
     if kind == "fifo":
         os.mkfifo(record)
@@ -175,7 +175,7 @@ def test_a_record_path_that_is_no_file_is_refused_before_the_job(apppot, jobdir:
     assert not (jobdir / "ran").exists() and not (tmp_path / "elsewhere").exists()
 
 
-def test_a_record_that_cannot_be_written_is_125_and_gives_the_jobs_status(apppot, jobdir: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_record_that_cannot_be_written_is_125_and_gives_the_jobs_status(apppot, jobdir: Path) -> None:
     """The job removes the record's directory (it is in the job directory): the job's status 3 is told, exit 125."""
     (jobdir / "records").mkdir()
     r = apppot(["start", "--record", "records/job.json", "--", "sh", "-c", "rmdir records; exit 3"], cwd=jobdir)
