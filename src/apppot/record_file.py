@@ -18,6 +18,7 @@ from pathlib import Path
 from apppot.errors import UsageError
 from apppot.userpath import kind
 
+RECORD_START = b'{\n  "schema": "apppot-record/'  # how every record AppPot writes begins (indented JSON)
 _FIX = "give --record (or APPPOT_RECORD) a new file or a regular file of yours"
 
 
@@ -42,14 +43,32 @@ class RecordFile:
             raise
 
     def _check(self) -> None:
-        """Refused before the job runs: a name that is a link, FIFO, directory or device; a directory not writable."""
+        """Refused before the job runs: a name that is a link, FIFO, directory or device, or a file that is
+        not an earlier record (an image or a result named by mistake is never replaced); a directory not writable."""
         with contextlib.suppress(FileNotFoundError):
             mode = os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False).st_mode
             if not stat.S_ISREG(mode):
                 raise UsageError(f"--record {self.path} is {kind(mode)}, which AppPot does not replace; {_FIX}")
+            if not self._holds_a_record():
+                raise UsageError(
+                    f"--record {self.path} exists and is not an AppPot record, which AppPot does not replace; {_FIX}"
+                )
         if not os.access(".", os.W_OK, dir_fd=self.dir_fd):
             why = "read-only filesystem" if os.statvfs(self.dir_fd).f_flag & os.ST_RDONLY else "permission denied"
             raise UsageError(f"--record {self.path}: cannot write in {self.path.parent} ({why}); {_FIX}")
+
+    def _holds_a_record(self) -> bool:
+        """Empty, or a JSON document that begins as AppPot's records do (only its first bytes are read)."""
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+        try:
+            fd = os.open(self.name, flags, dir_fd=self.dir_fd)
+        except OSError as e:
+            raise UsageError(f"--record {self.path}: cannot read it ({e.strerror}); {_FIX}") from None
+        try:
+            head = os.read(fd, len(RECORD_START))
+        finally:
+            os.close(fd)
+        return head in (b"", RECORD_START)
 
     def write(self, data: bytes) -> None:
         """Put data under the name in one rename, from a new file made beside it; raises OSError."""

@@ -235,6 +235,18 @@ def test_a_record_name_that_is_no_regular_file_is_refused_before_the_job(tmp_pat
         RecordFile(target)
 
 
+def test_a_file_that_is_not_a_record_is_never_replaced(tmp_path: Path) -> None:
+    image = tmp_path / "app.img"
+    image.write_bytes(b"\0" * 4096)
+    with pytest.raises(UsageError, match="exists and is not an AppPot record"):
+        RecordFile(image)
+    earlier = tmp_path / "r.json"
+    earlier.write_text(json.dumps(golden_document(), indent=2))
+    RecordFile(earlier).close()  # an earlier record is replaced, and so is an empty file
+    (tmp_path / "empty").write_bytes(b"")
+    RecordFile(tmp_path / "empty").close()
+
+
 def test_a_missing_directory_is_refused_before_the_job(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"cannot use its directory .* create it"):
         RecordFile(tmp_path / "no" / "r.json")
@@ -242,7 +254,7 @@ def test_a_missing_directory_is_refused_before_the_job(tmp_path: Path) -> None:
 
 def test_the_file_named_is_replaced_and_a_link_planted_later_is_not_followed(tmp_path: Path) -> None:
     target = tmp_path / "r.json"
-    target.write_text("old")
+    target.write_text("")
     record = RecordFile(target)
     kept = tmp_path / "kept"
     kept.write_text("the user's")
@@ -257,7 +269,7 @@ def test_the_file_named_is_replaced_and_a_link_planted_later_is_not_followed(tmp
 def test_a_full_disk_leaves_no_partial_record(tmp_path: Path) -> None:
     """The write fails as on a full disk (a file size limit: EFBIG); the old record stays whole, no temporary left."""
     target = tmp_path / "r.json"
-    target.write_text("old")
+    target.write_text("")
     script = (
         "import resource, sys; from pathlib import Path; from apppot.record_file import RecordFile\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))\n"
@@ -266,7 +278,7 @@ def test_a_full_disk_leaves_no_partial_record(tmp_path: Path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", script, str(target)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "27"  # EFBIG
-    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+    assert target.read_text() == "" and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
 
 
 # --- the option and the facts --------------------------------------------------------------------
