@@ -293,6 +293,8 @@ def test_record_option_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert parse_start(["--record=a.json", "true"]).record == Path("a.json")  # the option wins
     monkeypatch.setenv("APPPOT_RECORD", "")
     assert parse_start(["true"]).record is None
+    seed = parse_start(["--apppot", "a.img", "--record", "r.json", "grep", "-c", "x"], "apppot-start")  # the seed's entry point
+    assert (seed.record, seed.argv) == (Path("r.json"), ("grep", "-c", "x"))
 
 
 def test_how_the_image_came(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
