@@ -76,7 +76,7 @@ class Recorder:
                 status = body(self)
             except AppPotError as e:
                 meaning = "guest-died" if e.exit_code == EXIT_GUEST_DIED else "apppot-error"
-                if e.exit_code > 128 and e.exit_code != EXIT_APPPOT_ERROR:  # Interrupted: 128+N
+                if e.exit_code > 128:  # Interrupted: a signal before the job, 128+N
                     meaning = "stopped"
                 self._write_or_raise(self._outcome_of(e.exit_code, meaning, str(e)), said=e)
                 raise
@@ -116,7 +116,7 @@ class Recorder:
             "backend": record_facts.backend(spec, self.decision),
             "image": record_facts.image(spec, None),
             "changes": record_facts.changes(spec, self.job.instance if self.job else None, self._changes_info()),
-            "cow": {"path": str(spec.cow)} if spec.cow is not None else None,
+            "cow": {"path": str(spec.cow.absolute())} if spec.cow is not None else None,
             "command": {"argv": list(spec.argv), "source": "argv"} if spec.argv is not None else None,
             "writable_image": spec.writable_image,
             "job_dir": str(spec.jobdir),

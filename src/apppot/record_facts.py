@@ -180,7 +180,7 @@ def changes(spec: JobSpec, instance: Instance | None, info: ArchiveInfo | None) 
     if path is None:
         return None
     return {
-        "path": str(path),
+        "path": str(path.absolute()),  # read years later, elsewhere: never relative to where the job ran
         "sha256": sha256(path),
         "base_id": info.base if info else None,
         "members": len(info.added) + len(info.modified) if info else None,
