@@ -119,7 +119,7 @@ class Recorder:
             "cow": {"path": str(spec.cow.absolute())} if spec.cow is not None else None,
             "command": {"argv": list(spec.argv), "source": "argv"} if spec.argv is not None else None,
             "writable_image": spec.writable_image,
-            "job_dir": str(spec.jobdir),
+            "job_dir": str(spec.jobdir.absolute()),
             "memory": {"asked_bytes": spec.mem_bytes, "bytes": None},
             "cpu": {"asked": spec.cpu or "auto", "pinned": None},
             "network": {"enabled": spec.net, "host_loopback": spec.host_loopback},
