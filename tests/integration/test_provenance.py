@@ -196,3 +196,19 @@ def test_a_job_stopped_by_a_signal_is_recorded(cache_home: Path, tiny_image: Pat
         assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     doc = read_record(record)
     assert doc["exit"] == {"status": 143, "meaning": "stopped", "reason": None, "signal": "SIGTERM"}
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("backend", ["qemu"], indirect=True)
+def test_a_qemu_job_records_its_kernel_initramfs_and_accelerator(apppot, jobdir: Path, tmp_path: Path, backend: str) -> None:
+    record = tmp_path / "record.json"
+    r = apppot(["start", "--record", str(record), "--", "sh", "-c", "exit 3"], cwd=jobdir, timeout=300)
+    assert r.returncode == 3, r.err
+    doc = read_record(record)
+    assert (doc["backend"]["name"], doc["backend"]["accel"], doc["backend"]["asked_by"]) == ("qemu", "tcg", "$APPPOT_BACKEND")
+    kernel = doc["kernel"]
+    assert kernel["found_by"] == "guest-kernel" and kernel["seccomp"] is None
+    assert kernel["sha256"] == sha256(Path(kernel["path"]))
+    assert kernel["initrd"]["sha256"] == sha256(Path(kernel["initrd"]["path"]))
+    assert kernel["release"] in kernel["source_package"]
+    assert doc["exit"] == {"status": 3, "meaning": "job", "reason": None, "signal": None}
