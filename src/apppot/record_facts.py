@@ -134,7 +134,10 @@ def installed_packages(image: Path, image_id: str) -> list[str] | None:
         return {"packages": parse_dpkg_status(ext4.read_file(image, DPKG_STATUS) or b"")}
 
     found = _known(lambda: hostcache.cached("installed-packages", [image_id], compute))
-    return found["packages"] if found and found["packages"] else None
+    packages = found.get("packages") if found else None  # the cache is the user's to change: checked, not trusted
+    if not isinstance(packages, list) or not all(isinstance(p, str) for p in packages):
+        return None
+    return packages or None
 
 
 DPKG_STATUS = "/var/lib/dpkg/status"

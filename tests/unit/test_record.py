@@ -331,3 +331,12 @@ def test_installed_packages_are_read_from_dpkgs_status() -> None:
     )
     assert parse_dpkg_status(status) == ["bash=5.2.15-2+b7", "gcc-12=12.2.0-14"]
     assert parse_dpkg_status(b"\xff\x00garbage") == []
+
+
+@pytest.mark.parametrize("entry", [{"packages": "bash=5"}, {"packages": [1, 2]}, {}, {"packages": []}])
+def test_a_cache_entry_that_is_not_a_package_list_is_unknown(entry: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from apppot import hostcache
+    from apppot.record_facts import installed_packages
+
+    monkeypatch.setattr(hostcache, "cached", lambda kind, key, compute: entry)
+    assert installed_packages(Path("/no/image"), "ab" * 32) is None
