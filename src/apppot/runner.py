@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from apppot import diskspace, userpath
 from apppot.agent_watch import AgentWatch
@@ -49,6 +50,9 @@ from apppot.stdin import StdinFeed, open_stdin
 from apppot.streams import Streams, detect_streams, own_terminal_file, restore_termios, save_termios, terminal_size
 from apppot.typeahead import HeldKeys, make_raw
 
+if TYPE_CHECKING:
+    from apppot.snap.checks import ArchiveInfo
+
 STOP_GRACE_S = 2.0  # after SIGTERM, before SIGKILL
 POWEROFF_GRACE_S = 10.0  # after the job reported, for the guest to power off
 
@@ -75,6 +79,7 @@ class Job:
         self.wake = threading.Event()
         self.cow_fd: int | None = None  # the --cow file, locked while the job runs (cow.hold)
         self.disk: diskspace.DiskWatch | None = None
+        self.changes_info: ArchiveInfo | None = None  # what was checked of the changes archive merged at boot
 
     def run(self) -> int:
         with self._rundir(), self._signals():
@@ -148,7 +153,9 @@ class Job:
     def _run_with(self, channel: Channel, own_dir: Path) -> int:
         p = self.prepared
         if p.changes is not None:  # first: a refused archive stops the job before anything is opened
-            _put_changes(channel, p.changes, self.say if self.spec.verbose else None, automatic=self.spec.changes is None)
+            self.changes_info = _put_changes(
+                channel, p.changes, self.say if self.spec.verbose else None, automatic=self.spec.changes is None
+            )
         disk = self.instance.disk(self.rundir)
         self.disk, self.cow_fd = disk.watch, disk.lock_fd
         streams = detect_streams(self.spec.no_stdin)
@@ -350,7 +357,7 @@ class Job:
         raise GuestDied(f"the guest ended without reporting the job's status ({what} {how}){_panic_hint(log_path)}")
 
 
-def _put_changes(channel: Channel, changes: Path, say: Say | None, automatic: bool) -> None:
+def _put_changes(channel: Channel, changes: Path, say: Say | None, automatic: bool) -> ArchiveInfo:
     """The archive's checked members, and what the agent needs besides tar, in the control directory.
 
     The archive is checked as it is copied: the guest gets exactly what was checked, and never the
@@ -367,6 +374,7 @@ def _put_changes(channel: Channel, changes: Path, say: Say | None, automatic: bo
     channel.send(CHANGES_BASE, (info.base + "\n").encode())
     if say:
         say(f"merging {changes} (base {info.base[:16]}) before the job")
+    return info
 
 
 def _panic_hint(log_path: Path) -> str:

@@ -59,6 +59,7 @@ class JobSpec(NamedTuple):
     no_stdin: bool = False  # -n: the job's stdin is /dev/null; the host's stdin is never read
     boot_timeout_s: float = DEFAULT_BOOT_TIMEOUT_S  # until the agent announces itself in the report directory
     verify: bool = False  # check every image's content id against its record (names and sha256: always are)
+    record: Path | None = None  # write the job's provenance record here when it ends (apppot.record)
 
 
 def parse_mem(text: str) -> int:

@@ -7,6 +7,7 @@ so the decision is made here, above all three.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from apppot.backends.choice import Decision, KvmState, decide, requested
 from apppot.images.signatures import enforce_policy
@@ -14,6 +15,9 @@ from apppot.prepare import prepare
 from apppot.runner import Job, guest_identity
 from apppot.say import Say, say_stderr
 from apppot.spec import JobSpec
+
+if TYPE_CHECKING:
+    from apppot.record import Recorder
 
 
 def choose_backend(spec: JobSpec, say: Say) -> Decision:
@@ -33,7 +37,21 @@ def choose_backend(spec: JobSpec, say: Say) -> Decision:
 
 def start(spec: JobSpec, say: Say = say_stderr) -> int:
     """Run one job; returns the exit code for `apppot start`."""
+    if spec.record is not None:  # only then: a job without a record loads and measures nothing for one
+        from apppot.record import Recorder
+
+        return Recorder(spec, say).run(lambda recorder: _start(spec, say, recorder))
+    return _start(spec, say, None)
+
+
+def _start(spec: JobSpec, say: Say, recorder: Recorder | None) -> int:
     guest_identity(spec.user, spec.group)  # a job user host root cannot have is refused before anything starts
-    instance = prepare(spec, say, choose_backend(spec, say))
+    decision = choose_backend(spec, say)
+    if recorder is not None:
+        recorder.decided(decision)
+    instance = prepare(spec, say, decision)
     enforce_policy(instance.prepared.image)  # a site that requires signed images: before anything boots
-    return Job(instance, say).run()
+    job = Job(instance, say)
+    if recorder is not None:
+        recorder.ready(job)
+    return job.run()

@@ -4,7 +4,9 @@ site's APPPOT runtime environment."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import pwd
 import re
@@ -136,6 +138,9 @@ def test_the_same_job_locally_through_slurm_and_through_arc(
         assert fetch.returncode == 0, fetch.err
         print(f"{target}: submit to fetched result in {time.monotonic() - started:.1f} s")
         results[target] = ((d / job_id / "result.txt").read_text(), (d / job_id / "stdout.txt").read_text())
+        record = json.loads((d / job_id / "apppot-record.json").read_text())
+        assert record["changes"]["sha256"] == hashlib.sha256(changes.read_bytes()).hexdigest()
+        assert (record["command"]["argv"], record["exit"]["status"]) == (["count-words", "data.in"], 0)
         assert user.run("clean", job_id, cwd=d).returncode == 0  # nothing left on the CE nor in ARC's job list
     assert results["local"] == results["slurm"] == results["arc"] == ("5\n", "counted data.in\n")
 
@@ -152,6 +157,9 @@ def test_a_failing_job_shows_exit_code_3_through_arc(grid: Path, tmp_path: Path)
     assert (status["state"], status["exit_code"]) == ("FAILED", 3), status
     assert user.run("fetch", job_id, cwd=d).returncode == 0
     assert (d / job_id / "stderr.txt").read_text() == "bad\n"
+    record = json.loads((d / job_id / "apppot-record.json").read_text())  # written by the site's apppot-start
+    assert record["exit"] == {"status": 3, "meaning": "job", "reason": None, "signal": None}
+    assert record["image"]["came_by"] == "path" and record["command"]["argv"] == ["sh", "-c", "echo bad >&2; exit 3"]
     # clean: gone from the CE and from here
     assert user.run("clean", job_id, cwd=d).returncode == 0
     r = user.run("status", job_id, cwd=d)

@@ -5,6 +5,8 @@ Python other users cannot reach)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pwd
 import shutil
@@ -101,6 +103,11 @@ def test_the_same_job_locally_and_through_slurm(
     assert (fetched / "stdout.txt").read_text() == "counted data.in\n"
     assert (fetched / "result.txt").stat().st_uid == pwd.getpwnam(TEST_USER).pw_uid
     assert (submit_dir / "data.in").read_text() == "one two three four\n"  # the submission directory is untouched
+    record = json.loads((fetched / "apppot-record.json").read_text())  # what ran on the worker, fetched with the outputs
+    assert record["image"]["path"] == image and record["image"]["content_id"] == debian_dev["content_id"]
+    assert record["changes"]["sha256"] == hashlib.sha256(counter_changes.read_bytes()).hexdigest()
+    assert record["command"] == {"argv": ["count-words", "data.in"], "source": "argv"}
+    assert record["job_dir"].endswith("/job") and record["exit"]["status"] == 0 and record["exit"]["meaning"] == "job"
     # A second fetch does not overwrite without --force.
     r = user.run("fetch", job_id, cwd=submit_dir)
     assert r.returncode == 125 and "exists; move it away or pass --force" in r.err
@@ -122,6 +129,8 @@ def test_a_failing_job_shows_its_exit_code(user: SiteUser, tiny_image: Path) -> 
     assert "ExitCode=3:0" in scontrol.stdout
     assert user.run("fetch", job_id, cwd=d).returncode == 0
     assert (d / job_id / "stderr.txt").read_text() == "bad\n"
+    record = json.loads((d / job_id / "apppot-record.json").read_text())
+    assert record["exit"] == {"status": 3, "meaning": "job", "reason": None, "signal": None}
 
 
 def test_five_jobs_at_once(user: SiteUser, tiny_image: Path) -> None:
@@ -181,6 +190,8 @@ def test_a_job_killed_at_its_wall_time_limit_says_so_and_keeps_its_outputs(user:
     r = user.run("fetch", job_id, cwd=d)
     assert r.returncode == 0, r.err
     assert (d / job_id / "partial.txt").read_text() == "started\n"
+    record = json.loads((d / job_id / "apppot-record.json").read_text())  # Slurm's SIGTERM at the limit: still recorded
+    assert record["exit"] == {"status": 143, "meaning": "stopped", "reason": None, "signal": "SIGTERM"}
 
 
 def test_a_hostile_job_and_hostile_names(user: SiteUser, tiny_image: Path) -> None:
@@ -218,4 +229,5 @@ def test_a_hostile_job_and_hostile_names(user: SiteUser, tiny_image: Path) -> No
     assert not (fetched / "result.txt").exists() and not (fetched / "result.txt").is_symlink()
     assert (fetched / "ok.txt").read_text() == word + "\n"
     assert (fetched / "stdout.txt").read_text() == "done\n"
-    assert sorted(p.name for p in fetched.iterdir()) == ["ok.txt", "stderr.txt", "stdout.txt"]
+    assert sorted(p.name for p in fetched.iterdir()) == ["apppot-record.json", "ok.txt", "stderr.txt", "stdout.txt"]
+    assert json.loads((fetched / "apppot-record.json").read_text())["command"]["argv"] == ["sh", "-c", job, "sh", word]

@@ -38,7 +38,7 @@ def test_xrsl_golden() -> None:
         ' (memory="544")\n'
         ' (count="2")(countpernode="2")\n'
         ' (inputfiles=("apppot-job.sh" "")("data.in" "")("apppot-changes.tar.gz" "")("apppot.img" "file:///images/app.img"))\n'
-        ' (outputfiles=("result.txt" ""))\n'
+        ' (outputfiles=("apppot-record.json" "")("result.txt" ""))\n'
         ' (stdout="stdout.txt")(stderr="stderr.txt")\n'
         ' (gmlog="gmlog")\n'
     )
@@ -46,14 +46,15 @@ def test_xrsl_golden() -> None:
 
 def test_xrsl_with_the_sites_image_and_no_changes_or_outputs() -> None:
     xrsl = arc.render_xrsl(JOB._replace(changes=None, outputs=(), inputs=(), cores=1, mem_bytes=256 * MIB, image=None))
-    assert '(inputfiles=("apppot-job.sh" ""))' in xrsl and "outputfiles" not in xrsl and '(memory="320")' in xrsl
+    assert '(inputfiles=("apppot-job.sh" ""))' in xrsl and '(memory="320")' in xrsl
+    assert '(outputfiles=("apppot-record.json" ""))' in xrsl  # the job's record comes back, always
     assert "apppot.img" not in xrsl
 
 
 def test_wrapper_golden_and_valid_sh(tmp_path: Path) -> None:
     wrapper = arc.render_wrapper(JOB._replace(image=None))
     assert wrapper.splitlines()[-1] == (
-        'exec "${APPPOT_START:?the site has no APPPOT runtime environment}" '
+        'APPPOT_RECORD=apppot-record.json exec "${APPPOT_START:?the site has no APPPOT runtime environment}" '
         '--image "${APPPOT_IMAGE:?the site\'s APPPOT runtime environment sets no image}" --mem 1024M '
         "--changes apppot-changes.tar.gz -- ./run.sh 'say \"hi\")' '$HOME'"
     )
@@ -64,6 +65,7 @@ def test_wrapper_golden_and_valid_sh(tmp_path: Path) -> None:
     r = subprocess.run(["sh", str(script)], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}, check=False)
     assert r.returncode != 0 and "the site has no APPPOT runtime environment" in r.stderr
     assert 'exec "${APPPOT_START:?the site has no APPPOT runtime environment}" --image "apppot.img"' in arc.render_wrapper(JOB)
+    assert "apppot-record.json" in arc.RESERVED
 
 
 PARSE = """
@@ -109,7 +111,7 @@ def test_arcs_own_parser_reads_the_xrsl() -> None:
         "slots": 2,
         "rte": ["APPS/APPPOT-0"],
         "inputs": ["apppot-job.sh", "data.in", "apppot-changes.tar.gz", "apppot.img"],
-        "outputs": ["result.txt"],
+        "outputs": ["apppot-record.json", "result.txt"],
         "stdout": "stdout.txt",
     }
 

@@ -37,7 +37,7 @@ GOLDEN = [
     ("--cow c.cow --jobdir ls ls", "ls"),  # an option's value is never the command
     ("--net --no-stdin --full-boot -v uname -a", "uname -a"),
     ("--isolation strict --backend uml --cpu all --boot-timeout 30 --id x --user u --group g id", "id"),
-    ("--kernel /k --uml /k --linux /k --console-log l --writable-image --unsafe-jobdir --host-loopback true", "true"),
+    ("--kernel /k --uml /k --linux /k --console-log l --writable-image --unsafe-jobdir --host-loopback --record r true", "true"),
 ]
 
 

@@ -39,7 +39,8 @@ def test_sbatch_script_golden() -> None:
         "#SBATCH --error=../stderr.txt\n"
         "# sbatch --chdir is the staged job directory; stdout and stderr go next to it.\n"
         "# The guest needs memory of its own besides the job's: see apppot.submit.job.UML_OVERHEAD.\n"
-        "exec /venv/bin/apppot start --image /images/app.img --mem 1024M --changes /stage/job/mine.tar.gz -- "
+        "exec /venv/bin/apppot start --record /stage/apppot-record.json --image /images/app.img --mem 1024M "
+        "--changes /stage/job/mine.tar.gz -- "
         "./run.sh 'data in' '$HOME'\n"
     )
 
@@ -166,7 +167,8 @@ def test_hostile_names_reach_apppot_start_exactly(tmp_path: Path) -> None:
     record = tmp_path / "argv"
     r = subprocess.run(["sh", str(script)], env={"PATH": "/usr/bin:/bin", "RECORD": str(record)}, capture_output=True)
     assert r.returncode == 0, r.stderr
-    expected = ["start", "--image", str(stage / "app.img"), "--mem", "1024M", "--changes", str(stage / "job" / "c.tar.gz")]
+    expected = ["start", "--record", str(stage / "apppot-record.json"), "--image", str(stage / "app.img"), "--mem", "1024M"]
+    expected += ["--changes", str(stage / "job" / "c.tar.gz")]
     assert record.read_bytes().split(b"\0")[:-1] == [os.fsencode(w) for w in [*expected, "--", *HOSTILE_WORDS]]
 
 
@@ -178,7 +180,7 @@ def test_job_names_that_are_not_one_word_are_refused(name: str) -> None:
         check_job_name(name)
 
 
-@pytest.mark.parametrize("name", ["stdout.txt", "./stderr.txt"])
+@pytest.mark.parametrize("name", ["stdout.txt", "./stderr.txt", "apppot-record.json"])
 def test_outputs_cannot_take_the_names_of_the_jobs_streams(name: str) -> None:
     with pytest.raises(UsageError, match="is fetched under that name"):
         check_output_name(name)

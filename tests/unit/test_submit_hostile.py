@@ -79,6 +79,24 @@ def test_fetch_does_not_follow_a_link_the_job_left(home: Path, capsys: pytest.Ca
     assert (fetched / "stdout.txt").read_text() == "out\n"  # what is safe still comes
 
 
+def test_fetch_brings_the_jobs_record_beside_its_streams(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job = fake_slurm_job(home, ["result.txt"])
+    (job / "result.txt").write_text("r\n")
+    (job.parent / "apppot-record.json").write_text('{"schema": "apppot-record/1"}\n')
+    (job / "apppot-record.json").write_text("the job's own, not the record\n")
+    assert main(["fetch", "slurm-7"]) == 0, capsys.readouterr().err
+    fetched = home / "work" / "slurm-7"
+    assert (fetched / "apppot-record.json").read_text() == '{"schema": "apppot-record/1"}\n'
+    assert sorted(p.name for p in fetched.iterdir()) == ["apppot-record.json", "result.txt", "stderr.txt", "stdout.txt"]
+
+
+def test_fetch_refuses_a_record_that_is_a_link(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job = fake_slurm_job(home, [])
+    (job.parent / "apppot-record.json").symlink_to(home / "secret")
+    assert main(["fetch", "slurm-7"]) == 125
+    assert "apppot-record.json" in capsys.readouterr().err
+
+
 def test_fetch_does_not_follow_a_linked_directory(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (home / "private").mkdir()
     (home / "private" / "result.txt").write_text("private\n")

@@ -30,7 +30,8 @@ exit status:
   the job's own exit status (128+N if the job was killed by signal N);
   {EXIT_APPPOT_ERROR} if AppPot could not start or run the job (the reason is printed), and also, whatever
       the job's status (the line gives it), if its stdout or stderr could not be written in full (a full
-      disk, /dev/full, a closed stream) or the guest's disk filled up its host filesystem;
+      disk, /dev/full, a closed stream), the guest's disk filled up its host filesystem, or the --record
+      file could not be written (the job's own status is then in the line, never lost silently);
   {EXIT_GUEST_DIED} if the guest ended without reporting a status (kernel panic, killed UML or QEMU, AppPot's
       agent not started within --boot-timeout),
       or left something no agent writes where the host reads its reports (the line says what);
@@ -51,7 +52,8 @@ environment: APPPOT_IMAGE (--image), APPPOT_VERIFY (1: --verify), APPPOT_MEM (--
 APPPOT_CPU (--cpu), APPPOT_BACKEND (--backend), APPPOT_KVM (1: --kvm, 0: --no-kvm), APPPOT_HOST_LOOPBACK (1: --host-loopback),
 APPPOT_MIN_FREE (the free space the guest's disk needs before the boot; 0 skips the check),
 APPPOT_TRUSTED_SIGNERS (an allowed-signers file: only images signed by its signers run, see apppot image verify;
-a file allowed_signers in a site image directory does the same; refused images exit 125).
+a file allowed_signers in a site image directory does the same; refused images exit 125),
+APPPOT_RECORD (--record).
 """
 
 
@@ -143,6 +145,13 @@ START_OPTIONS = (
         "value",
         "SECONDS",
         f"end the job ({EXIT_GUEST_DIED}) unless AppPot's agent starts by then (default: {DEFAULT_BOOT_TIMEOUT_S:g})",
+    ),
+    _Option(
+        ("--record",),
+        "record",
+        "path",
+        "FILE",
+        "when the job ends, write what ran (image, kernel, changes, command, outcome) as JSON to FILE ($APPPOT_RECORD)",
     ),
     _Option(("-v", "--verbose"), "verbose", "flag", None, "say what AppPot does, and host notices every time"),
 )
@@ -345,6 +354,7 @@ def parse_start(argv: Sequence[str], prog: str = "apppot start") -> JobSpec:
         no_stdin=ns.no_stdin,
         boot_timeout_s=parse_seconds(ns.boot_timeout, "--boot-timeout") if ns.boot_timeout else DEFAULT_BOOT_TIMEOUT_S,
         verify=ns.verify or _verify_env(),
+        record=ns.record if ns.record is not None else _env_path(RECORD_ENV),
     )
 
 
@@ -355,6 +365,14 @@ def _cwd() -> Path:
         raise JobDirError(
             f"the current directory cannot be used as the job directory ({e.strerror}): cd to one, or pass --jobdir DIR"
         ) from None
+
+
+RECORD_ENV = "APPPOT_RECORD"
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
 
 
 def _kvm_env() -> bool | None:

@@ -20,7 +20,10 @@ if TYPE_CHECKING:
 
 def cmd_submit(argv: Sequence[str]) -> int:
     before, after = split_command(argv)
-    p = parser_class()(prog="apppot submit", description="Hand an AppPot job to a batch system.")
+    p = parser_class()(
+        prog="apppot submit",
+        description="Hand an AppPot job to a batch system; the job always writes its provenance record (apppot fetch brings it).",
+    )
     p.add_argument("--to", dest="target", choices=["slurm", "arc"], required=True, help="the batch system or Grid middleware")
     p.add_argument("--ce", metavar="URL", help="ARC: the compute element, e.g. https://ce.example.org:443/arex")
     p.add_argument("--image", help="image file or cache name (default: the tiny appliance); the worker must see it")
@@ -119,7 +122,9 @@ def cmd_status(argv: Sequence[str]) -> int:
 
 
 def cmd_fetch(argv: Sequence[str]) -> int:
-    p = parser_class()(prog="apppot fetch", description="Copy a job's stdout, stderr and outputs into ./JOBID/.")
+    p = parser_class()(
+        prog="apppot fetch", description="Copy a job's stdout, stderr, record (apppot-record.json) and outputs into ./JOBID/."
+    )
     p.add_argument("job_id", metavar="JOBID")
     p.add_argument("--force", action="store_true", help="write into ./JOBID/ even if it exists, replacing files there")
     p.add_argument("--max-size", default="16G", metavar="SIZE", help="refuse a file larger than SIZE (default 16G)")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from apppot.errors import HostError, UsageError
 from apppot.proc import run, which
-from apppot.submit.job import STDERR, STDOUT, BatchJob, check_job_name
+from apppot.submit.job import RECORD, STDERR, STDOUT, BatchJob, check_job_name
 
 RTE = "APPS/APPPOT-0"
 WRAPPER = "apppot-job.sh"
@@ -24,7 +24,7 @@ IMAGE = "apppot.img"
 GMLOG = "gmlog"
 # The session directory's names that are AppPot's (and ARC's): an input of the same name would be
 # overwritten by, or overwrite, the wrapper, the changes archive, the image or the job's streams.
-RESERVED = (WRAPPER, CHANGES, IMAGE, STDOUT, STDERR, GMLOG)
+RESERVED = (WRAPPER, CHANGES, IMAGE, STDOUT, STDERR, GMLOG, RECORD)
 
 
 def quote(value: str) -> str:
@@ -61,7 +61,8 @@ def render_wrapper(job: BatchJob) -> str:
         "# An AppPot job on an ARC CE (rendered by apppot submit --to arc). The APPPOT runtime\n"
         "# environment says where apppot-start and the site's image are.\n"
         f"{restore}"
-        f"exec {' '.join(start)} -- {shlex.join(job.argv)}\n"
+        # The record by environment, not --record: the site's apppot-start may be an AppPot without it.
+        f"APPPOT_RECORD={RECORD} exec {' '.join(start)} -- {shlex.join(job.argv)}\n"
     )
 
 
@@ -87,9 +88,8 @@ def render_xrsl(job: BatchJob) -> str:
         f' (count="{job.cores}")(countpernode="{job.cores}")',
         f" (inputfiles={''.join(staged)})",
     ]
-    if job.outputs:
-        outputs = "".join(f"({quote(name)} {quote('')})" for name in job.outputs)
-        lines.append(f" (outputfiles={outputs})")
+    outputs = "".join(f"({quote(name)} {quote('')})" for name in (RECORD, *job.outputs))
+    lines.append(f" (outputfiles={outputs})")
     lines += [f" (stdout={quote(STDOUT)})(stderr={quote(STDERR)})", f" (gmlog={quote(GMLOG)})"]
     return "\n".join(lines) + "\n"
 

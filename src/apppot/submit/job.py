@@ -18,6 +18,7 @@ DEFAULT_WALL_SECONDS = 3600
 # Where the batch job's own stdout and stderr land, and the names `apppot fetch` gives them in ./JOBID/.
 STDOUT = "stdout.txt"
 STDERR = "stderr.txt"
+RECORD = "apppot-record.json"  # the job's provenance record (apppot start --record), fetched beside them
 # A job name goes into #SBATCH lines and xRSL: a word, so that it can neither end a line nor be parsed.
 _JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 
@@ -88,8 +89,9 @@ def check_output_name(name: str) -> str:
     pure = PurePosixPath(name)
     if not name or pure.is_absolute() or ".." in pure.parts:
         raise UsageError(f"invalid --output {name!r}: name a file inside the job directory, without '..'")
-    if str(pure) in (STDOUT, STDERR):
-        raise UsageError(f"invalid --output {name!r}: the job's {pure.stem} is fetched under that name; rename the file")
+    if str(pure) in (STDOUT, STDERR, RECORD):
+        what = "record" if str(pure) == RECORD else pure.stem
+        raise UsageError(f"invalid --output {name!r}: the job's {what} is fetched under that name; rename the file")
     return str(pure)
 
 

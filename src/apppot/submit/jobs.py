@@ -25,7 +25,7 @@ from apppot.images.store import cache_dir
 from apppot.say import Say, say_stderr
 from apppot.submit import arc, results, slurm, worker
 from apppot.submit.command_file import CommandFile
-from apppot.submit.job import STDERR, STDOUT, BatchJob, check_output_name
+from apppot.submit.job import RECORD, STDERR, STDOUT, BatchJob, check_output_name
 
 TARGETS = ("slurm", "arc")
 
@@ -328,7 +328,7 @@ def _open_fetch_target(into: Path, job_id: str, force: bool) -> int:
 
 
 def fetch(job_id: str, into: Path, force: bool, limit: int = results.DEFAULT_LIMIT) -> tuple[Path, results.CopyReport]:
-    """Copy stdout, stderr and the declared outputs into INTO/JOBID (only regular files, never
+    """Copy stdout, stderr, the job's record and the declared outputs into INTO/JOBID (only regular files, never
     through a link the job left); returns it and what was copied, missing and refused."""
     record = find(job_id)
     outputs = [check_output_name(o) for o in record.outputs]
@@ -340,7 +340,7 @@ def fetch(job_id: str, into: Path, force: bool, limit: int = results.DEFAULT_LIM
             stage_dir = arc.download(record.native_id, stage_dir / "downloaded")
         stage_fd = os.open(stage_dir, results.DIR_FLAGS)
         stack.callback(os.close, stage_fd)
-        report = results.copy_results(stage_fd, [STDOUT, STDERR], target, limit=limit, replace=force)
+        report = results.copy_results(stage_fd, [STDOUT, STDERR, RECORD], target, limit=limit, replace=force)
         if record.target == "arc":
             job_fd = os.dup(stage_fd)
         else:

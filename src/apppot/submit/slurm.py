@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from apppot.errors import HostError, UsageError
 from apppot.proc import run, which
-from apppot.submit.job import STDERR, STDOUT, BatchJob, check_job_name, format_wall_time
+from apppot.submit.job import RECORD, STDERR, STDOUT, BatchJob, check_job_name, format_wall_time
 
 SLURM_CONF = "/etc/slurm/slurm.conf"  # where Slurm's tools look without SLURM_CONF
 DEFAULT_CONTROLLER_PORT = 6817
@@ -39,7 +39,8 @@ def render_sbatch(job: BatchJob, stage: Path, apppot: str) -> str:
     carry bytes that are not UTF-8 (as surrogates: os.fsencode)."""
     if job.image is None:
         raise UsageError("a Slurm job needs an image the nodes can read: give --image")
-    start = [apppot, "start", "--image", str(job.image), "--mem", f"{job.mem_bytes >> 20}M"]
+    # The record goes next to stdout and stderr, outside the job directory the guest can write.
+    start = [apppot, "start", "--record", str(stage / RECORD), "--image", str(job.image), "--mem", f"{job.mem_bytes >> 20}M"]
     if job.changes is not None:
         start += ["--changes", str(stage / "job" / job.changes.name)]
     start += ["--", *job.argv]
