@@ -14,6 +14,7 @@ from apppot.images.lock import (
     Lock,
     LockedPackage,
     LockError,
+    auto_installed,
     lock_path,
     make_lock,
     missing_from_mirror,
@@ -33,6 +34,7 @@ suite: bookworm
 architecture: amd64
 source-date-epoch: 1783764997
 requested: file gfortran
+auto: gcc libfoo:i386
 file=1:5.44-3
 gcc=4:12.2.0-3
 gfortran=4:12.2.0-3
@@ -50,13 +52,13 @@ INSTALLED = [
 
 
 def test_a_lock_renders_sorted_in_apts_syntax() -> None:
-    lock = make_lock("bookworm", "amd64", 1783764997, ["gfortran", "file", "gfortran"], INSTALLED)
+    lock = make_lock("bookworm", "amd64", 1783764997, ["gfortran", "file", "gfortran"], INSTALLED, ["libfoo:i386", "gcc"])
     assert render_lock(lock) == GOLDEN
 
 
 def test_a_lock_reads_back_as_written() -> None:
     lock = parse_lock(GOLDEN, Path("r.lock"))
-    assert lock == make_lock("bookworm", "amd64", 1783764997, ["file", "gfortran"], INSTALLED)
+    assert lock == make_lock("bookworm", "amd64", 1783764997, ["file", "gfortran"], INSTALLED, ["gcc", "libfoo:i386"])
     assert LockedPackage("libfoo", "1.0-1", "i386") in lock.packages
     assert [p.spec for p in lock.packages][:2] == ["file=1:5.44-3", "gcc=4:12.2.0-3"]  # an epoch's colon stays
     assert lock.names() == {"file", "gcc", "gfortran", "libfoo", "sudo"}
@@ -71,20 +73,25 @@ _names = st.from_regex(r"[a-z0-9][a-z0-9+.-]{1,20}", fullmatch=True)
 _versions = st.from_regex(r"([0-9]:)?[0-9][A-Za-z0-9.+~-]{0,12}", fullmatch=True)
 
 
-@given(st.lists(st.tuples(_names, _versions, st.sampled_from(["amd64", "all", "i386"])), min_size=1), st.lists(_names))
-def test_any_lock_reads_back_as_written(installed: list[tuple[str, str, str]], requested: list[str]) -> None:
+@given(
+    st.lists(st.tuples(_names, _versions, st.sampled_from(["amd64", "all", "i386"])), min_size=1),
+    st.lists(_names),
+    st.lists(_names),
+)
+def test_any_lock_reads_back_as_written(installed: list[tuple[str, str, str]], requested: list[str], auto: list[str]) -> None:
     unique = list({(n, "" if a in ("amd64", "all") else a): (n, v, a) for n, v, a in installed}.values())
-    lock = make_lock("trixie", "amd64", 1700000000, requested, unique)
+    lock = make_lock("trixie", "amd64", 1700000000, requested, unique, auto)
     assert parse_lock(render_lock(lock), Path("x.lock")) == lock
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        (GOLDEN.replace("gcc=4:12.2.0-3", "gcc==4"), r"line 10: 'gcc==4' is not a package line"),
-        (GOLDEN.replace("gcc=4:12.2.0-3", "gcc=4:12.2.0-3\ngcc=5"), r"line 11: package gcc is locked twice"),
+        (GOLDEN.replace("gcc=4:12.2.0-3", "gcc==4"), r"line 11: 'gcc==4' is not a package line"),
+        (GOLDEN.replace("gcc=4:12.2.0-3", "gcc=4:12.2.0-3\ngcc=5"), r"line 12: package gcc is locked twice"),
         (GOLDEN.replace("suite: bookworm", "release: bookworm"), r"line 5: 'release: bookworm' is neither"),
-        (GOLDEN + "suite: trixie\n", r"line 14: 'suite' is given twice"),
+        (GOLDEN + "suite: trixie\n", r"line 15: 'suite' is given twice"),
+        (GOLDEN.replace("auto: gcc", "auto: $(reboot) gcc"), r"'\$\(reboot\)' in auto is not a package name"),
         (GOLDEN.replace("format: 1", "format: 2"), r"is of format '2', this AppPot reads format 1"),
         (GOLDEN.replace("source-date-epoch: 1783764997\n", ""), r"lacks source-date-epoch"),
         (GOLDEN.replace("source-date-epoch: 1783764997", "source-date-epoch: yesterday"), r"is not a number"),
@@ -147,6 +154,7 @@ def test_a_recipe_with_a_lock_installs_the_locked_versions(tmp_path: Path, monke
         "--verbose",
         "--include=file=1:5.44-3,gcc=4:12.2.0-3,gfortran=4:12.2.0-3,libfoo:i386=1.0-1,sudo=1.9.13p3-1+deb12u1",
         "--components=main",
+        '--customize-hook=chroot "$1" apt-mark auto gcc libfoo:i386',
         "--customize-hook=sync-in /s /",
         "bookworm",
         "/r",
@@ -164,7 +172,19 @@ def test_a_broken_lock_stops_the_recipe_from_parsing(tmp_path: Path) -> None:
     (tmp_path / "r.lock").write_text("format: 1\n")
     with pytest.raises(LockError, match=r"r\.lock lacks suite"):
         parse_recipe(path)
+    assert parse_recipe(path, with_lock=False).lock is None  # what `image build --lock` reads: it replaces the lock
 
 
 def test_lock_fields_are_what_a_lock_holds() -> None:
-    assert Lock._fields == ("suite", "architecture", "source_date_epoch", "requested", "packages")
+    assert Lock._fields == ("suite", "architecture", "source_date_epoch", "requested", "auto", "packages")
+
+
+def test_apts_automatic_marks_are_read_from_extended_states() -> None:
+    states = (
+        "Package: libgomp1\nArchitecture: amd64\nAuto-Installed: 1\n\n"
+        "Package: make\nArchitecture: amd64\nAuto-Installed: 0\n\n"
+        "Package: libfoo\nArchitecture: i386\nAuto-Installed: 1\n\n"
+        "Package: cpp\nArchitecture: amd64\nAuto-Installed: 1\n"
+    )
+    assert auto_installed(states, "amd64") == ["cpp", "libfoo:i386", "libgomp1"]
+    assert auto_installed("", "amd64") == []

@@ -93,7 +93,8 @@ def cmd_image(argv: Sequence[str]) -> int:
     if ns.action == "build":
         from apppot.images import debian, recipe
 
-        built = debian.build(recipe.parse_recipe(ns.recipe), force=ns.force, quiet=ns.quiet or ns.json, relock=ns.lock, say=say)
+        parsed = recipe.parse_recipe(ns.recipe, with_lock=not ns.lock)  # --lock: the old lock, even a broken one, is replaced
+        built = debian.build(parsed, force=ns.force, quiet=ns.quiet or ns.json, relock=ns.lock, say=say)
         record: dict[str, object] = {"path": str(built.path), "reused": built.reused, **built.record._asdict()}
         if built.lock is not None:
             record["lock"] = str(built.lock)

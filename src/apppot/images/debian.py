@@ -172,6 +172,8 @@ def mmdebstrap_argv(recipe: Recipe, stage: Path, root: Path) -> list[str]:
     named with its locked version."""
     packages = [p.spec for p in recipe.lock.packages] if recipe.lock else requested_packages(recipe)
     hooks = [f"sync-in {stage} /"]
+    if recipe.lock and recipe.lock.auto:  # every package was named: apt marked none automatically installed
+        hooks.insert(0, f'chroot "$1" apt-mark auto {" ".join(recipe.lock.auto)}')
     if recipe.commands:
         hooks += [f'chroot "$1" /bin/sh {COMMANDS_SCRIPT}', f'rm -f "$1{COMMANDS_SCRIPT}"']
     argv = ["mmdebstrap", "--mode=root", "--variant=minbase", "--format=directory", "--verbose"]
@@ -280,6 +282,14 @@ def _installed(root: Path) -> list[tuple[str, str, str]]:
     return sorted((name, version, arch) for status, name, version, arch in rows if status.startswith("ii"))
 
 
+def _auto_installed(root: Path, architecture: str) -> list[str]:
+    try:
+        text = (root / "var/lib/apt/extended_states").read_text()
+    except FileNotFoundError:
+        return []
+    return locking.auto_installed(text, architecture)
+
+
 def _write_lock(recipe: Recipe, lock: locking.Lock) -> Path:
     """The lock beside the recipe, given to the recipe's owner (root builds a user's recipe)."""
     path = locking.lock_path(recipe.path)
@@ -325,7 +335,9 @@ def build(recipe: Recipe, *, force: bool = False, quiet: bool = False, relock: b
             f"(from {when.source})"
         )
         _bootstrap(recipe, stage, root, printer, epoch)
-        lock = recipe.lock or locking.make_lock(recipe.base.suite, architecture, epoch, recipe.packages, _installed(root))
+        lock = recipe.lock or locking.make_lock(
+            recipe.base.suite, architecture, epoch, recipe.packages, _installed(root), _auto_installed(root, architecture)
+        )
         if relock:  # named, and its filesystem ids derived, as the recipe with this lock
             ident = recipe_id(recipe._replace(lock=lock))
             target = directory / f"{image_stem(recipe.name, ident)}.img"

@@ -9,6 +9,7 @@ A lock is UTF-8 text, one item a line, written sorted so that two locks of one s
     architecture: amd64
     source-date-epoch: 1783764997
     requested: autoconf build-essential
+    auto: cpp gcc-12 libgomp1
     acl=2.3.1-3
     gcc=4:12.2.0-3
     libfoo:i386=1.0-1
@@ -16,7 +17,9 @@ A lock is UTF-8 text, one item a line, written sorted so that two locks of one s
 Header lines are `key: value`; a package line is `name[:arch]=version`, apt's own syntax (the version
 may hold an epoch's colon, so the architecture goes with the name), with the architecture only for a
 package of another architecture than the image's. `requested` is the recipe's own package list, so
-that a lock written for other packages is recognised as out of date.
+that a lock written for other packages is recognised as out of date; `auto` names the packages apt
+installed as dependencies (apt's "automatically installed" mark, which a build that names every
+package would otherwise lose).
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ _NAME = r"[a-z0-9][a-z0-9+.-]+"
 _ARCH = r"[a-z0-9][a-z0-9-]*"
 _VERSION = r"[A-Za-z0-9.+~:-]+"
 _PACKAGE = re.compile(rf"({_NAME})(?::({_ARCH}))?=({_VERSION})")
+_AUTO = re.compile(rf"{_NAME}(?::{_ARCH})?")  # these go into a shell hook: nothing else may pass
 _HEADER = re.compile(r"([a-z-]+):\s*(.*)")
-_KEYS = ("format", "suite", "architecture", "source-date-epoch", "requested")
+_KEYS = ("format", "suite", "architecture", "source-date-epoch", "requested", "auto")
 _INTRO = (
     "# AppPot lock: the exact Debian packages `apppot image build` installs for the recipe beside it.\n"
     "# Written by `apppot image build --lock`; every build of the recipe uses it while it is here.\n"
@@ -63,6 +67,7 @@ class Lock(NamedTuple):
     architecture: str
     source_date_epoch: int
     requested: tuple[str, ...]  # the recipe's packages, as written in it, sorted
+    auto: tuple[str, ...]  # the packages apt marked automatically installed (name[:arch]), sorted
     packages: tuple[LockedPackage, ...]  # sorted by name, then architecture
 
     def names(self) -> set[str]:
@@ -75,11 +80,16 @@ def lock_path(recipe: Path) -> Path:
 
 
 def make_lock(
-    suite: str, architecture: str, epoch: int, requested: Iterable[str], installed: Iterable[tuple[str, str, str]]
+    suite: str,
+    architecture: str,
+    epoch: int,
+    requested: Iterable[str],
+    installed: Iterable[tuple[str, str, str]],
+    auto: Iterable[str] = (),
 ) -> Lock:
-    """A lock from what dpkg reports installed: (name, version, architecture) triples."""
+    """A lock from what dpkg reports installed, (name, version, architecture) triples, and apt's auto marks."""
     packages = {LockedPackage(name, version, "" if arch in (architecture, "all") else arch) for name, version, arch in installed}
-    return Lock(suite, architecture, epoch, tuple(sorted(set(requested))), tuple(sorted(packages)))
+    return Lock(suite, architecture, epoch, tuple(sorted(set(requested))), tuple(sorted(set(auto))), tuple(sorted(packages)))
 
 
 def render_lock(lock: Lock) -> str:
@@ -89,6 +99,7 @@ def render_lock(lock: Lock) -> str:
         f"architecture: {lock.architecture}",
         f"source-date-epoch: {lock.source_date_epoch}",
         f"requested: {' '.join(lock.requested)}".rstrip(),
+        f"auto: {' '.join(lock.auto)}".rstrip(),
         *(p.spec for p in lock.packages),
     ]
     return _INTRO + "\n".join(lines) + "\n"
@@ -136,11 +147,17 @@ def parse_lock(text: str, path: Path) -> Lock:
         )
     if not packages:
         raise LockError(f"lock {path} names no packages; write it afresh with apppot image build --lock")
+    for name in headers["auto"].split():
+        if not _AUTO.fullmatch(name):
+            raise LockError(
+                f"lock {path}: {name!r} in auto is not a package name; write it afresh with apppot image build --lock"
+            )
     return Lock(
         headers["suite"],
         headers["architecture"],
         int(headers["source-date-epoch"]),
         tuple(sorted(set(headers["requested"].split()))),
+        tuple(sorted(set(headers["auto"].split()))),
         tuple(sorted(packages.values())),
     )
 
@@ -194,4 +211,16 @@ def missing_from_mirror(output: Iterable[str]) -> list[str]:
             found.append(f"{match.group(2)}={match.group(1)}")
         elif match := _NO_PACKAGE.search(line):
             found.append(match.group(1))
+    return sorted(set(found))
+
+
+def auto_installed(extended_states: str, architecture: str) -> list[str]:
+    """The packages apt's extended_states marks automatically installed (name, or name:arch for another
+    architecture), sorted."""
+    found = []
+    for stanza in extended_states.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line)
+        if fields.get("Auto-Installed") == "1" and "Package" in fields:
+            arch = fields.get("Architecture", architecture)
+            found.append(fields["Package"] + ("" if arch in (architecture, "all") else f":{arch}"))
     return sorted(set(found))

@@ -146,8 +146,10 @@ def _kind(value: object) -> str:
     )
 
 
-def parse_recipe(path: Path) -> Recipe:
-    """Read and check a recipe; every problem is a RecipeError naming the key and its line."""
+def parse_recipe(path: Path, *, with_lock: bool = True) -> Recipe:
+    """Read and check a recipe; every problem is a RecipeError naming the key and its line.
+
+    with_lock: read its lock too (False: leave it, even a broken one, as `image build --lock` does)."""
     import tomllib
 
     try:
@@ -221,7 +223,7 @@ def parse_recipe(path: Path) -> Recipe:
             raise c.fail(f"cannot read the autorun script {source}: {getattr(e, 'strerror', e)}", None, "autorun") from e
 
     description = c.string(data, "description") or ""
-    lock = read_lock(lock_path(path))
+    lock = read_lock(lock_path(path)) if with_lock else None
     return Recipe(path.resolve(), name, description, size, base, packages, files, commands, autorun, lock)
 
 
