@@ -17,7 +17,15 @@ if TYPE_CHECKING:
 def cmd_image(argv: Sequence[str]) -> int:
     p = parser_class()(prog="apppot image", description="Appliance images.")
     sub = p.add_subparsers(dest="action", required=True)
-    build = sub.add_parser("build", help="build an appliance from a recipe (TOML) into the cache")
+    build = sub.add_parser(
+        "build",
+        help="build an appliance from a recipe (TOML) into the cache",
+        description="Build an appliance from a recipe (TOML) into the cache, as root, with mmdebstrap. Two builds of a "
+        "recipe against one mirror state give the same image, byte for byte. Every file's time is at most the build's "
+        "time, SOURCE_DATE_EPOCH: from the environment if set, else from the recipe's lock, else the date of the "
+        "suite's Release file on the mirror. A lock (NAME.lock beside NAME.toml, written by --lock) is used whenever "
+        "it is there: every package is installed at its locked version.",
+    )
     build.add_argument("recipe", type=Path, help="the recipe file, e.g. examples/debian-dev.toml")
     build.add_argument("--force", action="store_true", help="rebuild even if built from the same inputs")
     build.add_argument(
