@@ -5,7 +5,6 @@ have fails with one line naming it. No guest is booted: the boot tests use the s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from apppot.images.lock import lock_path, read_lock
+from apppot.images.tiny import image_id  # sha256 of an image's bytes
 from tests.integration.conftest import EXAMPLES, apppot_cli
 
 SMALL_RECIPE = """\
@@ -41,14 +41,6 @@ def _as_root() -> None:
         pytest.skip("building Debian appliances needs root (make test runs as root in CI)")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _build(cache: Path, recipe: Path, *args: str) -> dict[str, object]:
     r = apppot_cli(cache, "image", "build", "--json", *args, str(recipe))
     assert r.returncode == 0, r.err
@@ -62,7 +54,7 @@ def test_debian_dev_rebuilds_bit_for_bit(debian_dev: dict[str, object], tmp_path
     print(f"debian-dev builds: {debian_dev['build_seconds']} s and {again['build_seconds']} s")
     assert again["recipe_id"] == debian_dev["recipe_id"]
     assert again["source_date_epoch"] == debian_dev["source_date_epoch"]
-    assert _sha256(second) == _sha256(first) == debian_dev["content_id"] == again["content_id"]
+    assert image_id(second) == image_id(first) == debian_dev["content_id"] == again["content_id"]
     assert again["base_id"] == debian_dev["base_id"]
 
 
@@ -89,7 +81,7 @@ def test_a_lock_is_written_and_the_next_build_installs_exactly_it(tmp_path: Path
     assert not again["reused"]
     assert again["recipe_id"] == locked["recipe_id"]
     assert again["installed"] == locked["installed"]
-    assert _sha256(Path(str(again["path"]))) == _sha256(Path(str(locked["path"]))) == locked["content_id"]
+    assert image_id(Path(str(again["path"]))) == image_id(Path(str(locked["path"]))) == locked["content_id"]
     # Built from the lock, it is that build: the first cache has it already.
     assert _build(tmp_path / "cache-a", recipe)["reused"]
 
