@@ -21,7 +21,8 @@ SMALL_RECIPE = """\
 name = "repro-small"
 size = "512M"
 packages = ["file"]
-commands = ["echo built at $(date) > /etc/motd", "mkdir -p /opt/data && date > /opt/data/when"]
+# Files the commands make get the build's time (their content is theirs to keep the same: no `date`).
+commands = ["echo built > /etc/motd", "mkdir -p /opt/data/made && touch /opt/data/made/here"]
 
 [[files]]
 source = "data"
