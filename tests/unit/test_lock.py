@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from apppot.errors import HostError
 from apppot.images import debian
 from apppot.images.lock import (
     Lock,
@@ -188,3 +189,18 @@ def test_apts_automatic_marks_are_read_from_extended_states() -> None:
     )
     assert auto_installed(states, "amd64") == ["cpp", "libfoo:i386", "libgomp1"]
     assert auto_installed("", "amd64") == []
+
+
+def test_a_lock_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "gone" / "r.toml"
+    path.parent.mkdir()
+    path.write_text('name = "x"\n')
+    recipe = parse_recipe(path)
+    lock = parse_lock(GOLDEN, Path("r.lock"))
+    assert debian._write_lock(recipe, lock) == tmp_path / "gone" / "r.lock"
+    assert read_lock(tmp_path / "gone" / "r.lock") == lock
+    for left in path.parent.iterdir():
+        left.unlink()
+    path.parent.rmdir()  # the recipe's directory went away during the build
+    with pytest.raises(HostError, match=r"the image is built, but its lock .*r\.lock cannot be written: .*--lock again"):
+        debian._write_lock(recipe, lock)

@@ -293,10 +293,16 @@ def _auto_installed(root: Path, architecture: str) -> list[str]:
 def _write_lock(recipe: Recipe, lock: locking.Lock) -> Path:
     """The lock beside the recipe, given to the recipe's owner (root builds a user's recipe)."""
     path = locking.lock_path(recipe.path)
-    replace_file(path, locking.render_lock(lock).encode())
-    st = recipe.path.stat()
-    if os.geteuid() == 0 and st.st_uid != 0:
-        os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
+    try:
+        replace_file(path, locking.render_lock(lock).encode())
+        st = recipe.path.stat()
+        if os.geteuid() == 0 and st.st_uid != 0:
+            os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
+    except OSError as e:
+        raise HostError(
+            f"the image is built, but its lock {path} cannot be written: {e.strerror}; "
+            "make the recipe's directory writable and build with --lock again"
+        ) from e
     return path
 
 
