@@ -352,8 +352,10 @@ def build(recipe: Recipe, *, force: bool = False, quiet: bool = False, relock: b
         reproducible.settle_tree(root, epoch)
         printer.step("recording the base state for apppot-snap")
         reproducible.clamp_times(root, epoch)
-        # Recorded the second after the build's time: no file in it is newer than that.
-        base = snap.write_manifest(snap.scan(str(root)), str(root / snap.BASE_MANIFEST.lstrip("/")), epoch=epoch + 1)
+        # Recorded at the build's time: the many files clamped to it count as changed within the second
+        # of recording, so apppot-snap hashes them rather than trust their (size, time) (a backup that
+        # keeps the original's time, as useradd's /etc/group- does, would otherwise pass unseen).
+        base = snap.write_manifest(snap.scan(str(root)), str(root / snap.BASE_MANIFEST.lstrip("/")), epoch=epoch)
         (root / snap.BASE_ID.lstrip("/")).write_text(base.id + "\n")
         reproducible.clamp_times(root, epoch)
         printer.step(f"making the {recipe.size_bytes >> 20} MiB ext4 image")
