@@ -124,11 +124,12 @@ def fake_image(directory: Path, name: str, built: str, record: bool = True) -> P
         f.truncate(1 << 20)
         f.write(b"x" * 8192)
     if record:
-        ids = {"recipe_id": "0" * 64, "content_id": "1" * 64, "agent": "2" * 64}
         made = ImageRecord(
             name.split("-")[0],
             "r.toml",
-            **ids,
+            recipe_id="0" * 64,
+            content_id="1" * 64,
+            agent="2" * 64,
             protocol=4,
             distribution="debian",
             suite="trixie",

@@ -1,9 +1,10 @@
 """Building a Debian appliance from a recipe with mmdebstrap, into the image cache.
 
-mmdebstrap (Debian's own bootstrapper) makes the root tree with the recipe's packages; its
-customize hooks copy in the recipe's files, the agent and the autorun script, and run the
-recipe's commands inside the new system. `mkfs.ext4 -d` turns the tree into the image, which
-appears under its final name only when everything succeeded.
+mmdebstrap (Debian's own bootstrapper) makes the root tree with the recipe's packages (the exact
+versions of the recipe's lock, if it has one); its customize hooks copy in the recipe's files, the
+agent and the autorun script, and run the recipe's commands inside the new system. `mkfs.ext4 -d`
+turns the tree into the image, which appears under its final name only when everything succeeded.
+Two builds against one mirror state give the same image, byte for byte (apppot.images.reproducible).
 """
 
 from __future__ import annotations
@@ -24,15 +25,16 @@ from typing import NamedTuple
 from apppot import snap
 from apppot.backends.uml import AGENT_SERVICE, SYSTEMD_PATH
 from apppot.errors import HostError
-from apppot.images import snaptool, tiny
+from apppot.images import lock as locking
+from apppot.images import reproducible, snaptool, tiny
 from apppot.images.recipe import DEFAULT_MIRROR, Recipe
-from apppot.images.store import ImageRecord, cache_owner, image_stem, images_dir, make_dirs
+from apppot.images.store import ImageRecord, Owner, cache_owner, image_stem, images_dir, make_dirs, replace_file
 from apppot.kernel_build import MIRROR_ENV
 from apppot.proc import run, which
 from apppot.protocol import PROTOCOL_VERSION
 from apppot.say import Say
 
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"  # 2: reproducible (one fixed time, ids from the recipe, a settled tree)
 # What every Debian appliance needs besides the recipe's packages: sudo for the job's user (the
 # seed's promise), the tools the agent uses beyond the Essential set, and Python for apppot-snap.
 ALWAYS = ("sudo", "mount", "mawk", "python3")  # python3: apppot-snap
@@ -44,6 +46,7 @@ class BuiltImage(NamedTuple):
     path: Path
     record: ImageRecord
     reused: bool
+    lock: Path | None = None  # the lock this build wrote (apppot image build --lock)
 
 
 def recipe_id(recipe: Recipe) -> str:
@@ -113,8 +116,9 @@ def _enable_full_boot(root: Path) -> None:
         link.symlink_to(target)
 
 
-def _stage(recipe: Recipe, stage: Path) -> None:
-    """The tree the customize hook copies over the new system: the recipe's files, the agent, the autorun."""
+def _stage(recipe: Recipe, stage: Path, epoch: int) -> None:
+    """The tree the customize hook copies over the new system: the recipe's files, the agent, the autorun,
+    every one with the build's time (not when the recipe's files were checked out)."""
     _agent_dirs(stage)
     agent = stage / "usr/sbin/apppot-init"
     agent.parent.mkdir(parents=True)
@@ -151,12 +155,25 @@ def _stage(recipe: Recipe, stage: Path) -> None:
         for command in recipe.commands:
             lines += [f"echo {shlex.quote('apppot: recipe command: ' + command)}", command]
         script.write_text("\n".join(lines) + "\n")
+    reproducible.clamp_times(stage, epoch, reset=True)
+
+
+def requested_packages(recipe: Recipe) -> list[str]:
+    """What the build asks apt for: the recipe's packages and AppPot's own (ALWAYS)."""
+    return sorted(set(ALWAYS) | set(recipe.packages))
+
+
+def _package_name(spec: str) -> str:
+    return spec.split("=", 1)[0].split(":", 1)[0]
 
 
 def mmdebstrap_argv(recipe: Recipe, stage: Path, root: Path) -> list[str]:
-    """The mmdebstrap command line (pure; tested with golden lists)."""
-    packages = sorted(set(ALWAYS) | set(recipe.packages))
+    """The mmdebstrap command line (pure; tested with golden lists). With a lock, every package is
+    named with its locked version."""
+    packages = [p.spec for p in recipe.lock.packages] if recipe.lock else requested_packages(recipe)
     hooks = [f"sync-in {stage} /"]
+    if recipe.lock and recipe.lock.auto:  # every package was named: apt marked none automatically installed
+        hooks.insert(0, f'chroot "$1" apt-mark auto {" ".join(recipe.lock.auto)}')
     if recipe.commands:
         hooks += [f'chroot "$1" /bin/sh {COMMANDS_SCRIPT}', f'rm -f "$1{COMMANDS_SCRIPT}"']
     argv = ["mmdebstrap", "--mode=root", "--variant=minbase", "--format=directory", "--verbose"]
@@ -188,12 +205,19 @@ class StepPrinter:
             sys.stderr.flush()
 
 
-def _run_streaming(argv: list[str], printer: StepPrinter, what: str) -> None:
-    """Run a long build step, passing its interesting lines on; the tail of its output on failure."""
+def _run_streaming(argv: list[str], printer: StepPrinter, what: str, env: dict[str, str], errors: list[str]) -> None:
+    """Run a long build step, passing its interesting lines on (its error lines into ``errors``); the
+    tail of its output on failure."""
     tail: list[str] = []
     try:
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            env={**os.environ, **env},
         )
     except OSError as e:
         raise HostError(f"cannot run {argv[0]}: {e.strerror}") from e
@@ -201,6 +225,8 @@ def _run_streaming(argv: list[str], printer: StepPrinter, what: str) -> None:
     with proc:
         for line in proc.stdout:
             tail = [*tail[-19:], line.rstrip()]
+            if line.startswith("E: "):
+                errors.append(line.rstrip())
             if line.startswith(("I: ", "E: ", "W: ", "apppot: ")):
                 printer.detail(line)
     if proc.returncode != 0:
@@ -208,65 +234,171 @@ def _run_streaming(argv: list[str], printer: StepPrinter, what: str) -> None:
         raise HostError(f"{what} failed (status {proc.returncode}); its last lines:\n{shown}")
 
 
-def build(recipe: Recipe, *, force: bool = False, quiet: bool = False, say: Say) -> BuiltImage:
-    """Build the recipe's image into the cache, or return the one already built from the same inputs."""
+def _architecture() -> str:
+    return run(["dpkg", "--print-architecture"], package="dpkg").stdout.decode().strip()
+
+
+def _check_lock(recipe: Recipe, architecture: str) -> None:
+    assert recipe.lock is not None
+    needed = {_package_name(p) for p in requested_packages(recipe)}
+    why = locking.out_of_date(recipe.lock, recipe.base.suite, architecture, recipe.packages, needed)
+    if why:
+        raise locking.LockError(
+            f"lock {locking.lock_path(recipe.path)} does not fit the recipe: {why}; "
+            "write it afresh with apppot image build --lock"
+        )
+
+
+def _bootstrap(recipe: Recipe, stage: Path, root: Path, printer: StepPrinter, epoch: int) -> None:
+    """mmdebstrap, with the build's time; a locked version the mirror lacks is one line naming them all."""
+    errors: list[str] = []
+    try:
+        _run_streaming(mmdebstrap_argv(recipe, stage, root), printer, "mmdebstrap", {reproducible.SDE_ENV: str(epoch)}, errors)
+    except HostError:
+        missing = locking.missing_from_mirror(errors)
+        if recipe.lock is None or not missing:
+            raise
+        shown = " ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+        raise locking.LockError(
+            f"the mirror {_mirror(recipe)} no longer has {len(missing)} package version(s) of lock "
+            f"{locking.lock_path(recipe.path)}: {shown}; build with --lock to lock the mirror's versions instead, "
+            "or set [base] mirror to a snapshot that has them (snapshot.debian.org)"
+        ) from None
+
+
+def _installed(root: Path) -> list[tuple[str, str, str]]:
+    """(name, version, architecture) of every package installed in the new system."""
+    out = run(
+        [
+            "dpkg-query",
+            f"--admindir={root}/var/lib/dpkg",
+            "-W",
+            "-f",
+            "${db:Status-Abbrev}\t${Package}\t${Version}\t${Architecture}\n",
+        ],
+        package="dpkg",
+    ).stdout.decode()
+    rows = [line.split("\t") for line in out.splitlines()]
+    return sorted((name, version, arch) for status, name, version, arch in rows if status.startswith("ii"))
+
+
+def _auto_installed(root: Path, architecture: str) -> list[str]:
+    try:
+        text = (root / "var/lib/apt/extended_states").read_text()
+    except FileNotFoundError:
+        return []
+    return locking.auto_installed(text, architecture)
+
+
+def _write_lock(recipe: Recipe, lock: locking.Lock) -> Path:
+    """The lock beside the recipe, given to the recipe's owner (root builds a user's recipe)."""
+    path = locking.lock_path(recipe.path)
+    try:
+        replace_file(path, locking.render_lock(lock).encode())
+        st = recipe.path.stat()
+        if os.geteuid() == 0 and st.st_uid != 0:
+            os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
+    except OSError as e:
+        raise HostError(
+            f"the image is built, but its lock {path} cannot be written: {e.strerror}; "
+            "make the recipe's directory writable and build with --lock again"
+        ) from e
+    return path
+
+
+def build(recipe: Recipe, *, force: bool = False, quiet: bool = False, relock: bool = False, say: Say) -> BuiltImage:
+    """Build the recipe's image into the cache, or return the one already built from the same inputs.
+
+    relock: resolve the packages against the mirror afresh (whatever the recipe's lock says), and write
+    what was installed as the recipe's lock."""
+    if relock:
+        recipe = recipe._replace(lock=None)
     ident = recipe_id(recipe)
     directory = images_dir()
-    stem = image_stem(recipe.name, ident)
-    target = directory / f"{stem}.img"
-    record_path = target.with_suffix(".json")
-    if not force and target.exists() and record_path.exists():
-        return BuiltImage(target, ImageRecord.read(record_path), reused=True)
+    target = directory / f"{image_stem(recipe.name, ident)}.img"
+    if not relock and not force and target.exists() and target.with_suffix(".json").exists():
+        return BuiltImage(target, ImageRecord.read(target.with_suffix(".json")), reused=True)
     _check_host()
+    architecture = _architecture()
+    if recipe.lock is not None:
+        _check_lock(recipe, architecture)
+    when = reproducible.choose_time(
+        os.environ.get(reproducible.SDE_ENV), recipe.lock, lambda: reproducible.release_epoch(_mirror(recipe), recipe.base.suite)
+    )
+    epoch = when.epoch
     owner = cache_owner(directory)
     make_dirs(directory, owner)
     printer = StepPrinter(say, quiet)
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix=f".build-{stem}-", dir=directory) as tmp:
+    with tempfile.TemporaryDirectory(prefix=f".build-{recipe.name}-", dir=directory) as tmp:
         stage, root, image = Path(tmp) / "stage", Path(tmp) / "root", Path(tmp) / "image"
         stage.mkdir()
-        _stage(recipe, stage)
-        packages = sorted(set(ALWAYS) | set(recipe.packages))
-        printer.step(f"bootstrapping Debian {recipe.base.suite} with {len(packages)} packages from {_mirror(recipe)}")
-        _run_streaming(mmdebstrap_argv(recipe, stage, root), printer, "mmdebstrap")
+        _stage(recipe, stage, epoch)
+        versions = "their locked versions" if recipe.lock else "the mirror's versions"
+        printer.step(
+            f"bootstrapping Debian {recipe.base.suite} with {len(requested_packages(recipe))} packages ({versions}) "
+            f"from {_mirror(recipe)}, files dated {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(epoch))} UTC "
+            f"(from {when.source})"
+        )
+        _bootstrap(recipe, stage, root, printer, epoch)
+        lock = recipe.lock or locking.make_lock(
+            recipe.base.suite, architecture, epoch, recipe.packages, _installed(root), _auto_installed(root, architecture)
+        )
+        if relock:  # named, and its filesystem ids derived, as the recipe with this lock
+            ident = recipe_id(recipe._replace(lock=lock))
+            target = directory / f"{image_stem(recipe.name, ident)}.img"
         _agent_dirs(root)
         _enable_full_boot(root)
+        reproducible.settle_tree(root, epoch)
         printer.step("recording the base state for apppot-snap")
-        base = snap.write_manifest(snap.scan(str(root)), str(root / snap.BASE_MANIFEST.lstrip("/")))
+        reproducible.clamp_times(root, epoch)
+        # Recorded at the build's time: the many files clamped to it count as changed within the second
+        # of recording, so apppot-snap hashes them rather than trust their (size, time) (a backup that
+        # keeps the original's time, as useradd's /etc/group- does, would otherwise pass unseen).
+        base = snap.write_manifest(snap.scan(str(root)), str(root / snap.BASE_MANIFEST.lstrip("/")), epoch=epoch)
         (root / snap.BASE_ID.lstrip("/")).write_text(base.id + "\n")
+        reproducible.clamp_times(root, epoch)
         printer.step(f"making the {recipe.size_bytes >> 20} MiB ext4 image")
         run(
-            ["mkfs.ext4", "-q", "-F", "-L", recipe.name[:16], "-d", str(root), str(image), str(recipe.size_bytes >> 10) + "k"],
+            reproducible.mkfs_argv(recipe.name, ident, root, image, recipe.size_bytes),
+            env=reproducible.fixed_clock(epoch),
             package="e2fsprogs",
         )
+        reproducible.pin_inode_times(image, epoch, Path(tmp))
         printer.step("hashing the image")
-        content = tiny.image_id(image)
         record = ImageRecord(
             name=recipe.name,
             recipe=str(recipe.path),
             recipe_id=ident,
-            content_id=content,
+            content_id=tiny.image_id(image),
             agent=hashlib.sha256(tiny.agent_source()).hexdigest(),
             base_id=base.id,
             protocol=PROTOCOL_VERSION,
             distribution=recipe.base.distribution,
             suite=recipe.base.suite,
-            packages=packages,
+            packages=requested_packages(recipe),
             size_bytes=recipe.size_bytes,
             built=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             build_seconds=round(time.monotonic() - started, 1),
+            source_date_epoch=epoch,
+            installed=tuple(p.spec for p in lock.packages),
         )
         printer.step(f"installing {target.name}")
-        os.chmod(image, 0o444)
-        # The record last: an image without a record is not listed, so a build stopped between
-        # the two steps leaves nothing usable under the final name.
-        if force:
-            with contextlib.suppress(FileNotFoundError):
-                record_path.unlink()
-        if owner is not None:  # root built into a user's cache: the user can remove and rebuild it
-            os.chown(image, *owner)
-        image.replace(target)
-        record.write(record_path)
-        if owner is not None:
-            os.chown(record_path, *owner, follow_symlinks=False)
-    return BuiltImage(target, record, reused=False)
+        _install(image, target, record, owner, replace=force or relock)
+    return BuiltImage(target, record, reused=False, lock=_write_lock(recipe, lock) if relock else None)
+
+
+def _install(image: Path, target: Path, record: ImageRecord, owner: Owner | None, *, replace: bool) -> None:
+    record_path = target.with_suffix(".json")
+    os.chmod(image, 0o444)
+    # The record last: an image without a record is not listed, so a build stopped between
+    # the two steps leaves nothing usable under the final name.
+    if replace:
+        with contextlib.suppress(FileNotFoundError):
+            record_path.unlink()
+    if owner is not None:  # root built into a user's cache: the user can remove and rebuild it
+        os.chown(image, *owner)
+    image.replace(target)
+    record.write(record_path)
+    if owner is not None:
+        os.chown(record_path, *owner, follow_symlinks=False)

@@ -1,5 +1,5 @@
 """Appliance recipes: a TOML file that says what goes into an image. Parsing and checking only, no I/O
-beyond reading the recipe and the files it names.
+beyond reading the recipe, the files it names and its lock (NAME.lock beside it, apppot.images.lock).
 
     name = "debian-dev"
     size = "4G"
@@ -25,6 +25,7 @@ from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
 from apppot.errors import UsageError
+from apppot.images.lock import Lock, lock_path, read_lock, render_lock
 from apppot.spec import MIB, parse_mem
 
 NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
@@ -62,6 +63,7 @@ class Recipe(NamedTuple):
     files: tuple[FileCopy, ...]
     commands: tuple[str, ...]
     autorun: str | None  # the script's text
+    lock: Lock | None = None  # the lock beside the recipe (apppot.images.lock), if there is one
 
     def identity(self) -> dict[str, object]:
         """Everything that decides the image's content, in a form fit for hashing (file contents aside)."""
@@ -73,6 +75,7 @@ class Recipe(NamedTuple):
             "files": [{"target": f.target, "mode": f.mode} for f in self.files],
             "commands": list(self.commands),
             "autorun": self.autorun,
+            "lock": render_lock(self.lock) if self.lock else None,
         }
 
 
@@ -143,8 +146,10 @@ def _kind(value: object) -> str:
     )
 
 
-def parse_recipe(path: Path) -> Recipe:
-    """Read and check a recipe; every problem is a RecipeError naming the key and its line."""
+def parse_recipe(path: Path, *, with_lock: bool = True) -> Recipe:
+    """Read and check a recipe; every problem is a RecipeError naming the key and its line.
+
+    with_lock: read its lock too (False: leave it, even a broken one, as `image build --lock` does)."""
     import tomllib
 
     try:
@@ -218,7 +223,8 @@ def parse_recipe(path: Path) -> Recipe:
             raise c.fail(f"cannot read the autorun script {source}: {getattr(e, 'strerror', e)}", None, "autorun") from e
 
     description = c.string(data, "description") or ""
-    return Recipe(path.resolve(), name, description, size, base, packages, files, commands, autorun)
+    lock = read_lock(lock_path(path)) if with_lock else None
+    return Recipe(path.resolve(), name, description, size, base, packages, files, commands, autorun, lock)
 
 
 def _files(c: _Checker, value: object) -> tuple[FileCopy, ...]:

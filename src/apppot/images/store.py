@@ -97,6 +97,8 @@ class ImageRecord(NamedTuple):
     built: str  # UTC, ISO 8601
     build_seconds: float
     base_id: str = ""  # the base state apppot-snap recorded in it (none before AppPot recorded one)
+    source_date_epoch: int = 0  # the build's one time, every file's newest (0: built before AppPot fixed one)
+    installed: tuple[str, ...] = ()  # every Debian package in it, name[:arch]=version, sorted (as a lock has them)
 
     @staticmethod
     def read(path: Path) -> ImageRecord:

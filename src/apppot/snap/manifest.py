@@ -125,19 +125,22 @@ def state_id(entries: dict[str, Entry]) -> str:
     return h.hexdigest()
 
 
-def write_manifest(entries: dict[str, Entry], target: str) -> Manifest:
-    """Write a manifest (gzip, a JSON header line, then one JSON array per path); returns it with its id."""
+def write_manifest(entries: dict[str, Entry], target: str, *, epoch: int | None = None) -> Manifest:
+    """Write a manifest (gzip, a JSON header line, then one JSON array per path); returns it with its id.
+
+    epoch: when it counts as recorded (default: now); an image build gives its fixed time, so that the
+    manifest's bytes (gzip's header time too) are the same in every build."""
     lines = list(_lines(entries))
     ident = state_id(entries)
-    epoch = int(time.time())
+    epoch = int(time.time()) if epoch is None else epoch
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
     header = json.dumps({"apppot_snap": VERSION, "id": ident, "created": created, "epoch": epoch, "entries": len(lines)})
     os.makedirs(os.path.dirname(target), exist_ok=True)
     tmp = target + ".tmp"
-    with gzip.open(tmp, "wt", compresslevel=6) as f:
-        f.write(header + "\n")
+    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", compresslevel=6, fileobj=raw, mtime=epoch) as packed:
+        packed.write((header + "\n").encode())
         for line in lines:
-            f.write(line + "\n")
+            packed.write((line + "\n").encode())
     os.replace(tmp, target)
     return Manifest(ident, created, entries, epoch)
 
