@@ -256,3 +256,12 @@ def test_clean_says_what_it_removed_and_counts_no_link_the_job_left(
     out = capsys.readouterr().out
     assert re.fullmatch(rf"cleaned slurm-7: removed its staging directory {stage} \((4\d|5\d)\.\dK\)\n", out), out
     assert not stage.exists() and big.exists()
+
+
+def test_a_records_installed_packages_are_counted_for_people_and_listed_in_json() -> None:
+    from apppot.cli.images import _for_people
+
+    record: dict[str, object] = {"name": "dev", "installed": ["a=1", "b=2"]}
+    assert _for_people(record)["installed"] == "2 packages with their versions (--json lists them)"
+    assert record["installed"] == ["a=1", "b=2"]
+    assert _for_people({"name": "tiny"}) == {"name": "tiny"}

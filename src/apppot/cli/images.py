@@ -146,8 +146,16 @@ def cmd_image(argv: Sequence[str]) -> int:
             content_id = verify.content_id(path)
             record |= {"id": content_id[:16], "content_id": content_id}
         record |= {"uuid": ext4.filesystem_uuid(path)}
-    print_record(record, ns.json)
+    print_record(record if ns.json else _for_people(record), ns.json)
     return 0
+
+
+def _for_people(record: dict[str, object]) -> dict[str, object]:
+    """A build or info record as a person reads it: the hundreds of installed package versions counted, not listed."""
+    installed = record.get("installed")
+    if isinstance(installed, list) and installed:
+        return record | {"installed": f"{len(installed)} packages with their versions (--json lists them)"}
+    return record
 
 
 def _add_signing(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
