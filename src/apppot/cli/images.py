@@ -134,7 +134,7 @@ def cmd_image(argv: Sequence[str]) -> int:
 
             print(json.dumps(rows))
         else:
-            print_table(rows, ["name", "id", "size", "used", "built", "where", "path"])
+            print_table(rows, ["name", "id", "size", "used", "built", "signed", "where", "path"])
         return 0
     else:
         from apppot.images import selection, verify
@@ -207,7 +207,7 @@ def _add_signing(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def _image_row(image: StoredImage) -> dict[str, object]:
-    from apppot.images import selection
+    from apppot.images import selection, store
 
     st = image.path.stat()
     # What `--image sha256:` matches: the record's id; the tiny appliance's as built (else its bytes').
@@ -218,6 +218,8 @@ def _image_row(image: StoredImage) -> dict[str, object]:
         "size": human(image.record.size_bytes if image.record else st.st_size),
         "used": human(st.st_blocks * 512),
         "built": (image.record.built or None) if image.record else _tiny_built(image),
+        # A signature beside the record (apppot image verify says by whom, and whether a policy trusts it).
+        "signed": image.record is not None and image.path.with_suffix(store.SIGNATURE_SUFFIX).is_file(),
         "where": "cache" if image.site is None else f"site {image.site}",
         "path": str(image.path),
     }

@@ -13,11 +13,13 @@ EXIT_NOT_TRUSTED = 1  # `apppot image verify`: the image is not signed by a trus
 
 
 def _image(text: str) -> tuple[Path, str | None]:
-    """The image an argument names, and its name when it was given by name."""
-    from apppot.images.store import resolve_image
+    """The image an argument names (a name, sha256:PREFIX or a file, as apppot start takes them), and its
+    name when it was given by name or content id."""
+    from apppot.images.selection import ImageSource, choose_image
 
-    path = resolve_image(text)
-    return path, (text if path != Path(text) else None)
+    chosen = choose_image(text)
+    named = chosen.source is not ImageSource.PATH and chosen.stored is not None
+    return chosen.path, (chosen.stored.name if named and chosen.stored is not None else None)
 
 
 def image_sign(ns: argparse.Namespace) -> int:
@@ -25,10 +27,14 @@ def image_sign(ns: argparse.Namespace) -> int:
 
     path, name = _image(ns.image)
     done = signatures.sign(path, ns.key, ns.identity or signatures.default_identity(), name)
-    print_record({k: str(v) if isinstance(v, Path) else v for k, v in done._asdict().items()}, ns.json)
-    if not ns.json:
-        where = f"{signatures.TRUSTED_SIGNERS_ENV} or a site image directory's {signatures.SITE_SIGNERS}"
-        print(f"a site trusts your signatures with the allowed_signers line above (in {where})")
+    if ns.json:
+        print_record({k: str(v) if isinstance(v, Path) else v for k, v in done._asdict().items()}, True)
+        return 0
+    # The line a site pastes goes alone to stdout (apppot image sign ... >> allowed_signers works); the rest is talk.
+    print(done.allowed_signers)
+    where = f"{signatures.TRUSTED_SIGNERS_ENV} or a site image directory's {signatures.SITE_SIGNERS}"
+    say(f"signed {done.image} as {done.identity} (key {done.key}): {done.signature}")
+    say(f"a site trusts your signatures with the line above on stdout, added to its allowed-signers file ({where})")
     return 0
 
 
