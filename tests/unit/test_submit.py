@@ -184,3 +184,10 @@ def test_job_names_that_are_not_one_word_are_refused(name: str) -> None:
 def test_outputs_cannot_take_the_names_of_the_jobs_streams(name: str) -> None:
     with pytest.raises(UsageError, match="is fetched under that name"):
         check_output_name(name)
+
+
+def test_an_image_chosen_by_name_is_verified_by_the_worker() -> None:
+    """The name becomes a path in the script; --verify keeps the check a name gets from apppot start."""
+    script = slurm.render_sbatch(JOB._replace(verify=True), Path("/stage"), "apppot")
+    assert "--image /images/app.img --mem 1024M --verify --changes" in script
+    assert "--verify" not in slurm.render_sbatch(JOB, Path("/stage"), "apppot")

@@ -49,14 +49,17 @@ def cmd_submit(argv: Sequence[str]) -> int:
     ns = p.parse_args(before)
     if not after:
         raise UsageError("give the command to run after --, e.g. apppot submit --to slurm -- ./run.sh")
-    from apppot.images.store import resolve_image
+    from apppot.images.selection import ImageSource, choose_image
     from apppot.prepare import default_image
     from apppot.submit import command_file, jobs
     from apppot.submit.job import BatchJob, check_job_name, check_output_name, parse_wall_time
 
     image: Path | None = None  # ARC without --image: the site's image (its APPPOT runtime environment names it)
+    verify = False
     if ns.image or ns.target != "arc":
-        image = resolve_image(ns.image) if ns.image else default_image(say)
+        chosen = choose_image(ns.image) if ns.image else None
+        image = chosen.path if chosen else default_image(say)
+        verify = chosen is not None and chosen.source in (ImageSource.NAME, ImageSource.CONTENT_ID)
         if not image.is_file():
             raise UsageError(f"image {image} does not exist; give an image file or a name from 'apppot image list'")
     if ns.cores < 1:
@@ -76,6 +79,7 @@ def cmd_submit(argv: Sequence[str]) -> int:
         name=check_job_name(ns.name),
         command_file=script,
         executables=executable_names(inputs, script),
+        verify=verify,
     )
     if job.changes is not None:
         from apppot import snap

@@ -37,6 +37,7 @@ class BatchJob(NamedTuple):
     name: str = "apppot"
     command_file: CommandFile | None = None  # the script the command runs, staged like an input
     executables: tuple[str, ...] = ()  # staged names that had an execute bit at submit
+    verify: bool = False  # the image was chosen by name or content id: the worker checks it against its record
 
     def staged_names(self) -> list[str]:
         """The names in the job directory of what is staged from the submit host (the changes

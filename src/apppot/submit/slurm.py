@@ -41,6 +41,8 @@ def render_sbatch(job: BatchJob, stage: Path, apppot: str) -> str:
         raise UsageError("a Slurm job needs an image the nodes can read: give --image")
     # The record goes next to stdout and stderr, outside the job directory the guest can write.
     start = [apppot, "start", "--record", str(stage / RECORD), "--image", str(job.image), "--mem", f"{job.mem_bytes >> 20}M"]
+    if job.verify:  # the name became a path here; the worker still checks the bytes against the image's record
+        start += ["--verify"]
     if job.changes is not None:
         start += ["--changes", str(stage / "job" / job.changes.name)]
     start += ["--", *job.argv]
