@@ -88,7 +88,8 @@ START_OPTIONS = (
         "verify",
         "flag",
         None,
-        "check the image's bytes against its record's content id before the boot, whatever names it ($APPPOT_VERIFY=1)",
+        "check the image's bytes against its record's content id before the boot, whatever names it ($APPPOT_VERIFY=1); "
+        "signatures: apppot image verify, and a site's policy",
     ),
     _Option(("--apppot", "--appot"), "apppot", "value", "[COW,]IMG", "seed syntax: image, or COW file and image"),
     _Option(("--cow",), "cow", "path", "FILE", "keep the job's changes in FILE across jobs"),
