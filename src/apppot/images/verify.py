@@ -1,10 +1,15 @@
 """An image's content id (sha256 of its bytes), measured once per version of the file.
 
 Hashing a 2 GiB appliance takes seconds; a job start must not. The id is cached in the user's host
-cache under what a user cannot put back after changing the file: its device, inode, size, and its
-mtime and ctime in nanoseconds (ctime cannot be set, and any write or chmod moves it). File times
-move in clock ticks, not nanoseconds, so a file changed within the last seconds is not cached: a second
-change in the same tick would keep every part of the key (git's "racy" files).
+cache under what changes when the file is written: its device, inode, size, and its mtime and ctime in
+nanoseconds (ctime cannot be set, and any write or chmod moves it). File times move in clock ticks, not
+nanoseconds, so a file changed within the last seconds is not cached: a second change in the same tick
+would keep every part of the key (git's "racy" files).
+
+The key is no secret: anyone can stat the file and write the entry it would have. So the cache guards
+against accidental changes and against other users' changes, not against the cache's owner: an id is
+taken from the cache only from an entry the effective uid wrote (root using another user's cache hashes
+every time), and only when it is a well-formed digest.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import stat
 import time
 from pathlib import Path
@@ -20,6 +26,7 @@ from apppot import hostcache
 
 CACHE_KIND = "content-id"
 SETTLED_NS = 2_000_000_000  # a file whose ctime is this close to now is hashed, never cached
+_DIGEST = re.compile("[0-9a-f]{64}")
 
 
 def _identity(st: os.stat_result) -> list[str]:
@@ -58,11 +65,11 @@ def content_id_of_open_file(fd: int) -> str:
         return {"sha256": digest}
 
     try:
-        value = hostcache.cached(CACHE_KIND, key, measure)
+        value = hostcache.cached(CACHE_KIND, key, measure, own_only=True)
     except _Changed as changed:
         return changed.digest
     digest = value.get("sha256")
-    if not isinstance(digest, str) or len(digest) != 64:
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
         return _hash_open_file_from_start(fd)
     return digest
 
