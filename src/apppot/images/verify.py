@@ -90,9 +90,9 @@ class _Changed(Exception):
 def check_content(path: Path, expected: str) -> str:
     """The image's content id, which must be ``expected`` (its record's): an image changed after its
     record was written is refused, naming both ids."""
-    fd = _open_image(path)
+    fd = open_image(path)
     try:
-        return _check_open_file(fd, path, expected)
+        return check_open_file(fd, path, expected)
     finally:
         os.close(fd)
 
@@ -101,9 +101,9 @@ def open_checked(path: Path, expected: str) -> int:
     """The image, opened read-only, whose bytes were checked against ``expected``: the caller boots this
     open file (bubblewrap binds it), so a file swapped in under the name after the check is not the one
     booted. The descriptor is the caller's to close."""
-    fd = _open_image(path)
+    fd = open_image(path)
     try:
-        _check_open_file(fd, path, expected)
+        check_open_file(fd, path, expected)
     except BaseException:
         os.close(fd)
         raise
@@ -123,7 +123,8 @@ def check_still_named(fd: int, path: Path) -> None:
         raise ImageError(f"image {path} was replaced or changed after its content id was checked; start the job again")
 
 
-def _open_image(path: Path) -> int:
+def open_image(path: Path) -> int:
+    """The image opened read-only as the file a job boots: a regular file (ImageError otherwise)."""
     from apppot.errors import ImageError
 
     try:
@@ -137,7 +138,8 @@ def _open_image(path: Path) -> int:
     return fd
 
 
-def _check_open_file(fd: int, path: Path, expected: str) -> str:
+def check_open_file(fd: int, path: Path, expected: str) -> str:
+    """The content id of the image open as ``fd`` (named ``path``), which must be ``expected``."""
     from apppot.errors import ImageError
 
     try:
