@@ -3,7 +3,8 @@
 An image named by what the user cannot see (a name looked up in the cache or a site directory, or a
 `sha256:PREFIX` content id) is checked before it boots: the name stands for the record's content id, so
 the bytes must be that. An image given as a path is checked only when asked (--verify, APPPOT_VERIFY=1):
-the user chose that very file. The tiny default appliance, made here from known inputs, likewise.
+the user chose that very file. The tiny default appliance, made here from known inputs, likewise. Under a
+site's signer policy every image is opened, and the policy's check is made on that open file.
 """
 
 from __future__ import annotations
