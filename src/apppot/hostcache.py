@@ -33,12 +33,13 @@ def file_identity(path: Path) -> str:
     return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def cached(kind: str, key: list[str], compute: Callable[[], T]) -> T:
-    """compute()'s result for this key, from the cache if it is there."""
+def cached(kind: str, key: list[str], compute: Callable[[], T], own_only: bool = False) -> T:
+    """compute()'s result for this key, from the cache if it is there. ``own_only``: only from an entry this
+    effective uid wrote (for a value a decision rests on: root in a user's cache then computes every time)."""
     full_key = "\0".join(key)
     # A short name is enough: the entry holds its whole key, and a mismatch is recomputed.
     path = cache_dir() / "host" / f"{kind}-{zlib.crc32(full_key.encode()):08x}.json"
-    entry = read_json(path)
+    entry = read_json(path, own_only)
     if isinstance(entry, dict) and entry.get("key") == full_key and isinstance(entry.get("value"), dict):
         data: T = entry["value"]
         return data
@@ -51,14 +52,15 @@ def cached(kind: str, key: list[str], compute: Callable[[], T]) -> T:
 RECORD_LIMIT = 64 * 1024  # every record AppPot writes in its cache is far smaller
 
 
-def read_record(path: Path, limit: int = RECORD_LIMIT) -> bytes | None:
+def read_record(path: Path, limit: int = RECORD_LIMIT, own_only: bool = False) -> bytes | None:
     """The bytes of a record in the cache, or None when it is not there or not one: not a regular file
-    (a link, FIFO, device), over ``limit`` bytes, or owned by neither us nor the owner of its directory."""
+    (a link, FIFO, device), over ``limit`` bytes, or owned by neither us nor the owner of its directory
+    (``own_only``: not owned by us)."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     try:
         if not stat.S_ISREG(os.lstat(path).st_mode):
             return None  # not even opened: opening a device can do something
-        trusted = {os.geteuid(), os.lstat(path.parent).st_uid}
+        trusted = {os.geteuid()} if own_only else {os.geteuid(), os.lstat(path.parent).st_uid}
         fd = os.open(path, flags)
     except OSError:
         return None
@@ -79,9 +81,9 @@ def read_record(path: Path, limit: int = RECORD_LIMIT) -> bytes | None:
         os.close(fd)
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: Path, own_only: bool = False) -> Any:
     """The JSON value of a record in the cache (read_record), or None."""
-    data = read_record(path)
+    data = read_record(path, own_only=own_only)
     if data is None:
         return None
     try:

@@ -22,7 +22,7 @@ from apppot.backends.uml import AGENT_SERVICE, SYSTEMD_PATH
 from apppot.backends.uml_instance import HOSTFS_SAFE, UmlInstance
 from apppot.errors import CowError, HostError, UsageError
 from apppot.images import ext4, sites, tiny
-from apppot.images.selection import ChosenImage, ImageSource, choose_image, open_verified
+from apppot.images.selection import ChosenImage, ImageSource, choose_image, needs_verification, open_verified
 from apppot.images.store import cache_dir, find_published_tiny
 from apppot.jobdir import check_jobdir, check_not_in_cache, check_outside
 from apppot.say import Say
@@ -77,9 +77,12 @@ def prepare(spec: JobSpec, say: Say, decision: Decision) -> Instance:
 
 
 def _verified_image(spec: JobSpec, chosen: ChosenImage, say: Say) -> int | None:
-    """The image, opened and checked against its record's content id when it must be (selection.needs_verification)."""
-    fd = open_verified(chosen, spec.verify)
-    if fd is not None and spec.verbose:
+    """The image, opened and checked against its record's content id when it must be (selection.needs_verification);
+    always opened under a site's signer policy, whose check (in start) is bound to this descriptor."""
+    from apppot.images.signatures import site_policies
+
+    fd = open_verified(chosen, spec.verify, policed=bool(site_policies()))
+    if fd is not None and spec.verbose and needs_verification(chosen.source, spec.verify):
         say(f"image: {chosen.path} ({chosen.source}) has its record's content id")
     return fd
 

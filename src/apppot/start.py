@@ -50,7 +50,8 @@ def _start(spec: JobSpec, say: Say, recorder: Recorder | None) -> int:
     if recorder is not None:
         recorder.decided(decision)
     instance = prepare(spec, say, decision)
-    enforce_policy(instance.prepared.image)  # a site that requires signed images: before anything boots
+    # A site that requires signed images: before anything boots, on the descriptor that boots.
+    enforce_policy(instance.prepared.image, instance.prepared.image_fd)
     job = Job(instance, say)
     if recorder is not None:
         recorder.ready(job)

@@ -178,3 +178,30 @@ def test_a_users_own_image_changed_by_that_user_is_refused(apppot, tmp_path: Pat
     subprocess.run([*setpriv, sys.executable, "-c", change, str(image)], check=True)
     r = apppot(["start", "--image", "mini", "--", "true"], cwd=jobdir, as_user=test_user)
     assert r.returncode == 125 and sha256(image)[:16] in r.err and "was changed after it was built" in r.err, r.err
+
+
+def test_root_in_a_users_cache_takes_no_content_id_that_user_planted(
+    apppot, jobdir: Path, tmp_path: Path, test_user: str, tiny_image: Path
+) -> None:
+    """The cache's key is no secret: a user who changes her image can write the entry its new version would have,
+    saying the old id. Root using her cache (sudo env XDG_CACHE_HOME=...) hashes the image, and refuses it."""
+    import sys
+
+    user_cache = tmp_path / f"cache-{test_user}"
+    image = cached_image(user_cache, "mini", tiny_image)
+    signed_id = sha256(image)
+    subprocess.run(["chown", "-R", test_user, str(user_cache)], check=True)
+    time.sleep(2.1)  # settled: an entry for it would be taken
+    poison = (
+        "import json,os,sys,zlib; p,cache,cid=sys.argv[1:]; st=os.stat(p); f=open(p,'r+b'); f.seek(st.st_size-1); "
+        "f.write(b'\\1'); f.close(); st=os.stat(p); "
+        "key='\\0'.join(map(str,(st.st_dev,st.st_ino,st.st_size,st.st_mtime_ns,st.st_ctime_ns))); "
+        "d=os.path.join(cache,'apppot','host'); os.makedirs(d,exist_ok=True); "
+        "open(os.path.join(d,'content-id-%08x.json'%zlib.crc32(key.encode())),'w').write("
+        "json.dumps({'key':key,'value':{'sha256':cid}}))"
+    )
+    setpriv = ["setpriv", f"--reuid={test_user}", f"--regid={test_user}", "--init-groups", "--"]
+    subprocess.run([*setpriv, sys.executable, "-c", poison, str(image), str(user_cache), signed_id], check=True)
+    assert sha256(image) != signed_id and list((user_cache / "apppot" / "host").glob("content-id-*.json"))
+    r = apppot(["start", "--image", "mini", "--", "cat", "/etc/hostname"], cwd=jobdir, env={"XDG_CACHE_HOME": str(user_cache)})
+    assert r.returncode == 125 and "was changed after it was built" in r.err and sha256(image)[:16] in r.err, r.err

@@ -72,13 +72,16 @@ def test_any_bytes_are_a_signature_or_damaged(data: bytes) -> None:
             sshsig.parse(candidate)
 
 
-def test_the_policy_the_environment_then_the_first_site_file() -> None:
+def test_the_policy_the_first_site_file_and_the_environment_both() -> None:
     site = [Path("/site1/allowed_signers"), Path("/site2/allowed_signers")]
-    assert signatures.choose_policy("/etc/apppot/signers", site) == (Path("/etc/apppot/signers"), "APPPOT_TRUSTED_SIGNERS")
-    assert signatures.choose_policy("", site) == (site[0], "the site image directory /site1")
-    assert signatures.choose_policy(None, site[1:]) == (site[1], "the site image directory /site2")
-    assert signatures.choose_policy(None, []) is None
-    with pytest.raises(UsageError, match="APPPOT_TRUSTED_SIGNERS='signers' is a relative path"):
+    env = (Path("/etc/apppot/signers"), "APPPOT_TRUSTED_SIGNERS")
+    first = (site[0], "the site image directory /site1")
+    assert signatures.choose_policy("/etc/apppot/signers", site) == (first, env)  # the environment adds, never replaces
+    assert signatures.choose_policy("/etc/apppot/signers", []) == (env,)
+    assert signatures.choose_policy("", site) == (first,)
+    assert signatures.choose_policy(None, site[1:]) == ((site[1], "the site image directory /site2"),)
+    assert signatures.choose_policy(None, []) == ()
+    with pytest.raises(UsageError, match="relative path"):
         signatures.choose_policy("signers", site)
 
 
@@ -90,12 +93,12 @@ def test_a_site_policy_others_could_change_is_refused_not_ignored(tmp_path: Path
     plain_site.mkdir(mode=0o755)
     monkeypatch.delenv(signatures.TRUSTED_SIGNERS_ENV, raising=False)
     monkeypatch.setenv(sites.IMAGE_PATH_ENV, f"{open_site}:{plain_site}")
-    assert signatures.site_policy() is None  # no policy file: an unsafe directory is the image lookup's business
+    assert signatures.site_policies() == ()  # no policy file: an unsafe directory is the image lookup's business
     (plain_site / "allowed_signers").write_text("")
-    assert signatures.site_policy() == (plain_site / "allowed_signers", f"the site image directory {plain_site}")
+    assert signatures.site_policies() == ((plain_site / "allowed_signers", f"the site image directory {plain_site}"),)
     (open_site / "allowed_signers").write_text("")
     with pytest.raises(ImageError, match=f"site image directory {open_site}: .* writable by others"):
-        signatures.site_policy()
+        signatures.site_policies()
 
 
 # --- with the real ssh-keygen ----------------------------------------------------------------------
@@ -352,3 +355,40 @@ def test_removing_an_image_removes_its_signature(tmp_path: Path, monkeypatch: py
     removed, _ = store.remove("dev", keep_newest=False)
     assert [path for path, _ in removed] == [image]
     assert list(store.images_dir().iterdir()) == []
+
+
+def test_the_policy_checks_the_open_image_not_what_its_name_gives_later(signed: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """The descriptor that boots is the one whose bytes must be the signed record's content id: an evil image
+    opened, then the signed one put under its name (a RENAME_EXCHANGE race), is refused."""
+    image, _, signers = signed
+    env = {signatures.TRUSTED_SIGNERS_ENV: str(signers)}
+    evil = tmp_path / "evil.img"
+    evil.write_bytes(b"evil bytes")
+    fd = os.open(evil, os.O_RDONLY)
+    try:
+        with pytest.raises(SignatureError, match=f"image {image} was changed after it was built.*APPPOT_TRUSTED_SIGNERS"):
+            signatures.enforce_policy(image, fd, env)
+    finally:
+        os.close(fd)
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        assert [good.signer for good in signatures.enforce_policy(image, fd, env)] == ["alice@example.org"]
+    finally:
+        os.close(fd)
+
+
+def test_the_site_file_and_the_environment_must_both_trust_the_image(
+    signed: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image, _, signers = signed
+    site = tmp_path / "site"
+    site.mkdir(mode=0o755)
+    (site / "allowed_signers").write_text("")  # the site trusts no one
+    tmp_path.chmod(0o755)
+    monkeypatch.setenv(sites.IMAGE_PATH_ENV, str(site))
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        with pytest.raises(SignatureError, match=f"does not trust.*the site image directory {site}"):
+            signatures.enforce_policy(image, fd, {signatures.TRUSTED_SIGNERS_ENV: str(signers)})
+    finally:
+        os.close(fd)

@@ -14,6 +14,18 @@ from apppot.images import publish, sites, store
 from apppot.kernel import kernels_dir
 
 
+def with_its_id(image: Path) -> Path:
+    """Rewrite the record fake() made so its content id is the image's bytes' (what publish checks)."""
+    import hashlib
+
+    record_file = image.with_suffix(".json")
+    record = store.ImageRecord.read(record_file)
+    record_file.unlink()
+    record._replace(content_id=hashlib.sha256(image.read_bytes()).hexdigest()).write(record_file)
+    record_file.chmod(0o644)
+    return image
+
+
 def fake(directory: Path, name: str, rid: str, built: str, content: str = "c") -> Path:
     directory.mkdir(parents=True, exist_ok=True, mode=0o755)
     path = directory / f"{store.image_stem(name, rid)}.img"
@@ -119,6 +131,7 @@ def test_publish_copies_with_modes_and_refuses_a_different_image_of_that_name(
     with open(source, "r+b") as f:  # a sparse image: a hole of 64 MiB, then data
         f.seek(64 << 20)
         f.write(b"end")
+    with_its_id(source)
     source.chmod(0o444)
     kernel = kernels_dir() / "v1" / "linux"  # one apppot kernel build made: its record beside it goes too
     kernel.parent.mkdir(parents=True)
@@ -147,7 +160,7 @@ def test_publish_copies_with_modes_and_refuses_a_different_image_of_that_name(
     source.with_suffix(".json").unlink()
     source.chmod(0o644)
     source.unlink()
-    other = fake(cache, "dev", "2" * 64, "2026-02-01T00:00:00Z", content="d")
+    other = with_its_id(fake(cache, "dev", "2" * 64, "2026-02-01T00:00:00Z", content="d"))
     with pytest.raises(ImageError, match=f"{target} already has a different image named dev .*--force"):
         publish.publish("dev", target, force=False, kernel=str(kernel), with_kernel=True, say=said.append)
     done = publish.publish("dev", target, force=True, kernel=str(kernel), with_kernel=True, say=said.append)
@@ -164,7 +177,7 @@ def test_publish_copies_with_modes_and_refuses_a_different_image_of_that_name(
 
 def test_publish_leaves_what_lies_beside_a_kernel_from_elsewhere(dirs: tuple[Path, Path, Path], tmp_path: Path) -> None:
     cache, _, _ = dirs
-    fake(cache, "dev", "1" * 64, "2026-01-01T00:00:00Z")
+    with_its_id(fake(cache, "dev", "1" * 64, "2026-01-01T00:00:00Z"))
     kernel = tmp_path / "shared-tmp" / "linux"  # e.g. in /tmp, where another user may have put a config beside it
     kernel.parent.mkdir()
     kernel.write_bytes(b"\x7fELF kernel")
@@ -352,7 +365,7 @@ def test_a_killed_jobs_log_is_swept_only_from_private_directories(tmp_path: Path
 def test_publishing_over_a_link_left_in_the_site_directory_says_how(dirs: tuple[Path, Path, Path], tmp_path: Path) -> None:
     # "republish it" alone sent the publisher round in a circle: publishing reads the directory too.
     cache, site1, _ = dirs
-    fake(cache, "dev", "1" * 64, "2026-01-01T00:00:00Z")
+    with_its_id(fake(cache, "dev", "1" * 64, "2026-01-01T00:00:00Z"))
     image = fake(site1, "dev", "1" * 64, "2026-01-01T00:00:00Z")
     image.rename(site1 / "moved")
     image.symlink_to(site1 / "moved")
@@ -370,3 +383,55 @@ def test_publish_help_says_what_it_does_and_where(capsys: pytest.CaptureFixture[
     out = capsys.readouterr().out
     assert "every user" in out.split("positional arguments")[0]  # a description, not the usage line alone
     assert "/var/lib/apppot/images" in out and "--image NAME" in out
+
+
+@pytest.mark.parametrize("what", ["image", "record", "signature", "kernel"])
+def test_publish_takes_no_link_nor_special_file_from_the_cache(dirs: tuple[Path, Path, Path], tmp_path: Path, what: str) -> None:
+    """Root publishing from a user's cache: a link the user put there (to /etc/shadow, say) is refused, not copied."""
+    cache, _, _ = dirs
+    image = with_its_id(fake(cache, "dev", "1" * 64, "2026-01-01T00:00:00Z"))
+    image.with_suffix(".json.sig").write_text("-----BEGIN SSH SIGNATURE-----\n")
+    kernel = kernels_dir() / "v1" / "linux"
+    kernel.parent.mkdir(parents=True)
+    kernel.write_bytes(b"\x7fELF kernel")
+    kernel.chmod(0o755)
+    secret = tmp_path / "secret"
+    secret.write_text("root's secret\n")
+    victim = {"image": image, "record": image.with_suffix(".json"), "signature": image.with_suffix(".json.sig")}
+    victim["kernel"] = kernel.parent / "kernel.json"
+    planted = victim[what]
+    if what == "image":  # the image's own bytes: a FIFO (a link would not be listed as an image)
+        planted.unlink()
+        os.mkfifo(planted)
+    else:
+        planted.unlink(missing_ok=True)
+        planted.symlink_to(secret)
+    target = tmp_path / "pub"
+    refusal = "no image named dev" if what == "record" else f"{planted}: it is (a symbolic link|a named pipe)"
+    with pytest.raises(ImageError, match=refusal):  # a record that is a link makes no image: nothing to publish
+        publish.publish("dev", target, force=False, kernel=str(kernel), with_kernel=True, say=print)
+    assert not any(p.is_file() and p.read_bytes() == secret.read_bytes() for p in target.rglob("*"))
+
+
+def test_publish_refuses_an_image_that_is_not_its_records_content_id(dirs: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    cache, _, _ = dirs
+    fake(cache, "dev", "1" * 64, "2026-01-01T00:00:00Z")  # its record's id is not its bytes'
+    target = tmp_path / "pub"
+    with pytest.raises(ImageError, match="was changed after it was built"):
+        publish.publish("dev", target, force=False, kernel=None, with_kernel=False, say=print)
+    assert not any(target.glob("*.img"))
+
+
+def test_publish_checks_the_tiny_appliance_against_its_sha256(dirs: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    cache, _, _ = dirs
+    tiny = cache / "tiny-0123456789abcdef.img"
+    tiny.parent.mkdir(parents=True, exist_ok=True)
+    tiny.write_bytes(b"tiny bytes")
+    tiny.with_suffix(".sha256").write_text(f"{'0' * 64}  {tiny.name}\n")
+    target = tmp_path / "pub"
+    with pytest.raises(ImageError, match="was changed after it was built"):
+        publish.publish("tiny", target, force=False, kernel=None, with_kernel=False, say=print)
+    tiny.with_suffix(".sha256").unlink()
+    tiny.with_suffix(".sha256").symlink_to(tmp_path / "elsewhere.sha256")
+    with pytest.raises(ImageError, match="symbolic link"):
+        publish.publish("tiny", target, force=False, kernel=None, with_kernel=False, say=print)

@@ -75,3 +75,38 @@ def test_changed_image_is_refused_naming_both_ids(tmp_path: Path) -> None:
     image.write_bytes(b"changed")
     with pytest.raises(ImageError, match=f"{good[:16]}.*{hashlib.sha256(b'changed').hexdigest()[:16]}"):
         verify.check_content(image, good)
+
+
+def _plant(image: Path, digest: str, owner: int | None = None) -> None:
+    """Write the cache entry content_id would read for image, saying digest (as poison.py in the review did)."""
+    import json
+    import zlib
+
+    from apppot.images.store import cache_dir
+
+    st = image.stat()
+    key = "\0".join(verify._identity(st))
+    entry = cache_dir() / "host" / f"{verify.CACHE_KIND}-{zlib.crc32(key.encode()):08x}.json"
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    entry.write_text(json.dumps({"key": key, "value": {"sha256": digest}}))
+    if owner is not None:  # the cache is that user's: root using it, as `sudo env XDG_CACHE_HOME=...`
+        for path in (entry, entry.parent, entry.parent.parent):
+            os.chown(path, owner, owner)
+
+
+def test_an_entry_someone_else_wrote_decides_nothing(tmp_path: Path) -> None:
+    """Another user's cache used by root (or any entry not written by this uid): the file is hashed."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make an entry another user owns")
+    image = tmp_path / "a.img"
+    image.write_bytes(b"evil")
+    _plant(image, hashlib.sha256(b"signed").hexdigest(), owner=65534)
+    assert verify.content_id(image) == hashlib.sha256(b"evil").hexdigest()
+
+
+@pytest.mark.parametrize("digest", ["Z" * 64, "A" * 64, "a" * 63, " " + "a" * 63])
+def test_an_entry_that_is_no_digest_decides_nothing(tmp_path: Path, digest: str) -> None:
+    image = tmp_path / "a.img"
+    image.write_bytes(b"evil")
+    _plant(image, digest)
+    assert verify.content_id(image) == hashlib.sha256(b"evil").hexdigest()

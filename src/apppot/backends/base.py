@@ -103,11 +103,13 @@ class Instance(ABC):
 
     def check_image_unchanged(self) -> None:
         """Refuse, just before the hypervisor opens the image by its name, when that name no longer gives the
-        file whose content id was checked."""
-        if self.prepared.image_fd is not None:
+        file whose content id was checked. An image bound by its descriptor is not opened by name: a name
+        replaced meanwhile (publish --force) changes nothing there."""
+        fd = self.prepared.image_fd
+        if fd is not None and fd not in self.inherited_fds():
             from apppot.images.verify import check_still_named
 
-            check_still_named(self.prepared.image_fd, self.prepared.image)
+            check_still_named(fd, self.prepared.image)
 
     # The agent tells when the guest's terminal can take keys: until then the host holds them (apppot.typeahead).
     holds_typed_keys = False

@@ -200,8 +200,8 @@ def _add_signing(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--signers",
         type=Path,
         metavar="FILE",
-        help="the allowed-signers file (ssh-keygen(1), ALLOWED SIGNERS; default: the site policy: "
-        "$APPPOT_TRUSTED_SIGNERS, else allowed_signers in the first site image directory that has one)",
+        help="the allowed-signers file (ssh-keygen(1), ALLOWED SIGNERS; default: the site policy: allowed_signers "
+        "in the first site image directory that has one and $APPPOT_TRUSTED_SIGNERS, both when both are there)",
     )
     verify.add_argument("--json", action="store_true", help="machine-readable output")
 

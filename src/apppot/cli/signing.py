@@ -42,18 +42,17 @@ def image_verify(ns: argparse.Namespace) -> int:
     from apppot.images import signatures
     from apppot.images.signatures import SignatureError
 
-    signers = ns.signers
-    if signers is None:
-        policy = signatures.site_policy()
-        if policy is None:
-            raise UsageError(
-                f"no allowed-signers file to verify against: give --signers FILE, or set {signatures.TRUSTED_SIGNERS_ENV}, "
-                f"or put one named {signatures.SITE_SIGNERS} in a site image directory"
-            )
-        signers = policy.signers
+    every = [ns.signers] if ns.signers is not None else [policy.signers for policy in signatures.site_policies()]
+    if not every:
+        raise UsageError(
+            f"no allowed-signers file to verify against: give --signers FILE, or set {signatures.TRUSTED_SIGNERS_ENV}, "
+            f"or put one named {signatures.SITE_SIGNERS} in a site image directory"
+        )
     path, name = _image(ns.image)
+    signers = every[0]
     try:
-        good = signatures.verify(path, signers, name)
+        for signers in every:  # the site's file and APPPOT_TRUSTED_SIGNERS: both, as apppot start requires
+            good = signatures.verify(path, signers, name)
     except SignatureError as e:
         if ns.json:
             print_record({"image": str(path), "trusted": False, "problem": str(e), "signers": str(signers)}, True)

@@ -52,7 +52,8 @@ environment: APPPOT_IMAGE (--image), APPPOT_VERIFY (1: --verify), APPPOT_MEM (--
 APPPOT_CPU (--cpu), APPPOT_BACKEND (--backend), APPPOT_KVM (1: --kvm, 0: --no-kvm), APPPOT_HOST_LOOPBACK (1: --host-loopback),
 APPPOT_MIN_FREE (the free space the guest's disk needs before the boot; 0 skips the check),
 APPPOT_TRUSTED_SIGNERS (an allowed-signers file: only images signed by its signers run, see apppot image verify;
-a file allowed_signers in a site image directory does the same; refused images exit 125),
+a file allowed_signers in a site image directory does the same, and with both an image must satisfy both;
+refused images exit 125),
 APPPOT_RECORD (--record).
 """
 

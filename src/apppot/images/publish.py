@@ -5,6 +5,10 @@ kernel 0755), synced, then renamed into place: a job never sees half a file, and
 replaced image keeps the old one until it ends. The image goes first and its record last, as the record
 is what makes a built image visible; a signature (apppot image sign) goes with its record, just before it,
 and an image replaced by an unsigned one keeps no signature. Sparse images stay sparse.
+
+Root may publish from a user's cache, so every source is hostile input: opened without following a link,
+never waited on, a regular file or refused; and the image is copied from the descriptor whose bytes were
+checked against its record's content id (the tiny appliance's: its .sha256, when it has one).
 """
 
 from __future__ import annotations
@@ -13,14 +17,16 @@ import contextlib
 import errno
 import filecmp
 import os
+import stat
 import time
 from pathlib import Path
 from typing import NamedTuple
 
 from apppot.errors import ImageError
-from apppot.images import signatures, sites, store, tiny
+from apppot.images import signatures, sites, store, tiny, verify
 from apppot.images.holes import data_regions
 from apppot.say import Say
+from apppot.userpath import kind
 
 FILE_MODE = 0o644
 EXEC_MODE = 0o755
@@ -79,9 +85,17 @@ def publish(name: str, directory: Path | None, *, force: bool, kernel: str | Non
     image_path = target / source.path.name
     record_path = image_path.with_suffix(store.RECORD_SUFFIX) if source.record else None
     signature_path = signatures.signature_path(image_path)
-    signed = source.record is not None and signatures.signature_path(source.path).is_file()
+    signed = source.record is not None and os.path.lexists(signatures.signature_path(source.path))
+    built_id = source.path.with_suffix(tiny.ID_SUFFIX)
     if same is None:
-        copied += _install(source.path, image_path, FILE_MODE, say)
+        image_fd = _open_source(source.path)
+        try:
+            expected = source.record.content_id if source.record is not None else _tiny_id(built_id, source.path)
+            if expected is not None:  # a tiny appliance built before AppPot wrote its id has none to check
+                verify.check_open_file(image_fd, source.path, expected)
+            copied += _install(source.path, image_path, FILE_MODE, say, image_fd)
+        finally:
+            os.close(image_fd)
     if record_path is not None and (same is None or (signed and not _same_signed(source.path, image_path))):
         # The signature before the record it signs; an image replaced unsigned keeps no signature of another.
         if signed:
@@ -89,8 +103,7 @@ def publish(name: str, directory: Path | None, *, force: bool, kernel: str | Non
         else:
             signature_path.unlink(missing_ok=True)
         copied += _install(source.path.with_suffix(store.RECORD_SUFFIX), record_path, FILE_MODE, say)
-    built_id = source.path.with_suffix(tiny.ID_SUFFIX)
-    if source.record is None and built_id.is_file():  # the tiny appliance's content id, to verify it against
+    if source.record is None and os.path.lexists(built_id):  # the tiny appliance's content id, to verify it against
         copied += _install(built_id, image_path.with_suffix(tiny.ID_SUFFIX), FILE_MODE, say)
     for old in others:  # the record first: it is what makes an image visible
         if old.path == image_path:
@@ -104,7 +117,7 @@ def publish(name: str, directory: Path | None, *, force: bool, kernel: str | Non
         own_build = _is_own_build(kernel_source)
         for file_name in KERNEL_FILES:
             part = kernel_source.parent / file_name if file_name != "linux" else kernel_source
-            if part.is_file() and (own_build or file_name == "linux"):
+            if os.path.lexists(part) and (own_build or file_name == "linux"):
                 copied += _install(part, kernel_dir / file_name, EXEC_MODE if file_name == "linux" else FILE_MODE, say)
             else:
                 (kernel_dir / file_name).unlink(missing_ok=True)  # not the record of the kernel it replaced
@@ -200,23 +213,64 @@ def _same_kernel(source: Path, kernel_dir: Path) -> bool:
         return False
 
 
-def _install(source: Path, final: Path, mode: int, say: Say) -> int:
-    """Copy source to final through a temporary file and a rename; returns the bytes copied."""
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+def _open_source(path: Path) -> int:
+    """A file to publish, opened read-only: never through a link, never waiting on a FIFO, a regular file only."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     try:
-        with open(source, "rb") as src:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            try:
-                copied = _copy_sparse(src.fileno(), fd, source, say)
-                os.fchmod(fd, mode)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        mode = os.lstat(path).st_mode
+        if not stat.S_ISREG(mode):  # not even opened: opening a device can do something
+            raise ImageError(
+                f"cannot publish {path}: it is {kind(mode)}, not a regular file; remove it, or replace it by the file itself"
+            )
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise ImageError(f"cannot publish {path}: {e.strerror}; check the file") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):  # replaced between the lstat and the open
+        os.close(fd)
+        raise ImageError(
+            f"cannot publish {path}: it is {kind(mode)}, not a regular file; remove it, or replace it by the file itself"
+        )
+    return fd
+
+
+def _tiny_id(id_file: Path, image: Path) -> str | None:
+    """The tiny appliance's content id from its .sha256 (opened as every source is), None when it has none."""
+    if not os.path.lexists(id_file):
+        return None
+    fd = _open_source(id_file)
+    try:
+        data = os.read(fd, tiny.ID_FILE_LIMIT + 1)
+    finally:
+        os.close(fd)
+    found = tiny.parse_built_id(data, image)
+    if found is None:
+        raise ImageError(f"cannot publish {image}: {id_file} is not its content id; rebuild it (apppot image build-tiny --force)")
+    return found
+
+
+def _install(source: Path, final: Path, mode: int, say: Say, src: int | None = None) -> int:
+    """Copy source (or the descriptor src, opened by _open_source) to final through a temporary file and a
+    rename; returns the bytes copied."""
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    own = src is None
+    src_fd = _open_source(source) if src is None else src
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            copied = _copy_sparse(src_fd, fd, source, say)
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, final)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         fix = "free space there" if e.errno == errno.ENOSPC else "check the directory's owner and space"
         raise ImageError(f"cannot publish {source} as {final}: {e.strerror}; {fix}") from None
+    finally:
+        if own:
+            os.close(src_fd)
     return copied
 
 

@@ -3,7 +3,8 @@
 An image named by what the user cannot see (a name looked up in the cache or a site directory, or a
 `sha256:PREFIX` content id) is checked before it boots: the name stands for the record's content id, so
 the bytes must be that. An image given as a path is checked only when asked (--verify, APPPOT_VERIFY=1):
-the user chose that very file. The tiny default appliance, made here from known inputs, likewise.
+the user chose that very file. The tiny default appliance, made here from known inputs, likewise. Under a
+site's signer policy every image is opened, and the policy's check is made on that open file.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ class ChosenImage(NamedTuple):
     stored: StoredImage | None = None  # the cache's or a site's image it is, when it was looked up there
 
 
-def needs_verification(source: ImageSource, asked: bool) -> bool:
-    """Whether the image's bytes are checked against its record before the boot."""
-    return asked or source in (ImageSource.NAME, ImageSource.CONTENT_ID)
+def needs_verification(source: ImageSource, asked: bool, policed: bool = False) -> bool:
+    """Whether the image is opened and its bytes checked before the boot: named images, --verify, and every
+    image under a site's signer policy (``policed``), whose check is bound to the descriptor that boots."""
+    return asked or policed or source in (ImageSource.NAME, ImageSource.CONTENT_ID)
 
 
 def id_prefix(text: str) -> str | None:
@@ -131,9 +133,14 @@ def _record_beside(path: Path) -> StoredImage | None:
     return StoredImage(path, record)
 
 
-def open_verified(chosen: ChosenImage, asked: bool) -> int | None:
+def open_verified(chosen: ChosenImage, asked: bool, policed: bool = False) -> int | None:
     """The image opened and checked against its record when it must be (needs_verification), else None.
-    The descriptor is what the boot should use (see verify.open_checked); the caller closes it."""
-    if not needs_verification(chosen.source, asked):
+    The descriptor is what the boot should use (see verify.open_checked); the caller closes it. Under a
+    policy alone the image is opened and its bytes are checked by the policy (signatures.enforce_policy)
+    against the content id of the very record bytes whose signature it verified: the record beside an
+    image file is the signed one, and a missing record is the policy's refusal to make."""
+    if not needs_verification(chosen.source, asked, policed):
         return None
+    if not needs_verification(chosen.source, asked):
+        return verify.open_image(chosen.path)
     return verify.open_checked(chosen.path, expected_content_id(chosen))

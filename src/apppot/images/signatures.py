@@ -8,17 +8,18 @@ for a principal of an allowed-signers file (ssh-keygen(1), ALLOWED SIGNERS) and 
 its record's content id: a changed image and a changed record both fail. The tiny default appliance
 and an image file without its record cannot be signed: there is no record to sign.
 
-A site requires signed images with APPPOT_TRUSTED_SIGNERS=FILE, or a file `allowed_signers` in a site
-image directory (the first of $APPPOT_IMAGE_PATH that has one). The policy binds `apppot start` as the
-environment it runs in sets it up: it keeps a site's jobs to images its signers made, it does not
-sandbox a user who can change that environment or run a hypervisor by hand.
+A site requires signed images with a file `allowed_signers` in a site image directory (the first of
+$APPPOT_IMAGE_PATH that has one) and/or APPPOT_TRUSTED_SIGNERS=FILE; when both are there, an image must
+satisfy both. The policy binds `apppot start` as the environment it runs in sets it up: AppPot runs as the
+user, who can always boot a kernel of their own without it, so it guards against images changed by anyone
+other than the user running the job, and against accidents; never against that user.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -55,31 +56,32 @@ class Policy(NamedTuple):
     source: str  # for messages: "APPPOT_TRUSTED_SIGNERS" or "the site image directory DIR"
 
 
-def choose_policy(env_value: str | None, site_files: Iterable[Path]) -> Policy | None:
-    """The policy (pure): APPPOT_TRUSTED_SIGNERS when set and not empty, else the first site image directory's
-    allowed_signers among ``site_files`` (those that exist, in search order), else none."""
+def choose_policy(env_value: str | None, site_files: Iterable[Path]) -> tuple[Policy, ...]:
+    """The policies (pure) an image must all satisfy: the first site image directory's allowed_signers among
+    ``site_files`` (those that exist, in search order), and APPPOT_TRUSTED_SIGNERS when set and not empty. The
+    environment adds a requirement to a site's file, never replaces it. Empty: no policy."""
+    policies = [Policy(path, f"the site image directory {path.parent}") for path in site_files][:1]
     if env_value:
         if not os.path.isabs(env_value):
             raise UsageError(
                 f"{TRUSTED_SIGNERS_ENV}={env_value!r} is a relative path; give the allowed-signers file's absolute path"
             )
-        return Policy(Path(env_value), TRUSTED_SIGNERS_ENV)
-    for path in site_files:
-        return Policy(path, f"the site image directory {path.parent}")
-    return None
+        policies.append(Policy(Path(env_value), TRUSTED_SIGNERS_ENV))
+    return tuple(policies)
 
 
-def site_policy(environ: Mapping[str, str] = os.environ) -> Policy | None:
-    """The policy of this host and environment. A site directory that holds an allowed_signers file must be safe
+def site_policies(environ: Mapping[str, str] = os.environ) -> tuple[Policy, ...]:
+    """The policies of this host and environment. A site directory that holds an allowed_signers file must be safe
     (sites.check_directory): a policy others could change is refused, not ignored."""
     from apppot.images import sites
 
-    def site_files() -> Iterable[Path]:
+    def site_files() -> Iterator[Path]:
         for directory in sites.site_dirs():
             candidate = directory / SITE_SIGNERS
             if os.path.lexists(candidate):
                 sites.check_directory(directory)
                 yield candidate
+                return
 
     return choose_policy(environ.get(TRUSTED_SIGNERS_ENV), site_files())
 
@@ -100,11 +102,23 @@ def verify(image: Path, signers: Path, name: str | None = None) -> Verified:
     """Check image against the allowed-signers file. SignatureError when it is not trusted (no record, no or a
     damaged signature, a key the file does not allow, a signature that is not its record's, bytes that are not
     its content id); other AppPotErrors when it cannot be checked (the signers file, ssh-keygen)."""
+    from apppot.images.verify import open_image
+
+    _require_image(image)
+    fd = open_image(image)
+    try:
+        return verify_open(image, fd, signers, name)
+    finally:
+        os.close(fd)
+
+
+def verify_open(image: Path, fd: int, signers: Path, name: str | None = None) -> Verified:
+    """verify, for the image open as ``fd`` (the file a job boots): the record is read once, its signature
+    checked over those very bytes, and the content id they give must be the open file's."""
     from apppot.images import sshsig
 
     label = _label(image, name)
     allowed = read_signers(signers)
-    _require_image(image)
     record_file, record = _read_record(image, label)
     content_id = _content_id(record, record_file, label)
     sig_file = signature_path(image)
@@ -117,26 +131,31 @@ def verify(image: Path, signers: Path, name: str | None = None) -> Verified:
     armored = found[0]
     signature = _parse(armored, sig_file, label)
     signer = _signer(allowed, armored, record, signature, signers, label, record_file)
-    from apppot.images.verify import check_content
+    from apppot.images.verify import check_open_file
 
     try:
-        check_content(image, content_id)
+        check_open_file(fd, image, content_id)
     except ImageError as e:
         raise SignatureError(str(e)) from None
     return Verified(image, record_file, sig_file, signer, signature.fingerprint, content_id, signers)
 
 
-def enforce_policy(image: Path, environ: Mapping[str, str] = os.environ) -> Verified | None:
-    """What `apppot start` calls once the image is known: under a site policy, an image that is not signed by
-    one of the site's signers is refused (SignatureError, one line naming the image, the fault, the fix and the
-    policy); without a policy, nothing is checked (None)."""
-    policy = site_policy(environ)
-    if policy is None:
-        return None
-    try:
-        return verify(image, policy.signers)
-    except SignatureError as e:
-        raise SignatureError(f"{e} (the site requires signed images: {policy.source})") from None
+def enforce_policy(image: Path, fd: int | None, environ: Mapping[str, str] = os.environ) -> list[Verified]:
+    """What `apppot start` calls once the image is open (``fd``, the file it boots): under the site's policies,
+    an image not signed by a signer of each is refused (SignatureError, one line naming the image, the fault, the
+    fix and the policy); without a policy, nothing is checked (an empty list)."""
+    policies = site_policies(environ)
+    if not policies:
+        return []
+    if fd is None:  # prepare opens the image whenever a policy applies (selection.open_verified)
+        raise ImageError(f"image {image} was not opened for the site's signature check; report this to AppPot's authors")
+    checked = []
+    for policy in policies:
+        try:
+            checked.append(verify_open(image, fd, policy.signers))
+        except SignatureError as e:
+            raise SignatureError(f"{e} (the site requires signed images: {policy.source})") from None
+    return checked
 
 
 class Signed(NamedTuple):

@@ -216,12 +216,19 @@ def _write_id_file(image: Path, digest: str) -> None:
 def built_id(image: Path) -> str | None:
     """The content id the tiny appliance had when it was built (its ID_SUFFIX file, which `sha256sum -c`
     also reads), or None when it has none (built before AppPot wrote one) or it is not one."""
-    import re
-
     from apppot.hostcache import read_record
 
-    data = read_record(image.with_suffix(ID_SUFFIX), limit=4096)
-    found = re.fullmatch(rb"([0-9a-f]{64})  (\S+)\n", data or b"")
+    return parse_built_id(read_record(image.with_suffix(ID_SUFFIX), limit=ID_FILE_LIMIT) or b"", image)
+
+
+ID_FILE_LIMIT = 4096
+
+
+def parse_built_id(data: bytes, image: Path) -> str | None:
+    """The content id an ID_SUFFIX file's bytes give the image (a `sha256sum` line naming it), or None."""
+    import re
+
+    found = re.fullmatch(rb"([0-9a-f]{64})  (\S+)\n", data)
     return found.group(1).decode() if found and found.group(2) == image.name.encode() else None
 
 

@@ -1,10 +1,15 @@
 """An image's content id (sha256 of its bytes), measured once per version of the file.
 
 Hashing a 2 GiB appliance takes seconds; a job start must not. The id is cached in the user's host
-cache under what a user cannot put back after changing the file: its device, inode, size, and its
-mtime and ctime in nanoseconds (ctime cannot be set, and any write or chmod moves it). File times
-move in clock ticks, not nanoseconds, so a file changed within the last seconds is not cached: a second
-change in the same tick would keep every part of the key (git's "racy" files).
+cache under what changes when the file is written: its device, inode, size, and its mtime and ctime in
+nanoseconds (ctime cannot be set, and any write or chmod moves it). File times move in clock ticks, not
+nanoseconds, so a file changed within the last seconds is not cached: a second change in the same tick
+would keep every part of the key (git's "racy" files).
+
+The key is no secret: anyone can stat the file and write the entry it would have. So the cache guards
+against accidental changes and against other users' changes, not against the cache's owner: an id is
+taken from the cache only from an entry the effective uid wrote (root using another user's cache hashes
+every time), and only when it is a well-formed digest.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import stat
 import time
 from pathlib import Path
@@ -20,6 +26,7 @@ from apppot import hostcache
 
 CACHE_KIND = "content-id"
 SETTLED_NS = 2_000_000_000  # a file whose ctime is this close to now is hashed, never cached
+_DIGEST = re.compile("[0-9a-f]{64}")
 
 
 def _identity(st: os.stat_result) -> list[str]:
@@ -58,11 +65,11 @@ def content_id_of_open_file(fd: int) -> str:
         return {"sha256": digest}
 
     try:
-        value = hostcache.cached(CACHE_KIND, key, measure)
+        value = hostcache.cached(CACHE_KIND, key, measure, own_only=True)
     except _Changed as changed:
         return changed.digest
     digest = value.get("sha256")
-    if not isinstance(digest, str) or len(digest) != 64:
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
         return _hash_open_file_from_start(fd)
     return digest
 
@@ -83,9 +90,9 @@ class _Changed(Exception):
 def check_content(path: Path, expected: str) -> str:
     """The image's content id, which must be ``expected`` (its record's): an image changed after its
     record was written is refused, naming both ids."""
-    fd = _open_image(path)
+    fd = open_image(path)
     try:
-        return _check_open_file(fd, path, expected)
+        return check_open_file(fd, path, expected)
     finally:
         os.close(fd)
 
@@ -94,9 +101,9 @@ def open_checked(path: Path, expected: str) -> int:
     """The image, opened read-only, whose bytes were checked against ``expected``: the caller boots this
     open file (bubblewrap binds it), so a file swapped in under the name after the check is not the one
     booted. The descriptor is the caller's to close."""
-    fd = _open_image(path)
+    fd = open_image(path)
     try:
-        _check_open_file(fd, path, expected)
+        check_open_file(fd, path, expected)
     except BaseException:
         os.close(fd)
         raise
@@ -116,7 +123,8 @@ def check_still_named(fd: int, path: Path) -> None:
         raise ImageError(f"image {path} was replaced or changed after its content id was checked; start the job again")
 
 
-def _open_image(path: Path) -> int:
+def open_image(path: Path) -> int:
+    """The image opened read-only as the file a job boots: a regular file (ImageError otherwise)."""
     from apppot.errors import ImageError
 
     try:
@@ -130,7 +138,8 @@ def _open_image(path: Path) -> int:
     return fd
 
 
-def _check_open_file(fd: int, path: Path, expected: str) -> str:
+def check_open_file(fd: int, path: Path, expected: str) -> str:
+    """The content id of the image open as ``fd`` (named ``path``), which must be ``expected``."""
     from apppot.errors import ImageError
 
     try:
