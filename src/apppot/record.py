@@ -41,7 +41,7 @@ class Recorder:
         assert spec.record is not None
         self.spec = spec
         self.say = say
-        self.file = RecordFile(spec.record)  # a place the record cannot go is refused before anything runs
+        self.file = RecordFile(spec.record, spec.jobdir)  # a place the record cannot go is refused before anything runs
         self.started = datetime.now(UTC)
         self.clock = time.monotonic()
         self.decision: Decision | None = None

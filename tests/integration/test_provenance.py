@@ -175,6 +175,19 @@ def test_a_record_path_that_is_no_file_is_refused_before_the_job(apppot, jobdir:
     assert not (jobdir / "ran").exists() and not (tmp_path / "elsewhere").exists()
 
 
+def test_a_record_directory_a_job_left_as_a_link_is_refused_before_the_job(apppot, jobdir: Path, tmp_path: Path) -> None:
+    """An earlier job ran `rmdir out && ln -s ELSEWHERE out` in the job directory: the record is not sent there."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (jobdir / "out").symlink_to(elsewhere)
+    r = apppot(
+        ["start", "--jobdir", str(jobdir), "--record", str(jobdir / "out" / "record.json"), "--", "touch", "ran"], timeout=30
+    )
+    assert r.returncode == 125 and r.err.count("\n") == 1, r.err
+    assert "out in the job directory is a symbolic link" in r.err
+    assert list(elsewhere.iterdir()) == [] and not (jobdir / "ran").exists()
+
+
 def test_a_record_that_cannot_be_written_is_125_and_gives_the_jobs_status(apppot, jobdir: Path) -> None:
     """The job removes the record's directory (it is in the job directory): the job's status 3 is told, exit 125."""
     (jobdir / "records").mkdir()
