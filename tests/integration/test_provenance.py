@@ -121,8 +121,10 @@ def test_a_failing_job_from_the_job_directory_with_changes_found_there(
     job = tmp_path / "job"
     job.mkdir()
     hand_made_archive(job / "apppot-changes.tar.gz", str(debian_dev["base_id"]), [("opt/a", b"a"), ("opt/b", b"b")])
+    merged = sha256(job / "apppot-changes.tar.gz")
     script = job / "apppot-run"
-    script.write_text("#!/bin/sh\ncat /opt/a /opt/b\nexit 3\n")
+    # The job replaces the archive after it was merged: the record says what was merged.
+    script.write_text("#!/bin/sh\ncat /opt/a /opt/b\necho other > apppot-changes.tar.gz\nexit 3\n")
     script.chmod(0o755)
     record = tmp_path / "record.json"
     env = {**os.environ, "XDG_CACHE_HOME": str(cache_home), "APPPOT_RECORD": str(record)}
@@ -131,7 +133,7 @@ def test_a_failing_job_from_the_job_directory_with_changes_found_there(
     doc = read_record(record)
     assert doc["command"] == {"argv": ["./apppot-run"], "source": "job-directory"}
     assert doc["changes"]["merged_automatically"] is True and doc["changes"]["members"] == 2
-    assert doc["changes"]["sha256"] == sha256(job / "apppot-changes.tar.gz")
+    assert doc["changes"]["sha256"] == merged != sha256(job / "apppot-changes.tar.gz")
     assert doc["exit"] == {"status": 3, "meaning": "job", "reason": None, "signal": None}
 
 

@@ -121,3 +121,20 @@ def test_the_cli_says_an_unforeseen_exception_in_one_line_with_125(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("apppot: error: an unforeseen AttributeError at test_record_hostile.py:")
     assert "startswith" in err and "please report it" in err
+
+
+# --- the changes section: what was merged, never the path hashed at the end ---------------------------
+
+
+def test_the_changes_section_is_of_the_archive_merged_not_of_the_file_at_the_end(tmp_path: Path) -> None:
+    from apppot.record_facts import changes
+    from apppot.snap.checks import ArchiveInfo
+
+    archive = tmp_path / "apppot-changes.tar.gz"
+    archive.write_bytes(b"what the job left at its end")
+    spec = JobSpec(argv=("true",), jobdir=tmp_path, changes=archive)
+    merged = ArchiveInfo("cd" * 32, "2026-12-04T10:00:00Z", "apppot-snap 1", ["/opt/x"], ["/opt/a"], [], sha256="ef" * 32)
+    section = changes(spec, None, merged)
+    assert section is not None and section["sha256"] == "ef" * 32 and (section["members"], section["deleted"]) == (1, 1)
+    unmerged = changes(spec, None, None)  # the job never got so far: nothing was read, nothing is claimed
+    assert unmerged is not None and unmerged["sha256"] is None and unmerged["base_id"] is None
