@@ -138,3 +138,18 @@ def test_the_changes_section_is_of_the_archive_merged_not_of_the_file_at_the_end
     assert section is not None and section["sha256"] == "ef" * 32 and (section["members"], section["deleted"]) == (1, 1)
     unmerged = changes(spec, None, None)  # the job never got so far: nothing was read, nothing is claimed
     assert unmerged is not None and unmerged["sha256"] is None and unmerged["base_id"] is None
+
+
+@pytest.mark.parametrize("text", ["sha256:deadbeef", "z"])
+def test_a_cached_record_of_wrong_types_is_one_image_error_when_images_are_looked_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str
+) -> None:
+    from apppot.images import selection, store
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("APPPOT_IMAGE_PATH", str(tmp_path / "no-site"))
+    store.images_dir().mkdir(parents=True)
+    (store.images_dir() / "z-0123456789abcdef.img").write_bytes(b"\0" * 4096)
+    (store.images_dir() / "z-0123456789abcdef.json").write_text(json.dumps({**GOOD, "name": "z", "content_id": 5}))
+    with pytest.raises(ImageError, match="no image"):  # the damaged record hides its image, as any damaged record
+        selection.choose_image(text)
