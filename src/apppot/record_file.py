@@ -106,6 +106,7 @@ class _LinkInJobDir(Exception):
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_WAY_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC  # a directory on the way needs search permission only
 
 
 def _open_directory(directory: Path, jobdir: Path | None) -> int:
@@ -117,14 +118,14 @@ def _open_directory(directory: Path, jobdir: Path | None) -> int:
             st = os.stat(jobdir)
             inside = (st.st_dev, st.st_ino)
     absolute = Path(os.path.normpath(Path.cwd() / directory))  # lexical: a '..' is never taken after a link
-    fd = os.open("/", _DIR_FLAGS)
+    fd = os.open("/", _WAY_FLAGS)
     below = False
     try:
         for depth, part in enumerate(absolute.parts[1:], start=2):
             st = os.fstat(fd)
             below = below or (st.st_dev, st.st_ino) == inside
             try:
-                step = os.open(part, _DIR_FLAGS | (os.O_NOFOLLOW if below else 0), dir_fd=fd)
+                step = os.open(part, _WAY_FLAGS | (os.O_NOFOLLOW if below else 0), dir_fd=fd)
             except OSError as e:
                 if (
                     below
@@ -135,10 +136,9 @@ def _open_directory(directory: Path, jobdir: Path | None) -> int:
                 raise
             os.close(fd)
             fd = step
-    except BaseException:
+        return os.open(".", _DIR_FLAGS, dir_fd=fd)  # the record's directory itself, readable as before
+    finally:
         os.close(fd)
-        raise
-    return fd
 
 
 def strerror(e: OSError) -> str:

@@ -48,3 +48,31 @@ def test_a_record_directory_outside_the_job_directory_may_be_reached_through_the
     inside.write(b"{}\n")
     inside.close()
     assert (job / "out" / "r.json").read_text() == "{}\n"
+
+
+def test_a_directory_on_the_way_that_may_only_be_searched_is_passed(tmp_path: Path) -> None:
+    """As a plain user: /scratch (mode 0711) style directories on the way need no read permission."""
+    import os
+    import pwd
+    import subprocess
+    import sys
+
+    from tests.conftest import TEST_USER, open_to_all
+
+    if os.geteuid() != 0:
+        pytest.skip("switches to the test user")
+    try:
+        user = pwd.getpwnam(TEST_USER)
+    except KeyError:
+        pytest.skip(f"no user {TEST_USER}")
+    search_only = tmp_path / "scratch"
+    (search_only / "mine").mkdir(parents=True)
+    os.chown(search_only / "mine", user.pw_uid, user.pw_gid)
+    open_to_all(tmp_path)
+    search_only.chmod(0o711)
+    script = (
+        "import sys; from pathlib import Path; from apppot.record_file import RecordFile; RecordFile(Path(sys.argv[1])).close()"
+    )
+    as_user = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", sys.executable, "-c", script]
+    r = subprocess.run([*as_user, str(search_only / "mine" / "r.json")], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
