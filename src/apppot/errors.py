@@ -65,3 +65,13 @@ class DiskSpaceError(AppPotError):
 
 class DiskFull(AppPotError):
     """The guest's disk could not be written during the job (its host filesystem filled up): its writes may be lost."""
+
+
+def unforeseen(e: Exception) -> str:
+    """A defect of AppPot's (an exception no check foresaw) as one line: what and where, to be reported."""
+    import traceback
+
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else ""
+    detail = f" ({str(e).splitlines()[0]})" if str(e).strip() else ""
+    return f"an unforeseen {type(e).__name__}{where}{detail}: a defect of AppPot's; please report it with the command you ran"

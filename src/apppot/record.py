@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from apppot import __version__, record_facts
-from apppot.errors import EXIT_APPPOT_ERROR, EXIT_GUEST_DIED, AppPotError
+from apppot.errors import EXIT_APPPOT_ERROR, EXIT_GUEST_DIED, AppPotError, unforeseen
 from apppot.record_document import Outcome, assemble
 from apppot.record_file import RecordFile, strerror
 from apppot.say import Say
@@ -41,7 +41,7 @@ class Recorder:
         assert spec.record is not None
         self.spec = spec
         self.say = say
-        self.file = RecordFile(spec.record)  # a place the record cannot go is refused before anything runs
+        self.file = RecordFile(spec.record, spec.jobdir)  # a place the record cannot go is refused before anything runs
         self.started = datetime.now(UTC)
         self.clock = time.monotonic()
         self.decision: Decision | None = None
@@ -88,6 +88,9 @@ class Recorder:
                 raise
             except OSError as e:  # the CLI says it as an unforeseen error
                 self._write_or_raise(Outcome(EXIT_APPPOT_ERROR, "apppot-error", f"{e.strerror or e}"), said=None)
+                raise
+            except Exception as e:  # a defect of AppPot's: recorded as the CLI says it (unforeseen), then raised
+                self._write_or_raise(Outcome(EXIT_APPPOT_ERROR, "apppot-error", unforeseen(e)), said=None)
                 raise
             self._write_or_raise(self._job_outcome(status), said=None)
             return status

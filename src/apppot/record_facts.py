@@ -178,13 +178,14 @@ def _image_record(path: Path) -> Section | None:
 
 
 def changes(spec: JobSpec, instance: Instance | None, info: ArchiveInfo | None) -> Section | None:
-    """The changes archive merged at boot: what was checked of it (info), None when none was merged."""
+    """The changes archive merged at boot: what was checked of it (info, measured as it was read before the
+    boot: the job may replace the file), None when none was given or found; unknowns when it was not merged."""
     path = instance.prepared.changes if instance else spec.changes
     if path is None:
         return None
     return {
         "path": str(path.absolute()),  # read years later, elsewhere: never relative to where the job ran
-        "sha256": sha256(path),
+        "sha256": info.sha256 if info else None,  # of the bytes merged, read and checked before the boot
         "base_id": info.base if info else None,
         "members": len(info.added) + len(info.modified) if info else None,
         "deleted": len(info.deleted) if info else None,

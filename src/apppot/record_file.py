@@ -2,8 +2,10 @@
 
 Its directory is opened when the job starts and the record is written through that descriptor, so
 a job that replaces a directory on the way by a link (the file may be in the job directory) cannot
-send the record elsewhere. The name itself is replaced in one rename, which never follows a link:
-no file but the one the user named is ever written, and readers see the whole record or none.
+send the record elsewhere; below the job directory no link is followed even when it starts: one
+there was left by a job, and is refused as the auto-merged changes archive's is (apppot.prepare).
+The name itself is replaced in one rename, which never follows a link: no file but the one the
+user named is ever written, and readers see the whole record or none.
 """
 
 from __future__ import annotations
@@ -25,13 +27,18 @@ _FIX = "give --record (or APPPOT_RECORD) a new file or a regular file of yours"
 class RecordFile:
     """The record's place: its directory held open from the start of the job, and its name in it."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, jobdir: Path | None = None) -> None:
         self.path = path
         self.name = path.name
         if self.name in ("", ".", ".."):
             raise UsageError(f"--record {path} names a directory, not a file; {_FIX}")
         try:
-            self.dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            self.dir_fd = _open_directory(path.parent, jobdir)
+        except _LinkInJobDir as e:
+            raise UsageError(
+                f"--record {path}: {e} in the job directory is a symbolic link, which AppPot does not follow "
+                "(a job may have left it): give the record a path with no link in the job directory"
+            ) from None
         except OSError as e:
             raise UsageError(
                 f"--record {path}: cannot use its directory {path.parent} ({e.strerror}); create it, or name a file in another"
@@ -92,6 +99,46 @@ class RecordFile:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self.dir_fd)
+
+
+class _LinkInJobDir(Exception):
+    """A directory on the way to the record, below the job directory, is a link (its path is the message)."""
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_WAY_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC  # a directory on the way needs search permission only
+
+
+def _open_directory(directory: Path, jobdir: Path | None) -> int:
+    """A descriptor of ``directory``, opened a component at a time from /. The user's links are followed
+    until the job directory is reached (known by its inode, whatever path names it); below it none is."""
+    inside = None
+    if jobdir is not None:
+        with contextlib.suppress(OSError):
+            st = os.stat(jobdir)
+            inside = (st.st_dev, st.st_ino)
+    absolute = Path(os.path.normpath(Path.cwd() / directory))  # lexical: a '..' is never taken after a link
+    fd = os.open("/", _WAY_FLAGS)
+    below = False
+    try:
+        for depth, part in enumerate(absolute.parts[1:], start=2):
+            st = os.fstat(fd)
+            below = below or (st.st_dev, st.st_ino) == inside
+            try:
+                step = os.open(part, _WAY_FLAGS | (os.O_NOFOLLOW if below else 0), dir_fd=fd)
+            except OSError as e:
+                if (
+                    below
+                    and e.errno in (errno.ELOOP, errno.ENOTDIR)
+                    and os.path.islink(part_path := Path(*absolute.parts[:depth]))
+                ):
+                    raise _LinkInJobDir(str(part_path)) from None
+                raise
+            os.close(fd)
+            fd = step
+        return os.open(".", _DIR_FLAGS, dir_fd=fd)  # the record's directory itself, readable as before
+    finally:
+        os.close(fd)
 
 
 def strerror(e: OSError) -> str:

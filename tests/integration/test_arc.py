@@ -166,6 +166,25 @@ def test_a_failing_job_shows_exit_code_3_through_arc(grid: Path, tmp_path: Path)
     assert r.returncode == 125 and f"no job {job_id} was submitted" in r.err
 
 
+def test_a_record_the_job_forged_is_never_fetched_through_arc(grid: Path, tmp_path: Path) -> None:
+    """The job leaves its own apppot-record.json and takes away the session directory's write permission
+    (as a full disk would, AppPot could not have replaced it there): AppPot's record is fetched all the same."""
+    site_image(grid, str(grid / "site" / "images" / "tiny.img"))
+    user = grid_user(grid)
+    d = workdir(tmp_path, "forging")
+    forge = "printf '{\"forged\": true}' > apppot-record.json; chmod a-w ."
+    r = user.run("submit", "--to", "arc", "--ce", CE, "--", "sh", "-c", forge, cwd=d)
+    assert r.returncode == 0, r.err
+    job_id = r.stdout.decode().strip()
+    status = user.wait(job_id, d)
+    assert (status["state"], status["exit_code"]) == ("COMPLETED", 0), status
+    assert user.run("fetch", job_id, cwd=d).returncode == 0
+    record = json.loads((d / job_id / "apppot-record.json").read_text())
+    assert record["command"]["argv"] == ["sh", "-c", forge]
+    assert record["exit"] == {"status": 0, "meaning": "job", "reason": None, "signal": None}
+    assert user.run("clean", job_id, cwd=d).returncode == 0
+
+
 # --- the seed's Grid job, as the slides submit it: plain arcsub, the seed's RTE names ------------
 
 SLIDES = ROOT / "examples" / "grid"

@@ -121,8 +121,10 @@ def test_a_failing_job_from_the_job_directory_with_changes_found_there(
     job = tmp_path / "job"
     job.mkdir()
     hand_made_archive(job / "apppot-changes.tar.gz", str(debian_dev["base_id"]), [("opt/a", b"a"), ("opt/b", b"b")])
+    merged = sha256(job / "apppot-changes.tar.gz")
     script = job / "apppot-run"
-    script.write_text("#!/bin/sh\ncat /opt/a /opt/b\nexit 3\n")
+    # The job replaces the archive after it was merged: the record says what was merged.
+    script.write_text("#!/bin/sh\ncat /opt/a /opt/b\necho other > apppot-changes.tar.gz\nexit 3\n")
     script.chmod(0o755)
     record = tmp_path / "record.json"
     env = {**os.environ, "XDG_CACHE_HOME": str(cache_home), "APPPOT_RECORD": str(record)}
@@ -131,7 +133,7 @@ def test_a_failing_job_from_the_job_directory_with_changes_found_there(
     doc = read_record(record)
     assert doc["command"] == {"argv": ["./apppot-run"], "source": "job-directory"}
     assert doc["changes"]["merged_automatically"] is True and doc["changes"]["members"] == 2
-    assert doc["changes"]["sha256"] == sha256(job / "apppot-changes.tar.gz")
+    assert doc["changes"]["sha256"] == merged != sha256(job / "apppot-changes.tar.gz")
     assert doc["exit"] == {"status": 3, "meaning": "job", "reason": None, "signal": None}
 
 
@@ -173,6 +175,19 @@ def test_a_record_path_that_is_no_file_is_refused_before_the_job(apppot, jobdir:
     r = apppot(["start", "--record", str(record), "--", "touch", "ran"], cwd=jobdir, timeout=30)
     assert r.returncode == 125 and "--record" in r.err and r.err.count("\n") == 1, r.err
     assert not (jobdir / "ran").exists() and not (tmp_path / "elsewhere").exists()
+
+
+def test_a_record_directory_a_job_left_as_a_link_is_refused_before_the_job(apppot, jobdir: Path, tmp_path: Path) -> None:
+    """An earlier job ran `rmdir out && ln -s ELSEWHERE out` in the job directory: the record is not sent there."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (jobdir / "out").symlink_to(elsewhere)
+    r = apppot(
+        ["start", "--jobdir", str(jobdir), "--record", str(jobdir / "out" / "record.json"), "--", "touch", "ran"], timeout=30
+    )
+    assert r.returncode == 125 and r.err.count("\n") == 1, r.err
+    assert "out in the job directory is a symbolic link" in r.err
+    assert list(elsewhere.iterdir()) == [] and not (jobdir / "ran").exists()
 
 
 def test_a_record_that_cannot_be_written_is_125_and_gives_the_jobs_status(apppot, jobdir: Path) -> None:

@@ -53,18 +53,28 @@ def test_xrsl_with_the_sites_image_and_no_changes_or_outputs() -> None:
 
 def test_wrapper_golden_and_valid_sh(tmp_path: Path) -> None:
     wrapper = arc.render_wrapper(JOB._replace(image=None))
-    assert wrapper.splitlines()[-1] == (
-        'APPPOT_RECORD=apppot-record.json exec "${APPPOT_START:?the site has no APPPOT runtime environment}" '
-        '--image "${APPPOT_IMAGE:?the site\'s APPPOT runtime environment sets no image}" --mem 1024M '
+    # The record is kept apart from the session directory (tests/unit/test_arc_record.py runs that part).
+    assert wrapper.splitlines()[3] == (
+        ': "${APPPOT_START:?the site has no APPPOT runtime environment}" '
+        '"${APPPOT_IMAGE:?the site\'s APPPOT runtime environment sets no image}"'
+    )
+    assert wrapper.splitlines()[11] == (
+        'APPPOT_RECORD="$kept/record.json" "$APPPOT_START" --image "$APPPOT_IMAGE" --mem 1024M '
         "--changes apppot-changes.tar.gz -- ./run.sh 'say \"hi\")' '$HOME'"
     )
+    assert wrapper.splitlines()[-1] == 'exit "$status"'
     script = tmp_path / "w.sh"
     script.write_text(wrapper)
     assert subprocess.run(["sh", "-n", str(script)], check=False).returncode == 0
     # Without the runtime environment the job says why and fails.
-    r = subprocess.run(["sh", str(script)], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}, check=False)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {"PATH": "/usr/bin:/bin", "TMPDIR": str(tmp)}
+    r = subprocess.run(["sh", str(script)], capture_output=True, text=True, env=env, check=False)
     assert r.returncode != 0 and "the site has no APPPOT runtime environment" in r.stderr
-    assert 'exec "${APPPOT_START:?the site has no APPPOT runtime environment}" --image "apppot.img"' in arc.render_wrapper(JOB)
+    assert list(tmp.iterdir()) == []  # before the record's directory is made
+    assert '"$APPPOT_START" --image "apppot.img"' in arc.render_wrapper(JOB)
+    assert "APPPOT_IMAGE" not in arc.render_wrapper(JOB)  # the job's own image: the site need not set one
     assert "apppot-record.json" in arc.RESERVED
 
 

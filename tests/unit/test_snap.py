@@ -295,3 +295,41 @@ def test_a_link_resolved_through_another_link_of_the_archive_is_refused(tmp_path
     members = [member("opt/l", tarfile.SYMTYPE, "."), member("opt/e", tarfile.SYMTYPE, "l/.."), member("opt/f")]
     with pytest.raises(SnapError, match="'opt/e' is a link resolved through another link"):
         snap.check_archive(archive(tmp_path, members))
+
+
+def test_the_sha256_of_an_archive_is_of_the_bytes_read_and_checked(tmp_path: Path) -> None:
+    import hashlib
+
+    source = archive(tmp_path, [member("opt/a")])
+    digest = hashlib.sha256(Path(source).read_bytes()).hexdigest()
+    assert snap.check_archive(source)[0].sha256 == digest
+    assert snap.repack(source, str(tmp_path / "clean.tar")).sha256 == digest
+    plain = tmp_path / "plain.tar"  # not gzipped: every byte is read all the same
+    with tarfile.open(plain, "w") as tar, tarfile.open(source) as gz:
+        for m in gz.getmembers():
+            tar.addfile(m, gz.extractfile(m))
+    assert snap.check_archive(str(plain))[0].sha256 == hashlib.sha256(plain.read_bytes()).hexdigest()
+
+
+def test_an_archive_changed_between_the_two_readings_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same headers, other data: what the guest gets must be what the recorded sha256 is of."""
+    import importlib
+
+    merge = importlib.import_module("apppot.snap.merge")  # the module: the package's name 'merge' is its function
+    source = archive(tmp_path, [member("opt/a")])
+    other = tmp_path / "other"
+    other.mkdir()
+    with tarfile.open(source) as gz, tarfile.open(other / "a.tar.gz", "w:gz") as tar:
+        for m in gz.getmembers():
+            tar.addfile(m, io.BytesIO(b"y" * m.size) if m.name == "opt/a" else gz.extractfile(m))
+    scan = merge._scan
+
+    def scan_then_swap(*args: object, **kwargs: object) -> object:
+        found = scan(*args, **kwargs)
+        os.replace(other / "a.tar.gz", source)
+        return found
+
+    monkeypatch.setattr(merge, "_scan", scan_then_swap)
+    with pytest.raises(SnapError, match="changed while it was read"):
+        snap.repack(source, str(tmp_path / "clean.tar"))
+    assert not (tmp_path / "clean.tar").exists()

@@ -142,7 +142,7 @@ def test_the_arc_wrapper_restores_execute_bits_and_the_xrsl_uploads_the_script(t
     job = arc_job(command_file=CommandFile("run.sh", Path("/u/run.sh"), True), executables=("tool", "run.sh"))
     assert '("data.in" "")("run.sh" "")' in arc.render_xrsl(job)
     wrapper = arc.render_wrapper(job)
-    assert wrapper.splitlines()[3] == "chmod u+x -- tool run.sh || exit 125"
+    assert wrapper.splitlines()[4] == "chmod u+x -- tool run.sh || exit 125"  # after the runtime environment's check
     # The wrapper as ARC would run it: the uploaded files are not executable, apppot-start is a stand-in.
     for name in ("tool", "run.sh", "data.in"):
         (tmp_path / name).write_text("x\n")
@@ -158,7 +158,7 @@ def test_the_arc_wrapper_restores_execute_bits_and_the_xrsl_uploads_the_script(t
 
 
 def test_the_arc_wrapper_without_executables_has_no_chmod() -> None:
-    assert "chmod" not in arc.render_wrapper(arc_job())
+    assert "chmod u+x" not in arc.render_wrapper(arc_job())
 
 
 def test_executable_inputs_are_recorded_at_submit(home: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,7 +15,7 @@ from typing import NoReturn
 from apppot import __version__, hostfds
 from apppot.cli.common import parser_class
 from apppot.cli.start import cmd_start, parse_start
-from apppot.errors import EXIT_APPPOT_ERROR, EXIT_GUEST_DIED, AppPotError
+from apppot.errors import EXIT_APPPOT_ERROR, EXIT_GUEST_DIED, AppPotError, unforeseen
 from apppot.say import say_stderr as say
 
 
@@ -82,6 +82,9 @@ def _run(func_argv: Sequence[str], prog: str) -> int:
         return 141
     except OSError as e:  # anything not foreseen still gets one line, not a traceback
         sys.stderr.write(f"apppot: error: {_unforeseen(e)}\n")
+        return EXIT_APPPOT_ERROR
+    except Exception as e:  # a defect: one line saying where, as the job's record says it (apppot.record)
+        say(f"error: {unforeseen(e)}")
         return EXIT_APPPOT_ERROR
 
 

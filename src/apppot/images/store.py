@@ -102,27 +102,84 @@ class ImageRecord(NamedTuple):
 
     @staticmethod
     def read(path: Path) -> ImageRecord:
-        try:
-            text = path.read_bytes()
-        except OSError as e:
-            raise ImageError(f"image record {path} is damaged ({e}); rebuild the image with apppot image build --force") from e
-        return ImageRecord.parse(text, path)
+        """The record in the file ``path``: a regular file of at most RECORD_LIMIT bytes, read without following
+        a link or waiting on a FIFO (a record beside a path image is anyone's to plant); else an ImageError."""
+        return ImageRecord.parse(_read_record_file(path), path)
 
     @staticmethod
     def parse(text: bytes, path: Path) -> ImageRecord:
-        """The record in ``text``, read from ``path`` (named in the error when it is not one)."""
+        """The record in ``text``, read from ``path`` (named in the error when it is not one): every field of
+        its type, so that no caller meets a number where a content id should be."""
         import json
 
         try:
             data = json.loads(text)
-            return ImageRecord(**{k: data[k] for k in ImageRecord._fields if k in data})
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            record = ImageRecord(**{k: data[k] for k in ImageRecord._fields if k in data})
+            wrong = [k for k in ImageRecord._fields if not _of_type(getattr(record, k), _FIELD_TYPES[k])]
+            if wrong:
+                raise ValueError(f"{', '.join(wrong)} not of {'its' if len(wrong) == 1 else 'their'} type")
+            return record
         except (ValueError, KeyError, TypeError) as e:
-            raise ImageError(f"image record {path} is damaged ({e}); rebuild the image with apppot image build --force") from e
+            raise ImageError(f"image record {path} is damaged ({e}); rebuild the image with apppot image build --force") from None
 
     def write(self, path: Path) -> None:
         import json
 
         replace_file(path, (json.dumps(self._asdict(), indent=2) + "\n").encode())
+
+
+RECORD_LIMIT = 4 << 20  # a record lists an appliance's packages: tens of KiB
+# What each field of an ImageRecord holds in its JSON (a float field takes an integer too, never a bool).
+_FIELD_TYPES: dict[str, object] = {
+    **dict.fromkeys(("name", "recipe", "recipe_id", "content_id", "agent", "distribution", "suite", "built", "base_id"), str),
+    "protocol": int,
+    "size_bytes": int,
+    "build_seconds": float,
+    "packages": list[str],
+}
+
+
+def _of_type(value: object, shape: object) -> bool:
+    if shape is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if shape == list[str]:
+        return isinstance(value, list) and all(isinstance(item, str) for item in value)
+    assert isinstance(shape, type)
+    return isinstance(value, shape) and not isinstance(value, bool)
+
+
+def _read_record_file(path: Path) -> bytes:
+    """The bytes of an image record: a link, FIFO, device, directory or file over RECORD_LIMIT is an ImageError,
+    never followed, waited on or read whole."""
+    import stat
+
+    from apppot.userpath import kind
+
+    fix = "remove it, or rebuild the image with apppot image build --force"
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        mode = os.lstat(path).st_mode
+        if not stat.S_ISREG(mode):  # not even opened: opening a device can do something
+            raise ImageError(f"image record {path} is {kind(mode)}, not a file; {fix}")
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise ImageError(f"cannot read the image record {path} ({e.strerror}); {fix}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced since the lstat
+            raise ImageError(f"image record {path} is not a file; {fix}")
+        chunks, left = [], RECORD_LIMIT + 1
+        while left > 0 and (chunk := os.read(fd, left)):
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as e:
+        raise ImageError(f"cannot read the image record {path} ({e.strerror}); {fix}") from None
+    finally:
+        os.close(fd)
+    if left <= 0:
+        raise ImageError(f"image record {path} is over {RECORD_LIMIT} bytes, so it is not one; {fix}")
+    return b"".join(chunks)
 
 
 class StoredImage(NamedTuple):

@@ -1,13 +1,15 @@
 """Reading changes archives. A job may have made them: every byte is hostile.
 
 Each archive is read twice, as a stream: once to check the manifest and every header (and the
-expanded size), then again handing each member, the same as checked, to the caller."""
+expanded size), then again handing each member, the same as checked, to the caller. Both readings
+hash every byte of the file: the sha256 in the ArchiveInfo is of what was checked and handed on."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import gzip
+import hashlib
 import io
 import os
 import re
@@ -15,6 +17,7 @@ import stat
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from . import sparse, xattrs
 from .checks import ArchiveInfo, check_member, check_members, parse_manifest
@@ -90,12 +93,33 @@ class _Header(tarfile.TarInfo):
             self.name = pax.get("GNU.sparse.name", self.name).rstrip("/")
 
 
+class _Hashed(io.RawIOBase):
+    """The archive file, read through its descriptor, each byte hashed as it is read."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.sha256 = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = os.readv(self.fd, [buffer])
+        self.sha256.update(memoryview(buffer)[:n])
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self.fd)
+        super().close()
+
+
 class _Expanded:
     """The archive's tar stream, gunzipped if it is gzipped, as tarfile reads it: never more than limit
-    bytes. Read to its end, the gzip trailer (CRC and length) is checked."""
+    bytes. Read to its end, the gzip trailer (CRC and length) is checked, and every byte of the file hashed."""
 
-    def __init__(self, source: str, raw: io.BufferedReader, limit: int) -> None:
-        self.source, self.limit, self.count = source, limit, 0
+    def __init__(self, source: str, raw: io.BufferedReader[_Hashed], limit: int, hashed: _Hashed) -> None:
+        self.source, self.limit, self.count, self.hashed = source, limit, 0, hashed
         gzipped = raw.peek(2)[:2] == b"\x1f\x8b"
         self._stream: io.BufferedIOBase = gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw
 
@@ -114,9 +138,11 @@ class _Expanded:
             raise _too_large(self.source, self.limit)
         return data
 
-    def drain(self) -> None:
+    def drain(self) -> str:
+        """Read to the end of the file; the sha256 of all of it."""
         while self.read(_CHUNK):
             pass
+        return self.hashed.sha256.hexdigest()
 
     def write(self, b: bytes, /) -> int:
         raise io.UnsupportedOperation("write")
@@ -157,8 +183,9 @@ def _reading(source: str, limit: int) -> Iterator[tuple[tarfile.TarFile, _Expand
     if not stat.S_ISREG(os.fstat(fd).st_mode):  # before open(): a directory would make it raise
         os.close(fd)
         raise SnapError(f"changes archive {source} is not a file; give the tar.gz apppot-snap changes made")
-    with open(fd, "rb") as raw:
-        expanded = _Expanded(source, raw, limit)
+    hashed = _Hashed(fd)
+    with io.BufferedReader(hashed) as raw:
+        expanded = _Expanded(source, raw, limit, hashed)
         try:
             with tarfile.open(fileobj=expanded, mode="r|", tarinfo=_Header) as tar:
                 yield tar, expanded
@@ -219,17 +246,18 @@ def _scan(source: str, limit: int, room: tuple[int, str] | None = None) -> tuple
                     f"in {room[1]}: free space there, or set TMPDIR to a larger filesystem"
                 )
             checked.append(m)
-        expanded.drain()
+        sha256 = expanded.drain()
     check_members(source, info, checked)
-    return info, checked
+    return info._replace(sha256=sha256), checked
 
 
 _Handler = Callable[[tarfile.TarFile, tarfile.TarInfo], None]
 
 
-def _replay(source: str, limit: int, checked: list[tarfile.TarInfo], each: _Handler) -> None:
+def _replay(source: str, limit: int, checked: list[tarfile.TarInfo], each: _Handler, sha256: str | None) -> None:
     """The second reading: each member again, the same as it was checked (or the file changed meanwhile:
-    refused), handed to each with the tar its data can be read from."""
+    refused), handed to each with the tar its data can be read from; the file's bytes must be those of
+    the first reading (sha256), or what was handed on is refused after all."""
     with _reading(source, limit) as (tar, expanded):
         members = _members(tar)
         next(members, None)  # the manifest
@@ -239,7 +267,8 @@ def _replay(source: str, limit: int, checked: list[tarfile.TarInfo], each: _Hand
                 raise SnapError(f"{source} changed while it was read: refused; give it again")
             if m is not None:
                 each(tar, m)
-        expanded.drain()
+        if expanded.drain() != sha256:
+            raise SnapError(f"{source} changed while it was read: refused; give it again")
 
 
 def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:

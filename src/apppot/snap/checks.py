@@ -19,12 +19,18 @@ _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 
 
 class ArchiveInfo(NamedTuple):
+    """An archive's manifest, and the sha256 of the archive's bytes as they were read and checked."""
+
     base: str
     created: str
     tool: str
     deleted: list[str]
     added: list[str]
     modified: list[str]
+    sha256: str | None = None  # not in the manifest: measured by whoever read the archive (apppot.snap.archive)
+
+
+MANIFEST_FIELDS = ArchiveInfo._fields[:-1]
 
 
 def checked_sparse(m: tarfile.TarInfo) -> bool:
@@ -45,7 +51,7 @@ def parse_manifest(source: str, data: bytes) -> ArchiveInfo:
         doc = json.loads(data)
         if doc.get("format") != "apppot-changes":
             raise ValueError("format is not apppot-changes")
-        info = ArchiveInfo(**{k: doc[k] for k in ArchiveInfo._fields})
+        info = ArchiveInfo(**{k: doc[k] for k in MANIFEST_FIELDS})
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise SnapError(f"{source}: {MANIFEST_MEMBER} is malformed ({e}); make the archive again") from None
     texts: tuple[object, ...] = (info.base, info.created, info.tool)

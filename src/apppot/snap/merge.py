@@ -37,7 +37,7 @@ def repack(source: str, target: str) -> ArchiveInfo:
 
     try:
         with copy, tarfile.open(fileobj=copy, mode="w", format=tarfile.PAX_FORMAT) as out:
-            _replay(source, limit, checked, write)
+            _replay(source, limit, checked, write, info.sha256)
     except BaseException as e:
         os.unlink(target)
         if isinstance(e, OSError):
@@ -68,7 +68,7 @@ def merge(source: str, root: str = "/", force: bool = False, base_id: str | None
         if not m.issym():  # after the owner: chown clears file capabilities
             xattrs.apply(target, xattrs.from_pax(m.pax_headers))
 
-    _replay(source, limit, checked, extract)
+    _replay(source, limit, checked, extract, info.sha256)
     # Directories last: extracting into them changed their times.
     for m in checked:
         if m.isdir():

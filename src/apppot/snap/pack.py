@@ -12,6 +12,7 @@ import time
 
 from . import agent, sparse, xattrs
 from .archive import ArchiveInfo
+from .checks import MANIFEST_FIELDS
 from .diff import Changes
 from .manifest import Entry
 from .paths import MANIFEST_MEMBER, OTHER, VERSION, SnapError
@@ -44,7 +45,7 @@ def write_changes(changes: Changes, base_id: str, target: str, root: str = "/", 
 def _write_archive(changes: Changes, info: ArchiveInfo, tmp: str, root: str, verbose: bool) -> None:
     lines = agent.agent_lines(root)
     with tarfile.open(tmp, "x:gz", format=tarfile.PAX_FORMAT) as tar:
-        data = json.dumps({"format": "apppot-changes", **info._asdict()}, indent=1).encode()
+        data = json.dumps({"format": "apppot-changes", **{k: getattr(info, k) for k in MANIFEST_FIELDS}}, indent=1).encode()
         member = tarfile.TarInfo(MANIFEST_MEMBER)
         member.size, member.mtime, member.mode = len(data), int(time.time()), 0o644
         tar.addfile(member, io.BytesIO(data))

@@ -48,8 +48,12 @@ def check_names(job: BatchJob) -> None:
 
 def render_wrapper(job: BatchJob) -> str:
     """The job's executable on the worker: apppot-start with the site's settings (from the RTE)."""
-    image = IMAGE if job.image is not None else "${APPPOT_IMAGE:?the site's APPPOT runtime environment sets no image}"
-    start = ['"${APPPOT_START:?the site has no APPPOT runtime environment}"', "--image", f'"{image}"']
+    # The runtime environment's settings are checked first: a site without them leaves nothing behind.
+    check = ': "${APPPOT_START:?the site has no APPPOT runtime environment}"'
+    if job.image is None:
+        check += ' "${APPPOT_IMAGE:?the site\'s APPPOT runtime environment sets no image}"'
+    image = IMAGE if job.image is not None else "$APPPOT_IMAGE"
+    start = ['"$APPPOT_START"', "--image", f'"{image}"']
     start += ["--mem", f"{job.mem_bytes >> 20}M"]
     if job.changes is not None:
         start += ["--changes", CHANGES]
@@ -60,10 +64,42 @@ def render_wrapper(job: BatchJob) -> str:
         "#!/bin/sh\n"
         "# An AppPot job on an ARC CE (rendered by apppot submit --to arc). The APPPOT runtime\n"
         "# environment says where apppot-start and the site's image are.\n"
+        f"{check}\n"
         f"{restore}"
+        f"{_KEEP_RECORD_APART}"
         # The record by environment, not --record: the site's apppot-start may be an AppPot without it.
-        f"APPPOT_RECORD={RECORD} exec {' '.join(start)} -- {shlex.join(job.argv)}\n"
+        f'APPPOT_RECORD="$kept/record.json" {" ".join(start)} -- {shlex.join(job.argv)}\n'
+        f"{_PUT_RECORD_IN_PLACE}"
     )
+
+
+# The session directory is the job directory, which the job writes: AppPot's record is kept in a
+# private directory outside it (not under a TMPDIR inside it) until apppot-start has ended. A signal
+# of the batch system reaches apppot-start too; this shell waits for it to write its record.
+_KEEP_RECORD_APART = f"""\
+tmp=$(cd -P -- "${{TMPDIR:-/tmp}}" 2>/dev/null && pwd -P) || tmp=/tmp
+case "$tmp/" in "$(pwd -P)"/*) tmp=/tmp ;; esac
+kept=$(mktemp -d "$tmp/apppot-record.XXXXXXXX") || {{
+    echo "{WRAPPER}: cannot make a directory in $tmp for the job's record" >&2
+    exit 125
+}}
+trap : HUP INT TERM
+"""
+# Then whatever the job left under the record's name (a file, a link, a directory it made unwritable)
+# is removed, and AppPot's record, if it wrote one, put there: never the job's own.
+_PUT_RECORD_IN_PLACE = f"""\
+status=$?
+chmod u+w . 2>/dev/null
+if [ -d {RECORD} ] && [ ! -L {RECORD} ]; then chmod -R u+w {RECORD} 2>/dev/null; fi
+rm -rf -- {RECORD}
+if [ -e {RECORD} ] || [ -L {RECORD} ] || {{ [ -f "$kept/record.json" ] && ! mv -f -- "$kept/record.json" {RECORD}; }}; then
+    rm -f -- {RECORD}
+    echo "{WRAPPER}: cannot put AppPot's record in place of the job's {RECORD} (apppot-start's status was $status)" >&2
+    status=125
+fi
+rm -rf -- "$kept"
+exit "$status"
+"""
 
 
 def render_xrsl(job: BatchJob) -> str:
