@@ -30,12 +30,26 @@ GOOD: dict[str, Any] = {
     "built": "2026-12-01T10:00:00Z",
     "build_seconds": 12.5,
     "base_id": "ef" * 32,
+    "source_date_epoch": 1_700_000_000,
+    "installed": ["bash=5.2.15-2+b2"],
 }
-WRONG = {"packages": 5, "content_id": 5, "name": None, "protocol": "1", "size_bytes": True, "build_seconds": "x", "base_id": 1}
+WRONG = {
+    "installed": [1],
+    "source_date_epoch": "0",
+    "packages": 5,
+    "content_id": 5,
+    "name": None,
+    "protocol": "1",
+    "size_bytes": True,
+    "build_seconds": "x",
+    "base_id": 1,
+}
 
 
 def test_a_good_image_record_parses(tmp_path: Path) -> None:
     assert ImageRecord.parse(json.dumps(GOOD).encode(), tmp_path / "a.json")._asdict() == GOOD
+    older = {k: v for k, v in GOOD.items() if k not in ("source_date_epoch", "installed")}  # before reproducible builds
+    assert ImageRecord.parse(json.dumps(older).encode(), tmp_path / "a.json").installed == ()
     assert ImageRecord.parse(json.dumps({**GOOD, "build_seconds": 12}).encode(), tmp_path / "a.json").build_seconds == 12
 
 

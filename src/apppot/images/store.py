@@ -136,8 +136,10 @@ _FIELD_TYPES: dict[str, object] = {
     **dict.fromkeys(("name", "recipe", "recipe_id", "content_id", "agent", "distribution", "suite", "built", "base_id"), str),
     "protocol": int,
     "size_bytes": int,
+    "source_date_epoch": int,
     "build_seconds": float,
     "packages": list[str],
+    "installed": list[str],
 }
 
 
@@ -145,7 +147,7 @@ def _of_type(value: object, shape: object) -> bool:
     if shape is float:
         return isinstance(value, int | float) and not isinstance(value, bool)
     if shape == list[str]:
-        return isinstance(value, list) and all(isinstance(item, str) for item in value)
+        return isinstance(value, list | tuple) and all(isinstance(item, str) for item in value)  # a default is a tuple
     assert isinstance(shape, type)
     return isinstance(value, shape) and not isinstance(value, bool)
 
