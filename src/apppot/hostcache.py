@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from apppot.bounded import read_at_most
 from apppot.images.store import cache_dir, cache_owner, replace_file
 
 T = TypeVar("T", bound=dict[str, Any])
@@ -68,13 +69,7 @@ def read_record(path: Path, limit: int = RECORD_LIMIT, own_only: bool = False) -
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size > limit or st.st_uid not in trusted:
             return None
-        chunks = []
-        left = limit + 1
-        while left > 0 and (chunk := os.read(fd, left)):
-            chunks.append(chunk)
-            left -= len(chunk)
-        data = b"".join(chunks)
-        return data if len(data) <= limit else None
+        return read_at_most(fd, limit)
     except OSError:
         return None
     finally:

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
+from apppot.bounded import read_at_most
 from apppot.errors import ImageError, UsageError
 from apppot.images.store import RECORD_SUFFIX, SIGNATURE_SUFFIX
 
@@ -237,18 +238,14 @@ def _read_bounded(
         raise error(f"cannot read {what}, {path}: {e.strerror}") from None
     try:
         st = os.fstat(fd)
-        chunks: list[bytes] = []
-        left = limit + 1
-        while left > 0 and (chunk := os.read(fd, left)):
-            chunks.append(chunk)
-            left -= len(chunk)
+        data = read_at_most(fd, limit)
     except OSError as e:
         raise error(f"cannot read {what}, {path}: {e.strerror}") from None
     finally:
         os.close(fd)
-    if left <= 0:
+    if data is None:
         raise error(f"{what}, {path}, is over {limit} bytes, so it is not one; remove it, or give the right file")
-    return b"".join(chunks), st
+    return data, st
 
 
 def _read_record(image: Path, label: str, for_signing: bool = False) -> tuple[Path, bytes]:

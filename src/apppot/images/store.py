@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+from apppot.bounded import read_at_most
 from apppot.errors import ImageError
 from apppot.images import sites
 
@@ -171,17 +172,14 @@ def _read_record_file(path: Path) -> bytes:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced since the lstat
             raise ImageError(f"image record {path} is not a file; {fix}")
-        chunks, left = [], RECORD_LIMIT + 1
-        while left > 0 and (chunk := os.read(fd, left)):
-            chunks.append(chunk)
-            left -= len(chunk)
+        data = read_at_most(fd, RECORD_LIMIT)
     except OSError as e:
         raise ImageError(f"cannot read the image record {path} ({e.strerror}); {fix}") from None
     finally:
         os.close(fd)
-    if left <= 0:
+    if data is None:
         raise ImageError(f"image record {path} is over {RECORD_LIMIT} bytes, so it is not one; {fix}")
-    return b"".join(chunks)
+    return data
 
 
 class StoredImage(NamedTuple):
