@@ -158,6 +158,9 @@ def _for_people(record: dict[str, object]) -> dict[str, object]:
     return record
 
 
+SIGNED_IMAGE_HELP = "an image name or sha256:PREFIX from 'apppot image list', or an image file with its record beside it"
+
+
 def _add_signing(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sign = sub.add_parser(
         "sign",
@@ -168,9 +171,7 @@ def _add_signing(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "Only appliances built from a recipe can be signed: the tiny default appliance has no record. "
         "Prints the allowed-signers line a site adds to trust your key.",
     )
-    sign.add_argument(
-        "image", metavar="NAME", help="an image name from 'apppot image list', or an image file with its record beside it"
-    )
+    sign.add_argument("image", metavar="NAME", help=SIGNED_IMAGE_HELP)
     sign.add_argument(
         "--key",
         type=Path,
@@ -193,9 +194,7 @@ def _add_signing(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "not allow, a signature or image that does not match the record, a damaged signature); 125 the check "
         "could not be made (no or an unsafe allowed-signers file, no ssh-keygen, no such image).",
     )
-    verify.add_argument(
-        "image", metavar="NAME", help="an image name from 'apppot image list', or an image file with its record beside it"
-    )
+    verify.add_argument("image", metavar="NAME", help=SIGNED_IMAGE_HELP)
     verify.add_argument(
         "--signers",
         type=Path,
